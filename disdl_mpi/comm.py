@@ -1,0 +1,108 @@
+"""The MPI communicator and per-rank identity: the only global state of the package."""
+from __future__ import annotations
+
+import os
+import socket
+import sys
+import traceback
+from dataclasses import dataclass
+
+from mpi4py import MPI
+
+
+@dataclass(frozen=True)
+class RankInfo:
+    rank: int
+    world_size: int
+    local_rank: int
+    local_size: int
+    hostname: str
+
+
+def world() -> MPI.Comm:
+    """COMM_WORLD; every module receives the communicator from the caller, never a global."""
+    return MPI.COMM_WORLD
+
+
+def rank_info(comm: MPI.Comm) -> RankInfo:
+    """Rank, world size and the node-local rank from a shared-memory split."""
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
+    info = RankInfo(
+        rank=comm.Get_rank(),
+        world_size=comm.Get_size(),
+        local_rank=local.Get_rank(),
+        local_size=local.Get_size(),
+        hostname=socket.gethostname(),
+    )
+    local.Free()
+    return info
+
+
+def mpi_library() -> str:
+    """A one-line name of the MPI library in use (e.g. 'MPICH 5.0.2')."""
+    try:
+        first = MPI.Get_library_version().strip().splitlines()[0]
+    except Exception:  # pragma: no cover - exotic MPIs
+        return "unknown MPI"
+    return " ".join(first.split())
+
+
+def install_abort_handler(comm: MPI.Comm) -> None:
+    """Make an uncaught exception on any rank abort the whole job instead of hanging it.
+
+    Under plain ``python`` the other ranks would sit in their next collective forever; this is
+    the guarantee ``python -m mpi4py`` gives, provided here because users launch without it.
+    """
+    rank = comm.Get_rank()
+
+    def hook(exc_type, exc, tb):
+        if issubclass(exc_type, KeyboardInterrupt):
+            msg = f"[rank {rank}] interrupted\n"
+        elif getattr(exc, "disdl_user_error", False):
+            # Errors that every rank detects alike are printed once, by rank 0.
+            msg = f"error: {exc}\n" if rank == 0 else ""
+        else:
+            msg = "".join(f"[rank {rank}] {line}" for line in
+                          "".join(traceback.format_exception(exc_type, exc, tb)).splitlines(True))
+        if msg:
+            sys.stderr.write(msg)
+            sys.stderr.flush()
+        code = getattr(exc, "exit_code", 1)
+        if comm.Get_size() == 1:
+            os._exit(code)
+        if getattr(exc, "disdl_user_error", False) and getattr(exc, "collective", False):
+            # Every rank raised the same error: leave together, no Abort noise from the launcher.
+            try:
+                comm.Barrier()
+            finally:
+                os._exit(code)
+        comm.Abort(code)
+
+    sys.excepthook = hook
+
+
+class UserError(RuntimeError):
+    """A problem with the user's input or configuration, reported without a traceback.
+
+    ``collective=True`` means every rank raises it at the same point (after an agreement), so
+    the job can exit cleanly; otherwise the raising rank aborts the job.
+    """
+
+    disdl_user_error = True
+
+    def __init__(self, message: str, *, collective: bool = False, exit_code: int = 2):
+        super().__init__(message)
+        self.collective = collective
+        self.exit_code = exit_code
+
+
+def agree_or_raise(comm: MPI.Comm, error: str | None, *, exc_type=UserError) -> None:
+    """Collective check: if any rank reports an error, every rank raises all the messages.
+
+    Used after local validation so a bad input on one rank never leaves the others waiting.
+    """
+    errors = comm.allgather(error)
+    bad = [(r, e) for r, e in enumerate(errors) if e]
+    if bad:
+        text = "\n".join(e for _, e in bad)
+        raise exc_type(text, collective=True)

@@ -1,0 +1,169 @@
+"""The run configuration: one dataclass, filled by the command line."""
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Optional
+
+
+@dataclass
+class RunConfig:
+    """Every setting of one ``python -m disdl_mpi.run`` job (all ranks hold the same copy)."""
+
+    # data
+    dataset: str = "digits"
+    partition: str = "dirichlet:0.1"
+    data_dir: Optional[str] = None
+    source_dir: Optional[str] = None
+    min_per_rank: int = 1
+    # model and normalization
+    norm: str = "all"
+    model: str = "auto"
+    gn_groups: int = 8
+    # optimisation
+    epochs: int = 12
+    steps: Optional[int] = None
+    global_batch_size: int = 128
+    batching: str = "proportional"
+    lr: float = 0.05
+    momentum: float = 0.9
+    weight_decay: float = 5e-4
+    seed: int = 0
+    # communication
+    bucket_mb: float = 1.0
+    overlap: bool = True
+    compress: str = "none"
+    cuda_aware: str = "auto"
+    device: str = "auto"
+    threads: Optional[int] = None
+    # output and observability
+    out: Optional[str] = None
+    save_model: bool = False
+    timeline: Optional[str] = None
+    eval_every: int = 1
+    progress: str = "auto"
+    # reliability
+    check_collectives: bool = False
+    checkpoint_every: Optional[str] = None
+    resume: Optional[str] = None
+    on_nan: str = "stop"
+
+    def norms(self, available: list[str]) -> list[str]:
+        """The schemes to train, in order: one name, a comma list, or 'all'."""
+        if self.norm.strip() == "all":
+            return list(available)
+        names = [n.strip() for n in self.norm.split(",") if n.strip()]
+        return names
+
+    def resolved_data_dir(self, world_size: int) -> Path:
+        """Where the partition lives; by default one folder per dataset/scheme/size/seed."""
+        if self.data_dir:
+            return Path(self.data_dir)
+        tag = re.sub(r"[^A-Za-z0-9.]+", "-", self.partition).strip("-")
+        return Path("data") / f"{self.dataset}-{tag}-n{world_size}-s{self.seed}"
+
+    def resolved_out(self) -> Path:
+        if self.out:
+            return Path(self.out)
+        return Path("results") / time.strftime("run-%Y%m%d-%H%M%S")
+
+    def to_dict(self) -> dict:
+        return dataclasses.asdict(self)
+
+
+def _positive_int(text: str) -> int:
+    value = int(text)
+    if value <= 0:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
+    return value
+
+
+def build_parser() -> argparse.ArgumentParser:
+    """The CLI; every option maps one-to-one to a RunConfig field."""
+    d = RunConfig()
+    p = argparse.ArgumentParser(
+        prog="python -m disdl_mpi.run",
+        description="Data-isolated synchronous SGD over MPI: every rank trains on its own "
+                    "private partition, gradients are allreduced each step, and each "
+                    "normalization scheme is trained and measured in turn. "
+                    "Launch with: mpirun -n N python -m disdl_mpi.run [options]",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
+    g = p.add_argument_group("data")
+    g.add_argument("--dataset", default=d.dataset,
+                   help="source to partition when --data-dir is missing: digits (embedded), "
+                        "mnist, fashion-mnist, cifar10, cifar100, npz, synthetic")
+    g.add_argument("--partition", default=d.partition,
+                   help="partition scheme used when the partition must be built: iid, "
+                        "dirichlet:ALPHA, shards:K, quantity:ALPHA, dirichlet:A+quantity:B")
+    g.add_argument("--data-dir", default=d.data_dir,
+                   help="folder of per-rank partitions (rank_00000.h5 ...); built by rank 0 if "
+                        "missing (default: data/<dataset>-<partition>-n<N>-s<seed>)")
+    g.add_argument("--source-dir", default=d.source_dir,
+                   help="where the raw files of mnist/cifar/npz sources are")
+    g.add_argument("--min-per-rank", type=int, default=d.min_per_rank,
+                   help="minimum training samples per rank when building a partition (0 allows "
+                        "empty ranks)")
+    g = p.add_argument_group("model and normalization")
+    g.add_argument("--norm", default=d.norm,
+                   help="normalization scheme: one name, a comma list, or 'all'")
+    g.add_argument("--model", default=d.model, help="cnn, resnet20, mlp, or auto")
+    g.add_argument("--gn-groups", type=_positive_int, default=d.gn_groups,
+                   help="groups for GroupNorm (capped by the channel count)")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, default=d.epochs)
+    g.add_argument("--steps", type=int, default=d.steps,
+                   help="stop after this many optimizer steps (overrides --epochs)")
+    g.add_argument("--global-batch-size", type=int, default=d.global_batch_size,
+                   help="samples per step summed over all ranks")
+    g.add_argument("--batching", choices=["proportional", "equal"], default=d.batching,
+                   help="proportional: the global batch is split in proportion to partition "
+                        "sizes, so all ranks finish an epoch together; equal: every rank takes "
+                        "B/N per step and a rank that runs out joins with empty batches")
+    g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--momentum", type=float, default=d.momentum)
+    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
+    g.add_argument("--seed", type=int, default=d.seed)
+    g = p.add_argument_group("communication")
+    g.add_argument("--bucket-mb", type=float, default=d.bucket_mb,
+                   help="gradient fusion bucket size in MiB; 0 = one buffer per tensor")
+    g.add_argument("--overlap", dest="overlap", action="store_true", default=d.overlap,
+                   help="start bucket allreduces from the gradient hooks during backward")
+    g.add_argument("--no-overlap", dest="overlap", action="store_false")
+    g.add_argument("--compress", choices=["none", "fp16"], default=d.compress,
+                   help="wire format of gradients")
+    g.add_argument("--cuda-aware", choices=["auto", "yes", "no"], default=d.cuda_aware,
+                   help="pass GPU buffers to MPI directly (auto: detect)")
+    g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
+    g.add_argument("--threads", type=int, default=d.threads,
+                   help="torch threads per rank (default: cores on the node / local ranks)")
+    g = p.add_argument_group("output")
+    g.add_argument("--out", default=d.out,
+                   help="results folder (default: results/run-<timestamp>)")
+    g.add_argument("--save-model", action="store_true", default=d.save_model,
+                   help="write OUT/<norm>/model.pt")
+    g.add_argument("--timeline", default=d.timeline,
+                   help="write a Chrome trace (chrome://tracing, Perfetto) to this file")
+    g.add_argument("--eval-every", type=int, default=d.eval_every,
+                   help="evaluate on the test set every N epochs (and always at the end)")
+    g.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default=d.progress,
+                   help="auto: a bar on a TTY, plain lines otherwise")
+    g = p.add_argument_group("reliability")
+    g.add_argument("--check-collectives", action="store_true", default=d.check_collectives,
+                   help="debug: all ranks compare each collective's signature before it runs")
+    g.add_argument("--checkpoint-every", default=d.checkpoint_every,
+                   help="checkpoint every N steps, or every Ne epochs (e.g. 50 or 2e)")
+    g.add_argument("--resume", default=d.resume, help="auto, or a checkpoint path")
+    g.add_argument("--on-nan", choices=["stop", "skip"], default=d.on_nan,
+                   help="what to do when the loss or a gradient is NaN/Inf on any rank")
+    return p
+
+
+def parse_config(argv: list[str] | None = None) -> RunConfig:
+    """Parse the command line into a RunConfig (no validation that needs the world size)."""
+    ns = build_parser().parse_args(argv)
+    return RunConfig(**vars(ns))
