@@ -1,0 +1,319 @@
+"""A real, private, single-node SLURM cluster for testing the batch scripts in slurm/.
+
+``start_cluster(root)`` installs Debian's slurm packages when they are missing (root + apt only),
+writes a slurm.conf under ``root``, starts munged, slurmctld and slurmd by hand (no systemd) on
+free ports with private sockets, pid files and logs, and waits until the node is idle.
+``SlurmCluster.stop()`` stops the daemons by their pids (TERM, then KILL).
+
+Everything lives under ``root`` so nothing clashes with a site SLURM or another test session:
+the daemons are found by ``SLURM_CONF`` only, which ``SlurmCluster.env()`` sets.
+"""
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import signal
+import socket
+import subprocess
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
+TOOLS = ["slurmctld", "slurmd", "sbatch", "srun", "sinfo", "scontrol", "scancel"]
+
+
+class SlurmUnavailable(RuntimeError):
+    """This machine cannot run a private SLURM (not root, no apt, install or start failed)."""
+
+
+def _missing_tools() -> list[str]:
+    return [t for t in TOOLS if shutil.which(t) is None]
+
+
+def ensure_installed(timeout: float = 240) -> None:
+    """Install slurm + munge from apt when a tool is missing; raise SlurmUnavailable if we can't."""
+    if not _missing_tools():
+        return
+    if os.geteuid() != 0:
+        raise SlurmUnavailable(f"slurm tools missing ({', '.join(_missing_tools())}) and not "
+                               "root, so they cannot be installed")
+    if shutil.which("apt-get") is None:
+        raise SlurmUnavailable("slurm tools missing and no apt-get (not a Debian-like system)")
+    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
+    for cmd in (["apt-get", "update", "-qq"],
+                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
+        try:
+            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
+        except subprocess.TimeoutExpired as exc:
+            raise SlurmUnavailable(f"{' '.join(cmd)} timed out after {timeout} s") from exc
+        if proc.returncode != 0:
+            raise SlurmUnavailable(f"{' '.join(cmd)} failed rc={proc.returncode}: "
+                                   f"{proc.stderr[-2000:]}")
+    if _missing_tools():
+        raise SlurmUnavailable(f"still missing after apt install: {_missing_tools()}")
+
+
+def _free_ports(n: int) -> list[int]:
+    """n distinct TCP ports that are free right now (bound to 0, then released)."""
+    socks, ports = [], []
+    try:
+        for _ in range(n):
+            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+            s.bind(("127.0.0.1", 0))
+            socks.append(s)
+            ports.append(s.getsockname()[1])
+    finally:
+        for s in socks:
+            s.close()
+    return ports
+
+
+def _read_pid(path: Path) -> int | None:
+    try:
+        return int(path.read_text().strip())
+    except (OSError, ValueError):
+        return None
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+@dataclass
+class SlurmJob:
+    """The result of one ``sbatch --wait`` submission."""
+
+    job_id: int
+    returncode: int
+    output: str          # the job's stdout/stderr file contents
+    submit_stdout: str
+    submit_stderr: str
+    state: str = ""      # JobState from scontrol, if the job was still known
+
+    def describe(self) -> str:
+        return (f"job {self.job_id} rc={self.returncode} state={self.state}\n"
+                f"sbatch stderr:\n{self.submit_stderr[-2000:]}\n"
+                f"job output:\n{self.output[-6000:]}")
+
+
+@dataclass
+class SlurmCluster:
+    """A running private cluster; ``root`` holds its conf, state, logs and pid files."""
+
+    root: Path
+    node: str
+    cpus: int
+    partition: str = "debug"
+    munge_socket: Path | None = None
+    pid_files: list[Path] = field(default_factory=list)
+
+    @property
+    def conf(self) -> Path:
+        return self.root / "slurm.conf"
+
+    def env(self, extra: dict | None = None) -> dict:
+        """The environment for SLURM client commands (and, via --export=ALL, the jobs)."""
+        env = dict(os.environ)
+        # Drop any outer SLURM job context so our sbatch/srun don't think they are nested.
+        for key in list(env):
+            if key.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")):
+                del env[key]
+        env["SLURM_CONF"] = str(self.conf)
+        if extra:
+            env.update(extra)
+        return env
+
+    def run(self, args: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
+        return subprocess.run(args, capture_output=True, text=True, env=self.env(),
+                              timeout=timeout)
+
+    def logs(self) -> str:
+        parts = []
+        for log in sorted((self.root / "log").glob("*.log")):
+            parts.append(f"--- {log.name}\n{log.read_text(errors='replace')[-3000:]}")
+        return "\n".join(parts)
+
+    def wait_idle(self, timeout: float = 30) -> None:
+        deadline = time.monotonic() + timeout
+        last = ""
+        while time.monotonic() < deadline:
+            try:
+                proc = self.run(["sinfo", "-h", "-N", "-o", "%T"], timeout=10)
+                last = proc.stdout.strip() + proc.stderr.strip()
+                if proc.returncode == 0 and last.startswith("idle"):
+                    return
+            except subprocess.TimeoutExpired:
+                last = "sinfo timed out"
+            time.sleep(0.3)
+        raise SlurmUnavailable(f"node not idle after {timeout} s (sinfo: {last!r})\n{self.logs()}")
+
+    def sbatch(self, script: Path | str, sbatch_args: list[str] | None = None,
+               script_args: list[str] | None = None, *, env: dict | None = None,
+               cwd: Path | str | None = None, timeout: float = 180) -> SlurmJob:
+        """Submit ``script`` with ``sbatch --wait`` under a hard timeout; return job + output.
+
+        The output file is ``<cwd>/slurm-<jobid>.out`` unless sbatch_args set ``-o``. On timeout
+        the job is cancelled so a pending job can't outlive the test.
+        """
+        cwd = Path(cwd or self.root)
+        out_pattern = str(cwd / "slurm-%j.out")
+        args = ["sbatch", "--wait", "--parsable", "-o", out_pattern, *(sbatch_args or []),
+                str(script), *(script_args or [])]
+        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                env=self.env(env), cwd=str(cwd))
+        try:
+            stdout, stderr = proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            stdout, stderr = proc.communicate()
+            job = re.search(r"(\d+)", stdout or "")
+            if job:
+                self.run(["scancel", job.group(1)])
+            raise AssertionError(f"sbatch --wait {script} did not finish within {timeout} s "
+                                 f"(stdout={stdout!r}, stderr={stderr[-2000:]!r})\n{self.logs()}")
+        match = re.search(r"^(\d+)", stdout.strip())
+        if not match:
+            raise AssertionError(f"sbatch gave no job id (rc={proc.returncode}): "
+                                 f"{stdout!r} {stderr[-2000:]!r}")
+        job_id = int(match.group(1))
+        state = ""
+        show = self.run(["scontrol", "show", "job", str(job_id)])
+        found = re.search(r"JobState=(\S+)", show.stdout)
+        if found:
+            state = found.group(1)
+        out_file = Path(out_pattern.replace("%j", str(job_id)))
+        output = out_file.read_text(errors="replace") if out_file.exists() else ""
+        return SlurmJob(job_id, proc.returncode, output, stdout, stderr, state)
+
+    def stop(self, grace: float = 5) -> None:
+        """TERM every daemon by pid, then KILL the ones still alive after ``grace`` seconds."""
+        pids = [p for p in (_read_pid(f) for f in self.pid_files) if p]
+        for pid in pids:
+            try:
+                os.kill(pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+        deadline = time.monotonic() + grace
+        while time.monotonic() < deadline and any(_alive(p) for p in pids):
+            time.sleep(0.1)
+        for pid in pids:
+            if _alive(pid):
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
+        if self.munge_socket is not None:
+            shutil.rmtree(self.munge_socket.parent, ignore_errors=True)
+
+
+def _start_munged(root: Path) -> Path | None:
+    """Start a private munged (own socket/pid/log) as user munge; None if that isn't possible.
+
+    Its files live in a fresh /tmp folder, not under ``root``: munged insists that every
+    directory on the socket's path is traversable by all, which pytest's 0700 tmp dirs aren't.
+    """
+    if shutil.which("munged") is None or not Path("/etc/munge/munge.key").exists():
+        return None
+    try:
+        import pwd
+        pw = pwd.getpwnam("munge")
+    except KeyError:
+        return None
+    mdir = Path(tempfile.mkdtemp(prefix="disdl-munge-"))
+    (root / "munge").symlink_to(mdir)  # so logs and the pid file are found from root
+    # munged refuses a socket dir others can't traverse or that it doesn't own.
+    os.chmod(mdir, 0o755)
+    os.chown(mdir, pw.pw_uid, pw.pw_gid)
+    sock = mdir / "munge.sock"
+    cmd = ["munged", f"--socket={sock}", f"--pid-file={mdir / 'munged.pid'}",
+           f"--log-file={mdir / 'munged.log'}", f"--seed-file={mdir / 'munged.seed'}"]
+    if os.geteuid() == 0:
+        cmd = ["runuser", "-u", "munge", "--", *cmd]
+    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
+    if proc.returncode != 0:
+        shutil.rmtree(mdir, ignore_errors=True)
+        (root / "munge").unlink()
+        return None
+    return sock
+
+
+def _write_conf(root: Path, node: str, cpus: int, ports: list[int],
+                munge_socket: Path | None) -> None:
+    if munge_socket is not None:
+        auth = (f"AuthType=auth/munge\nCredType=cred/munge\n"
+                f"AuthInfo=socket={munge_socket}\n")
+    else:
+        # Slurm 22.05 still ships auth/none + cred/none: fine for a private test node.
+        auth = "AuthType=auth/none\nCredType=cred/none\n"
+    conf = f"""\
+# Private single-node test cluster written by tests/slurm_cluster.py
+ClusterName=disdltest
+SlurmctldHost={node}(127.0.0.1)
+SlurmUser=root
+SlurmdUser=root
+SlurmctldPort={ports[0]}
+SlurmdPort={ports[1]}
+{auth}StateSaveLocation={root / 'state'}
+SlurmdSpoolDir={root / 'spool'}
+SlurmctldPidFile={root / 'slurmctld.pid'}
+SlurmdPidFile={root / 'slurmd.pid'}
+SlurmctldLogFile={root / 'log' / 'slurmctld.log'}
+SlurmdLogFile={root / 'log' / 'slurmd.log'}
+SelectType=select/cons_tres
+SelectTypeParameters=CR_Core
+ProctrackType=proctrack/linuxproc
+TaskPlugin=task/none
+JobAcctGatherType=jobacct_gather/none
+AccountingStorageType=accounting_storage/none
+MpiDefault=none
+ReturnToService=2
+MinJobAge=5
+KillWait=5
+SchedulerType=sched/builtin
+NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
+PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
+"""
+    tmp = root / "slurm.conf.tmp"
+    tmp.write_text(conf)
+    os.replace(tmp, root / "slurm.conf")
+
+
+def start_cluster(root: Path | str) -> SlurmCluster:
+    """Install if needed, configure and start a one-node cluster under ``root``; wait for idle."""
+    if os.geteuid() != 0:
+        raise SlurmUnavailable("not root: slurmd must run as root to launch jobs")
+    ensure_installed()
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    for sub in ("state", "spool", "log"):
+        (root / sub).mkdir(exist_ok=True)
+    node = socket.gethostname().split(".")[0]
+    cpus = os.cpu_count() or 1
+    sock = _start_munged(root)
+    cluster = SlurmCluster(root=root, node=node, cpus=cpus, munge_socket=sock)
+    if sock is not None:
+        cluster.pid_files.append(root / "munge" / "munged.pid")
+    _write_conf(root, node, cpus, _free_ports(2), sock)
+    cluster.pid_files += [root / "slurmd.pid", root / "slurmctld.pid"]
+    try:
+        for cmd in (["slurmctld", "-f", str(cluster.conf)],
+                    ["slurmd", "-f", str(cluster.conf), "-N", node]):
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
+                                  env=cluster.env())
+            if proc.returncode != 0:
+                raise SlurmUnavailable(f"{' '.join(cmd)} failed rc={proc.returncode}: "
+                                       f"{proc.stderr[-2000:]}\n{cluster.logs()}")
+        cluster.wait_idle()
+    except BaseException:
+        cluster.stop()
+        raise
+    return cluster
