@@ -1,0 +1,197 @@
+"""The registry of normalization schemes: name -> NormSpec, and the NormScheme object the run uses."""
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from typing import Any, Callable, Optional
+
+from torch import nn
+
+from .local_layers import InstanceNormAny, LocalBatchNorm, gn_groups_for
+
+
+class CommTimer:
+    """Cumulative wall seconds spent in a scheme's own collectives (shared by its layers)."""
+
+    __slots__ = ("seconds", "calls")
+
+    def __init__(self) -> None:
+        self.seconds = 0.0
+        self.calls = 0
+
+    def timed(self, fn: Callable[[], Any]) -> Any:
+        t0 = time.perf_counter()
+        try:
+            return fn()
+        finally:
+            self.seconds += time.perf_counter() - t0
+            self.calls += 1
+
+
+class NormScheme:
+    """One normalization scheme as the trainer sees it (see docs/CONTRACTS.md).
+
+    ``layer(C)`` builds a norm layer for C channels/features; ``recalibrate`` is a callable
+    ``(model, x_train, batch_size)`` to run before every evaluation, or None; ``on_step(step)``
+    is called once per optimizer step; ``comm_seconds()`` reports the time spent in the
+    scheme's own collectives. Schemes that communicate own a duplicated communicator; call
+    ``close()`` when done with the scheme to free it.
+    """
+
+    def __init__(self, name: str, layer_fn: Callable[[int], nn.Module], *,
+                 local_params: bool = False, per_rank_eval: bool = False,
+                 recalibrate: Optional[Callable[..., None]] = None,
+                 on_step: Optional[Callable[[int], None]] = None,
+                 comm: Any = None, timer: Optional[CommTimer] = None,
+                 description: str = "") -> None:
+        self.name = name
+        self._layer_fn = layer_fn
+        self.local_params = local_params
+        self.per_rank_eval = per_rank_eval
+        self.recalibrate = recalibrate
+        self._on_step = on_step
+        self.comm = comm
+        self.timer = timer or CommTimer()
+        self.description = description
+
+    def layer(self, num_features: int) -> nn.Module:
+        """A fresh norm layer for ``num_features`` channels; works on (N,C,H,W) and (N,C)."""
+        if int(num_features) < 1:
+            raise ValueError(f"norm '{self.name}': num_features must be >= 1, got {num_features}")
+        return self._layer_fn(int(num_features))
+
+    __call__ = layer  # so the scheme itself can be passed as ``norm_layer``
+
+    def on_step(self, step: int) -> None:
+        """Per-step hook (Batch Renorm's r_max/d_max warm-up); a no-op for most schemes."""
+        if self._on_step is not None:
+            self._on_step(int(step))
+
+    def comm_seconds(self) -> float:
+        """Cumulative seconds this scheme spent in its own collectives."""
+        return self.timer.seconds
+
+    def close(self) -> None:
+        """Free the scheme's duplicated communicator (collective over it)."""
+        if self.comm is not None:
+            try:
+                self.comm.Free()
+            finally:
+                self.comm = None
+
+    def __repr__(self) -> str:
+        return f"NormScheme({self.name!r})"
+
+
+@dataclass(frozen=True)
+class NormSpec:
+    """A registry entry: the scheme's name, a one-line summary and its factory."""
+
+    name: str
+    summary: str
+    factory: Callable[..., NormScheme]
+    communicates: bool = False
+
+
+# Registry order is the order of ``--norm all``.
+ORDER = ["bn", "syncbn", "gn", "ln", "in", "brn", "fedbn", "bn-recal", "none"]
+SCHEMES: dict[str, NormSpec] = {}
+
+
+def register(spec: NormSpec) -> NormSpec:
+    SCHEMES[spec.name] = spec
+    return spec
+
+
+def available_norms() -> list[str]:
+    """Scheme names in registry order (the order ``--norm all`` trains them)."""
+    return [n for n in ORDER if n in SCHEMES] + [n for n in SCHEMES if n not in ORDER]
+
+
+def _dup(comm: Any) -> Any:
+    """The scheme's own communicator, so its blocking collectives never interleave with the
+    gradient allreducer's outstanding requests on the caller's communicator."""
+    if comm is None:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD
+    return comm.Dup()
+
+
+def get_norm(name: str, *, comm: Any = None, gn_groups: int = 8, **opts: Any) -> NormScheme:
+    """Build the scheme ``name``; ``comm`` is duplicated by schemes that communicate.
+
+    Options by scheme: ``brn``: ``brn_warmup_steps``, ``r_max``, ``d_max``; ``syncbn``:
+    ``grad_convention`` ('local_mean' or 'global', see sync_batch_norm.py). Unknown options
+    raise, so a typo never goes unnoticed.
+    """
+    key = name.strip().lower()
+    if key not in SCHEMES:
+        raise ValueError(f"unknown normalization scheme '{name}'; available: "
+                         f"{', '.join(available_norms())}")
+    spec = SCHEMES[key]
+    own = _dup(comm) if spec.communicates else None
+    return spec.factory(comm=own, gn_groups=gn_groups, **opts)
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """True for any normalization layer (the modules whose state fedbn keeps local)."""
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
+                               nn.LocalResponseNorm))
+
+
+def _no_opts(name: str, opts: dict) -> None:
+    if opts:
+        raise ValueError(f"norm '{name}' takes no options, got {sorted(opts)}")
+
+
+# ---- schemes without communication -------------------------------------------------------
+
+def _bn(*, comm=None, gn_groups=8, **opts) -> NormScheme:
+    _no_opts("bn", opts)
+    return NormScheme("bn", LocalBatchNorm, description=SCHEMES["bn"].summary)
+
+
+def _gn(*, comm=None, gn_groups=8, **opts) -> NormScheme:
+    _no_opts("gn", opts)
+    gn_groups_for(1, gn_groups)  # validates early
+    return NormScheme("gn", lambda c: nn.GroupNorm(gn_groups_for(c, gn_groups), c),
+                      description=SCHEMES["gn"].summary)
+
+
+def _ln(*, comm=None, gn_groups=8, **opts) -> NormScheme:
+    _no_opts("ln", opts)
+    return NormScheme("ln", lambda c: nn.GroupNorm(1, c), description=SCHEMES["ln"].summary)
+
+
+def _in(*, comm=None, gn_groups=8, **opts) -> NormScheme:
+    _no_opts("in", opts)
+    return NormScheme("in", InstanceNormAny, description=SCHEMES["in"].summary)
+
+
+class FedBatchNorm(LocalBatchNorm):
+    """Local BN whose statistics and affine parameters are never averaged (FedBN)."""
+
+
+def _fedbn(*, comm=None, gn_groups=8, **opts) -> NormScheme:
+    _no_opts("fedbn", opts)
+    return NormScheme("fedbn", FedBatchNorm, local_params=True, per_rank_eval=True,
+                      description=SCHEMES["fedbn"].summary)
+
+
+def _none(*, comm=None, gn_groups=8, **opts) -> NormScheme:
+    _no_opts("none", opts)
+    return NormScheme("none", lambda c: nn.Identity(), description=SCHEMES["none"].summary)
+
+
+register(NormSpec("bn", "local BatchNorm (Ioffe & Szegedy 2015) over each rank's own batch: "
+                        "the baseline; its statistics follow the rank's skewed label mix", _bn))
+register(NormSpec("gn", "GroupNorm (Wu & He 2018): per-sample statistics over channel groups, "
+                        "independent of the batch and so of the skew", _gn))
+register(NormSpec("ln", "LayerNorm over C,H,W (Ba et al. 2016), i.e. GroupNorm with one group; "
+                        "batch-independent", _ln))
+register(NormSpec("in", "InstanceNorm with affine (Ulyanov et al. 2016): per-sample, per-channel "
+                        "statistics; on flat features it falls back to per-sample LayerNorm", _in))
+register(NormSpec("fedbn", "FedBN (Li et al. ICLR 2021): BN statistics and affine parameters stay "
+                           "local to each rank; targets feature shift across ranks, not label "
+                           "skew; every rank evaluates with its own model", _fedbn))
+register(NormSpec("none", "no normalization (identity); conv/linear layers get biases", _none))
