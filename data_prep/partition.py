@@ -1,0 +1,194 @@
+"""Split a dataset into private per-rank HDF5 partitions (``python -m data_prep.partition``).
+
+Writes ``OUT/rank_00000.h5`` .. ``rank_{N-1:05d}.h5``, ``OUT/test.h5`` and, last,
+``OUT/partition.json`` (the manifest). Every file is written under a temporary name and
+renamed into place; a reader that finds the manifest finds a complete partition.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import shutil
+import sys
+import tempfile
+from pathlib import Path
+
+import numpy as np
+
+from .errors import DataPrepError
+from .layout import FORMAT, MANIFEST, TEST_FILE, rank_file
+from .schemes import assign, parse_scheme
+from .sources import SOURCES, open_source
+from .writer import write_rank_files, write_test_file
+
+
+def _jsonable(obj):
+    """Round-trip through JSON so a fresh request compares equal to one read from disk."""
+    return json.loads(json.dumps(obj, sort_keys=True, default=lambda o: list(o)))
+
+
+def _existing_files(out: Path) -> list[Path]:
+    if not out.is_dir():
+        return []
+    return sorted(p for p in out.glob("rank_*.h5")) + \
+        [p for p in (out / TEST_FILE, out / MANIFEST) if p.exists()]
+
+
+def _read_manifest(out: Path) -> dict | None:
+    try:
+        data = json.loads((out / MANIFEST).read_text())
+        return data if isinstance(data, dict) else None
+    except (OSError, ValueError):
+        return None
+
+
+def _write_json_atomic(path: Path, obj: dict) -> None:
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=1, sort_keys=False)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def build_partitions(dataset: str, ranks: int, scheme: str, seed: int, out: str | Path, *,
+                     source_dir: str | Path | None = None, min_per_rank: int = 1,
+                     force: bool = False, **source_opts) -> dict:
+    """Partition ``dataset`` into ``ranks`` private files under ``out``; return the manifest.
+
+    An identical request on an existing partition is a no-op; a different one is refused
+    unless ``force``. Raises ``DataPrepError`` with a readable message on bad input.
+    """
+    sch = parse_scheme(scheme)
+    ranks, seed, min_per_rank = int(ranks), int(seed), int(min_per_rank)
+    if ranks < 1:
+        raise DataPrepError(f"--ranks must be at least 1, got {ranks}")
+    if min_per_rank < 0:
+        raise DataPrepError(f"--min-per-rank must be >= 0, got {min_per_rank}")
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise DataPrepError(f"--out {out} exists and is not a folder")
+    src = open_source(dataset, source_dir, seed=seed, **source_opts)
+    request = _jsonable({"dataset": src.name, "ranks": ranks, "scheme": sch.name, "seed": seed,
+                         "min_per_rank": min_per_rank, "source_sha256": src.sha256,
+                         "source_options": src.options})
+
+    old = _existing_files(out)
+    if old:
+        manifest = _read_manifest(out)
+        if manifest is not None and manifest.get("request") == request and \
+                all((out / e["file"]).is_file() for e in manifest.get("ranks", [])) and \
+                (out / TEST_FILE).is_file():
+            return manifest
+        if not force:
+            what = (f"a different partition ({manifest.get('dataset')}, "
+                    f"{manifest.get('scheme')}, {manifest.get('world_size')} ranks, seed "
+                    f"{manifest.get('seed')})") if manifest else \
+                "partition files without a valid manifest"
+            raise DataPrepError(f"--out {out} already holds {what}; refusing to overwrite it "
+                                f"(use --force, or another --out)")
+
+    parts = assign(src.y_train, src.num_classes, ranks, sch, seed, min_per_rank)
+    out.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
+    try:
+        entries = write_rank_files(src, parts, sch, seed, tmp)
+        test_entry = write_test_file(src, sch, seed, tmp)
+        manifest = {
+            "format": FORMAT, "dataset": src.name, "scheme": sch.name,
+            "scheme_params": sch.params, "world_size": ranks, "num_classes": src.num_classes,
+            "sample_shape": list(src.sample_shape), "x_dtype": src.x_dtype.name, "seed": seed,
+            "min_per_rank": min_per_rank, "source": src.name, "source_sha256": src.sha256,
+            "source_options": src.options, "train_size": int(src.n_train),
+            "sizes": [e["size"] for e in entries],
+            "class_counts": np.bincount(src.y_train, minlength=src.num_classes).tolist(),
+            "ranks": entries, "test": test_entry, "request": request,
+        }
+        # Commit: drop the old manifest first so no manifest ever describes a mix of old and
+        # new files, move the new files in, remove stale rank files, write the manifest last.
+        (out / MANIFEST).unlink(missing_ok=True)
+        for e in entries:
+            os.replace(tmp / e["file"], out / e["file"])
+        os.replace(tmp / TEST_FILE, out / TEST_FILE)
+        keep = {e["file"] for e in entries}
+        for p in out.glob("rank_*.h5"):
+            if p.name not in keep:
+                p.unlink()
+        _write_json_atomic(out / MANIFEST, _jsonable(manifest))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return _jsonable(manifest)
+
+
+def _shape(text: str) -> tuple[int, ...]:
+    try:
+        dims = tuple(int(t) for t in text.replace("x", ",").split(",") if t.strip())
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"--shape {text!r}: expected C,H,W or D") from None
+    if len(dims) not in (1, 3) or min(dims) < 1:
+        raise argparse.ArgumentTypeError(f"--shape {text!r}: expected C,H,W or D, positive")
+    return dims
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.partition",
+        description="Split a dataset into private per-rank HDF5 partitions with controlled "
+                    "label and size skew (rank_XXXXX.h5, test.h5, partition.json).")
+    p.add_argument("--dataset", required=True, choices=SOURCES,
+                   help="digits (embedded), mnist / fashion-mnist (IDX files), cifar10 / "
+                        "cifar100 (python batches, folder or .tar.gz), npz, synthetic")
+    p.add_argument("--ranks", type=int, required=True, help="number of partitions (MPI ranks)")
+    p.add_argument("--scheme", default="iid",
+                   help="iid | dirichlet:ALPHA | quantity:BETA | dirichlet:ALPHA+quantity:BETA "
+                        "| shards:K (default iid)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", required=True, help="output folder")
+    p.add_argument("--source-dir", help="folder (or .npz / .tar.gz file) holding the source")
+    p.add_argument("--min-per-rank", type=int, default=1,
+                   help="minimum training samples per rank (0 allows empty ranks)")
+    p.add_argument("--force", action="store_true",
+                   help="replace a different partition already in --out")
+    p.add_argument("--test-fraction", type=float, default=None,
+                   help="stratified test split for sources without one (default 0.2)")
+    g = p.add_argument_group("synthetic source")
+    g.add_argument("--num-samples", type=int, help="training samples (default 10000)")
+    g.add_argument("--num-test", type=int, help="test samples (default 2000)")
+    g.add_argument("--shape", type=_shape, help="sample shape C,H,W or D (default 3,32,32)")
+    g.add_argument("--num-classes", type=int, help="classes (default 10; npz: override)")
+    g.add_argument("--dtype", choices=("uint8", "float32"), help="synthetic dtype (default uint8)")
+    return p
+
+
+def summary(manifest: dict) -> str:
+    sizes = manifest["sizes"]
+    return (f"{manifest['dataset']} {manifest['scheme']}: {manifest['train_size']} training "
+            f"samples over {manifest['world_size']} ranks (min {min(sizes)}, max {max(sizes)}), "
+            f"{manifest['test']['size']} test samples, sample shape "
+            f"{tuple(manifest['sample_shape'])} {manifest['x_dtype']}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    opts = {"num_samples": args.num_samples, "num_test": args.num_test, "shape": args.shape,
+            "num_classes": args.num_classes, "dtype": args.dtype,
+            "test_fraction": args.test_fraction}
+    try:
+        manifest = build_partitions(args.dataset, args.ranks, args.scheme, args.seed, args.out,
+                                    source_dir=args.source_dir, min_per_rank=args.min_per_rank,
+                                    force=args.force, **opts)
+    except DataPrepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    print(f"{args.out}: {summary(manifest)}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,220 @@
+"""Load this rank's private partition and validate it collectively.
+
+Every rank reads ``partition.json``, its own ``rank_{r:05d}.h5`` and ``test.h5`` -- never
+another rank's file. Problems found on any rank are gathered and raised on EVERY rank as one
+``PartitionError`` naming file, rank and field, so a bad partition ends the job in seconds
+instead of leaving healthy ranks blocked in their next collective.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from collections import Counter
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import h5py
+import numpy as np
+
+from data_prep.layout import MANIFEST, TEST_FILE, ContentHash, rank_file
+
+from .comm import UserError
+
+X_DTYPES = ("uint8", "float32")
+# (file, field, problem): one finding on one rank; identical findings on several ranks merge.
+Problem = tuple[str, str, str]
+
+
+class PartitionError(UserError):
+    """An unusable partition; raised on every rank at the same point (collective)."""
+
+    def __init__(self, message: str, *, collective: bool = True, exit_code: int = 2):
+        super().__init__(message, collective=collective, exit_code=exit_code)
+
+
+@dataclass
+class LocalData:
+    """This rank's training partition plus the whole test set (the caller shards it)."""
+
+    x_train: np.ndarray
+    y_train: np.ndarray
+    x_test: np.ndarray
+    y_test: np.ndarray
+    num_classes: int
+    sample_shape: tuple[int, ...]
+    sizes: list[int]          # every rank's training size, rank order
+    manifest: dict
+    manifest_sha256: str
+
+
+def _ranks_text(ranks: list[int]) -> str:
+    ranks = sorted(set(ranks))
+    if len(ranks) == 1:
+        return f"rank {ranks[0]}"
+    if ranks == list(range(ranks[0], ranks[-1] + 1)):
+        return f"ranks {ranks[0]}-{ranks[-1]}"
+    return "ranks " + ",".join(map(str, ranks))
+
+
+def _agree(comm, data_dir: Path, problems: list[Problem], extra: Any = None) -> list[Any]:
+    """Allgather findings (and ``extra``); if any rank found a problem, every rank raises."""
+    gathered = comm.allgather((problems, extra))
+    by_key: dict[Problem, list[int]] = {}
+    for r, (probs, _) in enumerate(gathered):
+        for p in probs:
+            by_key.setdefault(tuple(p), []).append(r)
+    if by_key:
+        lines = [f"  {file}: {_ranks_text(rs)}: field '{field}': {problem}"
+                 for (file, field, problem), rs in by_key.items()]
+        raise PartitionError(f"invalid partition in {data_dir}:\n" + "\n".join(lines))
+    return [e for _, e in gathered]
+
+
+def _read_manifest(path: Path, world_size: int) -> tuple[dict | None, str, list[Problem]]:
+    f = str(path)
+    try:
+        raw = path.read_bytes()
+    except FileNotFoundError:
+        return None, "", [(f, "partition.json", "manifest file is missing (build the partition "
+                                                "with python -m data_prep.partition)")]
+    except OSError as exc:
+        return None, "", [(f, "partition.json", f"cannot be read: {exc}")]
+    digest = hashlib.sha256(raw).hexdigest()
+    try:
+        m = json.loads(raw)
+    except ValueError as exc:
+        return None, digest, [(f, "partition.json", f"is not valid JSON ({exc})")]
+    if not isinstance(m, dict):
+        return None, digest, [(f, "partition.json", "is not a JSON object")]
+    probs: list[Problem] = []
+
+    def bad(field: str, problem: str) -> None:
+        probs.append((f, field, problem))
+
+    def is_int(v: Any, lo: int = 0) -> bool:
+        return isinstance(v, int) and not isinstance(v, bool) and v >= lo
+
+    for key in ("world_size", "num_classes", "sample_shape", "x_dtype", "ranks", "test"):
+        if key not in m:
+            bad(key, "missing")
+    if probs:
+        return None, digest, probs
+    n = m["world_size"]
+    if not is_int(n, 1):
+        bad("world_size", f"must be a positive integer, got {n!r}")
+    elif n != world_size:
+        bad("world_size", f"the partition has {n} ranks but the job has {world_size}; launch "
+                          f"with mpiexec -n {n} or build a partition for {world_size} ranks")
+    if not is_int(m["num_classes"], 1):
+        bad("num_classes", f"must be a positive integer, got {m['num_classes']!r}")
+    shape = m["sample_shape"]
+    if not (isinstance(shape, list) and len(shape) in (1, 3) and all(is_int(s, 1) for s in shape)):
+        bad("sample_shape", f"must be [C, H, W] or [D] of positive integers, got {shape!r}")
+    if m["x_dtype"] not in X_DTYPES:
+        bad("x_dtype", f"must be one of {', '.join(X_DTYPES)}, got {m['x_dtype']!r}")
+    entries = m["ranks"]
+    if not isinstance(entries, list) or (is_int(n, 1) and len(entries) != n):
+        bad("ranks", f"must be a list of {n} rank entries, got "
+                     f"{len(entries) if isinstance(entries, list) else type(entries).__name__}")
+    else:
+        for i, e in enumerate(entries):
+            if not (isinstance(e, dict) and e.get("rank") == i and e.get("file") == rank_file(i)
+                    and is_int(e.get("size")) and isinstance(e.get("sha256"), str)):
+                bad(f"ranks[{i}]", f"must be {{rank: {i}, file: {rank_file(i)!r}, size, "
+                                   f"class_counts, sha256}}, got {e!r:.200}")
+                break
+    t = m["test"]
+    if not (isinstance(t, dict) and t.get("file") == TEST_FILE and is_int(t.get("size"))
+            and isinstance(t.get("sha256"), str)):
+        bad("test", f"must be {{file: {TEST_FILE!r}, size, sha256}}, got {t!r:.200}")
+    return (None if probs else m), digest, probs
+
+
+def _read_h5(path: Path, m: dict, size: int, sha: str, verify: bool,
+             attrs: dict[str, int]) -> tuple[np.ndarray | None, np.ndarray | None,
+                                              list[Problem]]:
+    """Open one partition file and check it against the manifest."""
+    f = str(path)
+    if not path.is_file():
+        return None, None, [(f, "file", "missing")]
+    probs: list[Problem] = []
+    shape, dtype, ncls = tuple(m["sample_shape"]), np.dtype(m["x_dtype"]), m["num_classes"]
+    try:
+        h5 = h5py.File(path, "r", locking=False)
+    except Exception as exc:  # h5py raises OSError for truncated / non-HDF5 files
+        return None, None, [(f, "file", f"cannot be opened as HDF5, truncated or corrupt? "
+                                        f"({str(exc)[:160]})")]
+    x = y = None
+    with h5:
+        for name, want in attrs.items():
+            got = h5.attrs.get(name)
+            if got is None or int(np.asarray(got).item()) != want:
+                probs.append((f, name, f"attribute is {got!r}, expected {want}"))
+        for key in ("x", "y"):
+            if key not in h5 or not isinstance(h5[key], h5py.Dataset):
+                probs.append((f, key, "dataset missing"))
+        if probs:
+            return None, None, probs
+        dx, dy = h5["x"], h5["y"]
+        if dx.dtype != dtype:
+            probs.append((f, "x", f"dtype {dx.dtype}, expected {dtype} (manifest x_dtype)"))
+        if dx.shape[1:] != shape:
+            probs.append((f, "x", f"sample shape {dx.shape[1:]}, expected {shape} "
+                                  f"(manifest sample_shape)"))
+        if dx.shape[:1] != (size,):
+            probs.append((f, "x", f"holds {dx.shape[0] if dx.ndim else 0} samples, the manifest "
+                                  f"says {size}"))
+        if dy.dtype != np.int64 or dy.shape != (size,):
+            probs.append((f, "y", f"dtype {dy.dtype} shape {dy.shape}, expected int64 ({size},)"))
+        if probs:
+            return None, None, probs
+        try:
+            x, y = dx[...], dy[...]
+        except Exception as exc:
+            return None, None, [(f, "x/y", f"cannot be read, truncated or corrupt? "
+                                           f"({str(exc)[:160]})")]
+    if len(y) and (y.min() < 0 or y.max() >= ncls):
+        bad = y[(y < 0) | (y >= ncls)]
+        probs.append((f, "y", f"{len(bad)} label(s) outside [0, {ncls}) (num_classes), "
+                              f"e.g. {int(bad[0])}"))
+    if x.dtype.kind == "f" and not np.isfinite(x).all():
+        n_bad = int(np.count_nonzero(~np.isfinite(x)))
+        probs.append((f, "x", f"holds {n_bad} NaN/Inf value(s)"))
+    if verify and not probs:
+        h = ContentHash()
+        h.add_x(x)
+        if h.finish(y) != sha:
+            probs.append((f, "sha256", "content hash differs from the manifest: the file was "
+                                       "modified or corrupted after it was built"))
+    return x, y, probs
+
+
+def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True) -> LocalData:
+    """Load and validate this rank's partition; raise ``PartitionError`` on every rank if bad."""
+    data_dir = Path(data_dir)
+    rank, world_size = comm.Get_rank(), comm.Get_size()
+    manifest, digest, probs = _read_manifest(data_dir / MANIFEST, world_size)
+    _agree(comm, data_dir, probs)
+    m = manifest
+    entry = m["ranks"][rank]
+    x, y, probs = _read_h5(data_dir / entry["file"], m, entry["size"], entry["sha256"],
+                           verify_hash, {"rank": rank, "world_size": world_size,
+                                         "num_classes": m["num_classes"]})
+    xt, yt, tprobs = _read_h5(data_dir / TEST_FILE, m, m["test"]["size"], m["test"]["sha256"],
+                              verify_hash, {"num_classes": m["num_classes"]})
+    probs += tprobs
+    mine = None if x is None else (tuple(x.shape[1:]), str(x.dtype), len(y))
+    info = _agree(comm, data_dir, probs, mine)
+    # Every rank matched the manifest, so this cannot fire unless a file changed under us;
+    # it is the cross-rank check that does not trust the manifest.
+    shapes = Counter((s, d) for s, d, _ in info)
+    if len(shapes) > 1:
+        common = shapes.most_common(1)[0][0]
+        odd = [f"{data_dir / rank_file(r)}: rank {r}: field 'x': sample shape/dtype {s} {d}"
+               for r, (s, d, _) in enumerate(info) if (s, d) != common]
+        raise PartitionError(f"invalid partition in {data_dir}: sample shapes differ across "
+                             f"ranks (most have {common[0]} {common[1]}):\n  " + "\n  ".join(odd))
+    return LocalData(x_train=x, y_train=y, x_test=xt, y_test=yt,
+                     num_classes=int(m["num_classes"]), sample_shape=tuple(m["sample_shape"]),
+                     sizes=[n for _, _, n in info], manifest=m, manifest_sha256=digest)
