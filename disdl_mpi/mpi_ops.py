@@ -25,3 +25,32 @@ def allreduce_(t: torch.Tensor, comm: MPI.Comm, op: MPI.Op = MPI.SUM) -> torch.T
     comm.Allreduce(MPI.IN_PLACE, host.numpy(), op=op)
     work.copy_(host)
     return t
+
+
+def mpi_buffer(t: torch.Tensor, *, cuda_aware: bool = False):
+    """The object to hand to mpi4py for a contiguous tensor, without a copy.
+
+    CPU: a numpy view sharing the tensor's memory. CUDA (only with a CUDA-aware MPI): the
+    tensor itself, which mpi4py reads through ``__cuda_array_interface__``/DLPack; the caller
+    must have synchronized the stream that wrote it.
+    """
+    work = t.detach()
+    if not work.is_contiguous():
+        raise ValueError(f"MPI buffers must be contiguous (shape {tuple(t.shape)}, "
+                         f"stride {work.stride()})")
+    if work.dtype not in _MPI_DTYPES:
+        raise TypeError(f"MPI has no reduction for {work.dtype}; cast to float32 or float16")
+    if work.is_cuda:
+        if not cuda_aware:
+            raise ValueError("a CUDA tensor needs a CUDA-aware MPI; stage it through host memory")
+        return work
+    return work.numpy()
+
+
+def iallreduce_(t: torch.Tensor, comm: MPI.Comm, op: MPI.Op = MPI.SUM, *,
+                cuda_aware: bool = False) -> MPI.Request:
+    """Start an in-place nonblocking allreduce of ``t``; the caller waits on the request.
+
+    ``t`` must stay alive and untouched until the request completes.
+    """
+    return comm.Iallreduce(MPI.IN_PLACE, mpi_buffer(t, cuda_aware=cuda_aware), op=op)
