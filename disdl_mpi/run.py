@@ -21,11 +21,13 @@ from . import __version__
 from .comm import UserError, agree_or_raise, install_abort_handler, mpi_library, rank_info, world
 from .config import RunConfig, build_parser
 from .device import describe_device, select_device, seed_everything, set_threads
-from .models import MODEL_NAMES
+from .models import MODELS as MODEL_NAMES
 from .norms import available_norms
 from .partition_io import load_partition
 from .progress import make_progress
 from .results import format_table, write_metrics, write_summary
+from .timeline import TraceRecorder
+from .timing import detail_requested, timing_fields
 from .trainer import RankData, TrainContext, phase_summary, train_scheme
 
 
@@ -184,7 +186,9 @@ def main(argv: list[str] | None = None) -> int:
 
     ctx = TrainContext(cfg=cfg, comm=comm, norm_comm=comm.Dup(), info=info, device=device,
                        data=data, model_name=model_name, log=log,
-                       progress=make_progress(cfg.progress, rank))
+                       progress=make_progress(cfg.progress, rank),
+                       wait_comm=comm.Dup() if detail_requested(cfg.timeline) else None,
+                       trace=TraceRecorder(comm) if cfg.timeline else None)
     records = []
     for name in norms:
         start = time.perf_counter()
@@ -203,7 +207,11 @@ def main(argv: list[str] | None = None) -> int:
             "threads_per_rank": threads, "wall_s": wall, "train_s": res.train_s,
             "global_batch_size": cfg.global_batch_size, "batching": cfg.batching,
             "per_rank_accuracy": res.per_rank_accuracy, "epochs_log": res.epochs_log,
+            "grad_bytes": sum(p.numel() * p.element_size() for p in res.model.parameters()
+                              if p.requires_grad),
         }
+        record.update(timing_fields(phases, measured_wait=ctx.wait_comm is not None,
+                                    cuda=device.type == "cuda"))
         records.append(record)
         scheme_dir = out / name
         if rank == 0:
@@ -214,6 +222,9 @@ def main(argv: list[str] | None = None) -> int:
             _save_model(res.model, scheme_dir, rank, per_rank=res.per_rank_accuracy is not None)
         if rank == 0:  # written after every scheme, so an interrupted run keeps what finished
             write_summary(out, records, cfg.to_dict(), machine)
+    if ctx.trace is not None:
+        ctx.trace.write(comm, cfg.timeline, metadata=machine)
+        log(f"timeline: {cfg.timeline} (chrome://tracing or ui.perfetto.dev)")
     comm.Barrier()
     log("\n" + format_table(records))
     log(f"\nresults: {out}")
