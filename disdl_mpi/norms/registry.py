@@ -42,7 +42,8 @@ class NormScheme:
                  local_params: bool = False, per_rank_eval: bool = False,
                  recalibrate: Optional[Callable[..., None]] = None,
                  on_step: Optional[Callable[[int], None]] = None,
-                 comm: Any = None, timer: Optional[CommTimer] = None,
+                 comm: Any = None, owns_comm: bool = False,
+                 timer: Optional[CommTimer] = None, collective_forward: bool = False,
                  description: str = "") -> None:
         self.name = name
         self._layer_fn = layer_fn
@@ -51,7 +52,10 @@ class NormScheme:
         self.recalibrate = recalibrate
         self._on_step = on_step
         self.comm = comm
+        self._owns_comm = owns_comm
         self.timer = timer or CommTimer()
+        # True when forward runs collectives: a rank with an empty batch must still call it.
+        self.collective_forward = collective_forward
         self.description = description
 
     def layer(self, num_features: int) -> nn.Module:
@@ -72,8 +76,8 @@ class NormScheme:
         return self.timer.seconds
 
     def close(self) -> None:
-        """Free the scheme's duplicated communicator (collective over it)."""
-        if self.comm is not None:
+        """Free the communicator the scheme duplicated itself (when get_norm got comm=None)."""
+        if self.comm is not None and self._owns_comm:
             try:
                 self.comm.Free()
             finally:
@@ -108,17 +112,13 @@ def available_norms() -> list[str]:
     return [n for n in ORDER if n in SCHEMES] + [n for n in SCHEMES if n not in ORDER]
 
 
-def _dup(comm: Any) -> Any:
-    """The scheme's own communicator, so its blocking collectives never interleave with the
-    gradient allreducer's outstanding requests on the caller's communicator."""
-    if comm is None:
-        from mpi4py import MPI
-        comm = MPI.COMM_WORLD
-    return comm.Dup()
-
-
 def get_norm(name: str, *, comm: Any = None, gn_groups: int = 8, **opts: Any) -> NormScheme:
-    """Build the scheme ``name``; ``comm`` is duplicated by schemes that communicate.
+    """Build the scheme ``name``.
+
+    ``comm`` is the schemes' OWN communicator, a ``Dup()`` of the training communicator made
+    once per run by the caller, so that the blocking collectives of syncbn/bn-recal never
+    interleave with the gradient allreducer's outstanding requests. With ``comm=None`` a
+    communicating scheme duplicates COMM_WORLD itself and frees it in ``close()``.
 
     Options by scheme: ``brn``: ``brn_warmup_steps``, ``r_max``, ``d_max``; ``syncbn``:
     ``grad_convention`` ('local_mean' or 'global', see sync_batch_norm.py). Unknown options
@@ -129,8 +129,20 @@ def get_norm(name: str, *, comm: Any = None, gn_groups: int = 8, **opts: Any) ->
         raise ValueError(f"unknown normalization scheme '{name}'; available: "
                          f"{', '.join(available_norms())}")
     spec = SCHEMES[key]
-    own = _dup(comm) if spec.communicates else None
-    return spec.factory(comm=own, gn_groups=gn_groups, **opts)
+    if not spec.communicates:
+        return spec.factory(comm=None, gn_groups=gn_groups, **opts)
+    owns = comm is None
+    if owns:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD.Dup()
+    try:
+        scheme = spec.factory(comm=comm, gn_groups=gn_groups, **opts)
+    except Exception:
+        if owns:
+            comm.Free()
+        raise
+    scheme._owns_comm = owns
+    return scheme
 
 
 def is_norm_layer(module: nn.Module) -> bool:
@@ -195,3 +207,23 @@ register(NormSpec("fedbn", "FedBN (Li et al. ICLR 2021): BN statistics and affin
                            "local to each rank; targets feature shift across ranks, not label "
                            "skew; every rank evaluates with its own model", _fedbn))
 register(NormSpec("none", "no normalization (identity); conv/linear layers get biases", _none))
+
+
+# ---- schemes that communicate or need more than a layer ----------------------------------
+
+def _syncbn(*, comm=None, gn_groups=8, grad_convention: str = "local_mean",
+            **opts) -> NormScheme:
+    from .sync_batch_norm import SyncBatchNorm
+    _no_opts("syncbn", opts)
+    timer = CommTimer()
+    SyncBatchNorm(1, comm, timer, convention=grad_convention)  # validates the convention
+    return NormScheme("syncbn", lambda c: SyncBatchNorm(c, comm, timer,
+                                                        convention=grad_convention),
+                      comm=comm, timer=timer, collective_forward=True,
+                      description=SCHEMES["syncbn"].summary)
+
+
+register(NormSpec("syncbn", "synchronized BatchNorm: statistics of the whole global batch via "
+                            "MPI allreduce (exact for unequal/empty local batches); what one "
+                            "machine would compute, at one small allreduce per layer per pass",
+                  _syncbn, communicates=True))
