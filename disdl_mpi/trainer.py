@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Any, Callable, Optional
 
 import numpy as np
 import torch
@@ -19,6 +19,7 @@ from .evaluate import evaluate_per_rank, evaluate_sharded
 from .model_sync import broadcast_module_
 from .models import build_model
 from .norms import get_norm, is_norm_layer
+from .timeline import bucket_records
 from .timing import PhaseTimer
 
 
@@ -48,6 +49,9 @@ class TrainContext:
     model_name: str
     log: Callable[[str], None] = print
     progress: Optional[Callable[[int, int, str], None]] = None
+    # timing detail: a dedicated comm for the imbalance probe, and the timeline recorder
+    wait_comm: Optional[MPI.Comm] = None
+    trace: Optional[Any] = None
 
 
 @dataclass
@@ -118,7 +122,10 @@ def train_scheme(ctx: TrainContext, norm_name: str) -> SchemeResult:
     epochs, max_steps = total_steps(cfg, plan)
     # syncbn must join its forward collectives even with an empty local batch.
     collective_forward = bool(getattr(scheme, "collective_forward", norm_name == "syncbn"))
-    timer = PhaseTimer(ctx.device)
+    timer = PhaseTimer(ctx.device, wait_comm=ctx.wait_comm, trace=ctx.trace)
+    if ctx.trace is not None:
+        ctx.trace.args = {"scheme": norm_name}
+    scheme_start = time.perf_counter()
     norm_comm_start = scheme.comm_seconds()
     result_log: list[dict] = []
     step = samples = 0
@@ -146,10 +153,12 @@ def train_scheme(ctx: TrainContext, norm_name: str) -> SchemeResult:
             if n_global == 0:
                 continue  # every rank knows this step is empty everywhere
             scheme.on_step(step)
+            timer.begin_step(step)
             with timer.phase("data"):
                 index = torch.as_tensor(idx, device=ctx.device, dtype=torch.long)
                 xb, yb = data.x_train[index], data.y_train[index]
-            optimizer.zero_grad(set_to_none=False)
+            with timer.phase("optimizer"):
+                optimizer.zero_grad(set_to_none=False)
             reducer.begin_step(len(idx) / n_global)
             if len(idx) > 0 or collective_forward:
                 with timer.phase("forward"):
@@ -161,11 +170,15 @@ def train_scheme(ctx: TrainContext, norm_name: str) -> SchemeResult:
                 with timer.phase("backward"):
                     loss.backward()
                 loss_sum += (float(loss_total.detach()), len(idx))
+            timer.wait_for_peers()
             with timer.phase("allreduce"):
                 stats = reducer.finish_step()
             timer.add("allreduce_total", stats.get("total_s", 0.0))
+            if ctx.trace is not None:
+                ctx.trace.buckets(bucket_records(reducer))
             with timer.phase("optimizer"):
                 optimizer.step()
+            timer.end_step()
             step += 1
             samples += n_global
             if ctx.progress:
@@ -185,6 +198,9 @@ def train_scheme(ctx: TrainContext, norm_name: str) -> SchemeResult:
             break
 
     timer.add("norm_comm", scheme.comm_seconds() - norm_comm_start)
+    if ctx.trace is not None:
+        ctx.trace.complete(f"scheme {norm_name}", scheme_start,
+                           time.perf_counter() - scheme_start, cat="scheme")
     return SchemeResult(
         norm=norm_name, model=model, test_accuracy=acc, per_rank_accuracy=per_rank,
         epochs=len(result_log), steps=step, samples=samples, train_s=train_s,

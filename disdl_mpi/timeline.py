@@ -1,0 +1,125 @@
+"""Chrome trace-event timeline of a run: one track per rank, phases as complete events.
+
+The file is the JSON Object Format of the Trace Event Format (``{"traceEvents": [...]}``),
+loadable by chrome://tracing and https://ui.perfetto.dev. Each rank is a process (pid = rank,
+named "rank R"); thread 0 holds schemes > steps > phases (properly nested "X" events), thread 1
+the per-bucket gradient allreduces, which overlap the backward pass and so need their own row.
+
+Clock alignment: every rank takes its time origin right after a Barrier, so ranks agree to
+within about one barrier latency (microseconds on one node); no global clock is assumed.
+"""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from mpi4py import MPI
+
+from .atomic import write_json
+
+PHASE_TID = 0
+BUCKET_TID = 1
+
+
+class TraceRecorder:
+    """Collects this rank's events; ``write`` gathers them on rank 0 (collective)."""
+
+    def __init__(self, comm: MPI.Comm, *, max_events: int = 500_000) -> None:
+        self.rank = comm.Get_rank()
+        comm.Barrier()
+        self.origin = time.perf_counter()
+        self.events: list[dict[str, Any]] = []
+        self.max_events = max_events
+        self.dropped = 0
+        self.args: dict[str, Any] = {}  # attached to every event (e.g. the scheme name)
+
+    def _us(self, t: float) -> float:
+        return round((t - self.origin) * 1e6, 3)
+
+    def complete(self, name: str, start: float, dur: float, *, cat: str = "phase",
+                 tid: int = PHASE_TID, args: Optional[dict[str, Any]] = None) -> None:
+        """One "X" event; ``start`` is a perf_counter value, ``dur`` seconds."""
+        if len(self.events) >= self.max_events:
+            self.dropped += 1  # bounded memory on long runs; the count is written out
+            return
+        ev = {"name": name, "cat": cat, "ph": "X", "ts": self._us(start),
+              "dur": round(max(0.0, dur) * 1e6, 3), "pid": self.rank, "tid": tid}
+        merged = {**self.args, **(args or {})}
+        if merged:
+            ev["args"] = merged
+        self.events.append(ev)
+
+    def buckets(self, records: Any) -> None:
+        """Per-bucket allreduce events, if the allreducer reports them.
+
+        Accepted: a list of dicts with ``start`` and ``end`` (perf_counter seconds) and
+        optionally ``index`` and ``bytes``. Anything else is ignored.
+        """
+        if not isinstance(records, (list, tuple)):
+            return
+        for i, b in enumerate(records):
+            if not isinstance(b, dict) or "start" not in b or "end" not in b:
+                continue
+            idx = b.get("index", i)
+            extra = {k: b[k] for k in ("index", "bytes") if k in b}
+            self.complete(f"allreduce bucket {idx}", float(b["start"]),
+                          float(b["end"]) - float(b["start"]), cat="comm", tid=BUCKET_TID,
+                          args=extra)
+
+    def write(self, comm: MPI.Comm, path: str | Path, *, metadata: Optional[dict] = None) -> None:
+        """Collective: gather every rank's events to rank 0, which writes the file atomically."""
+        gathered = comm.gather((self.events, self.dropped), root=0)
+        if comm.Get_rank() != 0:
+            return
+        events: list[dict[str, Any]] = []
+        dropped = 0
+        for rank, (evs, d) in enumerate(gathered):
+            dropped += d
+            events.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0,
+                           "args": {"name": f"rank {rank}"}})
+            events.append({"name": "process_sort_index", "ph": "M", "pid": rank, "tid": 0,
+                           "args": {"sort_index": rank}})
+            events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": PHASE_TID,
+                           "args": {"name": "phases"}})
+            if any(e.get("tid") == BUCKET_TID for e in evs):
+                events.append({"name": "thread_name", "ph": "M", "pid": rank,
+                               "tid": BUCKET_TID, "args": {"name": "allreduce buckets"}})
+            # Outer events first at equal timestamps, so viewers nest them correctly.
+            events.extend(sorted(evs, key=lambda e: (e["ts"], -e["dur"])))
+        other = dict(metadata or {})
+        other["dropped_events"] = dropped
+        write_json(path, {"traceEvents": events, "displayTimeUnit": "ms", "otherData": other})
+
+
+def validate_trace(obj: Any) -> list[str]:
+    """Problems that would stop chrome://tracing or Perfetto from loading ``obj`` (empty = ok)."""
+    problems = []
+    if not isinstance(obj, dict) or not isinstance(obj.get("traceEvents"), list):
+        return ["top level must be an object with a 'traceEvents' list"]
+    for i, ev in enumerate(obj["traceEvents"]):
+        if not isinstance(ev, dict):
+            problems.append(f"event {i}: not an object")
+            continue
+        for key in ("name", "ph", "pid", "tid"):
+            if key not in ev:
+                problems.append(f"event {i}: missing {key!r}")
+        if ev.get("ph") == "X":
+            for key in ("ts", "dur"):
+                if not isinstance(ev.get(key), (int, float)):
+                    problems.append(f"event {i}: 'X' event needs numeric {key!r}")
+            if isinstance(ev.get("dur"), (int, float)) and ev["dur"] < 0:
+                problems.append(f"event {i}: negative duration")
+    return problems
+
+
+def bucket_records(reducer: Any) -> list[dict[str, Any]]:
+    """The allreducer's last-step bucket intervals (perf_counter), if it keeps them."""
+    out = []
+    for i, b in enumerate(getattr(reducer, "buckets", None) or []):
+        start, end = getattr(b, "t_start", None), getattr(b, "t_end", None)
+        if start is None or end is None:
+            continue
+        out.append({"index": i, "start": start, "end": end,
+                    "bytes": int(getattr(b, "wire_bytes", 0))})
+    return out
