@@ -57,18 +57,21 @@ def _ranks_text(ranks: list[int]) -> str:
     return "ranks " + ",".join(map(str, ranks))
 
 
-def _agree(comm, data_dir: Path, problems: list[Problem], extra: Any = None) -> list[Any]:
-    """Allgather findings (and ``extra``); if any rank found a problem, every rank raises."""
-    gathered = comm.allgather((problems, extra))
+def _raise_if_any(data_dir: Path, per_rank: list[list[Problem]]) -> None:
+    """Raise one PartitionError listing every finding; identical ones on several ranks merge."""
     by_key: dict[Problem, list[int]] = {}
-    for r, (probs, _) in enumerate(gathered):
+    for r, probs in enumerate(per_rank):
         for p in probs:
             by_key.setdefault(tuple(p), []).append(r)
     if by_key:
         lines = [f"  {file}: {_ranks_text(rs)}: field '{field}': {problem}"
                  for (file, field, problem), rs in by_key.items()]
         raise PartitionError(f"invalid partition in {data_dir}:\n" + "\n".join(lines))
-    return [e for _, e in gathered]
+
+
+def _agree(comm, data_dir: Path, problems: list[Problem]) -> None:
+    """Allgather findings; if any rank found a problem, every rank raises the same error."""
+    _raise_if_any(data_dir, comm.allgather(problems))
 
 
 def _read_manifest(path: Path, world_size: int) -> tuple[dict | None, str, list[Problem]]:
@@ -76,17 +79,17 @@ def _read_manifest(path: Path, world_size: int) -> tuple[dict | None, str, list[
     try:
         raw = path.read_bytes()
     except FileNotFoundError:
-        return None, "", [(f, "partition.json", "manifest file is missing (build the partition "
+        return None, "", [(f, "manifest", "manifest file is missing (build the partition "
                                                 "with python -m data_prep.partition)")]
     except OSError as exc:
-        return None, "", [(f, "partition.json", f"cannot be read: {exc}")]
+        return None, "", [(f, "manifest", f"cannot be read: {exc}")]
     digest = hashlib.sha256(raw).hexdigest()
     try:
         m = json.loads(raw)
     except ValueError as exc:
-        return None, digest, [(f, "partition.json", f"is not valid JSON ({exc})")]
+        return None, digest, [(f, "manifest", f"is not valid JSON ({exc})")]
     if not isinstance(m, dict):
-        return None, digest, [(f, "partition.json", "is not a JSON object")]
+        return None, digest, [(f, "manifest", "is not a JSON object")]
     probs: list[Problem] = []
 
     def bad(field: str, problem: str) -> None:
@@ -131,10 +134,13 @@ def _read_manifest(path: Path, world_size: int) -> tuple[dict | None, str, list[
     return (None if probs else m), digest, probs
 
 
-def _read_h5(path: Path, m: dict, size: int, sha: str, verify: bool,
-             attrs: dict[str, int]) -> tuple[np.ndarray | None, np.ndarray | None,
-                                              list[Problem]]:
-    """Open one partition file and check it against the manifest."""
+def _read_h5(path: Path, m: dict, size: int, sha: str, verify: bool, attrs: dict[str, int],
+             header: list) -> tuple[np.ndarray | None, np.ndarray | None, list[Problem]]:
+    """Open one partition file and check it against the manifest.
+
+    ``header`` receives the file's (sample shape, dtype) when x could be found, so shapes can
+    be compared across ranks even when they also disagree with the manifest.
+    """
     f = str(path)
     if not path.is_file():
         return None, None, [(f, "file", "missing")]
@@ -157,6 +163,7 @@ def _read_h5(path: Path, m: dict, size: int, sha: str, verify: bool,
         if probs:
             return None, None, probs
         dx, dy = h5["x"], h5["y"]
+        header.append((tuple(int(v) for v in dx.shape[1:]), str(dx.dtype)))
         if dx.dtype != dtype:
             probs.append((f, "x", f"dtype {dx.dtype}, expected {dtype} (manifest x_dtype)"))
         if dx.shape[1:] != shape:
@@ -190,31 +197,45 @@ def _read_h5(path: Path, m: dict, size: int, sha: str, verify: bool,
     return x, y, probs
 
 
+def _cross_rank(data_dir: Path, headers: list) -> dict[int, Problem]:
+    """Ranks whose x sample shape/dtype differs from the most common one."""
+    seen = Counter(h for h in headers if h is not None)
+    if len(seen) <= 1:
+        return {}
+    common = seen.most_common(1)[0][0]
+    return {r: (str(data_dir / rank_file(r)), "x",
+                f"sample shape/dtype {h[0]} {h[1]} differs across ranks (most have "
+                f"{common[0]} {common[1]})")
+            for r, h in enumerate(headers) if h is not None and h != common}
+
+
 def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True) -> LocalData:
-    """Load and validate this rank's partition; raise ``PartitionError`` on every rank if bad."""
+    """Load and validate this rank's partition; raise ``PartitionError`` on every rank if bad.
+
+    ``verify_hash`` re-hashes the arrays against the manifest's sha256 (one pass, cheap next
+    to reading them) to catch silent corruption that HDF5 itself cannot see.
+    """
     data_dir = Path(data_dir)
     rank, world_size = comm.Get_rank(), comm.Get_size()
     manifest, digest, probs = _read_manifest(data_dir / MANIFEST, world_size)
     _agree(comm, data_dir, probs)
     m = manifest
     entry = m["ranks"][rank]
+    header: list = []
     x, y, probs = _read_h5(data_dir / entry["file"], m, entry["size"], entry["sha256"],
                            verify_hash, {"rank": rank, "world_size": world_size,
-                                         "num_classes": m["num_classes"]})
+                                         "num_classes": m["num_classes"]}, header)
     xt, yt, tprobs = _read_h5(data_dir / TEST_FILE, m, m["test"]["size"], m["test"]["sha256"],
-                              verify_hash, {"num_classes": m["num_classes"]})
+                              verify_hash, {"num_classes": m["num_classes"]}, [])
     probs += tprobs
-    mine = None if x is None else (tuple(x.shape[1:]), str(x.dtype), len(y))
-    info = _agree(comm, data_dir, probs, mine)
-    # Every rank matched the manifest, so this cannot fire unless a file changed under us;
-    # it is the cross-rank check that does not trust the manifest.
-    shapes = Counter((s, d) for s, d, _ in info)
-    if len(shapes) > 1:
-        common = shapes.most_common(1)[0][0]
-        odd = [f"{data_dir / rank_file(r)}: rank {r}: field 'x': sample shape/dtype {s} {d}"
-               for r, (s, d, _) in enumerate(info) if (s, d) != common]
-        raise PartitionError(f"invalid partition in {data_dir}: sample shapes differ across "
-                             f"ranks (most have {common[0]} {common[1]}):\n  " + "\n  ".join(odd))
+    # One allgather carries every rank's findings, its sample shape (the cross-rank check,
+    # which does not trust the manifest) and its size.
+    mine = (header[0] if header else None, None if y is None else len(y))
+    gathered = comm.allgather((probs, mine))
+    probs_all = [p for p, _ in gathered]
+    for r, p in _cross_rank(data_dir, [h for _, (h, _) in gathered]).items():
+        probs_all[r] = probs_all[r] + [p]
+    _raise_if_any(data_dir, probs_all)
     return LocalData(x_train=x, y_train=y, x_test=xt, y_test=yt,
                      num_classes=int(m["num_classes"]), sample_shape=tuple(m["sample_shape"]),
-                     sizes=[n for _, _, n in info], manifest=m, manifest_sha256=digest)
+                     sizes=[n for _, (_, n) in gathered], manifest=m, manifest_sha256=digest)
