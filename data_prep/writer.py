@@ -27,8 +27,11 @@ def _h5_chunks(n: int, sample_shape: tuple[int, ...], itemsize: int) -> tuple[in
 
 
 def _create_x(f: h5py.File, n: int, src: Source) -> h5py.Dataset:
+    # An empty rank (--min-per-rank 0) still gets a chunked x; HDF5 wants a chunk no larger
+    # than the extent, so an empty one is declared resizable.
     return f.create_dataset("x", shape=(n, *src.sample_shape), dtype=src.x_dtype,
                             chunks=_h5_chunks(n, src.sample_shape, src.x_dtype.itemsize),
+                            maxshape=None if n else (None, *src.sample_shape),
                             track_times=False)
 
 
