@@ -227,3 +227,35 @@ register(NormSpec("syncbn", "synchronized BatchNorm: statistics of the whole glo
                             "MPI allreduce (exact for unequal/empty local batches); what one "
                             "machine would compute, at one small allreduce per layer per pass",
                   _syncbn, communicates=True))
+
+
+def _brn(*, comm=None, gn_groups=8, brn_warmup_steps: int = 100, r_max: float = 3.0,
+         d_max: float = 5.0, **opts) -> NormScheme:
+    from .batch_renorm import BatchRenorm, RenormSchedule
+    _no_opts("brn", opts)
+    schedule = RenormSchedule(brn_warmup_steps, r_max, d_max)
+    scheme = NormScheme("brn", lambda c: BatchRenorm(c, schedule), on_step=schedule.set_step,
+                        description=SCHEMES["brn"].summary)
+    scheme.schedule = schedule  # type: ignore[attr-defined]  # for logs and tests
+    return scheme
+
+
+def _bn_recal(*, comm=None, gn_groups=8, **opts) -> NormScheme:
+    from .recalibration import RecalBatchNorm, recalibrate_batchnorm
+    _no_opts("bn-recal", opts)
+    timer = CommTimer()
+
+    def recalibrate(model: nn.Module, x_train: Any, batch_size: int) -> None:
+        recalibrate_batchnorm(model, x_train, batch_size, comm, timer)
+
+    return NormScheme("bn-recal", RecalBatchNorm, recalibrate=recalibrate, comm=comm,
+                      timer=timer, description=SCHEMES["bn-recal"].summary)
+
+
+register(NormSpec("brn", "Batch Renormalization (Ioffe 2017): local batch statistics corrected "
+                         "towards the running ones (r/d clipping, warm-up r_max 1->3, "
+                         "d_max 0->5); for small or non-i.i.d. local batches", _brn))
+register(NormSpec("bn-recal", "local BN in training, then precise-BN recalibration (Wu & Johnson "
+                              "2021) of the running mean/var over ALL ranks' training data by "
+                              "allreduce of per-channel moments before every evaluation",
+                  _bn_recal, communicates=True))

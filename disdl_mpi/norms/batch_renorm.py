@@ -1,0 +1,76 @@
+"""Batch Renormalization (Ioffe 2017) with the r_max/d_max warm-up schedule."""
+from __future__ import annotations
+
+import torch
+
+from .local_layers import LocalBatchNorm, _reduce_dims
+
+
+class RenormSchedule:
+    """r_max ramps 1 -> r_max_final and d_max 0 -> d_max_final linearly over ``warmup_steps``.
+
+    At r_max=1, d_max=0 Batch Renorm is plain BN; Ioffe (2017) starts there because the
+    running statistics are meaningless early on, then relaxes the clipping. One schedule object
+    is shared by all layers of a model; ``NormScheme.on_step(step)`` drives it.
+    """
+
+    def __init__(self, warmup_steps: int = 100, r_max_final: float = 3.0,
+                 d_max_final: float = 5.0) -> None:
+        if warmup_steps < 0 or r_max_final < 1.0 or d_max_final < 0.0:
+            raise ValueError(f"brn: need brn_warmup_steps >= 0, r_max >= 1, d_max >= 0; got "
+                             f"{warmup_steps}, {r_max_final}, {d_max_final}")
+        self.warmup_steps = int(warmup_steps)
+        self.r_max_final = float(r_max_final)
+        self.d_max_final = float(d_max_final)
+        self.step = 0
+        self.r_max, self.d_max = 1.0, 0.0
+        self.set_step(0)
+
+    def set_step(self, step: int) -> None:
+        self.step = int(step)
+        frac = 1.0 if self.warmup_steps == 0 else min(max(step, 0) / self.warmup_steps, 1.0)
+        self.r_max = 1.0 + (self.r_max_final - 1.0) * frac
+        self.d_max = self.d_max_final * frac
+
+
+class BatchRenorm(LocalBatchNorm):
+    """Batch Renormalization: local batch statistics corrected towards the running ones.
+
+    Method: Ioffe, "Batch Renormalization" (NeurIPS 2017). Training normalizes with
+    ``(x - mu_B)/sigma_B * r + d`` where ``r = sigma_B/sigma``, ``d = (mu_B - mu)/sigma`` are
+    clipped to [1/r_max, r_max] and [-d_max, d_max] and treated as constants. Within the clip
+    this equals normalizing by the running (population) statistics, so training and inference
+    agree; it helps when local batches are small or non-i.i.d., as on a skewed rank.
+    """
+
+    def __init__(self, num_features: int, schedule: RenormSchedule, eps: float = 1e-5,
+                 momentum: float = 0.1) -> None:
+        super().__init__(num_features, eps=eps, momentum=momentum)
+        self.schedule = schedule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        self._check_input_dim(x)
+        if not self.training or x.numel() // max(x.shape[1], 1) <= 1:
+            return super().forward(x)  # eval: running stats; empty / single value: see base
+        dims = _reduce_dims(x)
+        shape = [1, -1] + [1] * (x.dim() - 2)
+        n = x.numel() // x.shape[1]
+        mean = x.mean(dims)
+        var = x.var(dims, unbiased=False)
+        std = torch.sqrt(var + self.eps)
+        with torch.no_grad():
+            run_std = torch.sqrt(self.running_var + self.eps)
+            r = (std / run_std).clamp(1.0 / self.schedule.r_max, self.schedule.r_max)
+            d = ((mean - self.running_mean) / run_std).clamp(-self.schedule.d_max,
+                                                              self.schedule.d_max)
+            self.running_mean.add_(mean - self.running_mean, alpha=self.momentum)
+            self.running_var.add_(var * (n / (n - 1)) - self.running_var, alpha=self.momentum)
+            self.num_batches_tracked.add_(1)
+        xhat = (x - mean.view(shape)) / std.view(shape) * r.view(shape) + d.view(shape)
+        if self.weight is not None:
+            xhat = xhat * self.weight.view(shape) + self.bias.view(shape)
+        return xhat
+
+    def extra_repr(self) -> str:
+        return super().extra_repr() + (f", r_max={self.schedule.r_max:.3g}, "
+                                       f"d_max={self.schedule.d_max:.3g}")

@@ -1,0 +1,134 @@
+"""Precise BatchNorm statistics over all ranks' training data (bn-recal).
+
+Method: "precise BN" (Wu & Johnson, "Rethinking 'Batch' in BatchNorm", 2021): EMA running
+statistics lag behind the weights and, on a skewed rank, follow that rank's label mix. Before
+evaluation we re-estimate every BN layer's mean and variance over the training data of ALL
+ranks. Each rank runs its own data through the model in training mode (BN normalizes with the
+local batch statistics, exactly as during training) and records per-channel count, mean and
+M2 of each BN input (Chan's combine, float64). Ranks then merge them with two small fused
+allreduces: [count, count*mean] gives the global mean, then [M2 + count*(mean - global)^2]
+gives the global M2 without the cancellation of a raw sum of squares. No sample leaves its
+rank, and the forward passes hold no collectives, so ranks with different data sizes (even 0)
+are safe: every rank makes exactly the two allreduce calls.
+"""
+from __future__ import annotations
+
+from typing import Any, Optional
+
+import numpy as np
+import torch
+from torch import nn
+
+from ..mpi_ops import allreduce_
+from .local_layers import LocalBatchNorm, _reduce_dims
+from .registry import CommTimer
+
+
+class RecalBatchNorm(LocalBatchNorm):
+    """Local BN during training whose running stats are recalibrated before evaluation."""
+
+
+class _Moments:
+    """Per-channel count, mean and M2 of everything seen so far (Chan et al. combine)."""
+
+    def __init__(self, channels: int, device: torch.device) -> None:
+        self.n = 0.0
+        self.mean = torch.zeros(channels, dtype=torch.float64, device=device)
+        self.m2 = torch.zeros(channels, dtype=torch.float64, device=device)
+
+    def add(self, x: torch.Tensor) -> None:
+        c = x.shape[1]
+        m = x.numel() // c if c else 0
+        if m == 0:
+            return
+        xd = x.detach().to(torch.float64)
+        dims = _reduce_dims(xd)
+        mean_b = xd.mean(dims)
+        m2_b = ((xd - mean_b.view([1, -1] + [1] * (xd.dim() - 2))) ** 2).sum(dims)
+        n = self.n + m
+        delta = mean_b - self.mean
+        self.mean += delta * (m / n)
+        self.m2 += m2_b + delta * delta * (self.n * m / n)
+        self.n = n
+
+
+def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
+    from .sync_batch_norm import SyncBatchNorm
+    layers = []
+    for name, m in model.named_modules():
+        if isinstance(m, SyncBatchNorm):
+            # Its forward runs collectives, and ranks here run different numbers of batches.
+            raise ValueError(f"bn-recal: layer '{name}' is a SyncBatchNorm; recalibrate only "
+                             f"models built with local BN layers")
+        if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
+            layers.append(m)
+    return layers
+
+
+def recalibrate_batchnorm(model: nn.Module, x_train: Any, batch_size: int, comm: Any,
+                          timer: Optional[CommTimer] = None) -> dict:
+    """Set every BN layer's running mean/var to the statistics of its inputs over all ranks.
+
+    ``x_train`` is this rank's training inputs, preprocessed as for training (tensor or numpy);
+    ``batch_size`` is the batch size of the forward passes. Collective over ``comm``: every
+    rank must call it. Returns {"layers", "samples", "comm_s"}.
+    """
+    if batch_size < 1:
+        raise ValueError(f"bn-recal: batch_size must be >= 1, got {batch_size}")
+    layers = _batchnorms(model)
+    try:
+        param = next(model.parameters())
+        device, dtype = param.device, param.dtype
+    except StopIteration:
+        device, dtype = torch.device("cpu"), torch.float32
+    x = torch.as_tensor(np.asarray(x_train)) if not torch.is_tensor(x_train) else x_train
+    moments = [_Moments(m.num_features, device) for m in layers]
+    hooks = [m.register_forward_pre_hook(lambda mod, inp, acc=acc: acc.add(inp[0]))
+             for m, acc in zip(layers, moments)]
+    modes = [(m, m.training) for m in model.modules()]
+    saved = [m.num_batches_tracked.clone() for m in layers]
+    try:
+        model.train()  # normalize with batch statistics, as the layers saw data in training
+        with torch.no_grad():
+            for i in range(0, len(x), batch_size):
+                model(x[i:i + batch_size].to(device=device, dtype=dtype))
+    finally:
+        for h in hooks:
+            h.remove()
+        for m, mode in modes:
+            m.training = mode
+        for m, nbt in zip(layers, saved):
+            m.num_batches_tracked.copy_(nbt)
+
+    comm_s = 0.0
+    if layers:
+        timer = timer or CommTimer()
+        t0 = timer.seconds
+        # Round 1: counts and count-weighted means -> global mean per channel.
+        first = torch.cat([torch.cat([torch.tensor([a.n], dtype=torch.float64, device=device),
+                                      a.mean * a.n]) for a in moments])
+        timer.timed(lambda: allreduce_(first, comm))
+        # Round 2: M2 about the global mean (Chan's merge, no raw sum of squares).
+        second, globals_ = [], []
+        off = 0
+        for a in moments:
+            c = a.mean.numel()
+            n = float(first[off].item())
+            gmean = first[off + 1:off + 1 + c] / max(n, 1.0)
+            globals_.append((n, gmean))
+            second.append(a.m2 + a.n * (a.mean - gmean) ** 2)
+            off += 1 + c
+        m2 = torch.cat(second)
+        timer.timed(lambda: allreduce_(m2, comm))
+        comm_s = timer.seconds - t0
+        off = 0
+        with torch.no_grad():
+            for m, (n, gmean) in zip(layers, globals_):
+                c = gmean.numel()
+                if n >= 1:  # with no data anywhere the old statistics stay
+                    m.running_mean.copy_(gmean.to(m.running_mean.dtype))
+                if n >= 2:  # unbiased, with the global count (as torch's running_var)
+                    m.running_var.copy_((m2[off:off + c] / (n - 1)).to(m.running_var.dtype))
+                off += c
+    samples = int(first[0].item()) if layers else 0
+    return {"layers": len(layers), "samples": samples, "comm_s": comm_s}
