@@ -1,0 +1,383 @@
+"""Alpha-beta(-gamma) cost model of allreduce, fitted to measurements and projected to scale.
+
+    python -m bench.costmodel --allreduce A.json [B.json ...] [--scaling DIR]
+        [--alpha-us 1.5 --bandwidth-gbps 200] --out DIR
+
+Models for an allreduce of n bytes over p ranks (alpha: latency per message, beta: seconds per
+byte, gamma: reduction seconds per byte, optional):
+
+    ring          T = 2(p-1) alpha + 2(p-1)/p n beta [+ (p-1)/p n gamma]
+    rabenseifner  T = 2 log2(p) alpha + 2(p-1)/p n beta [+ (p-1)/p n gamma]
+
+The fit minimises the *relative* squared error (timings span orders of magnitude) with
+non-negative coefficients. Step-time projection (per scheme, from a measured scaling sweep):
+
+    step(p) = compute(p) + T_allreduce(p, gradient bytes)
+
+compute(p) is the measured per-step time minus its allreduce and imbalance wait at the smallest
+measured rank count (weak scaling: constant; strong: divided by p/p0). Communication is assumed
+NOT to overlap compute, so the projected efficiency is a lower bound for an overlapping reducer.
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import json
+import math
+import sys
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Iterable, Optional
+
+import numpy as np
+
+from disdl_mpi.atomic import write_json, write_text
+
+MODELS = ("ring", "rabenseifner")
+DEFAULT_PROJECT_RANKS = (16, 32, 64, 128, 256, 512, 1024)
+
+
+class CostModelError(ValueError):
+    """Unusable input: the message names the file and field."""
+
+
+@dataclass(frozen=True)
+class Sample:
+    """One measured allreduce: ``bytes`` per rank, mean wall ``time_s``, over ``ranks``."""
+
+    backend: str
+    ranks: int
+    bytes: int
+    time_s: float
+
+
+def terms(model: str, p: int, n: float) -> tuple[float, float, float]:
+    """Coefficients of (alpha, beta, gamma) in the model's time for p ranks, n bytes."""
+    if p <= 1:
+        return 0.0, 0.0, 0.0  # nothing to exchange
+    frac = (p - 1) / p
+    if model == "ring":
+        return 2.0 * (p - 1), 2.0 * frac * n, frac * n
+    if model == "rabenseifner":
+        return 2.0 * math.log2(p), 2.0 * frac * n, frac * n
+    raise CostModelError(f"unknown model {model!r}; known: {', '.join(MODELS)}")
+
+
+def predict(model: str, p: int, n: float, alpha: float, beta: float, gamma: float = 0.0) -> float:
+    a, b, g = terms(model, p, n)
+    return a * alpha + b * beta + g * gamma
+
+
+@dataclass
+class Fit:
+    model: str
+    backend: str
+    alpha_s: float
+    beta_s_per_byte: float
+    gamma_s_per_byte: float
+    samples: int
+    # per rank count: mean and max relative error |model - measured| / measured
+    errors: dict[str, dict[str, float]] = field(default_factory=dict)
+
+    @property
+    def bandwidth_gbps(self) -> float:
+        """Effective link bandwidth implied by beta, in Gbit/s."""
+        return 8.0 / self.beta_s_per_byte / 1e9 if self.beta_s_per_byte > 0 else math.inf
+
+    def predict(self, p: int, n: float) -> float:
+        return predict(self.model, p, n, self.alpha_s, self.beta_s_per_byte,
+                       self.gamma_s_per_byte)
+
+
+def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
+    """Non-negative least squares by active-set enumeration (2-3 unknowns: exact and simple)."""
+    k = a.shape[1]
+    best, best_res = np.zeros(k), float(np.sum(b ** 2))
+    for mask in range(1, 2 ** k):
+        cols = [i for i in range(k) if mask >> i & 1]
+        x, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
+        if np.any(x < 0):
+            continue
+        full = np.zeros(k)
+        full[cols] = x
+        res = float(np.sum((a @ full - b) ** 2))
+        if res < best_res:
+            best, best_res = full, res
+    return best
+
+
+def fit(samples: list[Sample], model: str, *, with_gamma: bool = False) -> Fit:
+    """Fit alpha, beta (and gamma) to samples with p >= 2, minimising relative error."""
+    use = [s for s in samples if s.ranks >= 2 and s.time_s > 0]
+    if len(use) < 2:
+        raise CostModelError(f"{model} fit needs at least 2 measurements at >= 2 ranks, got "
+                             f"{len(use)}")
+    rows = np.array([terms(model, s.ranks, s.bytes) for s in use])
+    if not with_gamma:
+        rows = rows[:, :2]
+    t = np.array([s.time_s for s in use])
+    # Divide each equation by its measured time: minimises relative, not absolute, error.
+    coef = _nnls(rows / t[:, None], np.ones_like(t))
+    alpha, beta = float(coef[0]), float(coef[1])
+    gamma = float(coef[2]) if with_gamma else 0.0
+    result = Fit(model, use[0].backend, alpha, beta, gamma, len(use))
+    for p in sorted({s.ranks for s in use}):
+        rel = [abs(result.predict(s.ranks, s.bytes) - s.time_s) / s.time_s
+               for s in use if s.ranks == p]
+        result.errors[str(p)] = {"mean_rel": float(np.mean(rel)), "max_rel": float(np.max(rel)),
+                                 "points": len(rel)}
+    return result
+
+
+# ---------------------------------------------------------------------------- inputs
+
+_BYTES_KEYS = ("bytes", "size_bytes", "nbytes", "message_bytes", "msg_bytes", "size")
+_US_KEYS = ("time_us", "avg_us", "mean_us", "median_us", "t_us", "latency_us")
+_S_KEYS = ("time_s", "seconds", "mean_s", "avg_s")
+_RANK_KEYS = ("ranks", "world_size", "np", "nprocs", "n_ranks", "size_ranks")
+
+
+def _first(d: dict, keys: Iterable[str]) -> Any:
+    for k in keys:
+        if k in d and d[k] is not None:
+            return d[k]
+    return None
+
+
+def load_allreduce(paths: list[Path]) -> list[Sample]:
+    """Rows of ``bench.allreduce --json`` files (a list, or an object holding one)."""
+    out: list[Sample] = []
+    for path in paths:
+        try:
+            data = json.loads(Path(path).read_text())
+        except (OSError, json.JSONDecodeError) as exc:
+            raise CostModelError(f"{path}: cannot read allreduce results ({exc})") from exc
+        top: dict = data if isinstance(data, dict) else {}
+        rows = data if isinstance(data, list) else _first(top, ("rows", "results", "data"))
+        if not isinstance(rows, list):
+            raise CostModelError(f"{path}: expected a list of rows or an object with 'rows'/"
+                                 f"'results'; found keys {sorted(top)}")
+        for i, row in enumerate(rows):
+            if not isinstance(row, dict):
+                raise CostModelError(f"{path}: row {i} is not an object")
+            n = _first(row, _BYTES_KEYS)
+            p = _first(row, _RANK_KEYS) or _first(top, _RANK_KEYS)
+            us = _first(row, _US_KEYS)
+            secs = _first(row, _S_KEYS)
+            if "time_ms" in row:
+                secs = row["time_ms"] / 1e3
+            t = us / 1e6 if us is not None else secs
+            for name, value, keys in (("bytes", n, _BYTES_KEYS), ("ranks", p, _RANK_KEYS),
+                                      ("time", t, _US_KEYS + _S_KEYS)):
+                if value is None:
+                    raise CostModelError(f"{path}: row {i} has no {name} field (looked for "
+                                         f"{', '.join(keys)})")
+            backend = str(_first(row, ("backend", "impl", "library")) or
+                          _first(top, ("backend",)) or "mpi")
+            out.append(Sample(backend, int(p), int(n), float(t)))
+    return out
+
+
+def pick_backend(samples: list[Sample], wanted: Optional[str]) -> str:
+    names = sorted({s.backend for s in samples})
+    if not names:
+        raise CostModelError("no allreduce measurements")
+    if wanted:
+        if wanted not in names:
+            raise CostModelError(f"--backend {wanted!r} not in the measurements: "
+                                 f"{', '.join(names)}")
+        return wanted
+    # The raw MPI path is what the gradient allreducer uses on the CPU.
+    for name in names:
+        if "mpi" in name.lower() and "gloo" not in name.lower() and "torch" not in name.lower():
+            return name
+    return names[0]
+
+
+@dataclass
+class Measured:
+    """One scheme at one rank count from a scaling sweep (per-step seconds, rank means)."""
+
+    norm: str
+    ranks: int
+    mode: str
+    step_s: float
+    compute_s: float
+    allreduce_s: float
+    samples_per_s: float
+    efficiency: Optional[float]
+    grad_bytes: int
+
+
+def load_scaling(directory: Path) -> list[Measured]:
+    """Per-step times from ``DIR/scaling.csv`` (bench.scaling)."""
+    path = Path(directory) / "scaling.csv"
+    if not path.exists():
+        raise CostModelError(f"{path}: no scaling.csv (run python -m bench.scaling first)")
+    out = []
+    with open(path, newline="") as fh:
+        for i, row in enumerate(csv.DictReader(fh)):
+            try:
+                steps = max(1.0, float(row["steps"]))
+                step = float(row["step_s"]) / steps
+                ar = float(row["allreduce_s"]) / steps
+                wait = float(row.get("imbalance_wait_s") or 0.0) / steps
+                eff = row.get("efficiency")
+                out.append(Measured(
+                    norm=row["norm"], ranks=int(row["ranks"]), mode=row["mode"], step_s=step,
+                    compute_s=max(0.0, step - ar - wait), allreduce_s=ar,
+                    samples_per_s=float(row["samples_per_s"]),
+                    efficiency=float(eff) if eff not in (None, "") else None,
+                    grad_bytes=int(float(row.get("grad_bytes") or 0))))
+            except (KeyError, ValueError) as exc:
+                raise CostModelError(f"{path}: row {i + 2}: bad or missing field ({exc})") \
+                    from exc
+    return out
+
+
+# ---------------------------------------------------------------------------- projection
+
+def project(base: Measured, ranks: Iterable[int], *, model: str, alpha: float, beta: float,
+            gamma: float = 0.0, grad_bytes: Optional[int] = None) -> list[dict[str, float]]:
+    """Projected step time, throughput and efficiency relative to ``base`` at each p."""
+    n = grad_bytes or base.grad_bytes
+    p0 = base.ranks
+    per_rank_samples = base.samples_per_s * base.step_s / p0  # samples per rank per step (p0)
+
+    def step_at(p: int) -> tuple[float, float, float]:
+        compute = base.compute_s * (p0 / p if base.mode == "strong" else 1.0)
+        comm = predict(model, p, n, alpha, beta, gamma)
+        return compute, comm, compute + comm
+
+    _, _, step0 = step_at(p0)
+    rows = []
+    for p in ranks:
+        compute, comm, step = step_at(p)
+        if base.mode == "strong":
+            samples_per_step = per_rank_samples * p0  # fixed global batch
+        else:
+            samples_per_step = per_rank_samples * p
+        thr = samples_per_step / step
+        thr0 = per_rank_samples * p0 / step0
+        rows.append({"ranks": p, "compute_s": compute, "allreduce_s": comm, "step_s": step,
+                     "samples_per_s": thr, "efficiency": thr / (thr0 * p / p0),
+                     "comm_fraction": comm / step if step > 0 else 0.0})
+    return rows
+
+
+def target_beta(bandwidth_gbps: float) -> float:
+    """Seconds per byte of a link of ``bandwidth_gbps`` Gbit/s."""
+    return 8.0 / (bandwidth_gbps * 1e9)
+
+
+# ---------------------------------------------------------------------------- CLI
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.costmodel",
+        description="Fit alpha-beta allreduce models to bench.allreduce results and project "
+                    "step time and scaling efficiency to large rank counts.")
+    p.add_argument("--allreduce", nargs="+", required=True, type=Path,
+                   help="bench.allreduce --json result files (any rank counts >= 2)")
+    p.add_argument("--scaling", type=Path, help="a bench.scaling results folder (for compute "
+                   "time per step and gradient bytes)")
+    p.add_argument("--backend", help="which measured backend to fit (default: the raw MPI one)")
+    p.add_argument("--gamma", action="store_true", help="also fit a reduction term gamma")
+    p.add_argument("--alpha-us", type=float, default=1.5,
+                   help="target network latency per message, microseconds")
+    p.add_argument("--bandwidth-gbps", type=float, default=200.0,
+                   help="target network bandwidth per link, Gbit/s (200 = HDR InfiniBand)")
+    p.add_argument("--ranks", type=int, nargs="+", default=list(DEFAULT_PROJECT_RANKS),
+                   help="rank counts to project to")
+    p.add_argument("--grad-bytes", type=int,
+                   help="gradient bytes per step (default: grad_bytes of the scaling runs)")
+    p.add_argument("--out", type=Path, required=True)
+    return p
+
+
+def run(args: argparse.Namespace) -> dict[str, Any]:
+    samples = load_allreduce(args.allreduce)
+    backend = pick_backend(samples, args.backend)
+    chosen = [s for s in samples if s.backend == backend]
+    fits = {m: fit(chosen, m, with_gamma=args.gamma) for m in MODELS}
+    result: dict[str, Any] = {
+        "inputs": [str(p) for p in args.allreduce], "backend": backend,
+        "backends": sorted({s.backend for s in samples}),
+        "measured": [asdict(s) for s in chosen],
+        "fits": {m: {**asdict(f), "bandwidth_gbps": f.bandwidth_gbps} for m, f in fits.items()},
+        "target": {"alpha_us": args.alpha_us, "bandwidth_gbps": args.bandwidth_gbps},
+        "projections": [], "measured_steps": [],
+    }
+    if args.scaling:
+        measured = load_scaling(args.scaling)
+        result["scaling"] = str(args.scaling)
+        result["measured_steps"] = [asdict(m) for m in measured]
+        for norm in dict.fromkeys(m.norm for m in measured):
+            pts = sorted((m for m in measured if m.norm == norm), key=lambda m: m.ranks)
+            base = pts[0]
+            ranks = sorted(set(args.ranks) | {m.ranks for m in pts})
+            for network, alpha, beta, gamma in (
+                    ("measured", None, None, None),
+                    ("target", args.alpha_us * 1e-6, target_beta(args.bandwidth_gbps), 0.0)):
+                for m in MODELS:
+                    f = fits[m]
+                    a = f.alpha_s if alpha is None else alpha
+                    b = f.beta_s_per_byte if beta is None else beta
+                    g = f.gamma_s_per_byte if gamma is None else gamma
+                    for row in project(base, ranks, model=m, alpha=a, beta=b, gamma=g,
+                                       grad_bytes=args.grad_bytes):
+                        result["projections"].append({"norm": norm, "network": network,
+                                                      "model": m, "mode": base.mode,
+                                                      "base_ranks": base.ranks, **row})
+    args.out.mkdir(parents=True, exist_ok=True)
+    write_json(args.out / "costmodel.json", result)
+    write_text(args.out / "costmodel.md", markdown(result))
+    from bench.plots import plot_costmodel  # matplotlib only when writing
+    plot_costmodel(result, args.out / "costmodel.png")
+    return result
+
+
+def markdown(result: dict[str, Any]) -> str:
+    lines = ["# Allreduce cost model", "",
+             f"Fitted to backend `{result['backend']}` "
+             f"({len(result['measured'])} measurements: {', '.join(result['inputs'])}).", "",
+             "| model | alpha (us) | beta (ns/B) | bandwidth (Gb/s) | gamma (ns/B) | "
+             "fit error by ranks (mean / max) |", "|---|---:|---:|---:|---:|---|"]
+    for m, f in result["fits"].items():
+        errs = "; ".join(f"p={p}: {e['mean_rel'] * 100:.0f}% / {e['max_rel'] * 100:.0f}%"
+                         for p, e in f["errors"].items())
+        lines.append(f"| {m} | {f['alpha_s'] * 1e6:.2f} | {f['beta_s_per_byte'] * 1e9:.3f} | "
+                     f"{f['bandwidth_gbps']:.2f} | {f['gamma_s_per_byte'] * 1e9:.3f} | {errs} |")
+    t = result["target"]
+    lines += ["", f"Target network: alpha = {t['alpha_us']} us, bandwidth = "
+              f"{t['bandwidth_gbps']} Gb/s.", ""]
+    if result["projections"]:
+        lines += ["## Projected scaling", "",
+                  "Step = measured compute per step + modelled allreduce of the gradient, no "
+                  "overlap (a lower bound on efficiency). `measured` uses the fitted alpha/beta "
+                  "of this machine (hypothetical beyond one node), `target` the given network.",
+                  "", "| scheme | network | model | ranks | step (ms) | allreduce (ms) | "
+                  "samples/s | efficiency |", "|---|---|---|---:|---:|---:|---:|---:|"]
+        for r in result["projections"]:
+            lines.append(f"| {r['norm']} | {r['network']} | {r['model']} | {r['ranks']} | "
+                         f"{r['step_s'] * 1e3:.2f} | {r['allreduce_s'] * 1e3:.3f} | "
+                         f"{r['samples_per_s']:.0f} | {r['efficiency']:.2f} |")
+    return "\n".join(lines) + "\n"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        result = run(args)
+    except CostModelError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    for m, f in result["fits"].items():
+        print(f"{m:>13}: alpha {f['alpha_s'] * 1e6:.2f} us, beta {f['beta_s_per_byte'] * 1e9:.3f}"
+              f" ns/B ({f['bandwidth_gbps']:.2f} Gb/s)")
+    print(f"wrote {args.out / 'costmodel.md'}, .json, .png")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

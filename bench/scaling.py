@@ -1,0 +1,281 @@
+"""Strong/weak scaling sweep of the training job over rank counts.
+
+    python -m bench.scaling --ranks 1 2 4 8 --norm bn,syncbn,gn --mode weak --out DIR
+
+One MPI job per rank count (``python -m disdl_mpi.run --norm LIST``, all schemes in one job);
+each finished job is stored at once in DIR/points/n<N>.json, so a rerun with the same settings
+runs only the missing rank counts. Writes DIR/scaling.csv, .md, .json, scaling.png (throughput
+and efficiency vs ranks) and breakdown.png (stacked per-step phases). With ``--with-allreduce``
+it also runs ``bench.allreduce`` at every rank count >= 2 (DIR/allreduce/n<N>.json) and the
+cost model (DIR/costmodel/).
+"""
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+import json
+import shlex
+import sys
+import time
+from pathlib import Path
+from typing import Any, Optional
+
+from bench.sweep import JobResult, Point, PointStore, SweepError, run_sweep
+from disdl_mpi.atomic import write_json, write_text
+from disdl_mpi.device import node_cores
+from disdl_mpi.timing import DETAIL_ENV
+
+# Per-phase rank-mean seconds (whole run) copied from the run's summary into the table.
+PHASE_COLUMNS = ("data", "forward", "backward", "optimizer", "imbalance_wait", "allreduce",
+                 "other", "step", "allreduce_total", "norm_comm", "compute", "comm")
+COLUMNS = ("ranks", "norm", "mode", "samples_per_s", "speedup", "efficiency", "comm_fraction",
+           "oversubscribed", "steps", "global_batch_size", "grad_bytes", "test_accuracy",
+           "threads_per_rank", "allreduce_path", "imbalance_method") + tuple(
+               f"{p}_s" for p in PHASE_COLUMNS) + ("imbalance_wait_max_s",)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(
+        prog="python -m bench.scaling",
+        description="Run the training job at several rank counts and tabulate/plot throughput, "
+                    "efficiency and the per-phase time breakdown.")
+    p.add_argument("--ranks", type=int, nargs="+", required=True, help="rank counts, e.g. 1 2 4")
+    p.add_argument("--norm", default="bn,gn", help="schemes (comma list), all run in each job")
+    p.add_argument("--mode", choices=["strong", "weak"], default="weak",
+                   help="strong: fixed global batch; weak: fixed per-rank batch")
+    p.add_argument("--model", default="auto")
+    p.add_argument("--dataset", default="digits", help="digits, or synthetic for bigger data")
+    p.add_argument("--partition", default="dirichlet:0.1", help="partition scheme")
+    p.add_argument("--num-samples", type=int,
+                   help="synthetic: training samples (per rank in weak mode)")
+    p.add_argument("--shape", help="synthetic: sample shape C,H,W or D")
+    p.add_argument("--steps", type=int, default=20, help="optimizer steps per scheme")
+    p.add_argument("--epochs", type=int, help="epochs per scheme (instead of --steps)")
+    p.add_argument("--global-batch-size", type=int, default=128,
+                   help="strong: the global batch at every rank count; weak: the global batch "
+                        "at the smallest rank count (per-rank batch = this / smallest ranks)")
+    p.add_argument("--batch-per-rank", type=int, help="weak: per-rank batch (overrides "
+                   "--global-batch-size)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--launcher", help="launcher template with {n} (default: $DISDL_LAUNCHER, "
+                   "else 'mpiexec -n {n}'); e.g. 'srun --mpi=pmi2 -n {n}'")
+    p.add_argument("--timeout", type=float, default=1800, help="seconds per job")
+    p.add_argument("--cores", type=int, default=node_cores(),
+                   help="cores per node, to flag oversubscribed rank counts")
+    p.add_argument("--no-timing-detail", dest="timing_detail", action="store_false",
+                   help="skip the per-step imbalance probe (one Barrier per step)")
+    p.add_argument("--run-args", default="",
+                   help="extra options for disdl_mpi.run, one quoted string")
+    p.add_argument("--with-allreduce", action="store_true",
+                   help="also run bench.allreduce at each rank count >= 2 and fit the cost "
+                        "model (DIR/allreduce, DIR/costmodel)")
+    p.add_argument("--allreduce-args", default="",
+                   help="extra options for bench.allreduce, one quoted string")
+    p.add_argument("--out", type=Path, required=True)
+    return p
+
+
+def per_rank_batch(args: argparse.Namespace) -> int:
+    if args.batch_per_rank:
+        return args.batch_per_rank
+    return max(1, args.global_batch_size // min(args.ranks))
+
+
+def job_points(args: argparse.Namespace) -> list[Point]:
+    """One training job per rank count."""
+    points = []
+    for n in sorted(set(args.ranks)):
+        gbs = args.global_batch_size if args.mode == "strong" else per_rank_batch(args) * n
+        tag = f"{args.dataset}-{args.partition}".replace(":", "").replace(",", "-")
+        run = ["-m", "disdl_mpi.run", "--norm", args.norm, "--model", args.model,
+               "--dataset", args.dataset, "--partition", args.partition,
+               "--data-dir", str(args.out / "data" / f"{tag}-n{n}"),
+               "--global-batch-size", str(gbs), "--seed", str(args.seed),
+               "--eval-every", "0", "--progress", "lines",
+               "--out", str(args.out / "runs" / f"n{n}")]
+        run += ["--epochs", str(args.epochs)] if args.epochs else ["--steps", str(args.steps)]
+        run += shlex.split(args.run_args)
+        settings = {"norm": args.norm, "mode": args.mode, "model": args.model,
+                    "dataset": args.dataset, "partition": args.partition, "gbs": gbs,
+                    "steps": args.steps, "epochs": args.epochs, "seed": args.seed,
+                    "run_args": args.run_args, "detail": args.timing_detail,
+                    "num_samples": args.num_samples, "shape": args.shape}
+        env = {DETAIL_ENV: "1" if args.timing_detail else "0"}
+        points.append(Point(key=f"n{n}", ranks=n, args=run, settings=settings, env=env))
+    return points
+
+
+def prepare_partition(args: argparse.Namespace, n: int) -> None:
+    """Build the partition up front (synthetic sizes need options the run has no flags for)."""
+    if args.dataset != "synthetic":
+        return  # the run builds digits/file partitions itself
+    from data_prep.partition import build_partitions
+    opts: dict[str, Any] = {}
+    if args.num_samples:
+        opts["num_samples"] = args.num_samples * (n if args.mode == "weak" else 1)
+    if args.shape:
+        opts["shape"] = tuple(int(v) for v in args.shape.split(","))
+    tag = f"{args.dataset}-{args.partition}".replace(":", "").replace(",", "-")
+    build_partitions("synthetic", n, args.partition, args.seed,
+                     args.out / "data" / f"{tag}-n{n}", **opts)
+
+
+def collect_run(point: Point, job: JobResult, out: Path) -> dict:
+    """The slim per-scheme records of one finished training job."""
+    summary = json.loads((out / "runs" / point.key / "summary.json").read_text())
+    keep = ("norm", "world_size", "samples_per_s", "steps", "phases", "phases_detail",
+            "allreduce_path", "grad_bytes", "imbalance_method", "imbalance_wait_derived",
+            "test_accuracy", "global_batch_size", "threads_per_rank", "model", "dataset",
+            "partition", "device", "mpi_library")
+    records = [{k: r.get(k) for k in keep} for r in summary["runs"]]
+    return {"records": records, "machine": summary.get("machine", {})}
+
+
+def table(points: list[dict], mode: str, cores: int) -> list[dict[str, Any]]:
+    """Rows of scaling.csv: speedup/efficiency against each scheme's smallest rank count."""
+    flat = [r for pt in points for r in pt.get("records", [])]
+    rows = []
+    for norm in dict.fromkeys(r["norm"] for r in flat):
+        recs = sorted((r for r in flat if r["norm"] == norm), key=lambda r: r["world_size"])
+        base = recs[0]
+        for r in recs:
+            ph, n = r["phases"], r["world_size"]
+            speedup = r["samples_per_s"] / base["samples_per_s"]
+            denom = ph["compute"] + ph["comm"]
+            row = {"ranks": n, "norm": norm, "mode": mode,
+                   "samples_per_s": r["samples_per_s"], "speedup": speedup,
+                   "efficiency": speedup / (n / base["world_size"]),
+                   "comm_fraction": ph["comm"] / denom if denom > 0 else 0.0,
+                   "oversubscribed": int(n > cores), "steps": r["steps"],
+                   "global_batch_size": r["global_batch_size"],
+                   "grad_bytes": r.get("grad_bytes") or 0,
+                   "test_accuracy": r["test_accuracy"],
+                   "threads_per_rank": r["threads_per_rank"],
+                   "allreduce_path": r["allreduce_path"],
+                   "imbalance_method": r.get("imbalance_method") or "derived"}
+            for p in PHASE_COLUMNS:
+                row[f"{p}_s"] = ph.get(p, 0.0)
+            row["imbalance_wait_max_s"] = (r.get("phases_detail") or {}).get(
+                "imbalance_wait", {}).get("max", 0.0)
+            rows.append(row)
+    rows.sort(key=lambda r: (r["ranks"], list(dict.fromkeys(x["norm"] for x in flat))
+                             .index(r["norm"])))
+    return rows
+
+
+def csv_text(rows: list[dict]) -> str:
+    buf = io.StringIO()
+    w = csv.DictWriter(buf, fieldnames=list(COLUMNS))
+    w.writeheader()
+    for r in rows:
+        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
+    return buf.getvalue()
+
+
+def markdown(rows: list[dict], machine: dict, args: argparse.Namespace, cores: int) -> str:
+    from bench.plots import oversubscription_note
+    lines = [f"# Scaling: {args.mode}, ranks {' '.join(map(str, sorted(set(args.ranks))))}", "",
+             f"Machine: {machine.get('cpu', '?')}, {cores} cores per node, "
+             f"{machine.get('mpi_library', '?')}, torch {machine.get('torch', '?')}, device "
+             f"{machine.get('device', '?')}; {time.strftime('%Y-%m-%d %H:%M %Z')}.", ""]
+    note = oversubscription_note([r["ranks"] for r in rows], cores)
+    if note:
+        lines += [f"**Note — {note}.**", ""]
+    lines += ["| ranks | scheme | samples/s | speedup | efficiency | comm % | step ms | "
+              "fwd ms | bwd ms | wait ms | allreduce ms | opt ms |",
+              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    for r in rows:
+        ms = lambda k: f"{1e3 * r[f'{k}_s'] / max(1, r['steps']):.2f}"  # noqa: E731
+        star = " (oversubscribed)" if r["oversubscribed"] else ""
+        lines.append(f"| {r['ranks']}{star} | {r['norm']} | {r['samples_per_s']:.0f} | "
+                     f"{r['speedup']:.2f} | {r['efficiency']:.2f} | "
+                     f"{100 * r['comm_fraction']:.1f} | {ms('step')} | {ms('forward')} | "
+                     f"{ms('backward')} | {ms('imbalance_wait')} | {ms('allreduce')} | "
+                     f"{ms('optimizer')} |")
+    method = {r["imbalance_method"] for r in rows}
+    lines += ["", "Per-step times are rank means. `wait` is the load-imbalance wait "
+              f"({', '.join(sorted(method))}); `allreduce` is the exposed gradient sync; "
+              "comm % = (allreduce + normalization collectives) / (compute + comm).", ""]
+    return "\n".join(lines)
+
+
+def allreduce_points(args: argparse.Namespace) -> list[Point]:
+    points = []
+    for n in sorted(set(args.ranks)):
+        if n < 2:
+            continue
+        target = args.out / "allreduce" / f"n{n}.json"
+        extra = shlex.split(args.allreduce_args)
+        points.append(Point(key=f"allreduce-n{n}", ranks=n,
+                            args=["-m", "bench.allreduce", "--json", str(target), *extra],
+                            settings={"allreduce_args": args.allreduce_args}))
+    return points
+
+
+def run_costmodel(out: Path) -> Optional[Path]:
+    from bench import costmodel
+    files = sorted((out / "allreduce").glob("n*.json"))
+    if not files:
+        return None
+    ns = costmodel.build_parser().parse_args(
+        ["--allreduce", *map(str, files), "--scaling", str(out), "--out",
+         str(out / "costmodel")])
+    costmodel.run(ns)
+    return out / "costmodel"
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    args = build_parser().parse_args(argv)
+    if any(n < 1 for n in args.ranks):
+        print("error: --ranks must all be >= 1", file=sys.stderr)
+        return 2
+    out: Path = args.out
+    out.mkdir(parents=True, exist_ok=True)
+    store = PointStore(out / "points")
+    points = job_points(args)
+    try:
+        for pt in points:
+            if not store.is_done(pt):
+                prepare_partition(args, pt.ranks)
+        results = run_sweep(points, store, lambda p, j: collect_run(p, j, out),
+                            launcher=args.launcher, timeout=args.timeout, log_dir=out / "logs")
+        if args.with_allreduce:
+            ar_store = PointStore(out / "points")
+            run_sweep(allreduce_points(args), ar_store,
+                      lambda p, j: {"file": str(out / "allreduce" / f"{p.key[10:]}.json")},
+                      launcher=args.launcher, timeout=args.timeout, log_dir=out / "logs")
+    except SweepError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
+    missing = sorted({p.ranks for p in points} - {r["ranks"] for r in results})
+    if not results:
+        print(f"error: no rank count finished; see {out / 'logs'}", file=sys.stderr)
+        return 1
+    rows = table(results, args.mode, args.cores)
+    machine = results[-1].get("machine", {})
+    write_text(out / "scaling.csv", csv_text(rows))
+    write_text(out / "scaling.md", markdown(rows, machine, args, args.cores))
+    write_json(out / "scaling.json", {"mode": args.mode, "cores": args.cores,
+                                      "machine": machine, "rows": rows,
+                                      "command": [sys.executable, "-m", "bench.scaling",
+                                                  *(argv if argv is not None else sys.argv[1:])]})
+    from bench.plots import plot_breakdown, plot_scaling
+    plot_scaling(rows, out / "scaling.png", cores=args.cores)
+    plot_breakdown(rows, out / "breakdown.png", cores=args.cores)
+    if args.with_allreduce:
+        from bench.costmodel import CostModelError
+        try:
+            cm = run_costmodel(out)
+            print(f"cost model: {cm}" if cm else "cost model: no allreduce results")
+        except CostModelError as exc:
+            print(f"cost model skipped: {exc}", file=sys.stderr)
+    print(f"wrote {out / 'scaling.csv'}, scaling.md, scaling.png, breakdown.png")
+    if missing:
+        print(f"missing rank counts (failed; rerun to retry): {missing}", file=sys.stderr)
+        return 1
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
