@@ -155,13 +155,13 @@ def _read_h5(path: Path, m: dict, size: int, sha: str, verify: bool, attrs: dict
     with h5:
         for name, want in attrs.items():
             got = h5.attrs.get(name)
-            if got is None or int(np.asarray(got).item()) != want:
+            got = np.asarray(got).tolist() if got is not None else None
+            if got != want:
                 probs.append((f, name, f"attribute is {got!r}, expected {want}"))
-        for key in ("x", "y"):
-            if key not in h5 or not isinstance(h5[key], h5py.Dataset):
-                probs.append((f, key, "dataset missing"))
-        if probs:
-            return None, None, probs
+        missing = [(f, key, "dataset missing") for key in ("x", "y")
+                   if key not in h5 or not isinstance(h5[key], h5py.Dataset)]
+        if missing:
+            return None, None, probs + missing
         dx, dy = h5["x"], h5["y"]
         header.append((tuple(int(v) for v in dx.shape[1:]), str(dx.dtype)))
         if dx.dtype != dtype:

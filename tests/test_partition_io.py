@@ -1,0 +1,217 @@
+"""load_partition under real mpiexec: the happy path, and every bad input failing fast on
+every rank with a message that names file, rank and field."""
+from __future__ import annotations
+
+import hashlib
+import json
+import shutil
+import time
+
+import h5py
+import numpy as np
+import pytest
+
+from data_prep.layout import content_sha256
+from data_prep.partition import build_partitions
+from tests.mpi_helpers import run_mpi
+
+pytestmark = pytest.mark.mpi
+
+LOADER = """
+import sys
+from disdl_mpi.comm import world, install_abort_handler
+from disdl_mpi.partition_io import load_partition
+from data_prep.layout import content_sha256
+comm = world()
+install_abort_handler(comm)
+d = load_partition(comm, sys.argv[1])
+# Test output only: every rank reports what it loaded so the test can check each one.
+print(f"LOADED rank={comm.Get_rank()} sha={content_sha256(d.x_train, d.y_train)} "
+      f"sizes={d.sizes} test={len(d.y_test)} shape={d.sample_shape} "
+      f"manifest={d.manifest_sha256}", flush=True)
+"""
+FAST_S = 25  # generous for a shared, loaded 2-core machine; a hang hits run_mpi's timeout
+
+
+@pytest.fixture(scope="module")
+def base(tmp_path_factory):
+    root = tmp_path_factory.mktemp("parts")
+    build_partitions("digits", 2, "dirichlet:0.5", 0, root / "u8")
+    build_partitions("synthetic", 2, "iid", 0, root / "f32", num_samples=64, num_test=16,
+                     shape=(5,), num_classes=3, dtype="float32")
+    return root
+
+
+def load(n: int, data_dir, timeout: float = 60):
+    start = time.monotonic()
+    proc = run_mpi(n, ["-c", LOADER, str(data_dir)], timeout=timeout)
+    return proc, time.monotonic() - start
+
+
+def copy(base, name, tmp_path):
+    dst = tmp_path / name
+    shutil.copytree(base / name, dst)
+    return dst
+
+
+def test_each_rank_loads_its_own_partition(base):
+    d = base / "u8"
+    proc, _ = load(2, d)
+    assert proc.returncode == 0, proc.stderr
+    manifest = json.loads((d / "partition.json").read_text())
+    lines = sorted(l for l in proc.stdout.splitlines() if l.startswith("LOADED"))
+    assert len(lines) == 2
+    digest = hashlib.sha256((d / "partition.json").read_bytes()).hexdigest()
+    for r, line in enumerate(lines):
+        with h5py.File(d / f"rank_{r:05d}.h5", "r") as f:
+            want = content_sha256(f["x"][...], f["y"][...])
+        assert f"rank={r} sha={want}" in line
+        assert f"sizes={manifest['sizes']}" in line and f"manifest={digest}" in line
+        assert f"test={manifest['test']['size']}" in line and "shape=(1, 8, 8)" in line
+
+
+def rewrite(path, **arrays):
+    """Replace datasets in an existing HDF5 file (keeping its attributes)."""
+    with h5py.File(path, "r+") as f:
+        for key, value in arrays.items():
+            del f[key]
+            f.create_dataset(key, data=value)
+
+
+def flip_data_bytes(path):
+    with h5py.File(path, "r") as f:
+        offset = f["x"].id.get_chunk_info(0).byte_offset
+    with open(path, "r+b") as fh:
+        fh.seek(offset + 10)
+        b = fh.read(4)
+        fh.seek(offset + 10)
+        fh.write(bytes(v ^ 0xFF for v in b))
+
+
+def case_missing_and_corrupt_header(d):
+    (d / "rank_00001.h5").unlink()
+    with open(d / "rank_00000.h5", "r+b") as fh:
+        fh.write(b"\0" * 64)
+    return 2, [("rank_00001.h5", "rank 1", "field 'file'", "missing"),
+               ("rank_00000.h5", "rank 0", "field 'file'", "cannot be opened")]
+
+
+def case_truncated(d):
+    p = d / "rank_00001.h5"
+    p.write_bytes(p.read_bytes()[: p.stat().st_size * 2 // 5])
+    return 2, [("rank_00001.h5", "rank 1", "field 'file'", "truncated")]
+
+
+def case_flipped_bytes(d):
+    flip_data_bytes(d / "rank_00001.h5")
+    return 2, [("rank_00001.h5", "rank 1", "field 'sha256'", "modified or corrupted")]
+
+
+def case_dtype_and_labels(d):
+    with h5py.File(d / "rank_00000.h5", "r") as f:
+        x0 = f["x"][...]
+    rewrite(d / "rank_00000.h5", x=x0.astype(np.int16))
+    with h5py.File(d / "rank_00001.h5", "r+") as f:
+        f["y"][0] = 10
+    return 2, [("rank_00000.h5", "rank 0", "field 'x'", "dtype int16, expected uint8"),
+               ("rank_00001.h5", "rank 1", "field 'y'", "outside [0, 10)")]
+
+
+def case_shape(d):
+    with h5py.File(d / "rank_00001.h5", "r") as f:
+        x1 = f["x"][...]
+    rewrite(d / "rank_00001.h5", x=x1.reshape(len(x1), 1, 4, 16))
+    return 2, [("rank_00001.h5", "rank 1", "field 'x'", "sample shape (1, 4, 16)"),
+               ("rank_00001.h5", "rank 1", "field 'x'", "differs across ranks")]
+
+
+def case_swapped(d):
+    a, b = d / "rank_00000.h5", d / "rank_00001.h5"
+    tmp = d / "swap"
+    a.rename(tmp)
+    b.rename(a)
+    tmp.rename(b)
+    return 2, [("rank_00000.h5", "rank 0", "field 'rank'", "expected 0"),
+               ("rank_00001.h5", "rank 1", "field 'rank'", "expected 1")]
+
+
+def case_test_mismatch(d):
+    with h5py.File(d / "test.h5", "r+") as f:
+        xt = f["x"][...]
+        f.attrs["num_classes"] = 12
+    rewrite(d / "test.h5", x=xt.reshape(len(xt), 64))
+    return 2, [("test.h5", "ranks 0-1", "field 'num_classes'", "expected 10"),
+               ("test.h5", "ranks 0-1", "field 'x'", "sample shape (64,)")]
+
+
+def case_world_size(d):
+    return 3, [("partition.json", "ranks 0-2", "field 'world_size'", "has 2 ranks but the job "
+                                                                     "has 3")]
+
+
+def case_manifest_missing(d):
+    (d / "partition.json").unlink()
+    return 2, [("partition.json", "ranks 0-1", "field 'manifest'", "missing")]
+
+
+def case_manifest_not_json(d):
+    p = d / "partition.json"
+    p.write_text(p.read_text()[:200])
+    return 2, [("partition.json", "ranks 0-1", "field 'manifest'", "not valid JSON")]
+
+
+def case_manifest_field(d):
+    p = d / "partition.json"
+    m = json.loads(p.read_text())
+    del m["sample_shape"]
+    p.write_text(json.dumps(m))
+    return 2, [("partition.json", "ranks 0-1", "field 'sample_shape'", "missing")]
+
+
+def case_nan_inf(d):
+    for r, bad in ((0, np.inf), (1, np.nan)):
+        with h5py.File(d / f"rank_{r:05d}.h5", "r+") as f:
+            f["x"][0, 2] = bad
+    return 2, [("rank_00000.h5", "rank 0", "field 'x'", "NaN/Inf"),
+               ("rank_00001.h5", "rank 1", "field 'x'", "NaN/Inf")]
+
+
+CASES = [("u8", case_missing_and_corrupt_header), ("u8", case_truncated),
+         ("u8", case_flipped_bytes), ("u8", case_dtype_and_labels), ("u8", case_shape),
+         ("u8", case_swapped), ("u8", case_test_mismatch), ("u8", case_world_size),
+         ("u8", case_manifest_missing), ("u8", case_manifest_not_json),
+         ("u8", case_manifest_field), ("f32", case_nan_inf)]
+
+
+@pytest.mark.parametrize("name,case", CASES, ids=[c.__name__[5:] for _, c in CASES])
+def test_bad_partition_fails_fast_on_every_rank(base, tmp_path, name, case):
+    d = copy(base, name, tmp_path)
+    n, expected = case(d)
+    proc, elapsed = load(n, d)
+    assert proc.returncode != 0, proc.stdout
+    assert "LOADED" not in proc.stdout  # no rank went on with a bad partition
+    assert elapsed < FAST_S, f"took {elapsed:.1f}s"
+    err = proc.stderr
+    assert "Traceback" not in err, err
+    assert err.count("invalid partition") == 1, err  # one message, from rank 0 only
+    lines = err.splitlines()
+    for parts in expected:
+        # file, rank and field named together on one line
+        assert any(all(p in line for p in parts) for line in lines), (parts, err)
+
+
+def test_run_with_truncated_rank_file_exits_fast(tmp_path):
+    """The training entry point on a 4-rank partition with one truncated file: non-zero exit
+    within 30 s, naming the file, instead of three ranks waiting forever for the fourth."""
+    d = tmp_path / "p4"
+    build_partitions("digits", 4, "iid", 0, d)
+    bad = d / "rank_00002.h5"
+    bad.write_bytes(bad.read_bytes()[:1000])
+    start = time.monotonic()
+    proc = run_mpi(4, ["-m", "disdl_mpi.run", "--data-dir", str(d), "--steps", "1", "--norm",
+                       "bn", "--out", str(tmp_path / "out"), "--progress", "none"], timeout=90)
+    elapsed = time.monotonic() - start
+    assert proc.returncode != 0, proc.stdout
+    assert elapsed < 30, f"took {elapsed:.1f}s"
+    assert any("rank_00002.h5" in line and "rank 2" in line and "field 'file'" in line
+               for line in proc.stderr.splitlines()), proc.stderr
