@@ -165,7 +165,8 @@ def plot_costmodel(result: dict, path: str | Path) -> Path:
         ax_p.set_xscale("log", base=2)
         ax_p.set_xlabel("MPI ranks")
         ax_p.set_ylabel("projected scaling efficiency")
-        ax_p.set_ylim(0, 1.05)
+        top = max([1.0] + [m["efficiency"] for m in measured])
+        ax_p.set_ylim(0, top * 1.05)
         ax_p.set_title(f"{norm}, {proj[0]['mode']} scaling; target: {t['alpha_us']} us, "
                        f"{t['bandwidth_gbps']} Gb/s", fontsize=9)
         ax_p.legend(fontsize=7)

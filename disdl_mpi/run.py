@@ -26,6 +26,7 @@ from .norms import available_norms
 from .partition_io import load_partition
 from .progress import make_progress
 from .results import format_table, write_metrics, write_summary
+from .report_machine import cpu_model
 from .timeline import TraceRecorder
 from .timing import detail_requested, timing_fields
 from .trainer import RankData, TrainContext, phase_summary, train_scheme
@@ -133,6 +134,7 @@ def machine_info(comm: MPI.Comm, info, device: torch.device, threads: int) -> di
         "world_size": info.world_size, "ranks_per_node": info.local_size,
         "nodes": len(set(comm.allgather(info.hostname))), "hostname": info.hostname,
         "cpu": platform.processor() or platform.machine(), "cores_per_node": os.cpu_count(),
+        "cpu_model": cpu_model(),
         "device": describe_device(device), "mpi_library": mpi_library(),
         "mpi4py": __import__("mpi4py").__version__, "torch": torch.__version__,
         "python": platform.python_version(), "threads_per_rank": threads,
