@@ -103,7 +103,7 @@ class GradientAllreducer:
             for i, p in enumerate(b.params):
                 self._slot[id(p)] = (b, i)
         self._check_layout_agrees()
-        self._handles = [p.register_post_accumulate_grad_hook(self._on_grad)
+        self._handles = [p.register_post_accumulate_grad_hook(self.grad_ready)
                          for b in self.buckets for p in b.params]
         self._active = False
         self._weight = 1.0
@@ -198,7 +198,9 @@ class GradientAllreducer:
         self._t0 = time.perf_counter()
         self._active = True
 
-    def _on_grad(self, p: nn.Parameter) -> None:
+    def grad_ready(self, p: nn.Parameter) -> None:
+        """``p.grad`` is final for this step (the autograd hook calls this; so may code that
+        writes ``p.grad`` by hand, e.g. a benchmark): scale it, maybe launch its bucket."""
         if not self._active:
             return  # a backward outside begin/finish (e.g. a user's probe): leave it alone
         b, i = self._slot[id(p)]
