@@ -18,8 +18,11 @@ import torch
 from mpi4py import MPI
 
 from . import __version__
+from .checkpoint import Checkpointer, jsonable, parse_every, rng_state
+from .collective_check import CheckedComm, CollectiveChecker
 from .comm import UserError, agree_or_raise, install_abort_handler, mpi_library, rank_info, world
 from .config import RunConfig, build_parser
+from .guards import SignalWatch, StepGuard
 from .device import describe_device, select_device, seed_everything, set_threads
 from .models import MODELS as MODEL_NAMES
 from .norms import available_norms
@@ -68,6 +71,12 @@ def config_errors(cfg: RunConfig, world_size: int) -> list[str]:
         errors.append(f"--steps must be positive, got {cfg.steps}")
     if cfg.bucket_mb < 0:
         errors.append(f"--bucket-mb must be >= 0, got {cfg.bucket_mb}")
+    try:
+        parse_every(cfg.checkpoint_every)
+    except ValueError as exc:
+        errors.append(str(exc))
+    if cfg.resume is not None and not cfg.resume.strip():
+        errors.append("--resume must be 'auto' or a checkpoint folder")
     return errors
 
 
@@ -145,10 +154,14 @@ def machine_info(comm: MPI.Comm, info, device: torch.device, threads: int) -> di
 def main(argv: list[str] | None = None) -> int:
     comm = world()
     install_abort_handler(comm)
+    # SIGTERM/SIGUSR1 only set a flag; the step loop checkpoints and stops at a step boundary.
+    watch = SignalWatch().install()
     rank = comm.Get_rank()
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
 
     cfg = parse_args(argv, rank)
+    if cfg.check_collectives:  # debug mode: every collective below is compared across ranks
+        comm = CheckedComm(comm, CollectiveChecker(comm))
     errors = config_errors(cfg, comm.Get_size())
     out = cfg.resolved_out()
     if rank == 0 and not errors:
@@ -186,15 +199,33 @@ def main(argv: list[str] | None = None) -> int:
         f"(min {min(data.sizes)}, max {max(data.sizes)}), {data.x_test.shape[0]} test samples, "
         f"model {model_name}, schemes: {', '.join(norms)}")
 
+    ckpt = Checkpointer(out / "checkpoints", comm, config=cfg.to_dict(),
+                        world_size=info.world_size, manifest_sha256=local.manifest_sha256,
+                        norms=norms)
+    loaded = ckpt.load(cfg.resume.strip(), log) if cfg.resume else None
+    records: list[dict] = []
+    first_scheme = 0
+    if loaded is not None:
+        records = list(loaded.shared["run"].get("records", []))
+        first_scheme = int(loaded.shared["position"]["scheme_index"])
+        pos = loaded.shared["position"]
+        log(f"resuming from {loaded.path}: " + (f"scheme {pos['norm']} at step {pos['step']}"
+            if "model" in loaded.shared else f"{first_scheme} of {len(norms)} scheme(s) done"))
     ctx = TrainContext(cfg=cfg, comm=comm, norm_comm=comm.Dup(), info=info, device=device,
                        data=data, model_name=model_name, log=log,
                        progress=make_progress(cfg.progress, rank),
                        wait_comm=comm.Dup() if detail_requested(cfg.timeline) else None,
-                       trace=TraceRecorder(comm) if cfg.timeline else None)
-    records = []
-    for name in norms:
+                       trace=TraceRecorder(comm) if cfg.timeline else None,
+                       guard=StepGuard(comm, watch), checkpointer=ckpt,
+                       checkpoint_every=parse_every(cfg.checkpoint_every))
+    for index, name in enumerate(norms):
+        if index < first_scheme:
+            continue
+        ctx.run_state = lambda: {"scheme_index": index, "records": records}
+        resume = loaded if (loaded is not None and index == first_scheme
+                            and "model" in loaded.shared) else None
         start = time.perf_counter()
-        res = train_scheme(ctx, name)
+        res = train_scheme(ctx, name, resume=resume)
         wall = time.perf_counter() - start
         phases = phase_summary(comm, res.phases)
         record = {
@@ -211,6 +242,7 @@ def main(argv: list[str] | None = None) -> int:
             "per_rank_accuracy": res.per_rank_accuracy, "epochs_log": res.epochs_log,
             "grad_bytes": sum(p.numel() * p.element_size() for p in res.model.parameters()
                               if p.requires_grad),
+            "skipped_steps": res.skipped_steps,
         }
         record.update(timing_fields(phases, measured_wait=ctx.wait_comm is not None,
                                     cuda=device.type == "cuda"))
@@ -224,6 +256,14 @@ def main(argv: list[str] | None = None) -> int:
             _save_model(res.model, scheme_dir, rank, per_rank=res.per_rank_accuracy is not None)
         if rank == 0:  # written after every scheme, so an interrupted run keeps what finished
             write_summary(out, records, cfg.to_dict(), machine)
+        if ctx.checkpoint_every and index + 1 < len(norms):
+            # A scheme boundary: a resumed multi-scheme run skips the schemes already done.
+            ckpt.save({"position": {"scheme_index": index + 1, "norm": None, "epoch": 0,
+                                    "batch": 0, "step": 0},
+                       "run": jsonable({"scheme_index": index + 1, "records": records})},
+                      {"rng": rng_state()}, label=f"after scheme {name}")
+    if watch.received is not None:
+        log(f"note: signal {watch.received} arrived after the last training step; the run is complete")
     if ctx.trace is not None:
         ctx.trace.write(comm, cfg.timeline, metadata=machine)
         log(f"timeline: {cfg.timeline} (chrome://tracing or ui.perfetto.dev)")
