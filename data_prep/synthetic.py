@@ -49,9 +49,12 @@ class SyntheticSource(Source):
                                     np.array(shape), np.frombuffer(dtype.encode(), np.uint8))
 
     def _block(self, y: np.ndarray, stream: int, block: int) -> np.ndarray:
-        rng = np.random.default_rng([self.seed, stream, block])
-        noise = np.frombuffer(rng.bytes(len(y) * self._dim), np.uint8).reshape(len(y), -1)
-        x = self._means[y] + (noise >> 1)  # both halves < 128: no uint8 overflow
+        n = len(y) * self._dim
+        # Raw 64-bit draws viewed as bytes: ~7x faster than Generator.bytes, same determinism.
+        bits = np.random.PCG64([self.seed, stream, block]).random_raw((n + 7) // 8)
+        x = bits.view(np.uint8)[:n].reshape(len(y), self._dim)
+        x >>= 1
+        x += self._means[y]  # both halves < 128: no uint8 overflow
         if self.x_dtype == np.float32:
             x = x.astype(np.float32) * np.float32(1 / 255)
         return x.reshape(len(y), *self.sample_shape)

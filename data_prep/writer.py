@@ -6,7 +6,10 @@ however large the dataset is, and no rank's data is ever gathered in memory.
 """
 from __future__ import annotations
 
+import queue
+import threading
 from pathlib import Path
+from typing import Iterator
 
 import h5py
 import numpy as np
@@ -17,13 +20,57 @@ from .sources import Source
 
 MAX_OPEN_FILES = 256        # ranks written per pass over the source
 H5_CHUNK_BYTES = 1 << 20    # HDF5 chunk size of x: ~1 MiB of rows
-H5_CACHE_BYTES = 4 << 20    # per-file chunk cache, so partial chunks are not re-read
+H5_CACHE_BYTES = 2 << 20    # per-file chunk cache: holds a partly written chunk until full
 
 
 def _h5_chunks(n: int, sample_shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
     per = max(1, int(np.prod(sample_shape, dtype=np.int64)) * itemsize)
     rows = max(1, min(max(n, 1), H5_CHUNK_BYTES // per))
     return (rows, *sample_shape)
+
+
+def _prefetch(chunks: Iterator, depth: int = 1) -> Iterator:
+    """Produce the next chunk in a background thread while this one is written.
+
+    numpy generation and hashing release the GIL, so on a multi-core node producing chunk k+1
+    overlaps with writing chunk k; memory grows by ``depth`` chunks at most.
+    """
+    q: queue.Queue = queue.Queue(maxsize=depth)
+    done = object()
+    stop = threading.Event()
+
+    def put(item) -> bool:
+        """Hand over one item; give up if the consumer has stopped (never block forever)."""
+        while not stop.is_set():
+            try:
+                q.put(item, timeout=0.1)
+                return True
+            except queue.Full:
+                continue
+        return False
+
+    def work() -> None:
+        try:
+            for item in chunks:
+                if not put(item):
+                    return
+            put(done)
+        except BaseException as exc:  # re-raised in the consumer
+            put(exc)
+
+    t = threading.Thread(target=work, name="chunk-prefetch", daemon=True)
+    t.start()
+    try:
+        while True:
+            item = q.get()
+            if item is done:
+                return
+            if isinstance(item, BaseException):
+                raise item
+            yield item
+    finally:
+        stop.set()
+        t.join()
 
 
 def _create_x(f: h5py.File, n: int, src: Source) -> h5py.Dataset:
@@ -63,7 +110,7 @@ def write_rank_files(src: Source, parts: list[np.ndarray], scheme: Scheme, seed:
                 files.append(f)
                 xs.append(_create_x(f, len(parts[r]), src))
                 hashes.append(ContentHash())
-            for start, x in src.train_chunks():
+            for start, x in _prefetch(src.train_chunks()):
                 own = owner[start:start + len(x)]
                 sel = np.flatnonzero((own >= g0) & (own < g1))
                 if not len(sel):

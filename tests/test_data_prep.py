@@ -225,3 +225,17 @@ def test_cli_success_and_clear_error(tmp_path):
                          capture_output=True, text=True, env=mpi_env(), cwd=ROOT, timeout=60)
     assert bad.returncode == 2 and "error: scheme shards:3 with 3 ranks" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "q").exists()
+
+
+def test_prefetch_propagates_errors_and_stops_early():
+    def chunks(fail_at):
+        for i in range(10):
+            if i == fail_at:
+                raise OSError(f"source read failed at chunk {i}")
+            yield i, np.zeros(3)
+    with pytest.raises(OSError, match="chunk 4"):
+        list(writer._prefetch(chunks(4)))
+    it = writer._prefetch(chunks(None))
+    assert next(it)[0] == 0
+    it.close()  # the consumer stops early: the producer thread must end, not block forever
+    assert [i for i, _ in writer._prefetch(chunks(None))] == list(range(10))
