@@ -28,7 +28,9 @@ class ContentHash:
         self._h = hashlib.sha256()
 
     def add_x(self, x: np.ndarray) -> None:
-        self._h.update(memoryview(np.ascontiguousarray(x)).cast("B"))
+        # An empty rank (--min-per-rank 0) adds no bytes; memoryview refuses to cast (0, ...).
+        if x.size:
+            self._h.update(memoryview(np.ascontiguousarray(x)).cast("B"))
 
     def finish(self, y: np.ndarray) -> str:
         self._h.update(memoryview(np.ascontiguousarray(y, dtype="<i8")).cast("B"))
