@@ -1,0 +1,231 @@
+"""Peer comparison: the same training loop synchronized by torch DDP and by disdl_mpi.
+
+    mpiexec -n 2 python -m bench.peer --model cnn --steps 60
+
+Three variants of one loop (same model, initial weights, batches, optimizer):
+  local  no gradient synchronization at all: the compute-only floor;
+  ddp    torch DistributedDataParallel (gloo on CPU, nccl on CUDA), broadcast_buffers off;
+  disdl  disdl_mpi's GradientAllreducer (MPI).
+The norm (default ``bn``, local batch statistics) needs no communication of its own, so only
+the gradient synchronization differs. The variants run in alternating blocks (``--rounds``) so
+the shared machine's noise hits all of them. Step time is the mean over timed steps, the max
+over ranks; comm share = (step - local step) / step; ratio = disdl / ddp.
+"""
+from __future__ import annotations
+
+import argparse
+import copy
+import sys
+import time
+from typing import Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+from torch import nn
+
+from bench import exit_cleanly, init_torch_distributed
+from disdl_mpi.allreducer import DEFAULT_BUCKET_MB, GradientAllreducer
+from disdl_mpi.atomic import write_json
+from disdl_mpi.comm import install_abort_handler, mpi_library
+from disdl_mpi.models import build_model
+from disdl_mpi.norms import get_norm
+
+VARIANTS = ("local", "ddp", "disdl")
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.peer", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--model", default="cnn", help="cnn, mlp, resnet20 (disdl_mpi.models)")
+    p.add_argument("--norm", default="bn", help="a norm without communication: bn, gn, ln, in")
+    p.add_argument("--dataset", choices=["digits", "synthetic"], default="digits",
+                   help="digits: sklearn's UCI digits, an iid shard per rank")
+    p.add_argument("--data-dir", default=None,
+                   help="a data_prep partition directory instead (rank r reads its own file)")
+    p.add_argument("--sample-shape", default="1,8,8", help="synthetic sample shape, e.g. 3,32,32")
+    p.add_argument("--num-classes", type=int, default=10, help="synthetic classes")
+    p.add_argument("--batch-size", type=int, default=32, help="per rank")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per variant")
+    p.add_argument("--warmup", type=int, default=5, help="untimed steps per variant")
+    p.add_argument("--rounds", type=int, default=4, help="alternating blocks per variant")
+    p.add_argument("--lr", type=float, default=0.05)
+    p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB)
+    p.add_argument("--ddp-bucket-mb", type=float, default=25.0, help="DDP's bucket_cap_mb")
+    p.add_argument("--no-overlap", dest="overlap", action="store_false", default=True)
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--device", default="auto", help="auto, cpu or cuda")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", dest="json_path", default=None)
+    return p
+
+
+def load_data(args, comm: MPI.Comm) -> tuple[np.ndarray, np.ndarray, tuple[int, ...], int]:
+    """This rank's samples (float32, standardized) and labels, sample shape, class count."""
+    rank, size = comm.Get_rank(), comm.Get_size()
+    if args.data_dir:
+        from disdl_mpi.partition_io import load_partition
+        d = load_partition(comm, args.data_dir)
+        x = d.x_train.astype(np.float32)
+        return x, d.y_train.astype(np.int64), tuple(d.sample_shape), d.num_classes
+    if args.dataset == "digits":
+        from sklearn.datasets import load_digits
+        ds = load_digits()
+        x = (ds.images.astype(np.float32) / 16.0)[:, None]
+        y = ds.target.astype(np.int64)
+        classes = 10
+    else:
+        shape = tuple(int(s) for s in args.sample_shape.split(","))
+        rng = np.random.default_rng(args.seed)
+        n = max(64, args.batch_size * 4) * size
+        x = rng.standard_normal((n, *shape), dtype=np.float32)
+        y = rng.integers(0, args.num_classes, n).astype(np.int64)
+        classes = args.num_classes
+    x = (x - x.mean()) / (x.std() + 1e-6)
+    return x[rank::size], y[rank::size], tuple(x.shape[1:]), classes
+
+
+def batches(x: torch.Tensor, y: torch.Tensor, bs: int, n: int, seed: int):
+    g = torch.Generator().manual_seed(seed)
+    for _ in range(n):
+        idx = torch.randint(0, len(x), (bs,), generator=g)
+        yield x[idx], y[idx]
+
+
+def make_step(variant: str, model: nn.Module, comm: MPI.Comm, args, device) -> tuple[Callable, dict]:
+    """One training step closure for the variant, and a dict it adds comm seconds to."""
+    stats = {"total_s": 0.0, "exposed_s": 0.0}
+    if variant == "ddp":
+        from torch.nn.parallel import DistributedDataParallel as DDP
+        import inspect
+        # No buffer sync in forward (disdl does none either); newer torch renamed the flag.
+        flag = ("forward_sync_buffers" if "forward_sync_buffers" in
+                inspect.signature(DDP.__init__).parameters else "broadcast_buffers")
+        net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
+                  bucket_cap_mb=args.ddp_bucket_mb, **{flag: False})
+    else:
+        net = model
+    opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
+    reducer = None
+    if variant == "disdl":
+        reducer = GradientAllreducer(model, comm, bucket_mb=args.bucket_mb, overlap=args.overlap)
+        stats["path"] = reducer.path
+    weight = 1.0 / comm.Get_size()  # equal per-rank batches
+
+    def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
+        opt.zero_grad(set_to_none=False)
+        if reducer is not None:
+            reducer.begin_step(weight)
+        F.cross_entropy(net(xb), yb).backward()
+        if reducer is not None:
+            s = reducer.finish_step()
+            stats["total_s"] += s["total_s"]
+            stats["exposed_s"] += s["exposed_s"]
+        opt.step()
+    return step, stats
+
+
+def run(args, comm: MPI.Comm) -> dict:
+    rank, size = comm.Get_rank(), comm.Get_size()
+    torch.set_num_threads(max(1, args.threads))
+    if args.device == "auto":
+        device = torch.device("cuda", rank % torch.cuda.device_count()) \
+            if torch.cuda.is_available() else torch.device("cpu")
+    else:
+        device = torch.device(args.device)
+    if device.type == "cuda":
+        torch.cuda.set_device(device)
+    init_torch_distributed(comm, "nccl" if device.type == "cuda" else "gloo")
+    x, y, shape, classes = load_data(args, comm)
+    if len(x) == 0:
+        raise ValueError(f"rank {rank}: no training samples")
+    xt, yt = torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(y).to(device)
+    torch.manual_seed(args.seed)
+    base = build_model(args.model, shape, classes, get_norm(args.norm).layer).to(device)
+    models = {v: copy.deepcopy(base) for v in VARIANTS}
+    steps = {}
+    comm_stats = {}
+    for v in VARIANTS:
+        steps[v], comm_stats[v] = make_step(v, models[v], comm, args, device)
+    per_round = max(1, args.steps // max(1, args.rounds))
+    elapsed = {v: 0.0 for v in VARIANTS}
+    counted = {v: 0 for v in VARIANTS}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    for v in VARIANTS:  # warm-up (allocator, DDP's first-iteration bucket rebuild)
+        for xb, yb in batches(xt, yt, args.batch_size, args.warmup, args.seed + rank):
+            steps[v](xb, yb)
+        comm_stats[v].update(total_s=0.0, exposed_s=0.0)
+    for r in range(max(1, args.rounds)):
+        order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
+        for v in order:
+            data = list(batches(xt, yt, args.batch_size, per_round, args.seed + 1000 * r + rank))
+            sync()
+            comm.Barrier()
+            t0 = time.perf_counter()
+            for xb, yb in data:
+                steps[v](xb, yb)
+            sync()
+            elapsed[v] += time.perf_counter() - t0
+            counted[v] += per_round
+    step_s = {v: comm.allreduce(elapsed[v] / counted[v], op=MPI.MAX) for v in VARIANTS}
+    # The synchronized variants must keep identical weights on every rank.
+    for v in ("ddp", "disdl"):
+        sums = comm.allgather(float(sum(p.detach().double().sum() for p in models[v].parameters())))
+        if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+            raise RuntimeError(f"{v}: ranks' weights diverged ({sums}): synchronization is broken")
+    n_steps = counted["disdl"]
+    share = {v: max(0.0, step_s[v] - step_s["local"]) / step_s[v] for v in ("ddp", "disdl")}
+    return {
+        "ddp_step_s": step_s["ddp"], "disdl_step_s": step_s["disdl"],
+        "ratio": step_s["disdl"] / step_s["ddp"], "local_step_s": step_s["local"],
+        "ddp_comm_share": share["ddp"], "disdl_comm_share": share["disdl"],
+        "disdl_comm_total_s_per_step": comm.allreduce(comm_stats["disdl"]["total_s"] / n_steps,
+                                                      op=MPI.MAX),
+        "disdl_comm_exposed_s_per_step": comm.allreduce(
+            comm_stats["disdl"]["exposed_s"] / n_steps, op=MPI.MAX),
+        "allreduce_path": comm_stats["disdl"].get("path"), "ddp_backend":
+            "nccl" if device.type == "cuda" else "gloo",
+        "model": args.model, "norm": args.norm, "params": sum(p.numel() for p in base.parameters()),
+        "ranks": size, "batch_size": args.batch_size, "steps": n_steps, "rounds": args.rounds,
+        "bucket_mb": args.bucket_mb, "ddp_bucket_mb": args.ddp_bucket_mb,
+        "overlap": args.overlap, "threads": args.threads, "device": str(device),
+        "mpi_library": mpi_library(), "torch": torch.__version__,
+    }
+
+
+def report(res: dict) -> str:
+    return "\n".join([
+        f"# bench.peer: {res['model']} ({res['params']} params), norm {res['norm']}, "
+        f"{res['ranks']} ranks, batch {res['batch_size']}/rank, {res['steps']} steps x variant, "
+        f"{res['device']}, {res['mpi_library']}",
+        f"  local (no sync)   {res['local_step_s'] * 1e3:9.3f} ms/step",
+        f"  ddp ({res['ddp_backend']:>5})      {res['ddp_step_s'] * 1e3:9.3f} ms/step   "
+        f"comm share {res['ddp_comm_share']:6.1%}",
+        f"  disdl ({res['allreduce_path']}) {res['disdl_step_s'] * 1e3:9.3f} ms/step   "
+        f"comm share {res['disdl_comm_share']:6.1%}   allreduce in flight "
+        f"{res['disdl_comm_total_s_per_step'] * 1e3:.3f} ms, exposed "
+        f"{res['disdl_comm_exposed_s_per_step'] * 1e3:.3f} ms",
+        f"  ratio disdl/ddp   {res['ratio']:.3f}",
+    ])
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = build_parser().parse_args(argv)
+    comm = MPI.COMM_WORLD
+    install_abort_handler(comm)
+    if args.steps < 1 or args.batch_size < 1 or args.rounds < 1 or args.warmup < 0:
+        if comm.Get_rank() == 0:
+            print("error: need --steps, --batch-size, --rounds >= 1 and --warmup >= 0",
+                  file=sys.stderr)
+        exit_cleanly(comm, 2)
+    res = run(args, comm)
+    if comm.Get_rank() == 0:
+        print(report(res), flush=True)
+        if args.json_path:
+            write_json(args.json_path, res)
+    exit_cleanly(comm, 0)
+
+
+if __name__ == "__main__":
+    main()

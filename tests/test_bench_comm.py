@@ -1,0 +1,69 @@
+"""bench.allreduce and bench.peer under a real ``mpiexec -n 2`` with tiny settings."""
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from bench.allreduce import parse_bytes, sizes
+from tests.mpi_helpers import run_mpi
+
+ROW_KEYS = {"backend", "bytes", "count", "dtype", "ranks", "time_us", "algbw_gbps", "busbw_gbps"}
+
+
+def test_size_parsing_and_ladder():
+    assert parse_bytes("4K") == 4096 and parse_bytes("1M") == 2**20 and parse_bytes("64") == 64
+    with pytest.raises(Exception):
+        parse_bytes("lots")
+    assert sizes(1024, 16384, 4, 4) == [1024, 4096, 16384]
+    assert sizes(6, 20, 2, 4) == [4, 12]  # rounded down to whole elements, no duplicates
+
+
+@pytest.mark.mpi
+def test_bench_allreduce_two_ranks_writes_rows(tmp_path):
+    out = tmp_path / "ar.json"
+    proc = run_mpi(2, ["-m", "bench.allreduce", "--min-bytes", "1K", "--max-bytes", "64K",
+                       "--factor", "8", "--iters", "3", "--warmup", "1", "--json", str(out)],
+                   timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    rows = json.loads(out.read_text())
+    assert [(r["backend"], r["bytes"]) for r in rows] == [
+        (b, n) for n in (1024, 8192, 65536) for b in ("mpi", "disdl", "gloo")]
+    for r in rows:
+        assert ROW_KEYS <= set(r)
+        assert r["ranks"] == 2 and r["dtype"] == "float32" and r["count"] * 4 == r["bytes"]
+        assert r["time_us"] > 0
+        assert r["algbw_gbps"] == pytest.approx(r["bytes"] / r["time_us"] / 1e3)
+        assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] * 2 * (2 - 1) / 2)
+    # Only rank 0 prints the table: one header, one line per row.
+    assert proc.stdout.count("# disdl-mpi allreduce") == 1
+    assert len([ln for ln in proc.stdout.splitlines() if ln.strip().startswith(
+        ("mpi ", "disdl ", "gloo "))]) == len(rows)
+    assert "terminate called" not in proc.stderr
+
+
+@pytest.mark.mpi
+def test_bench_allreduce_rejects_bad_arguments():
+    proc = run_mpi(2, ["-m", "bench.allreduce", "--min-bytes", "1M", "--max-bytes", "1K",
+                       "--backends", "mpi"], timeout=120)
+    assert proc.returncode != 0
+    assert "--min-bytes <= --max-bytes" in proc.stderr
+
+
+@pytest.mark.mpi
+def test_bench_peer_two_ranks_writes_json(tmp_path):
+    out = tmp_path / "peer.json"
+    proc = run_mpi(2, ["-m", "bench.peer", "--model", "mlp", "--dataset", "synthetic",
+                       "--sample-shape", "16", "--steps", "4", "--rounds", "2", "--warmup", "1",
+                       "--batch-size", "8", "--json", str(out)], timeout=180)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    res = json.loads(out.read_text())
+    for key in ("ddp_step_s", "disdl_step_s", "ratio", "local_step_s", "ddp_comm_share",
+                "disdl_comm_share", "allreduce_path"):
+        assert key in res, key
+    assert res["ddp_step_s"] > 0 and res["disdl_step_s"] > 0
+    assert res["ratio"] == pytest.approx(res["disdl_step_s"] / res["ddp_step_s"])
+    assert res["allreduce_path"] == "cpu-zero-copy" and res["ranks"] == 2
+    assert 0 <= res["disdl_comm_share"] < 1
+    assert proc.stdout.count("ratio disdl/ddp") == 1
+    assert "terminate called" not in proc.stderr
