@@ -13,6 +13,13 @@ progress thread (the MPICH default) advance a nonblocking collective only inside
 each hook also tests the oldest outstanding request. ``finish_step`` launches whatever is left
 (parameters that got no gradient contribute zeros; a rank with an empty batch and no backward
 still joins every bucket), waits for all, and casts/copies back where the wire format differs.
+With ``overlap=False`` the hooks only scale, and ``finish_step`` reduces bucket by bucket with
+the blocking ``Allreduce``.
+
+Timing (``finish_step``'s dict, ``events``): a bucket is "in flight" from its launch until this
+rank observes completion (a hook's test or the final wait), so ``total_s`` (the union of those
+intervals) bounds the communication time from above; ``exposed_s`` is the time spent inside
+``finish_step``, i.e. the communication the backward pass did not hide.
 """
 from __future__ import annotations
 
@@ -237,7 +244,14 @@ class GradientAllreducer:
         if b.device.type == "cuda":
             # MPI reads the buffer outside CUDA's stream order: the writes must be finished.
             torch.cuda.current_stream(b.device).synchronize()
-        b.request = self.comm.Iallreduce(MPI.IN_PLACE, b.mpi_buf, op=MPI.SUM)
+        if self._hook_launch:
+            b.request = self.comm.Iallreduce(MPI.IN_PLACE, b.mpi_buf, op=MPI.SUM)
+        else:
+            # Without overlap every rank launches from finish_step, so every rank uses the
+            # blocking call (MPI forbids matching a blocking with a nonblocking collective);
+            # MPICH's blocking intra-node algorithms beat Iallreduce + Wait on small messages.
+            self.comm.Allreduce(MPI.IN_PLACE, b.mpi_buf, op=MPI.SUM)
+            b.request = MPI.REQUEST_NULL
 
     def _complete(self, b: _Bucket) -> None:
         b.t_end = time.perf_counter()
