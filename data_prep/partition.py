@@ -17,7 +17,7 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataPrepError
-from .layout import FORMAT, MANIFEST, TEST_FILE, rank_file
+from .layout import FORMAT, MANIFEST, TEST_FILE
 from .schemes import assign, parse_scheme
 from .sources import SOURCES, open_source
 from .writer import write_rank_files, write_test_file

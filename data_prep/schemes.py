@@ -63,7 +63,8 @@ def _positive(text: str, what: str, spec: str) -> float:
 
 def parse_scheme(spec: str) -> Scheme:
     """Parse ``iid``, ``dirichlet:A``, ``quantity:B``, ``dirichlet:A+quantity:B``, ``shards:K``."""
-    usage = "expected iid, dirichlet:ALPHA, quantity:BETA, dirichlet:ALPHA+quantity:BETA or shards:K"
+    usage = ("expected iid, dirichlet:ALPHA, quantity:BETA, dirichlet:ALPHA+quantity:BETA or "
+             "shards:K")
     text = (spec or "").strip().lower()
     if text == "iid":
         return Scheme("iid", params={})

@@ -6,7 +6,6 @@ images in index order, so the partitioner never needs the whole dataset in memor
 from __future__ import annotations
 
 import hashlib
-import json
 from pathlib import Path
 from typing import Iterator
 
@@ -184,7 +183,7 @@ def load_digits_source(test_fraction: float = DEFAULT_TEST_FRACTION) -> ArraySou
 
 def open_source(dataset: str, source_dir: str | Path | None = None, *, seed: int = 0,
                 **opts) -> Source:
-    """Open a source by name; ``opts`` are the source options (see ``python -m data_prep.partition -h``)."""
+    """Open a source by name; ``opts`` are source options (``python -m data_prep.partition -h``)."""
     name = (dataset or "").lower()
     opts = {k: v for k, v in opts.items() if v is not None}
     test_fraction = float(opts.pop("test_fraction", DEFAULT_TEST_FRACTION))
@@ -205,7 +204,3 @@ def open_source(dataset: str, source_dir: str | Path | None = None, *, seed: int
         return readers.open_file_source(name, Path(source_dir), test_fraction=test_fraction,
                                         **opts)
     raise DataPrepError(f"unknown dataset {dataset!r}; choose one of {', '.join(SOURCES)}")
-
-
-def describe_options(opts: dict) -> str:
-    return json.dumps(opts, sort_keys=True)

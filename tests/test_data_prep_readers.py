@@ -76,7 +76,8 @@ def test_idx_truncated_or_missing_names_the_file(tmp_path):
     write_idx_set(tmp_path, np.random.default_rng(2), gz=False)
     bad = tmp_path / "train-images-idx3-ubyte"
     bad.write_bytes(bad.read_bytes()[:-100])
-    with pytest.raises(DataPrepError, match=r"train-images-idx3-ubyte: IDX header says .*truncated"):
+    with pytest.raises(DataPrepError,
+                       match=r"train-images-idx3-ubyte: IDX header says .*truncated"):
         open_source("mnist", tmp_path)
     bad.unlink()
     with pytest.raises(DataPrepError, match="train-images-idx3-ubyte.*not found"):
