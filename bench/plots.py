@@ -17,6 +17,7 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 PHASE_COLORS = {
     "data": "#8c8c8c", "forward": "#4c72b0", "backward": "#55a868",
     "optimizer": "#937860", "imbalance_wait": "#dd8452", "allreduce": "#c44e52",
+    "guard": "#da8bc3",
     "norm_comm": "#8172b3", "other": "#cccccc",
 }
 
@@ -64,7 +65,7 @@ def mark_oversubscribed(ax: Any, ranks: list[int], cores: int) -> None:
 # ---------------------------------------------------------------------------- scaling
 
 BREAKDOWN_PHASES = ("data", "forward", "backward", "optimizer", "imbalance_wait", "allreduce",
-                    "other")
+                    "guard", "other")
 
 
 def plot_scaling(rows: list[dict], path: str | Path, *, cores: int) -> Path:

@@ -28,7 +28,7 @@ from disdl_mpi.timing import DETAIL_ENV
 
 # Per-phase rank-mean seconds (whole run) copied from the run's summary into the table.
 PHASE_COLUMNS = ("data", "forward", "backward", "optimizer", "imbalance_wait", "allreduce",
-                 "other", "step", "allreduce_total", "norm_comm", "compute", "comm")
+                 "guard", "other", "step", "allreduce_total", "norm_comm", "compute", "comm")
 COLUMNS = ("ranks", "norm", "mode", "samples_per_s", "speedup", "efficiency", "comm_fraction",
            "oversubscribed", "steps", "global_batch_size", "grad_bytes", "test_accuracy",
            "threads_per_rank", "allreduce_path", "imbalance_method") + tuple(
@@ -70,8 +70,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--with-allreduce", action="store_true",
                    help="also run bench.allreduce at each rank count >= 2 and fit the cost "
                         "model (DIR/allreduce, DIR/costmodel)")
-    p.add_argument("--allreduce-args", default="",
-                   help="extra options for bench.allreduce, one quoted string")
+    p.add_argument("--allreduce-args",
+                   default="--backends mpi,disdl --min-bytes 1K --max-bytes 16M --factor 4",
+                   help="options for bench.allreduce, one quoted string")
     p.add_argument("--out", type=Path, required=True)
     return p
 

@@ -198,6 +198,21 @@ class Progress:
         self._line(msg if self.tty else f"[{time.strftime('%H:%M:%S')}] {msg}")
 
 
+def _terminate_on_sigterm() -> None:
+    """SIGTERM (scancel, kill) unwinds like Ctrl-C, so run_job kills the running job's ranks."""
+    import signal
+    import threading
+    if threading.current_thread() is not threading.main_thread():
+        return
+
+    def handler(signum, frame):  # noqa: ARG001
+        raise KeyboardInterrupt(f"signal {signum}")
+
+    signal.signal(signal.SIGTERM, handler)
+    # Background launches (cmd &) start with SIGINT ignored; restore Ctrl-C semantics.
+    signal.signal(signal.SIGINT, signal.default_int_handler)
+
+
 def run_sweep(points: list[Point], store: PointStore,
               collect: Callable[[Point, JobResult], dict], *,
               launcher: Optional[str] = None, timeout: float = 1800,
@@ -209,6 +224,7 @@ def run_sweep(points: list[Point], store: PointStore,
     it may raise to mark the point failed. A failed or timed-out point is not stored (so the
     next run retries it; its log tail goes to ``logs/<key>.failed``); the sweep goes on.
     """
+    _terminate_on_sigterm()
     todo = [p for p in points if not store.is_done(p)]
     done = len(points) - len(todo)
     if done:

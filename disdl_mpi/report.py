@@ -29,6 +29,8 @@ SKIP_DIRS = {"data", "points", "logs", "runs", "__pycache__", ".git"}
 NOT_ALLREDUCE = {"summary.json", "scaling.json", "costmodel.json", "points.json",
                  "partition.json", "report.json"}
 MAX_JSON_BYTES = 5 << 20
+TABLE_PHASES = ("data", "forward", "backward", "imbalance_wait", "allreduce", "guard",
+                "optimizer")
 
 
 @dataclass
@@ -121,13 +123,12 @@ def _run_section(path: Path) -> tuple[list[str], dict, set[str]]:
                   f"{ms('comm'):.2f} | {100 * ph.get('comm', 0) / tot if tot else 0:.1f} | "
                   f"{ms('imbalance_wait'):.2f} |")
     md += ["", "Per-phase time per step across ranks (ms, min / mean / max):", "",
-           "| scheme | " + " | ".join(("data", "forward", "backward", "imbalance wait",
-                                       "allreduce", "optimizer")) + " |",
-           "|---|" + "---:|" * 6]
+           "| scheme | " + " | ".join(p.replace("_", " ") for p in TABLE_PHASES) + " |",
+           "|---|" + "---:|" * len(TABLE_PHASES)]
     for r in runs:
         det, steps = r.get("phases_detail", {}), max(1, r.get("steps") or 1)
         cells = []
-        for k in ("data", "forward", "backward", "imbalance_wait", "allreduce", "optimizer"):
+        for k in TABLE_PHASES:
             d = det.get(k)
             cells.append("–" if not d else "{:.2f} / {:.2f} / {:.2f}".format(
                 *(1e3 * d[s] / steps for s in ("min", "mean", "max"))))

@@ -8,6 +8,7 @@ Phases of one step, in the order they run (the *disjoint* ones add up to the ste
 - ``imbalance_wait``  time this rank waits for the slowest rank before the gradient sync
                       (measured only with timing detail, see below)
 - ``allreduce``       the exposed gradient sync: the wall of ``finish_step()``
+- ``guard``           the per-step agreement collective (NaN / signal check, reliability)
 - ``optimizer``       zero_grad + optimizer.step
 - ``step``            the measured wall of the whole step (begin_step .. end_step)
 - ``other``           derived: step - sum(disjoint phases) (loop overhead, hooks)
@@ -15,7 +16,7 @@ Phases of one step, in the order they run (the *disjoint* ones add up to the ste
 Not disjoint: ``allreduce_total`` (the allreducer's total time of all bucket allreduces,
 partly hidden under backward), ``norm_comm`` (syncbn/bn-recal collectives, which run inside
 forward/backward), ``eval`` (between epochs, outside steps). Derived: ``compute`` =
-forward + backward + optimizer - norm_comm, ``comm`` = allreduce + norm_comm.
+forward + backward + optimizer - norm_comm, ``comm`` = allreduce + guard + norm_comm.
 
 Load-imbalance wait. With timing detail on, every step runs a timed ``Barrier`` on a
 dedicated communicator right before the gradient sync: a rank that finished its backward
@@ -39,9 +40,10 @@ import torch
 
 # Phases in the order a step runs them; "compute", "comm" and "other" are derived.
 PHASES = ("data", "forward", "backward", "imbalance_wait", "allreduce", "allreduce_total",
-          "norm_comm", "optimizer", "eval", "step")
+          "guard", "norm_comm", "optimizer", "eval", "step")
 # The phases that partition a step's wall time.
-DISJOINT = ("data", "forward", "backward", "imbalance_wait", "allreduce", "optimizer")
+DISJOINT = ("data", "forward", "backward", "imbalance_wait", "allreduce", "guard",
+            "optimizer")
 # Phases whose work runs on the GPU stream: timed with CUDA events, not host clocks.
 GPU_PHASES = frozenset({"forward", "backward", "optimizer"})
 
@@ -161,7 +163,7 @@ class PhaseTimer:
         compute = s["forward"] + s["backward"] + s["optimizer"]
         # syncbn collectives run inside forward/backward: move them from compute to comm.
         s["compute"] = max(0.0, compute - norm_comm)
-        s["comm"] = s["allreduce"] + norm_comm
+        s["comm"] = s["allreduce"] + s["guard"] + norm_comm
         s["other"] = max(0.0, s["step"] - sum(s[p] for p in DISJOINT))
         return s
 

@@ -233,7 +233,8 @@ def train_scheme(ctx: TrainContext, norm_name: str, resume: Optional[Any] = None
             timer.add("allreduce_total", stats.get("total_s", 0.0))
             if ctx.trace is not None:
                 ctx.trace.buckets(bucket_records(reducer))
-            decision = guard.decide(loss_bad, probe.take()) if guard is not None else None
+            with timer.phase("guard"):  # the per-step NaN/signal agreement collective
+                decision = guard.decide(loss_bad, probe.take()) if guard is not None else None
             if decision is not None and decision.nonfinite:
                 where = (f"non-finite {decision.nonfinite_kind} on rank "
                          f"{decision.nonfinite_rank} at optimizer step {step + 1} (scheme "
