@@ -220,3 +220,14 @@ def test_run_with_truncated_rank_file_exits_fast(tmp_path):
     assert elapsed < (85 if overloaded else 30), f"took {elapsed:.1f}s"
     assert any("rank_00002.h5" in line and "rank 2" in line and "field 'file'" in line
                for line in proc.stderr.splitlines()), proc.stderr
+
+
+def test_empty_rank_loads_when_allowed(tmp_path):
+    """--min-per-rank 0 may leave a rank with no samples; it must still load (and hash)."""
+    d = tmp_path / "empty"
+    m = build_partitions("synthetic", 2, "iid", 0, d, min_per_rank=0, num_samples=1,
+                         num_test=4, shape=(1, 2, 2), num_classes=2)
+    assert sorted(m["sizes"]) == [0, 1]
+    proc, _ = load(2, d)
+    assert proc.returncode == 0, proc.stderr
+    assert proc.stdout.count(f"sizes={m['sizes']}") == 2
