@@ -22,7 +22,9 @@ import json
 import math
 import platform
 import shlex
+import signal
 import sys
+import threading
 import time
 from pathlib import Path
 from typing import Optional
@@ -32,12 +34,13 @@ import numpy as np
 from disdl_mpi.atomic import write_json
 from bench.accuracy_jobs import (Job, StudyError, default_launcher, harvest, launch,
                                  launcher_argv, skew_tag)
+from bench.sweep import _terminate_on_sigterm as terminate_on_sigterm
 from bench.accuracy_report import bar_plot, curve_plot, markdown, strongest_skew, write_csv
 
 DEFAULT_SKEWS = ("iid", "dirichlet:1.0", "dirichlet:0.1", "shards:2")
 # Chosen so IID BatchNorm has flattened out on digits at 8 ranks (see docs/RESULTS.md) while
 # the whole default study (9 schemes x 4 skews x 3 seeds) fits 45 min on a 2-core machine.
-DEFAULT_EPOCHS = 15
+DEFAULT_EPOCHS = 12
 QUICK_EPOCHS = 6
 QUICK_SKEWS = ("iid", "dirichlet:0.1")
 DEFAULT_TIMEOUT = 1800.0
@@ -73,8 +76,9 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--run-args", default="",
                    help="extra options for disdl_mpi.run, one string (e.g. '--lr 0.1')")
     p.add_argument("--launcher", default=None,
-                   help="launch template with {n}; default $DISDL_LAUNCHER or the venv's "
-                        "'mpiexec -n {n}' (SLURM: 'srun --mpi=pmi2 -n {n}')")
+                   help="launch template with {n} (and optionally {python}); default "
+                        "$DISDL_LAUNCHER or the venv's 'mpiexec -n {n}' (SLURM: "
+                        "'srun --mpi=pmi2 -n {n}')")
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help="seconds one job may run before it is killed")
     p.add_argument("--data-root", default=None,
@@ -215,6 +219,26 @@ def point_row(rec: dict, skew: str, seed: int, ranks: int, pseed: int, tv: float
     }
 
 
+def _run_jobs(jobs: list[Job], args: argparse.Namespace, launcher: str, progress: Progress,
+              rows: dict, norms: list[str], report) -> list[str]:
+    """Launch the jobs one after another; harvest and report after each. Returns failures."""
+    failures: list[str] = []
+    for job in jobs:
+        progress.begin_job(f"{job.skew} seed {job.seed}: {','.join(job.norms)}")
+        outcome = launch(job, args.ranks, launcher, args.timeout, progress.epoch)
+        # Harvest at once, even from a failed job: its finished schemes count as done.
+        for norm, rec in harvest(job.run_dir, job.fingerprint).items():
+            if norm in norms:
+                rows[(norm, job.skew, job.seed)] = (rec, job.fingerprint["partition_seed"])
+        report()
+        status = "ok" if outcome.ok else f"FAILED: {outcome.message}"
+        progress.line(f"[job {progress.job}/{len(jobs)}] {job.tag} {outcome.wall_s:.1f} s, "
+                      f"{status}")
+        if not outcome.ok:
+            failures.append(f"{job.tag}: {outcome.message}")
+    return failures
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -261,8 +285,9 @@ def run_study(args: argparse.Namespace, argv: list[str]) -> int:
     # Plan: one job per (skew, seed), restricted to the schemes not yet done.
     rows: dict[tuple[str, str, int], dict] = {}
     jobs: list[Job] = []
-    for skew in skews:
-        for seed in seeds:
+    # Seed-major order: a study cut short still covers every skew (with fewer seeds).
+    for seed in seeds:
+        for skew in skews:
             pseed = seed if args.partition_seed is None else args.partition_seed
             data_dir = data_root / f"{args.dataset}-{skew_tag(skew)}-n{args.ranks}-p{pseed}"
             fingerprint = {"ranks": args.ranks, "dataset": args.dataset, "skew": skew,
@@ -344,19 +369,16 @@ def run_study(args: argparse.Namespace, argv: list[str]) -> int:
                                     job.fingerprint["partition_seed"], args.source_dir)
         tv_cache[job.data_dir] = label_skew_tv(manifest)
     failures: list[str] = []
-    for job in jobs:
-        progress.begin_job(f"{job.skew} seed {job.seed}: {','.join(job.norms)}")
-        outcome = launch(job, args.ranks, launcher, args.timeout, progress.epoch)
-        # Harvest at once, even from a failed job: its finished schemes count as done.
-        for norm, rec in harvest(job.run_dir, job.fingerprint).items():
-            if norm in norms:
-                rows[(norm, job.skew, job.seed)] = (rec, job.fingerprint["partition_seed"])
-        report()
-        status = "ok" if outcome.ok else f"FAILED: {outcome.message}"
-        progress.line(f"[job {progress.job}/{len(jobs)}] {job.tag} {outcome.wall_s:.1f} s, "
-                      f"{status}")
-        if not outcome.ok:
-            failures.append(f"{job.tag}: {outcome.message}")
+    # SIGTERM (scancel, the SLURM scripts' signal forwarding) unwinds like Ctrl-C: the running
+    # job's ranks are killed, finished schemes stay on disk for the resumed run.
+    saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
+    terminate_on_sigterm()
+    try:
+        failures = _run_jobs(jobs, args, launcher, progress, rows, norms, report)
+    finally:
+        if threading.current_thread() is threading.main_thread():
+            for sig, handler in saved.items():
+                signal.signal(sig, handler)
     ordered = report()
     progress.line(f"{len(ordered)}/{total_points} points done; wrote {out / 'accuracy.csv'}, "
                   f"accuracy.md, accuracy.png, curves.png")

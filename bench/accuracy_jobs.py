@@ -18,8 +18,10 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Callable, Optional, Sequence
 
+from bench.sweep import LAUNCHER_ENV, SweepError, launcher_command
+from bench.sweep import default_launcher as sweep_default_launcher
 from disdl_mpi.atomic import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -34,26 +36,17 @@ class StudyError(RuntimeError):
 
 
 def default_launcher() -> str:
-    """``DISDL_LAUNCHER`` if set, else the mpiexec beside this Python (the venv's MPICH)."""
-    env = os.environ.get("DISDL_LAUNCHER", "").strip()
-    if env:
-        return env
-    local = Path(sys.executable).parent / "mpiexec"
-    return f"{shlex.quote(str(local)) if local.exists() else 'mpiexec'} -n {{n}}"
+    """``$DISDL_LAUNCHER`` if set, else the mpiexec beside this Python (the venv's MPICH)."""
+    return os.environ.get(LAUNCHER_ENV, "").strip() or sweep_default_launcher()
 
 
-def launcher_argv(template: str, n: int) -> list[str]:
-    """Split a launcher template such as ``srun --mpi=pmi2 -n {n}`` into argv for ``n`` ranks."""
-    if "{n}" not in template:
-        raise StudyError(f"launcher template {template!r} has no '{{n}}' for the rank count "
-                         f"(e.g. 'mpiexec -n {{n}}' or 'srun --mpi=pmi2 -n {{n}}')")
+def launcher_argv(template: str, n: int, args: Sequence[str] = ()) -> list[str]:
+    """The template for ``n`` ranks, then this Python and ``args`` (bench.sweep's convention:
+    ``{n}`` is the rank count, an optional ``{python}`` places the interpreter)."""
     try:
-        argv = shlex.split(template.replace("{n}", str(int(n))))
-    except ValueError as exc:
-        raise StudyError(f"launcher template {template!r}: {exc}") from None
-    if not argv:
-        raise StudyError("launcher template is empty")
-    return argv
+        return launcher_command(template, n, list(args))
+    except SweepError as exc:
+        raise StudyError(str(exc)) from None
 
 
 def skew_tag(skew: str) -> str:
@@ -98,10 +91,10 @@ def next_attempt(run_dir: Path) -> Path:
 
 def run_command(job: Job, attempt: Path, ranks: int, launcher: str) -> list[str]:
     """The full command line of a job: launcher prefix, then the run with its options."""
-    return [*launcher_argv(launcher, ranks), sys.executable, "-m", "disdl_mpi.run",
-            "--data-dir", str(job.data_dir), "--norm", ",".join(job.norms),
+    return launcher_argv(launcher, ranks, [
+            "-m", "disdl_mpi.run", "--data-dir", str(job.data_dir), "--norm", ",".join(job.norms),
             "--seed", str(job.seed), "--out", str(attempt), "--progress", "lines",
-            *job.run_args]
+            *job.run_args])
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

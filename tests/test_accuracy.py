@@ -11,15 +11,15 @@ import json
 import shutil
 import subprocess
 import sys
+import time
 
 import numpy as np
 import pytest
 
 from tests.mpi_helpers import ROOT, mpi_env
 
-# 2 ranks, 2 epochs of 3 steps: enough to beat chance clearly, small enough to be quick.
-TINY = ["--ranks", "2", "--epochs", "2", "--run-args", "--global-batch-size 512",
-        "--progress", "lines", "--timeout", "120"]
+# 2 ranks, 2 epochs of 12 steps: enough to beat chance clearly, small enough to be quick.
+TINY = ["--ranks", "2", "--epochs", "2", "--progress", "lines", "--timeout", "180"]
 
 
 def study(out, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
@@ -27,6 +27,14 @@ def study(out, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess
     return subprocess.run([sys.executable, "-m", "bench.accuracy", *TINY, "--out", str(out),
                            *extra], capture_output=True, text=True, timeout=timeout,
                           cwd=str(ROOT), env=mpi_env())
+
+
+def study_here(capsys, out, *extra: str) -> tuple[int, str, str]:
+    """The driver in this process (no interpreter start-up): (exit code, stdout, stderr)."""
+    from bench.accuracy import main
+    rc = main([*TINY, "--out", str(out), *extra])
+    captured = capsys.readouterr()
+    return rc, captured.out, captured.err
 
 
 def read_rows(path) -> list[dict]:
@@ -83,7 +91,7 @@ def test_quick_study_writes_all_outputs(quick_study):
 
 
 @pytest.mark.mpi
-def test_rerun_skips_done_points_and_trains_only_missing_schemes(quick_study, tmp_path):
+def test_rerun_skips_done_points(quick_study, tmp_path):
     src, _ = quick_study
     out = tmp_path / "study"
     shutil.copytree(src, out)
@@ -94,40 +102,47 @@ def test_rerun_skips_done_points_and_trains_only_missing_schemes(quick_study, tm
     assert "4 already done, 0 job(s) to run" in again.stdout
     assert not list(out.glob("runs/*/a1")), "a done point was launched again"
     assert (out / "accuracy.csv").read_text() == before
-    # Adding a scheme launches one job per (skew, seed) with only that scheme.
-    more = study(out, "--quick", "--norm", "bn,gn,none", "--skew", "iid", "--seeds", "1")
-    assert more.returncode == 0, more.stdout[-2000:] + more.stderr[-2000:]
-    assert "2 already done, 1 job(s) to run" in more.stdout
-    job = json.loads((out / "runs" / "iid-s0" / "a1" / "job.json").read_text())
-    assert job["norms"] == ["none"]
-    rows = read_rows(out / "accuracy.csv")
-    assert [r["norm"] for r in rows] == ["bn", "gn", "none"]
-    old = {r["norm"]: r["test_accuracy"] for r in read_rows(src / "accuracy.csv")
-           if r["skew"] == "iid"}
-    assert {r["norm"]: r["test_accuracy"] for r in rows if r["norm"] != "none"} == old
+    # Other settings (more epochs) make the old points stale: all would be retrained.
+    plan = study(out, "--quick", "--norm", "bn,gn", "--skew", "iid", "dirichlet:0.1",
+                 "--seeds", "1", "--epochs", "3", "--dry-run")
+    assert "0 already done, 2 job(s) to run" in plan.stdout
 
 
 @pytest.mark.mpi
-def test_same_seed_and_world_size_give_identical_accuracy(quick_study, tmp_path):
+def test_interrupted_job_resumes_its_missing_scheme_with_identical_result(quick_study,
+                                                                         tmp_path):
+    """A job killed after its first scheme leaves summary.json with that scheme only; the
+    rerun trains just the missing one, and (same seed, same world size) gets the very same
+    accuracy, epoch by epoch, as the uninterrupted run did."""
     src, _ = quick_study
-    proc = study(tmp_path / "again", "--quick", "--norm", "bn,gn", "--skew", "dirichlet:0.1",
+    out = tmp_path / "study"
+    shutil.copytree(src, out)
+    summary_path = out / "runs" / "dirichlet-0.1-s0" / "a0" / "summary.json"
+    summary = json.loads(summary_path.read_text())
+    original = {r["norm"]: r for r in summary["runs"]}
+    summary["runs"] = [r for r in summary["runs"] if r["norm"] == "bn"]
+    summary_path.write_text(json.dumps(summary))
+    proc = study(out, "--quick", "--norm", "bn,gn", "--skew", "iid", "dirichlet:0.1",
                  "--seeds", "1")
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    first = {p["norm"]: p for p in json.loads((src / "points.json").read_text())["points"]
-             if p["skew"] == "dirichlet:0.1"}
-    second = {p["norm"]: p for p in
-              json.loads((tmp_path / "again" / "points.json").read_text())["points"]}
-    assert set(first) == set(second) == {"bn", "gn"}
-    for norm in first:
-        # Exact equality: every epoch's test accuracy, not only the last.
-        assert second[norm]["curve"] == first[norm]["curve"], norm
-        assert second[norm]["test_accuracy"] == first[norm]["test_accuracy"], norm
+    assert "3 already done, 1 job(s) to run" in proc.stdout
+    job = json.loads((summary_path.parent.parent / "a1" / "job.json").read_text())
+    assert job["norms"] == ["gn"]
+    rerun = json.loads((summary_path.parent.parent / "a1" / "summary.json").read_text())
+    assert [r["norm"] for r in rerun["runs"]] == ["gn"]
+    # Exact equality, every epoch: two runs with the same seed and world size agree.
+    got = [e["test_accuracy"] for e in rerun["runs"][0]["epochs_log"]]
+    want = [e["test_accuracy"] for e in original["gn"]["epochs_log"]]
+    assert got == want and len(got) == 2
+    rows = {(r["norm"], r["skew"]): r["test_accuracy"] for r in read_rows(out / "accuracy.csv")}
+    assert rows == {(r["norm"], r["skew"]): r["test_accuracy"]
+                    for r in read_rows(src / "accuracy.csv")}
 
 
-def test_dry_run_plans_quick_defaults(tmp_path):
-    proc = study(tmp_path / "s", "--quick", "--dry-run", timeout=60)
-    assert proc.returncode == 0, proc.stderr
-    planned = [ln for ln in proc.stdout.splitlines() if ln.startswith("would run:")]
+def test_dry_run_plans_quick_defaults(tmp_path, capsys):
+    rc, stdout, stderr = study_here(capsys, tmp_path / "s", "--quick", "--dry-run")
+    assert rc == 0, stderr
+    planned = [ln for ln in stdout.splitlines() if ln.startswith("would run:")]
     # --quick: 1 seed x the 2 quick skews, every registered scheme in one job each.
     assert [ln.split(":")[1].strip() for ln in planned] == ["iid-s0", "dirichlet-0.1-s0"]
     from disdl_mpi.norms import available_norms
@@ -142,23 +157,26 @@ def test_dry_run_plans_quick_defaults(tmp_path):
     (["--run-args", "--seed 3"], "must not set --seed"),
     (["--skew", "shards:2"], "shards:2"),  # 2 ranks x 2 classes cannot cover 10 classes
 ])
-def test_bad_input_fails_before_any_job(tmp_path, extra, message):
-    proc = study(tmp_path / "s", *extra, timeout=60)
-    assert proc.returncode == 2
-    assert message in proc.stderr and "Traceback" not in proc.stderr
+def test_bad_input_fails_before_any_job(tmp_path, capsys, extra, message):
+    rc, _, stderr = study_here(capsys, tmp_path / "s", *extra)
+    assert rc == 2
+    assert message in stderr and "Traceback" not in stderr
     assert not list((tmp_path / "s").glob("runs/*/a*"))
 
 
-def test_failed_and_hung_jobs_are_reported_not_waited_for(tmp_path):
+def test_failed_and_hung_jobs_are_reported_not_waited_for(tmp_path, capsys):
     # A launcher that exits 1 and one that hangs (killed by --timeout): the study goes on,
     # reports each job with its log, and exits non-zero.
-    failing = study(tmp_path / "f", "--norm", "gn", "--skew", "iid", "--seeds", "1",
-                    "--launcher", "false {n}", timeout=60)
-    assert failing.returncode == 1 and "exit code 1" in failing.stderr
+    rc, _, err = study_here(capsys, tmp_path / "f", "--norm", "gn", "--skew", "iid",
+                            "--seeds", "1", "--launcher", "false {n}")
+    assert rc == 1 and "exit code 1" in err
     assert (tmp_path / "f" / "runs" / "iid-s0" / "a0" / "log.txt").exists()
-    hung = study(tmp_path / "h", "--norm", "gn", "--skew", "iid", "--seeds", "1",
-                 "--launcher", "bash -c 'sleep 60' {n}", "--timeout", "2", timeout=60)
-    assert hung.returncode == 1 and "timed out after 2 s" in hung.stderr
+    start = time.monotonic()
+    rc, _, err = study_here(capsys, tmp_path / "h", "--norm", "gn", "--skew", "iid",
+                            "--seeds", "1", "--launcher", "bash -c 'sleep 60' {n}",
+                            "--timeout", "2")
+    assert rc == 1 and "timed out after 2 s" in err
+    assert time.monotonic() - start < 30
 
 
 def test_label_skew_and_summary_statistics():
@@ -173,3 +191,20 @@ def test_label_skew_and_summary_statistics():
     rows = [{"skew": "a", "label_skew_tv": 0.1}, {"skew": "b", "label_skew_tv": 0.6},
             {"skew": "c", "label_skew_tv": 0.4}]
     assert strongest_skew(rows, ["a", "b", "c"]) == "b"
+
+
+@pytest.mark.parametrize("cifar_dir, message", [
+    (None, "set CIFAR_DIR"),
+    ("/nonexistent-cifar", "has neither cifar-10-batches-py/"),
+])
+def test_cifar_sbatch_refuses_missing_data_before_any_work(tmp_path, cifar_dir, message):
+    """The GPU-scale script checks the user-supplied data first (it cannot run here: no GPU,
+    no CIFAR-10 files); run as a plain script with the variables sbatch would set."""
+    env = {k: v for k, v in mpi_env().items() if k != "CIFAR_DIR"}
+    env.update(SLURM_JOB_ID="1", SLURM_SUBMIT_DIR=str(tmp_path), DISDL_HOME=str(ROOT))
+    if cifar_dir:
+        env["CIFAR_DIR"] = cifar_dir
+    proc = subprocess.run(["bash", str(ROOT / "slurm" / "cifar10_resnet20.sbatch")],
+                          capture_output=True, text=True, timeout=30, env=env)
+    assert proc.returncode == 2 and message in proc.stderr
+    assert not (tmp_path / "results").exists()
