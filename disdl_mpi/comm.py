@@ -104,5 +104,6 @@ def agree_or_raise(comm: MPI.Comm, error: str | None, *, exc_type=UserError) -> 
     errors = comm.allgather(error)
     bad = [(r, e) for r, e in enumerate(errors) if e]
     if bad:
-        text = "\n".join(e for _, e in bad)
+        # Errors every rank sees alike (configuration) are reported once, not once per rank.
+        text = "\n".join(dict.fromkeys(e for _, e in bad))
         raise exc_type(text, collective=True)

@@ -260,6 +260,10 @@ def train_scheme(ctx: TrainContext, norm_name: str, resume: Optional[Any] = None
                 ctx.progress(step, max_steps, f"{norm_name} epoch {epoch + 1}/{epochs}")
             if decision is not None and decision.preempt:
                 name = signal_name(decision.signum)
+                if ctx.checkpointer is None:
+                    raise Preempted(f"{name} received on rank {decision.signal_rank}: stopped "
+                                    f"at step {step} of scheme {norm_name} (no checkpointer)",
+                                    decision.signum)
                 path = checkpoint(epoch, i + 1, f"{name} at step {step}")
                 raise Preempted(f"{name} received on rank {decision.signal_rank}: checkpoint "
                                 f"of scheme {norm_name} at step {step} written to {path}; "

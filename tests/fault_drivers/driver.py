@@ -1,0 +1,112 @@
+"""Fault-injection wrapper around ``python -m disdl_mpi.run`` for the fault suite.
+
+Launched as ``mpiexec -n N python tests/fault_drivers/driver.py [run options]``. Faults come
+from environment variables so the run's own command line stays exactly what users type:
+
+- ``FAULT_PIDS=DIR``: every rank writes ``DIR/rank<R>.pid`` (the test signals/kills by pid).
+- ``FAULT_PROGRESS=FILE``: rank 0 rewrites FILE with ``<scheme> <step>`` after every step.
+- ``FAULT_STEP_SLEEP=S``: every rank sleeps S seconds per step (time for a test to react).
+- ``FAULT_NAN=RANK:STEP:KIND``: on RANK, the STEP-th training loss (1-based) is made
+  non-finite; KIND ``loss`` poisons the loss value, ``grad`` keeps the loss finite and
+  poisons only its gradient.
+- ``FAULT_EXTRA_BARRIER=RANK``: RANK calls one extra Barrier before its first evaluation, a
+  real collective-ordering bug for ``--check-collectives`` to catch.
+"""
+from __future__ import annotations
+
+import os
+import sys
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+
+import disdl_mpi.run as run
+import disdl_mpi.trainer as trainer
+
+RANK = MPI.COMM_WORLD.Get_rank()
+
+
+def _pids() -> None:
+    d = os.environ.get("FAULT_PIDS")
+    if d:
+        Path(d).mkdir(parents=True, exist_ok=True)
+        (Path(d) / f"rank{RANK}.pid").write_text(str(os.getpid()))
+
+
+def _progress() -> None:
+    path = os.environ.get("FAULT_PROGRESS")
+    pause = float(os.environ.get("FAULT_STEP_SLEEP", "0") or 0)
+    if not path and not pause:
+        return
+
+    def make(mode: str, rank: int):
+        def cb(step: int, total: int, label: str) -> None:
+            if path and rank == 0:
+                tmp = Path(path + ".tmp")
+                tmp.write_text(f"{label.split()[0]} {step}\n")
+                os.replace(tmp, path)
+            if pause:
+                time.sleep(pause)
+        return cb
+
+    run.make_progress = make
+
+
+class _PoisonGrad(torch.autograd.Function):
+    """Identity forward; NaN backward: a finite loss whose gradient is not."""
+
+    @staticmethod
+    def forward(ctx, x):
+        return x.clone()
+
+    @staticmethod
+    def backward(ctx, g):
+        return g * float("nan")
+
+
+def _nan() -> None:
+    spec = os.environ.get("FAULT_NAN")
+    if not spec:
+        return
+    rank, step, kind = spec.split(":")
+    if int(rank) != RANK:
+        return
+    real = F.cross_entropy
+    calls = [0]
+
+    def poisoned(*args, **kwargs):
+        loss = real(*args, **kwargs)
+        if kwargs.get("reduction") == "sum":  # the training loss, once per step
+            calls[0] += 1
+            if calls[0] == int(step):
+                return loss * float("nan") if kind == "loss" else _PoisonGrad.apply(loss)
+        return loss
+
+    trainer.F = type("F", (), {"cross_entropy": staticmethod(poisoned)})
+
+
+def _extra_barrier() -> None:
+    spec = os.environ.get("FAULT_EXTRA_BARRIER")
+    if not spec or int(spec) != RANK:
+        return
+    real = trainer.evaluate_sharded
+    done = [False]
+
+    def buggy(model, x, y, comm):
+        if not done[0]:
+            done[0] = True
+            comm.Barrier()
+        return real(model, x, y, comm)
+
+    trainer.evaluate_sharded = buggy
+
+
+if __name__ == "__main__":
+    _pids()
+    _progress()
+    _nan()
+    _extra_barrier()
+    sys.exit(run.main(sys.argv[1:]))

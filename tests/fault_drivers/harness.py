@@ -1,0 +1,89 @@
+"""Launch a job in the background, find its rank processes, and check none survive."""
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+from tests.mpi_helpers import ROOT, mpi_env, mpiexec
+
+DRIVER = str(Path(__file__).with_name("driver.py"))
+
+
+class Job:
+    """``mpiexec -n N python driver.py ARGS`` in its own session, with fault env vars."""
+
+    def __init__(self, n: int, args: list[str], workdir: Path, env: dict | None = None):
+        self.pid_dir = workdir / "pids"
+        self.progress = workdir / "progress"
+        extra = {"FAULT_PIDS": str(self.pid_dir), "FAULT_PROGRESS": str(self.progress)}
+        extra.update(env or {})
+        self.n = n
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen([mpiexec(), "-n", str(n), sys.executable, DRIVER, *args],
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=mpi_env(extra), cwd=str(ROOT), start_new_session=True)
+
+    def rank_pids(self, timeout: float = 60) -> list[int]:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            files = [self.pid_dir / f"rank{r}.pid" for r in range(self.n)]
+            if all(f.exists() and f.read_text() for f in files):
+                return [int(f.read_text()) for f in files]
+            self._fail_if_exited("before writing pids")
+            time.sleep(0.05)
+        raise AssertionError("ranks did not start in time")
+
+    def wait_for_step(self, scheme: str, step: int, timeout: float = 90) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                name, at = self.progress.read_text().split()
+                if name == scheme and int(at) >= step:
+                    return
+            except (OSError, ValueError):
+                pass
+            self._fail_if_exited(f"before {scheme} step {step}")
+            time.sleep(0.02)
+        raise AssertionError(f"job never reached {scheme} step {step}")
+
+    def _fail_if_exited(self, what: str) -> None:
+        if self.proc.poll() is not None:
+            out, err = self.proc.communicate()
+            raise AssertionError(f"job exited rc={self.proc.returncode} {what}\n{out}\n{err}")
+
+    def wait(self, timeout: float) -> tuple[int, str, str]:
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"job still running after {timeout}s (a hang)") from None
+        return self.proc.returncode, out, err
+
+    def kill(self) -> None:
+        """Clean-up of a failed test: the launcher's session, then any rank left."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in self.known_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.communicate()
+
+    def known_pids(self) -> list[int]:
+        return [int(f.read_text()) for f in self.pid_dir.glob("rank*.pid") if f.read_text()]
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"
