@@ -343,8 +343,9 @@ def run_study(args: argparse.Namespace, argv: list[str]) -> int:
         from disdl_mpi.atomic import write_text
         write_text(out / "accuracy.md", markdown(ordered, norms, skews, header))
         if ordered:
+            done_seeds = len({r["seed"] for r in ordered})
             title = (f"{args.dataset}, {args.ranks} ranks, {epochs} epochs, "
-                     f"{len(seeds)} seed(s)")
+                     f"up to {done_seeds} seed(s)")
             bar_plot(out / "accuracy.png", ordered, norms, skews, title)
             strong = strongest_skew(ordered, skews)
             if strong:

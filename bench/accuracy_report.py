@@ -90,7 +90,7 @@ def markdown(rows: Sequence[dict], norms: Sequence[str], skews: Sequence[str],
                 cells.append("—")
                 continue
             m, sd, k = stats[(n, s)]
-            text = f"{_pct(m)} ± {_pct(sd)} (n={k})"
+            text = f"{_pct(m)} ± {_pct(sd)} (n={k})" if k > 1 else f"{_pct(m)} (n=1)"
             cells.append(f"**{text}**" if best[s] == n else text)
         lines.append(f"| {n} | " + " | ".join(cells) + " |")
     lines += ["", f"Gap to the IID-BatchNorm reference ({_pct(ref[0])} %, "
@@ -174,7 +174,8 @@ def bar_plot(path: Path, rows: Sequence[dict], norms: Sequence[str], skews: Sequ
     ax.set_ylabel("test accuracy (%)")
     ax.set_ylim(0, 100)
     ax.set_title(title)
-    ax.legend(title="partition", fontsize=8, ncol=min(5, len(skews) + 1), loc="lower right")
+    # Outside the axes: inside, it would hide the bars, which reach the top for most schemes.
+    ax.legend(title="partition", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     ax.grid(axis="y", alpha=0.3)
     _save(fig, path)
 
@@ -204,5 +205,5 @@ def curve_plot(path: Path, rows: Sequence[dict], norms: Sequence[str], skew: str
     ax.set_ylim(0, 100)
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=8, ncol=3, loc="lower right")
+    ax.legend(title="scheme", fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
     _save(fig, path)
