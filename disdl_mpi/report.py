@@ -14,6 +14,7 @@ import argparse
 import json
 import os
 import re
+import shlex
 import sys
 import time
 from dataclasses import dataclass, field
@@ -181,7 +182,7 @@ def build(dirs: list[Path], out: Path) -> tuple[Path, Path]:
             paths |= {r.get("allreduce_path") for r in meta.get("rows", [])
                       if r.get("allreduce_path")}
             if meta.get("command"):
-                body += ["Command: `" + " ".join(meta["command"][1:]) + "`", ""]
+                body += ["Command: `" + shlex.join(["python", *meta["command"][1:]]) + "`", ""]
             body += [_demote((d / "scaling.md").read_text()) if (d / "scaling.md").exists()
                      else f"(no scaling.md in {d})", ""]
             _image(body, d / "scaling.png", out, f"Throughput and efficiency vs ranks ({d})")
