@@ -106,6 +106,34 @@ class SlurmJob:
 
 
 @dataclass
+class PendingJob:
+    """A job submitted with ``sbatch --wait`` whose sbatch process is still waiting."""
+
+    cluster: "SlurmCluster"
+    proc: subprocess.Popen
+    job_id: int
+    out_file: Path
+
+    def output(self) -> str:
+        return self.out_file.read_text(errors="replace") if self.out_file.exists() else ""
+
+    def wait(self, timeout: float) -> SlurmJob:
+        """Wait for the job to end; on timeout cancel it (a pending job can't outlive the test)."""
+        try:
+            stdout, stderr = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.cluster.run(["scancel", str(self.job_id)])
+            self.proc.kill()
+            self.proc.communicate()
+            raise AssertionError(f"job {self.job_id} did not finish within {timeout} s; "
+                                 f"output so far:\n{self.output()[-4000:]}\n"
+                                 f"{self.cluster.logs()}") from None
+        return SlurmJob(self.job_id, self.proc.returncode, self.output(),
+                        f"{self.job_id}\n{stdout}", stderr,
+                        self.cluster.job_state(self.job_id))
+
+
+@dataclass
 class SlurmCluster:
     """A running private cluster; ``root`` holds its conf, state, logs and pid files."""
 
@@ -156,13 +184,12 @@ class SlurmCluster:
             time.sleep(0.3)
         raise SlurmUnavailable(f"node not idle after {timeout} s (sinfo: {last!r})\n{self.logs()}")
 
-    def sbatch(self, script: Path | str, sbatch_args: list[str] | None = None,
+    def submit(self, script: Path | str, sbatch_args: list[str] | None = None,
                script_args: list[str] | None = None, *, env: dict | None = None,
-               cwd: Path | str | None = None, timeout: float = 180) -> SlurmJob:
-        """Submit ``script`` with ``sbatch --wait`` under a hard timeout; return job + output.
+               cwd: Path | str | None = None) -> "PendingJob":
+        """Start ``sbatch --wait --parsable`` and return once SLURM has given the job id.
 
-        The output file is ``<cwd>/slurm-<jobid>.out`` unless sbatch_args set ``-o``. On timeout
-        the job is cancelled so a pending job can't outlive the test.
+        The output file is ``<cwd>/slurm-<jobid>.out`` unless sbatch_args set ``-o``.
         """
         cwd = Path(cwd or self.root)
         out_pattern = str(cwd / "slurm-%j.out")
@@ -170,33 +197,54 @@ class SlurmCluster:
                 str(script), *(script_args or [])]
         proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                                 env=self.env(env), cwd=str(cwd))
-        try:
-            stdout, stderr = proc.communicate(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            proc.kill()
-            stdout, stderr = proc.communicate()
-            job = re.search(r"(\d+)", stdout or "")
-            if job:
-                self.run(["scancel", job.group(1)])
-            raise AssertionError(f"sbatch --wait {script} did not finish within {timeout} s "
-                                 f"(stdout={stdout!r}, stderr={stderr[-2000:]!r})\n{self.logs()}")
-        match = re.search(r"^(\d+)", stdout.strip())
+        assert proc.stdout is not None
+        first = proc.stdout.readline()   # sbatch prints the id before it starts waiting
+        match = re.match(r"^(\d+)", first.strip())
         if not match:
-            raise AssertionError(f"sbatch gave no job id (rc={proc.returncode}): "
-                                 f"{stdout!r} {stderr[-2000:]!r}")
-        job_id = int(match.group(1))
-        state = ""
+            rest, err = proc.communicate(timeout=30)
+            raise AssertionError(f"sbatch {script} gave no job id (rc={proc.returncode}): "
+                                 f"{first + rest!r} {err[-2000:]!r}")
+        return PendingJob(self, proc, int(match.group(1)),
+                          Path(out_pattern.replace("%j", match.group(1))))
+
+    def sbatch(self, script: Path | str, sbatch_args: list[str] | None = None,
+               script_args: list[str] | None = None, *, env: dict | None = None,
+               cwd: Path | str | None = None, timeout: float = 180) -> SlurmJob:
+        """Submit ``script`` with ``sbatch --wait`` under a hard timeout; return job + output."""
+        return self.submit(script, sbatch_args, script_args, env=env, cwd=cwd).wait(timeout)
+
+    def job_state(self, job_id: int) -> str:
+        """JobState from scontrol ('' once the job has aged out of slurmctld)."""
         show = self.run(["scontrol", "show", "job", str(job_id)])
         found = re.search(r"JobState=(\S+)", show.stdout)
-        if found:
-            state = found.group(1)
-        out_file = Path(out_pattern.replace("%j", str(job_id)))
-        output = out_file.read_text(errors="replace") if out_file.exists() else ""
-        return SlurmJob(job_id, proc.returncode, output, stdout, stderr, state)
+        return found.group(1) if found else ""
+
+    def _job_pids(self) -> list[int]:
+        """Processes of this cluster's jobs: slurmstepd and the job's tasks inherit our
+        SLURM_CONF (slurmd passes its environment on), which no other process has."""
+        marker = f"SLURM_CONF={self.conf}\0".encode()
+        pids = []
+        for entry in Path("/proc").iterdir():
+            if not entry.name.isdigit() or int(entry.name) == os.getpid():
+                continue
+            try:
+                if marker in (entry / "environ").read_bytes():
+                    pids.append(int(entry.name))
+            except OSError:
+                continue
+        return pids
 
     def stop(self, grace: float = 5) -> None:
-        """TERM every daemon by pid, then KILL the ones still alive after ``grace`` seconds."""
+        """Cancel jobs, TERM every daemon by pid, then KILL what is alive after ``grace`` s.
+
+        Job steps survive their slurmd, so leftovers (a test that timed out) are found by
+        their SLURM_CONF and stopped the same way."""
+        try:
+            self.run(["scancel", "--full", f"--partition={self.partition}"], timeout=10)
+        except (OSError, subprocess.TimeoutExpired):
+            pass
         pids = [p for p in (_read_pid(f) for f in self.pid_files) if p]
+        pids += [p for p in self._job_pids() if p not in pids]
         for pid in pids:
             try:
                 os.kill(pid, signal.SIGTERM)
@@ -250,10 +298,11 @@ def _write_conf(root: Path, node: str, cpus: int, ports: list[int],
                 munge_socket: Path | None) -> None:
     if munge_socket is not None:
         auth = (f"AuthType=auth/munge\nCredType=cred/munge\n"
-                f"AuthInfo=socket={munge_socket}\n")
+                f"AuthInfo=socket={munge_socket},cred_expire=10\n")
     else:
         # Slurm 22.05 still ships auth/none + cred/none: fine for a private test node.
-        auth = "AuthType=auth/none\nCredType=cred/none\n"
+        auth = "AuthType=auth/none\nCredType=cred/none\nAuthInfo=cred_expire=10\n"
+    # cred_expire=10: a requeued job may start again after 10 s instead of the default 120 s.
     conf = f"""\
 # Private single-node test cluster written by tests/slurm_cluster.py
 ClusterName=disdltest
@@ -279,6 +328,7 @@ ReturnToService=2
 MinJobAge=5
 KillWait=5
 SchedulerType=sched/builtin
+SchedulerParameters=sched_interval=1
 NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
 PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
 """
