@@ -297,6 +297,8 @@ class Checkpointer:
             out.append(f"partition: manifest sha256 {str(meta.get('manifest_sha256'))[:12]}... "
                        f"in the checkpoint, {mine['manifest_sha256'][:12]}... here "
                        f"(another --data-dir or a rebuilt partition)")
+        if meta.get("norms") != mine["norms"]:
+            out.append(f"schemes: checkpoint {meta.get('norms')}, job {mine['norms']}")
         theirs = meta.get("config") or {}
         for k in MATTERS:
             if theirs.get(k) != mine["config"].get(k):
