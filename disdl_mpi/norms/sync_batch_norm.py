@@ -4,7 +4,9 @@ Forward: one fused Allreduce of a float64 [count, sum, sumsq] buffer per layer. 
 ``x - K`` with K = the layer's running mean (the "shifted data" algorithm): K is identical on
 every rank because every rank applies the same global update to it, and being close to the
 batch mean it keeps ``E[(x-K)^2] - E[x-K]^2`` free of the cancellation that plain sums of
-squares suffer when |mean| >> std. Backward: one fused Allreduce of [sum dy, sum dy*xhat].
+squares suffer when |mean| >> std. Each rank derives its shifted sums from its local mean and
+M2 (torch's Welford reduction), never from a raw float32 sum of squares.
+Backward: one fused Allreduce of [sum dy, sum dy*xhat].
 
 Gradient convention. The input gradient of global BN mixes ``dy`` from every rank, so every
 rank's ``dy`` must be in the same units:
@@ -20,20 +22,43 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
+import numpy as np
 import torch
+import torch.nn.functional as F
+from mpi4py import MPI
 from torch import nn
 
-from ..mpi_ops import allreduce_
-from .local_layers import _reduce_dims
 from .registry import CommTimer
 
 CONVENTIONS = ("local_mean", "global")
 
 
-def _allreduce(buf: torch.Tensor, comm: Any, timer: Optional[CommTimer]) -> torch.Tensor:
+def _allreduce_host(buf: np.ndarray, comm: Any, timer: Optional[CommTimer]) -> None:
+    """In-place sum of a small float64 host buffer over ``comm`` (timed into ``timer``)."""
+    if comm.Get_size() == 1:
+        return
     if timer is None:
-        return allreduce_(buf, comm)
-    return timer.timed(lambda: allreduce_(buf, comm))
+        comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+    else:
+        timer.timed(lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
+
+
+def _host64(t: torch.Tensor) -> np.ndarray:
+    """A per-channel vector as float64 numpy (numpy: these C-sized ops cost ~1 us, not ~10)."""
+    t = t.detach()
+    if t.device.type != "cpu":
+        t = t.cpu()
+    return t.numpy().astype(np.float64)
+
+
+def _to(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
+    t = torch.from_numpy(np.ascontiguousarray(a, dtype=_NP_DTYPE.get(like.dtype, np.float32)))
+    if t.dtype != like.dtype:  # float16/bfloat16 inputs
+        t = t.to(like.dtype)
+    return t.to(like.device, non_blocking=True) if like.device.type != "cpu" else t
+
+
+_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
 
 
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
@@ -41,81 +66,101 @@ def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
 
 
 class _SyncBNFunction(torch.autograd.Function):
-    """Training-mode global batch norm; running stats are updated in place in forward."""
+    """Training-mode global batch norm; running stats are updated in place in forward.
+
+    The per-element work is done by torch's native (fused) batch-norm kernels, called with the
+    GLOBAL statistics as if they were running statistics; only the per-channel reductions and
+    their allreduces are ours, and the C-sized arithmetic runs in float64 numpy on the host
+    (a GPU input pays one small device-to-host copy per collective, which the allreduce
+    needs anyway). That keeps the cost close to local BN.
+    """
 
     @staticmethod
     def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, comm, timer,
                 convention):
         c = x.shape[1]
-        dims = _reduce_dims(x)
         n_local = x.numel() // c if c else 0
-        shift = running_mean.detach().to(x.dtype)
-        buf = torch.empty(2 * c + 1, dtype=torch.float64, device=x.device)
-        buf[0] = float(n_local)
+        shift = _host64(running_mean)
+        buf = np.zeros(2 * c + 1, dtype=np.float64)
+        buf[0] = n_local
         if n_local:
-            xs = x - _channel_view(shift, x.dim())
-            buf[1:c + 1] = xs.sum(dims, dtype=torch.float64)
-            buf[c + 1:] = (xs * xs).sum(dims, dtype=torch.float64)
-        else:
-            buf[1:] = 0.0  # an empty rank still joins the collective with zeros
-        _allreduce(buf, comm, timer)
-        n = float(buf[0].item())
+            # Local mean and biased variance from torch's native (fused, Welford-type) kernel
+            # (eps=0, so var = invstd^-2), re-expressed as sums of (x - K):
+            # S1 = n (m - K), S2 = n (var + (m - K)^2): exact algebra, no raw sum of x^2.
+            _, mean_l, invstd_l = torch.ops.aten.native_batch_norm(
+                x.detach(), None, None, None, None, True, 0.0, 0.0)
+            with np.errstate(divide="ignore"):
+                var_l = 1.0 / np.square(_host64(invstd_l))  # invstd inf -> var 0
+            dm = _host64(mean_l) - shift
+            buf[1:c + 1] = dm * n_local
+            buf[c + 1:] = (var_l + dm * dm) * n_local
+        # An empty rank still joins the collective, with zeros.
+        _allreduce_host(buf, comm, timer)
+        n = float(buf[0])
         if n <= 1:
             # Every rank sees the same global count, so every rank raises here together.
             raise ValueError(f"syncbn: expected more than 1 value per channel over all ranks "
                              f"in training, got {int(n)} (input shape {tuple(x.shape)})")
         d_mean = buf[1:c + 1] / n
-        var = (buf[c + 1:] / n - d_mean * d_mean).clamp_(min=0.0)
-        mean = shift.to(torch.float64) + d_mean
+        var = np.maximum(buf[c + 1:] / n - d_mean * d_mean, 0.0)
+        mean = shift + d_mean
+        new_mean = (1 - momentum) * shift + momentum * mean
+        new_var = (1 - momentum) * _host64(running_var) + momentum * var * (n / (n - 1))
         with torch.no_grad():
-            running_mean.mul_(1 - momentum).add_(mean.to(running_mean.dtype), alpha=momentum)
-            running_var.mul_(1 - momentum).add_((var * (n / (n - 1))).to(running_var.dtype),
-                                                alpha=momentum)
-        invstd = torch.rsqrt(var + eps).to(x.dtype)
-        mean = mean.to(x.dtype)
-        xhat = (x - _channel_view(mean, x.dim())) * _channel_view(invstd, x.dim())
-        y = xhat
-        if weight is not None:
-            y = y * _channel_view(weight, x.dim())
-        if bias is not None:
-            y = y + _channel_view(bias, x.dim())
-        ctx.save_for_backward(xhat, invstd, weight)
+            running_mean.copy_(_to(new_mean, running_mean))
+            running_var.copy_(_to(new_var, running_var))
+        mean_x, var_x = _to(mean, x), _to(var, x)
+        # Native fused kernel in inference form: (x - mean) / sqrt(var + eps) * w + b.
+        y = F.batch_norm(x, mean_x, var_x, weight, bias, training=False, eps=eps)
+        ctx.save_for_backward(x, weight, mean_x, var_x)
+        ctx.stats = (mean, var)
         ctx.comm, ctx.timer, ctx.n, ctx.n_local = comm, timer, n, n_local
-        ctx.convention = convention
-        ctx.has_bias = bias is not None
+        ctx.eps, ctx.convention = eps, convention
+        ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        xhat, invstd, weight = ctx.saved_tensors
-        c = xhat.shape[1]
-        dims = _reduce_dims(xhat)
+        x, weight, mean_x, var_x = ctx.saved_tensors
+        c = x.shape[1]
         n, n_local = ctx.n, ctx.n_local
         dy = dy.contiguous()
+        gw = gb = None
         if n_local:
-            sum_dy = dy.sum(dims, dtype=torch.float64)
-            sum_dy_xhat = (dy * xhat).sum(dims, dtype=torch.float64)
+            # Native kernel in inference form gives this rank's sum(dy * xhat) and sum(dy)
+            # with xhat computed from the global statistics.
+            _, gw, gb = torch.ops.aten.native_batch_norm_backward(
+                dy, x, weight, mean_x, var_x, None, None, False, ctx.eps, [False, True, True])
+            buf = np.concatenate([_host64(gb), _host64(gw)])
         else:
-            sum_dy = torch.zeros(c, dtype=torch.float64, device=dy.device)
-            sum_dy_xhat = torch.zeros_like(sum_dy)
+            buf = np.zeros(2 * c, dtype=np.float64)
         # Scale this rank's dy into common (global-mean) units before mixing ranks.
         scale = n_local / n if ctx.convention == "local_mean" else 1.0
-        buf = torch.cat([sum_dy, sum_dy_xhat]) * scale
-        _allreduce(buf, ctx.comm, ctx.timer)
+        buf *= scale
+        _allreduce_host(buf, ctx.comm, ctx.timer)
         grad_x = None
         if ctx.needs_input_grad[0]:
             if n_local:
-                back = 1.0 / scale  # and the input gradient back into this rank's units
-                mean_dy = (buf[:c] * (back / n)).to(dy.dtype)
-                mean_dy_xhat = (buf[c:] * (back / n)).to(dy.dtype)
-                w = invstd if weight is None else invstd * weight
-                nd = dy.dim()
-                grad_x = (dy - _channel_view(mean_dy, nd)
-                          - xhat * _channel_view(mean_dy_xhat, nd)) * _channel_view(w, nd)
+                mean, var = ctx.stats
+                back = 1.0 / (scale * n)  # global means, back in this rank's units
+                mean_dy, mean_dy_xhat = buf[:c] * back, buf[c:] * back
+                invstd = 1.0 / np.sqrt(var + ctx.eps)
+                w = invstd if weight is None else invstd * _host64(weight)
+                # grad_x = w*invstd*(dy - mean_dy - xhat*mean_dy_xhat) = a*dy + (b*x + k):
+                # the per-channel affine b*x + k through the native inference kernel (mean 0,
+                # var 1, eps 0), then one fused multiply-add for a*dy.
+                b = -w * invstd * mean_dy_xhat
+                k = -w * mean_dy - b * mean
+                zero_one = _to(np.array([0.0, 1.0]), x)
+                grad_x = F.batch_norm(x, zero_one[:1].expand(c), zero_one[1:].expand(c),
+                                      _to(b, x), _to(k, x), training=False, eps=0.0)
+                grad_x.addcmul_(dy, _channel_view(_to(w, dy), dy.dim()))
             else:
                 grad_x = torch.zeros_like(dy)
-        grad_w = sum_dy_xhat.to(dy.dtype) if weight is not None else None
-        grad_b = sum_dy.to(dy.dtype) if ctx.has_bias else None
+        if gw is None and (ctx.has_weight or ctx.has_bias):
+            gw = gb = torch.zeros(c, dtype=dy.dtype, device=dy.device)
+        grad_w = gw if ctx.has_weight else None
+        grad_b = gb if ctx.has_bias else None
         return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 

@@ -1,0 +1,145 @@
+"""Step-time overhead of syncbn over local bn, measured side by side in one MPI job.
+
+    mpiexec -n 2 python -m bench.norm_overhead --models cnn,resnet20 --steps 40
+
+Both models (same seed, same data) live in the same processes; steps alternate between the
+schemes (ABBA order) so that noise from a shared machine hits both alike. A step is what the
+trainer does: forward, local-mean cross-entropy, backward with the gradient allreducer
+(weighted, overlapped), optimizer step. Reports median step times, the overhead, and the
+seconds syncbn spent in its own collectives. Only rank 0 prints; ``--json`` writes atomically.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from mpi4py import MPI
+
+from disdl_mpi.allreducer import GradientAllreducer
+from disdl_mpi.models import build_model
+from disdl_mpi.norms import get_norm
+
+SHAPES = {"cnn": (1, 8, 8), "resnet20": (3, 32, 32), "mlp": (64,)}
+
+
+def _step(model, reducer, opt, x, y, weight: float) -> tuple[float, float]:
+    t0, c0 = time.perf_counter(), time.thread_time()
+    opt.zero_grad(set_to_none=False)
+    reducer.begin_step(weight)
+    loss = F.cross_entropy(model(x), y, reduction="sum") / max(1, len(y))
+    loss.backward()
+    reducer.finish_step()
+    opt.step()
+    return time.perf_counter() - t0, time.thread_time() - c0
+
+
+def measure(comm, model_name: str, steps: int, local_batch: int, warmup: int) -> dict:
+    world = comm.Get_size()
+    shape = SHAPES[model_name]
+    g = torch.Generator().manual_seed(100 + comm.Get_rank())
+    x = torch.randn(local_batch, *shape, generator=g)
+    y = torch.randint(0, 10, (local_batch,), generator=g)
+    setups = {}
+    for name in ("bn", "syncbn"):
+        scheme = get_norm(name, comm=comm.Dup() if name == "syncbn" else None)
+        torch.manual_seed(0)
+        model = build_model(model_name, shape, 10, scheme.layer)
+        model.train()
+        opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
+        reducer = GradientAllreducer(model, comm)
+        setups[name] = (scheme, model, reducer, opt)
+    times: dict[str, list[float]] = {"bn": [], "syncbn": []}
+    cpu: dict[str, list[float]] = {"bn": [], "syncbn": []}
+    comm0 = 0.0
+    for i in range(warmup + steps):
+        order = ("bn", "syncbn") if i % 2 == 0 else ("syncbn", "bn")  # ABBA
+        for name in order:
+            scheme, model, reducer, opt = setups[name]
+            comm.Barrier()
+            dt, dc = _step(model, reducer, opt, x, y, 1.0 / world)
+            # The slowest rank sets the step time.
+            dt, dc = comm.allreduce((dt, dc), op=MPI.MAX) if world > 1 else (dt, dc)
+            if i >= warmup:
+                times[name].append(dt)
+                cpu[name].append(dc)
+        if i == warmup - 1:
+            comm0 = setups["syncbn"][0].comm_seconds()
+    sync_comm = comm.allreduce(setups["syncbn"][0].comm_seconds() - comm0, op=MPI.MAX)
+    for scheme, _, reducer, _ in setups.values():
+        reducer.close()
+        if scheme.comm is not None:
+            scheme.comm.Free()
+    bn_med, sb_med = statistics.median(times["bn"]), statistics.median(times["syncbn"])
+    bn_cpu, sb_cpu = statistics.median(cpu["bn"]), statistics.median(cpu["syncbn"])
+    n_norm = sum(1 for m in setups["bn"][1].modules()
+                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    return {"model": model_name, "sample_shape": list(shape), "ranks": world,
+            "local_batch": local_batch, "steps": steps, "norm_layers": n_norm,
+            "bn_step_ms": 1e3 * bn_med, "syncbn_step_ms": 1e3 * sb_med,
+            "overhead_pct": 100.0 * (sb_med / bn_med - 1.0),
+            "bn_cpu_ms": 1e3 * bn_cpu, "syncbn_cpu_ms": 1e3 * sb_cpu,
+            "cpu_overhead_pct": 100.0 * (sb_cpu / bn_cpu - 1.0),
+            "syncbn_comm_ms_per_step": 1e3 * sync_comm / steps,
+            "bn_step_ms_p10_p90": [1e3 * _pct(times["bn"], 10), 1e3 * _pct(times["bn"], 90)],
+            "syncbn_step_ms_p10_p90": [1e3 * _pct(times["syncbn"], 10),
+                                       1e3 * _pct(times["syncbn"], 90)]}
+
+
+def _pct(values: list[float], p: float) -> float:
+    s = sorted(values)
+    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def _write_json(path: Path, obj) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    with os.fdopen(fd, "w") as f:
+        json.dump(obj, f, indent=1)
+    os.replace(tmp, path)
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(prog="python -m bench.norm_overhead", description=__doc__,
+                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--models", default="cnn,resnet20", help="comma list: cnn, resnet20, mlp")
+    p.add_argument("--steps", type=int, default=40, help="timed steps per scheme")
+    p.add_argument("--warmup", type=int, default=5)
+    p.add_argument("--local-batch", type=int, default=64, help="samples per rank per step")
+    p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--json", help="write the results here (rank 0)")
+    args = p.parse_args(argv)
+    torch.set_num_threads(args.threads)
+    comm = MPI.COMM_WORLD
+    rows = []
+    for name in [m.strip() for m in args.models.split(",") if m.strip()]:
+        if name not in SHAPES:
+            raise SystemExit(f"error: unknown model '{name}'; choose from {', '.join(SHAPES)}")
+        rows.append(measure(comm, name, args.steps, args.local_batch, args.warmup))
+    if comm.Get_rank() == 0:
+        print("median per step over ranks' max; wall = elapsed, cpu = this thread's CPU time "
+              "(robust to a busy machine; MPICH's polling waits count as CPU)")
+        print(f"{'model':>9} {'ranks':>5} {'batch/rank':>10} {'bn wall':>8} {'sync wall':>9} "
+              f"{'overhead':>8} {'bn cpu':>8} {'sync cpu':>8} {'overhead':>8} "
+              f"{'sync comm':>9}")
+        for r in rows:
+            print(f"{r['model']:>9} {r['ranks']:>5} {r['local_batch']:>10} "
+                  f"{r['bn_step_ms']:8.2f} {r['syncbn_step_ms']:9.2f} "
+                  f"{r['overhead_pct']:7.1f}% {r['bn_cpu_ms']:8.2f} {r['syncbn_cpu_ms']:8.2f} "
+                  f"{r['cpu_overhead_pct']:7.1f}% {r['syncbn_comm_ms_per_step']:9.3f}")
+        print("(times in ms)")
+        if args.json:
+            _write_json(Path(args.json), {"results": rows, "threads": args.threads,
+                                          "mpi": MPI.Get_library_version().splitlines()[0],
+                                          "torch": torch.__version__})
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
