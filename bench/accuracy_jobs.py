@@ -80,6 +80,22 @@ class JobOutcome:
     message: str = ""
 
 
+def code_version() -> Optional[str]:
+    """The checkout's commit (+ "-dirty" with local changes), so every result names the code
+    that produced it; None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+
+
 def next_attempt(run_dir: Path) -> Path:
     """A fresh ``a<k>`` folder under ``run_dir`` (earlier attempts are kept for harvesting)."""
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -118,7 +134,8 @@ def launch(job: Job, ranks: int, launcher: str, timeout: float,
     attempt = next_attempt(job.run_dir)
     cmd = run_command(job, attempt, ranks, launcher)
     write_json(attempt / "job.json", {"fingerprint": job.fingerprint, "norms": job.norms,
-                                      "command": cmd, "started": time.time()})
+                                      "command": cmd, "started": time.time(),
+                                      "code": code_version()})
     env = dict(os.environ)
     # The run must import this checkout even when the package is not installed.
     env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")

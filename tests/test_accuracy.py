@@ -128,6 +128,7 @@ def test_interrupted_job_resumes_its_missing_scheme_with_identical_result(quick_
     assert "3 already done, 1 job(s) to run" in proc.stdout
     job = json.loads((summary_path.parent.parent / "a1" / "job.json").read_text())
     assert job["norms"] == ["gn"]
+    assert "code" in job  # the commit that produced the result (None outside git)
     rerun = json.loads((summary_path.parent.parent / "a1" / "summary.json").read_text())
     assert [r["norm"] for r in rerun["runs"]] == ["gn"]
     # Exact equality, every epoch: two runs with the same seed and world size agree.
