@@ -35,9 +35,9 @@ def check(what: str, got: torch.Tensor, ref: torch.Tensor, dtype, rank: int) -> 
 
 
 def sizes_for(world: int) -> list[list[int]]:
-    """Unequal per-rank batch sizes, each case with at least one empty rank."""
+    """Unequal per-rank batch sizes, including empty ranks and a rank with one sample."""
     if world == 2:
-        return [[5, 0], [0, 9], [3, 11]]
+        return [[5, 0], [1, 6], [3, 11]]  # 1: a single value per channel on a rank
     base = [[5, 0, 2, 9], [4, 7, 1, 0, 3]]  # kept short: 4 oversubscribed ranks are slow here
     return [(s * world)[:world] for s in base]
 

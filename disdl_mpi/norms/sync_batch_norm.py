@@ -89,8 +89,11 @@ class _SyncBNFunction(torch.autograd.Function):
             # S1 = n (m - K), S2 = n (var + (m - K)^2): exact algebra, no raw sum of x^2.
             _, mean_l, invstd_l = torch.ops.aten.native_batch_norm(
                 x.detach(), None, None, None, None, True, 0.0, 0.0)
+            inv = _host64(invstd_l)
+            # The kernel reports invstd 0 (not inf) for a zero variance (a constant channel,
+            # or a single value per channel on this rank).
             with np.errstate(divide="ignore"):
-                var_l = 1.0 / np.square(_host64(invstd_l))  # invstd inf -> var 0
+                var_l = np.where(inv > 0, 1.0 / np.square(inv), 0.0)
             dm = _host64(mean_l) - shift
             buf[1:c + 1] = dm * n_local
             buf[c + 1:] = (var_l + dm * dm) * n_local
