@@ -222,10 +222,10 @@ def main(argv: list[str] | None = None) -> int:
         if index < first_scheme:
             continue
         ctx.run_state = lambda: {"scheme_index": index, "records": records}
-        resume = loaded if (loaded is not None and index == first_scheme
-                            and "model" in loaded.shared) else None
+        ctx.resume = loaded if (loaded is not None and index == first_scheme
+                                and "model" in loaded.shared) else None
         start = time.perf_counter()
-        res = train_scheme(ctx, name, resume=resume)
+        res = train_scheme(ctx, name)
         wall = time.perf_counter() - start
         phases = phase_summary(comm, res.phases)
         record = {

@@ -62,6 +62,8 @@ class TrainContext:
     checkpointer: Optional[Any] = None
     checkpoint_every: Optional[tuple[str, int]] = None
     run_state: Optional[Callable[[], dict]] = None
+    # a checkpoint.Loaded positioned inside the next scheme to train, or None (set by run.main)
+    resume: Optional[Any] = None
 
 
 @dataclass
@@ -112,15 +114,16 @@ def total_steps(cfg: RunConfig, plan: BatchPlan) -> tuple[int, int]:
     return cfg.epochs, cfg.epochs * plan.steps_per_epoch
 
 
-def train_scheme(ctx: TrainContext, norm_name: str, resume: Optional[Any] = None) -> SchemeResult:
+def train_scheme(ctx: TrainContext, norm_name: str) -> SchemeResult:
     """Train one scheme from the shared initial weights (or a checkpoint) and evaluate it.
 
-    ``resume`` is a ``checkpoint.Loaded`` positioned inside this scheme: training continues
+    ``ctx.resume``, a ``checkpoint.Loaded`` positioned inside this scheme: training continues
     from its step with the model, optimizer, RNG and batch-plan position restored, so the
     result is bitwise the one of an uninterrupted run.
     """
     cfg, comm, data = ctx.cfg, ctx.comm, ctx.data
     rank = comm.Get_rank()
+    resume = ctx.resume
     scheme = get_norm(norm_name, comm=ctx.norm_comm, gn_groups=cfg.gn_groups)
     # Same seed before every build: every scheme starts from the same initial weights.
     seed_everything(cfg.seed)
