@@ -91,26 +91,26 @@ def test_quick_study_writes_all_outputs(quick_study):
 
 
 @pytest.mark.mpi
-def test_rerun_skips_done_points(quick_study, tmp_path):
+def test_rerun_skips_done_points(quick_study, tmp_path, capsys):
     src, _ = quick_study
     out = tmp_path / "study"
     shutil.copytree(src, out)
     before = (out / "accuracy.csv").read_text()
-    again = study(out, "--quick", "--norm", "bn,gn", "--skew", "iid", "dirichlet:0.1",
-                  "--seeds", "1")
-    assert again.returncode == 0, again.stderr
-    assert "4 already done, 0 job(s) to run" in again.stdout
+    rc, stdout, stderr = study_here(capsys, out, "--quick", "--norm", "bn,gn", "--skew", "iid",
+                                    "dirichlet:0.1", "--seeds", "1")
+    assert rc == 0, stderr
+    assert "4 already done, 0 job(s) to run" in stdout
     assert not list(out.glob("runs/*/a1")), "a done point was launched again"
     assert (out / "accuracy.csv").read_text() == before
     # Other settings (more epochs) make the old points stale: all would be retrained.
-    plan = study(out, "--quick", "--norm", "bn,gn", "--skew", "iid", "dirichlet:0.1",
-                 "--seeds", "1", "--epochs", "3", "--dry-run")
-    assert "0 already done, 2 job(s) to run" in plan.stdout
+    rc, stdout, _ = study_here(capsys, out, "--quick", "--norm", "bn,gn", "--skew", "iid",
+                               "dirichlet:0.1", "--seeds", "1", "--epochs", "3", "--dry-run")
+    assert "0 already done, 2 job(s) to run" in stdout
 
 
 @pytest.mark.mpi
 def test_interrupted_job_resumes_its_missing_scheme_with_identical_result(quick_study,
-                                                                         tmp_path):
+                                                                         tmp_path, capsys):
     """A job killed after its first scheme leaves summary.json with that scheme only; the
     rerun trains just the missing one, and (same seed, same world size) gets the very same
     accuracy, epoch by epoch, as the uninterrupted run did."""
@@ -122,10 +122,10 @@ def test_interrupted_job_resumes_its_missing_scheme_with_identical_result(quick_
     original = {r["norm"]: r for r in summary["runs"]}
     summary["runs"] = [r for r in summary["runs"] if r["norm"] == "bn"]
     summary_path.write_text(json.dumps(summary))
-    proc = study(out, "--quick", "--norm", "bn,gn", "--skew", "iid", "dirichlet:0.1",
-                 "--seeds", "1")
-    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
-    assert "3 already done, 1 job(s) to run" in proc.stdout
+    rc, stdout, stderr = study_here(capsys, out, "--quick", "--norm", "bn,gn", "--skew", "iid",
+                                    "dirichlet:0.1", "--seeds", "1")
+    assert rc == 0, stdout[-2000:] + stderr[-2000:]
+    assert "3 already done, 1 job(s) to run" in stdout
     job = json.loads((summary_path.parent.parent / "a1" / "job.json").read_text())
     assert job["norms"] == ["gn"]
     assert "code" in job  # the commit that produced the result (None outside git)
