@@ -131,7 +131,7 @@ def model_case(comm, sizes: list[int]) -> None:
         grad = grad.clone()
         allreduce_(grad, comm)
         err = rel_err(grad, pr.grad)
-        if not err <= 1e-4:  # float32 through 3 conv layers: round-off accumulates
+        if not err <= 2e-5:  # float32 through 3 conv layers: some round-off accumulates
             raise AssertionError(f"[rank {rank}] model grad {name} sizes={sizes}: rel err {err}")
     assert scheme.comm_seconds() > 0.0
     scheme.close()
