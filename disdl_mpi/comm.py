@@ -74,6 +74,9 @@ def install_abort_handler(comm: MPI.Comm) -> None:
             # Every rank raised the same error: leave together, no Abort noise from the launcher.
             try:
                 comm.Barrier()
+                # Finalize so MPI removes its shared-memory segments: a requeued SLURM job
+                # restarts with the same job/step id and would attach to a leaked segment.
+                MPI.Finalize()
             finally:
                 os._exit(code)
         comm.Abort(code)

@@ -11,6 +11,7 @@ the daemons are found by ``SLURM_CONF`` only, which ``SlurmCluster.env()`` sets.
 from __future__ import annotations
 
 import os
+import random
 import re
 import shutil
 import signal
@@ -303,6 +304,7 @@ def _write_conf(root: Path, node: str, cpus: int, ports: list[int],
         # Slurm 22.05 still ships auth/none + cred/none: fine for a private test node.
         auth = "AuthType=auth/none\nCredType=cred/none\nAuthInfo=cred_expire=10\n"
     # cred_expire=10: a requeued job may start again after 10 s instead of the default 120 s.
+    first_job_id = random.SystemRandom().randrange(10_000, 60_000_000)
     conf = f"""\
 # Private single-node test cluster written by tests/slurm_cluster.py
 ClusterName=disdltest
@@ -326,6 +328,10 @@ AccountingStorageType=accounting_storage/none
 MpiDefault=none
 ReturnToService=2
 MinJobAge=5
+# Job ids must not repeat across test clusters: MPICH names its shared-memory segments after the
+# PMI job/step id, and a segment left in /dev/shm by an earlier killed job with the same id is
+# attached again and delivers garbage ("Message truncated" in MPI_Init).
+FirstJobId={first_job_id}
 KillWait=5
 SchedulerType=sched/builtin
 SchedulerParameters=sched_interval=1
