@@ -46,11 +46,3 @@ def mpi_buffer(t: torch.Tensor, *, cuda_aware: bool = False):
         return work
     return work.numpy()
 
-
-def iallreduce_(t: torch.Tensor, comm: MPI.Comm, op: MPI.Op = MPI.SUM, *,
-                cuda_aware: bool = False) -> MPI.Request:
-    """Start an in-place nonblocking allreduce of ``t``; the caller waits on the request.
-
-    ``t`` must stay alive and untouched until the request completes.
-    """
-    return comm.Iallreduce(MPI.IN_PLACE, mpi_buffer(t, cuda_aware=cuda_aware), op=op)
