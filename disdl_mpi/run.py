@@ -18,6 +18,7 @@ import torch
 from mpi4py import MPI
 
 from . import __version__
+from .atomic import atomic_path
 from .checkpoint import Checkpointer, jsonable, parse_every, rng_state
 from .collective_check import CheckedComm, CollectiveChecker
 from .comm import UserError, agree_or_raise, install_abort_handler, mpi_library, rank_info, world
@@ -275,7 +276,6 @@ def main(argv: list[str] | None = None) -> int:
 
 def _save_model(model: torch.nn.Module, scheme_dir: Path, rank: int, *, per_rank: bool) -> None:
     """Rank 0's state_dict as model.pt; with rank-local state (fedbn) every rank's copy too."""
-    from .atomic import atomic_path
     state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
     targets = []
     if rank == 0:

@@ -94,8 +94,8 @@ def _norm_state_ids(model: torch.nn.Module) -> set[int]:
     return ids
 
 
-def _aggregate(comm: MPI.Comm, values: dict[str, float]) -> dict[str, dict[str, float]]:
-    """min/mean/max of each phase across ranks (every rank holds the same keys)."""
+def phase_summary(comm: MPI.Comm, values: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Collective: min/mean/max of each phase across ranks (every rank holds the same keys)."""
     keys = sorted(values)
     local = np.array([values[k] for k in keys], dtype=np.float64)
     lo, hi, total = local.copy(), local.copy(), local.copy()
@@ -139,8 +139,6 @@ def train_scheme(ctx: TrainContext, norm_name: str) -> SchemeResult:
         cuda_aware=cfg.cuda_aware, skip=lambda name, p: id(p) in local_ids)
     plan = BatchPlan(data.sizes, rank, cfg.global_batch_size, cfg.batching)
     epochs, max_steps = total_steps(cfg, plan)
-    # syncbn must join its forward collectives even with an empty local batch.
-    collective_forward = bool(getattr(scheme, "collective_forward", norm_name == "syncbn"))
     timer = PhaseTimer(ctx.device, wait_comm=ctx.wait_comm, trace=ctx.trace)
     if ctx.trace is not None:
         ctx.trace.args = {"scheme": norm_name}
@@ -219,7 +217,8 @@ def train_scheme(ctx: TrainContext, norm_name: str) -> SchemeResult:
             saved_buffers = [b.detach().clone() for b in model.buffers()] if skip_nan else None
             reducer.begin_step(len(idx) / n_global)
             step_loss, loss_bad = None, False
-            if len(idx) > 0 or collective_forward:
+            # syncbn must join its forward collectives even with an empty local batch.
+            if len(idx) > 0 or scheme.collective_forward:
                 with timer.phase("forward"):
                     logits = model(xb)
                     loss_total = F.cross_entropy(logits, yb, reduction="sum")
@@ -303,8 +302,3 @@ def train_scheme(ctx: TrainContext, norm_name: str) -> SchemeResult:
         epochs=len(result_log), steps=step, samples=samples, train_s=train_s,
         phases=timer.totals(), allreduce_path=reducer.path, epochs_log=result_log,
         skipped_steps=skipped)
-
-
-def phase_summary(comm: MPI.Comm, phases: dict[str, float]) -> dict[str, dict[str, float]]:
-    """Collective: each phase as min/mean/max over ranks."""
-    return _aggregate(comm, phases)
