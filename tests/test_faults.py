@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
 import time
@@ -70,17 +69,10 @@ def test_sigterm_on_one_rank_checkpoints_and_resume_is_bitwise(parts, reference,
     out = tmp_path / "out"
     args = ["--data-dir", str(parts / "n2"), *TRAIN, "--out", str(out)]
     job = Job(2, args, tmp_path, env={"FAULT_STEP_SLEEP": "0.1"})
-    try:
-        pids = job.rank_pids()
-        job.wait_for_step("fedbn", 3)  # mid-way through the SECOND scheme
-        os.kill(pids[1], signal.SIGTERM)  # one rank only, as a node-local preemption would
-        t0 = time.monotonic()
-        rc, stdout, stderr = job.wait(timeout=60)
-    finally:
-        if job.proc.poll() is None:
-            job.kill()
+    # mid-way through the SECOND scheme; one rank only, as a node-local preemption would
+    rc, stdout, stderr, elapsed, _ = job.signal_at_step("fedbn", 3, [1], signal.SIGTERM, 60)
     assert rc == 128 + signal.SIGTERM, stderr
-    assert time.monotonic() - t0 < 30
+    assert elapsed < 30
     assert stderr.count("SIGTERM received on rank 1") == 1, stderr  # printed once, by rank 0
     assert "resume with --resume auto" in stderr and "Traceback" not in stderr
     metas = [json.loads(p.read_text()) for p in (out / "checkpoints").glob("ckpt-*/meta.json")]
@@ -120,18 +112,9 @@ def test_sigusr1_on_all_ranks_stops_at_one_step(parts, tmp_path):
     job = Job(2, ["--data-dir", str(parts / "n2"), "--norm", "gn", "--steps", "200",
                   "--global-batch-size", "64", "--out", str(out)], tmp_path,
               env={"FAULT_STEP_SLEEP": "0.05"})
-    try:
-        pids = job.rank_pids()
-        job.wait_for_step("gn", 2)
-        for pid in pids:
-            os.kill(pid, signal.SIGUSR1)
-        t0 = time.monotonic()
-        rc, stdout, stderr = job.wait(timeout=60)
-    finally:
-        if job.proc.poll() is None:
-            job.kill()
+    rc, stdout, stderr, elapsed, _ = job.signal_at_step("gn", 2, [0, 1], signal.SIGUSR1, 60)
     assert rc == 128 + signal.SIGUSR1, stderr
-    assert time.monotonic() - t0 < 30
+    assert elapsed < 30
     assert stderr.count("SIGUSR1 received on rank 0") == 1, stderr
     (meta,) = [json.loads(p.read_text()) for p in out.glob("checkpoints/ckpt-*/meta.json")]
     assert meta["position"]["norm"] == "gn" and 2 <= meta["position"]["step"] < 200
@@ -142,16 +125,7 @@ def test_sigkill_of_one_rank_brings_job_down_without_orphans(parts, tmp_path):
     job = Job(2, ["--data-dir", str(parts / "n2"), "--norm", "gn", "--steps", "400",
                   "--global-batch-size", "64", "--out", str(tmp_path / "out")], tmp_path,
               env={"FAULT_STEP_SLEEP": "0.05"})
-    try:
-        pids = job.rank_pids()
-        job.wait_for_step("gn", 2)
-        os.kill(pids[1], signal.SIGKILL)
-        t0 = time.monotonic()
-        rc, _, stderr = job.wait(timeout=30)
-        elapsed = time.monotonic() - t0
-    finally:
-        if job.proc.poll() is None:
-            job.kill()
+    rc, _, stderr, elapsed, pids = job.signal_at_step("gn", 2, [1], signal.SIGKILL, 30)
     assert rc != 0 and elapsed < 30, f"rc={rc} after {elapsed:.1f}s"
     end = time.monotonic() + 5
     while any(alive(p) for p in pids) and time.monotonic() < end:

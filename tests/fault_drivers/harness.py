@@ -50,6 +50,25 @@ class Job:
             time.sleep(0.02)
         raise AssertionError(f"job never reached {scheme} step {step}")
 
+    def signal_at_step(self, scheme: str, step: int, ranks: list[int], sig: int,
+                       timeout: float) -> tuple[int, str, str, float, list[int]]:
+        """Send ``sig`` to ``ranks`` once ``scheme`` reached ``step``, then wait for the end.
+
+        Returns (rc, stdout, stderr, seconds from the signal to the exit, every rank's pid);
+        a job still running when this returns or raises is killed.
+        """
+        try:
+            pids = self.rank_pids()
+            self.wait_for_step(scheme, step)
+            for r in ranks:
+                os.kill(pids[r], sig)
+            t0 = time.monotonic()
+            rc, out, err = self.wait(timeout=timeout)
+            return rc, out, err, time.monotonic() - t0, pids
+        finally:
+            if self.proc.poll() is None:
+                self.kill()
+
     def _fail_if_exited(self, what: str) -> None:
         if self.proc.poll() is not None:
             out, err = self.proc.communicate()
