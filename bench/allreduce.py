@@ -23,10 +23,10 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from bench import exit_cleanly, init_torch_distributed, parse_list
-from disdl_mpi.allreducer import GradientAllreducer
-from disdl_mpi.atomic import write_json
-from disdl_mpi.comm import install_abort_handler, mpi_library
+from bench.harness import exit_cleanly, init_torch_distributed, parse_list
+from disdl_mpi.comm.allreducer import GradientAllreducer
+from disdl_mpi.files import write_json
+from disdl_mpi.comm.world import install_abort_handler, mpi_library
 
 BACKENDS = ("mpi", "disdl", "gloo")
 DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),

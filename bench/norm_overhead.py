@@ -11,10 +11,7 @@ seconds syncbn spent in its own collectives. Only rank 0 prints; ``--json`` writ
 from __future__ import annotations
 
 import argparse
-import json
-import os
 import statistics
-import tempfile
 import time
 from pathlib import Path
 
@@ -22,9 +19,10 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from disdl_mpi.allreducer import GradientAllreducer
+from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.models import build_model
-from disdl_mpi.norms import get_norm
+from disdl_mpi.files import write_json
+from disdl_mpi.norms import get_scheme
 
 SHAPES = {"cnn": (1, 8, 8), "resnet20": (3, 32, 32), "mlp": (64,)}
 
@@ -48,7 +46,7 @@ def measure(comm, model_name: str, steps: int, local_batch: int, warmup: int) ->
     y = torch.randint(0, 10, (local_batch,), generator=g)
     setups = {}
     for name in ("bn", "syncbn"):
-        scheme = get_norm(name, comm=comm.Dup() if name == "syncbn" else None)
+        scheme = get_scheme(name, comm=comm.Dup() if name == "syncbn" else None)
         torch.manual_seed(0)
         model = build_model(model_name, shape, 10, scheme.layer)
         model.train()
@@ -97,14 +95,6 @@ def _pct(values: list[float], p: float) -> float:
     return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
-def _write_json(path: Path, obj) -> None:
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
-    with os.fdopen(fd, "w") as f:
-        json.dump(obj, f, indent=1)
-    os.replace(tmp, path)
-
-
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.norm_overhead", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -135,7 +125,7 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['cpu_overhead_pct']:7.1f}% {r['syncbn_comm_ms_per_step']:9.3f}")
         print("(times in ms)")
         if args.json:
-            _write_json(Path(args.json), {"results": rows, "threads": args.threads,
+            write_json(Path(args.json), {"results": rows, "threads": args.threads,
                                           "mpi": MPI.Get_library_version().splitlines()[0],
                                           "torch": torch.__version__})
     return 0

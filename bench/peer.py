@@ -25,12 +25,12 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
-from bench import exit_cleanly, init_torch_distributed
-from disdl_mpi.allreducer import DEFAULT_BUCKET_MB, GradientAllreducer
-from disdl_mpi.atomic import write_json
-from disdl_mpi.comm import install_abort_handler, mpi_library
+from bench.harness import exit_cleanly, init_torch_distributed
+from disdl_mpi.comm.allreducer import DEFAULT_BUCKET_MB, GradientAllreducer
+from disdl_mpi.files import write_json
+from disdl_mpi.comm.world import install_abort_handler, mpi_library
 from disdl_mpi.models import build_model
-from disdl_mpi.norms import get_norm
+from disdl_mpi.norms import get_scheme
 
 VARIANTS = ("local", "ddp", "disdl")
 
@@ -65,7 +65,7 @@ def load_data(args, comm: MPI.Comm) -> tuple[np.ndarray, np.ndarray, tuple[int, 
     """This rank's samples (float32, standardized) and labels, sample shape, class count."""
     rank, size = comm.Get_rank(), comm.Get_size()
     if args.data_dir:
-        from disdl_mpi.partition_io import load_partition
+        from disdl_mpi.data.partition_io import load_partition
         d = load_partition(comm, args.data_dir)
         x = d.x_train.astype(np.float32)
         return x, d.y_train.astype(np.int64), tuple(d.sample_shape), d.num_classes
@@ -142,7 +142,7 @@ def run(args, comm: MPI.Comm) -> dict:
         raise ValueError(f"rank {rank}: no training samples")
     xt, yt = torch.from_numpy(np.ascontiguousarray(x)).to(device), torch.from_numpy(y).to(device)
     torch.manual_seed(args.seed)
-    base = build_model(args.model, shape, classes, get_norm(args.norm).layer).to(device)
+    base = build_model(args.model, shape, classes, get_scheme(args.norm).layer).to(device)
     models = {v: copy.deepcopy(base) for v in VARIANTS}
     steps = {}
     comm_stats = {}

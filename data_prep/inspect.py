@@ -7,14 +7,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import os
 import sys
-import tempfile
 from pathlib import Path
 
 import numpy as np
 
-from .layout import MANIFEST
+from disdl_mpi.data.layout import MANIFEST
+from disdl_mpi.files import atomic_path
 
 
 def _entropy_bits(p: np.ndarray) -> np.ndarray:
@@ -102,14 +101,9 @@ def plot_heatmap(manifest: dict, counts: np.ndarray, path: Path) -> None:
         ax.set_yticks(range(n))
     fig.colorbar(im, ax=ax, label="training samples")
     fig.tight_layout()
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    os.close(fd)
     try:
-        fig.savefig(tmp, format="png", dpi=100)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        with atomic_path(path) as tmp:
+            fig.savefig(tmp, format="png", dpi=100)
     finally:
         plt.close(fig)
 

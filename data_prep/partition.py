@@ -17,15 +17,11 @@ from pathlib import Path
 import numpy as np
 
 from .errors import DataPrepError
-from .layout import FORMAT, MANIFEST, TEST_FILE
+from disdl_mpi.data.layout import FORMAT, MANIFEST, TEST_FILE
+from disdl_mpi.files import jsonable, write_json
 from .schemes import assign, parse_scheme
 from .sources import SOURCES, open_source
 from .writer import write_rank_files, write_test_file
-
-
-def _jsonable(obj):
-    """Round-trip through JSON so a fresh request compares equal to one read from disk."""
-    return json.loads(json.dumps(obj, sort_keys=True, default=lambda o: list(o)))
 
 
 def _existing_files(out: Path) -> list[Path]:
@@ -41,20 +37,6 @@ def _read_manifest(out: Path) -> dict | None:
         return data if isinstance(data, dict) else None
     except (OSError, ValueError):
         return None
-
-
-def _write_json_atomic(path: Path, obj: dict) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
-    try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(obj, f, indent=1, sort_keys=False)
-            f.write("\n")
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
 
 
 def build_partitions(dataset: str, ranks: int, scheme: str, seed: int, out: str | Path, *,
@@ -75,7 +57,7 @@ def build_partitions(dataset: str, ranks: int, scheme: str, seed: int, out: str 
     if out.exists() and not out.is_dir():
         raise DataPrepError(f"--out {out} exists and is not a folder")
     src = open_source(dataset, source_dir, seed=seed, **source_opts)
-    request = _jsonable({"dataset": src.name, "ranks": ranks, "scheme": sch.name, "seed": seed,
+    request = jsonable({"dataset": src.name, "ranks": ranks, "scheme": sch.name, "seed": seed,
                          "min_per_rank": min_per_rank, "source_sha256": src.sha256,
                          "source_options": src.options})
 
@@ -120,10 +102,10 @@ def build_partitions(dataset: str, ranks: int, scheme: str, seed: int, out: str 
         for p in out.glob("rank_*.h5"):
             if p.name not in keep:
                 p.unlink()
-        _write_json_atomic(out / MANIFEST, _jsonable(manifest))
+        write_json(out / MANIFEST, manifest, fsync=True)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
-    return _jsonable(manifest)
+    return jsonable(manifest)
 
 
 def _shape(text: str) -> tuple[int, ...]:

@@ -14,7 +14,7 @@ from typing import Iterator
 import h5py
 import numpy as np
 
-from .layout import TEST_FILE, ContentHash, rank_file
+from disdl_mpi.data.layout import TEST_FILE, ContentHash, rank_file
 from .schemes import Scheme
 from .sources import Source
 

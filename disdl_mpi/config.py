@@ -3,11 +3,16 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import re
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
+
+from data_prep.ensure import partition_dir
+from disdl_mpi.models import MODELS as MODEL_NAMES
+from disdl_mpi.norms import resolve_schemes
+from disdl_mpi.reliability.checkpoint import parse_every
+from disdl_mpi.options import PARTITION_HELP, add_norm, add_progress
 
 
 @dataclass
@@ -52,19 +57,15 @@ class RunConfig:
     resume: Optional[str] = None
     on_nan: str = "stop"
 
-    def norms(self, available: list[str]) -> list[str]:
-        """The schemes to train, in order: one name, a comma list, or 'all'."""
-        if self.norm.strip() == "all":
-            return list(available)
-        names = [n.strip() for n in self.norm.split(",") if n.strip()]
-        return names
+    def schemes(self) -> list[str]:
+        """The schemes to train, in order (ValueError naming an unknown one)."""
+        return resolve_schemes(self.norm)
 
     def resolved_data_dir(self, world_size: int) -> Path:
-        """Where the partition lives; by default one folder per dataset/scheme/size/seed."""
+        """Where the partition lives; by default data_prep's one naming rule under data/."""
         if self.data_dir:
             return Path(self.data_dir)
-        tag = re.sub(r"[^A-Za-z0-9.]+", "-", self.partition).strip("-")
-        return Path("data") / f"{self.dataset}-{tag}-n{world_size}-s{self.seed}"
+        return partition_dir("data", self.dataset, self.partition, world_size, self.seed)
 
     def resolved_out(self) -> Path:
         if self.out:
@@ -98,8 +99,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="source to partition when --data-dir is missing: digits (embedded), "
                         "mnist, fashion-mnist, cifar10, cifar100, npz, synthetic")
     g.add_argument("--partition", default=d.partition,
-                   help="partition scheme used when the partition must be built: iid, "
-                        "dirichlet:ALPHA, shards:K, quantity:ALPHA, dirichlet:A+quantity:B")
+                   help=f"used when the partition must be built: {PARTITION_HELP}")
     g.add_argument("--data-dir", default=d.data_dir,
                    help="folder of per-rank partitions (rank_00000.h5 ...); built by rank 0 if "
                         "missing (default: data/<dataset>-<partition>-n<N>-s<seed>)")
@@ -109,8 +109,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="minimum training samples per rank when building a partition (0 allows "
                         "empty ranks)")
     g = p.add_argument_group("model and normalization")
-    g.add_argument("--norm", default=d.norm,
-                   help="normalization scheme: one name, a comma list, or 'all'")
+    add_norm(g, d.norm)
     g.add_argument("--model", default=d.model, help="cnn, resnet20, mlp, or auto")
     g.add_argument("--gn-groups", type=_positive_int, default=d.gn_groups,
                    help="groups for GroupNorm (capped by the channel count)")
@@ -150,8 +149,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="write a Chrome trace (chrome://tracing, Perfetto) to this file")
     g.add_argument("--eval-every", type=int, default=d.eval_every,
                    help="evaluate on the test set every N epochs (and always at the end)")
-    g.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default=d.progress,
-                   help="auto: a bar on a TTY, plain lines otherwise")
+    add_progress(g, d.progress)
     g = p.add_argument_group("reliability")
     g.add_argument("--check-collectives", action="store_true", default=d.check_collectives,
                    help="debug: all ranks compare each collective's signature before it runs")
@@ -163,7 +161,33 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def parse_config(argv: list[str] | None = None) -> RunConfig:
-    """Parse the command line into a RunConfig (no validation that needs the world size)."""
-    ns = build_parser().parse_args(argv)
-    return RunConfig(**vars(ns))
+def config_errors(cfg: RunConfig, world_size: int) -> list[str]:
+    """Problems every rank can see alike from the configuration alone."""
+    errors = []
+    try:
+        cfg.schemes()
+    except ValueError as exc:
+        errors.append(str(exc))
+    if cfg.model != "auto" and cfg.model not in MODEL_NAMES:
+        errors.append(f"--model: unknown model {cfg.model!r}; known: auto, "
+                      f"{', '.join(MODEL_NAMES)}")
+    if not cfg.lr > 0:
+        errors.append(f"--lr must be positive, got {cfg.lr}")
+    if cfg.momentum < 0 or cfg.weight_decay < 0:
+        errors.append("--momentum and --weight-decay must not be negative")
+    if cfg.global_batch_size < world_size:
+        errors.append(f"--global-batch-size {cfg.global_batch_size} is smaller than the "
+                      f"{world_size} ranks: every rank needs at least one sample per step")
+    if cfg.steps is None and cfg.epochs <= 0:
+        errors.append(f"--epochs must be positive, got {cfg.epochs}")
+    if cfg.steps is not None and cfg.steps <= 0:
+        errors.append(f"--steps must be positive, got {cfg.steps}")
+    if cfg.bucket_mb < 0:
+        errors.append(f"--bucket-mb must be >= 0, got {cfg.bucket_mb}")
+    try:
+        parse_every(cfg.checkpoint_every)
+    except ValueError as exc:
+        errors.append(str(exc))
+    if cfg.resume is not None and not cfg.resume.strip():
+        errors.append("--resume must be 'auto' or a checkpoint folder")
+    return errors

@@ -7,7 +7,7 @@ import random
 import numpy as np
 import torch
 
-from .comm import RankInfo, UserError
+from disdl_mpi.comm.world import RankInfo, UserError
 
 
 def select_device(requested: str, info: RankInfo) -> torch.device:

@@ -13,7 +13,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .norms.registry import is_norm_layer
+from disdl_mpi.norms.registry import is_norm_layer
 
 NormFactory = Callable[[int], nn.Module]
 

@@ -8,32 +8,32 @@ from __future__ import annotations
 import contextlib
 import io
 import os
-import platform
 import sys
 import time
 from pathlib import Path
+from typing import Optional
 
-import numpy as np
 import torch
 from mpi4py import MPI
 
-from . import __version__
-from .atomic import atomic_path
-from .checkpoint import Checkpointer, jsonable, parse_every, rng_state
-from .collective_check import CheckedComm, CollectiveChecker
-from .comm import UserError, agree_or_raise, install_abort_handler, mpi_library, rank_info, world
-from .config import RunConfig, build_parser
-from .guards import SignalWatch, StepGuard
-from .device import describe_device, select_device, seed_everything, set_threads
-from .models import MODELS as MODEL_NAMES
-from .norms import available_norms
-from .partition_io import load_partition
-from .progress import make_progress
-from .results import format_table, write_metrics, write_summary
-from .report_machine import cpu_model
-from .timeline import TraceRecorder
-from .timing import detail_requested, timing_fields
-from .trainer import RankData, TrainContext, phase_summary, train_scheme
+from disdl_mpi import __version__
+from disdl_mpi.comm.collective_check import CheckedComm, CollectiveChecker
+from disdl_mpi.comm.cuda_aware import detect as detect_cuda_aware
+from disdl_mpi.comm.world import (UserError, agree_or_raise, install_abort_handler, rank_info,
+                                  world)
+from disdl_mpi.config import RunConfig, build_parser, config_errors
+from disdl_mpi.data.partition_io import load_partition
+from disdl_mpi.data.standardize import standardize
+from disdl_mpi.device import select_device, seed_everything, set_threads
+from disdl_mpi.files import atomic_path, jsonable
+from disdl_mpi.machine import machine_info
+from disdl_mpi.observe.progress import Progress
+from disdl_mpi.observe.results import format_table, write_metrics, write_summary
+from disdl_mpi.observe.timeline import TraceRecorder
+from disdl_mpi.observe.timing import detail_requested, phase_summary, timing_fields
+from disdl_mpi.reliability.checkpoint import Checkpointer, Loaded, parse_every, rng_state
+from disdl_mpi.reliability.guards import SignalWatch, StepGuard
+from disdl_mpi.trainer import RankData, SchemeResult, TrainContext, TrainHooks, train_scheme
 
 
 def parse_args(argv: list[str] | None, rank: int) -> RunConfig:
@@ -45,40 +45,6 @@ def parse_args(argv: list[str] | None, rank: int) -> RunConfig:
     with quiet, quiet_err:
         ns = parser.parse_args(argv)
     return RunConfig(**vars(ns))
-
-
-def config_errors(cfg: RunConfig, world_size: int) -> list[str]:
-    """Problems every rank can see alike from the configuration alone."""
-    errors = []
-    known = available_norms()
-    for name in cfg.norms(known):
-        if name not in known:
-            errors.append(f"--norm: unknown scheme {name!r}; known: {', '.join(known)}, all")
-    if not cfg.norms(known):
-        errors.append("--norm: no scheme given")
-    if cfg.model != "auto" and cfg.model not in MODEL_NAMES:
-        errors.append(f"--model: unknown model {cfg.model!r}; known: auto, "
-                      f"{', '.join(MODEL_NAMES)}")
-    if not cfg.lr > 0:
-        errors.append(f"--lr must be positive, got {cfg.lr}")
-    if cfg.momentum < 0 or cfg.weight_decay < 0:
-        errors.append("--momentum and --weight-decay must not be negative")
-    if cfg.global_batch_size < world_size:
-        errors.append(f"--global-batch-size {cfg.global_batch_size} is smaller than the "
-                      f"{world_size} ranks: every rank needs at least one sample per step")
-    if cfg.steps is None and cfg.epochs <= 0:
-        errors.append(f"--epochs must be positive, got {cfg.epochs}")
-    if cfg.steps is not None and cfg.steps <= 0:
-        errors.append(f"--steps must be positive, got {cfg.steps}")
-    if cfg.bucket_mb < 0:
-        errors.append(f"--bucket-mb must be >= 0, got {cfg.bucket_mb}")
-    try:
-        parse_every(cfg.checkpoint_every)
-    except ValueError as exc:
-        errors.append(str(exc))
-    if cfg.resume is not None and not cfg.resume.strip():
-        errors.append("--resume must be 'auto' or a checkpoint folder")
-    return errors
 
 
 def check_output_dir(out: Path) -> str | None:
@@ -93,73 +59,87 @@ def check_output_dir(out: Path) -> str | None:
     return None
 
 
-def ensure_partition(cfg: RunConfig, comm: MPI.Comm, data_dir: Path) -> None:
-    """Rank 0 builds the partition when the folder is missing; the others wait for it."""
+def ensure_data(cfg: RunConfig, comm: MPI.Comm, data_dir: Path) -> None:
+    """Rank 0 builds a missing partition (and checks the default folder's); the others wait.
+
+    The default folder (no --data-dir) is named after every setting that shapes the
+    partition and is checked against its manifest, so it is never reused with other settings.
+    """
     error = None
-    if comm.Get_rank() == 0 and not (data_dir / "partition.json").exists() \
-            and not any(data_dir.glob("rank_*.h5")):
+    if comm.Get_rank() == 0:
+        missing = not (data_dir / "partition.json").exists() and \
+            not any(data_dir.glob("rank_*.h5"))
         try:
-            from data_prep.partition import build_partitions
-            print(f"building partition {data_dir} ({cfg.dataset}, {cfg.partition}, "
-                  f"{comm.Get_size()} ranks, seed {cfg.seed})", flush=True)
-            build_partitions(cfg.dataset, comm.Get_size(), cfg.partition, cfg.seed, data_dir,
-                             source_dir=cfg.source_dir, min_per_rank=cfg.min_per_rank)
+            from data_prep.ensure import ensure_partition
+            if missing:
+                print(f"building partition {data_dir} ({cfg.dataset}, {cfg.partition}, "
+                      f"{comm.Get_size()} ranks, seed {cfg.seed})", flush=True)
+            if missing or cfg.data_dir is None:
+                ensure_partition(data_dir, cfg.dataset, comm.Get_size(), cfg.partition,
+                                 cfg.seed, source_dir=cfg.source_dir,
+                                 min_per_rank=cfg.min_per_rank)
         except Exception as exc:  # reported on every rank below, never a hang
-            error = f"building partition {data_dir} on rank 0 failed: {exc}"
+            error = (f"building partition {data_dir} on rank 0 failed: {exc}" if missing
+                     else str(exc))
     error = comm.bcast(error, root=0)
     if error:
         raise UserError(error, collective=True)
 
 
-def standardize(x_train: np.ndarray, x_test: np.ndarray, comm: MPI.Comm,
-                device: torch.device) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per-channel (images) or per-feature (flat) standardization from allreduced sums.
+def explicit_mismatch(cfg: RunConfig, manifest: dict, argv: list[str],
+                      data_dir: Path) -> Optional[str]:
+    """An explicit --dataset or --partition that the partition on disk was not built with."""
+    from data_prep.schemes import parse_scheme
 
-    No rank needs anyone else's samples: only counts, sums and sums of squares travel.
-    """
-    axes = (0,) + tuple(range(2, x_train.ndim))
-    xt = torch.from_numpy(np.ascontiguousarray(x_train)).to(device, torch.float32)
-    xs = torch.from_numpy(np.ascontiguousarray(x_test)).to(device, torch.float32)
-    per_value = int(np.prod([x_train.shape[a] for a in axes[1:]], dtype=np.int64))
-    stats = np.concatenate([
-        [x_train.shape[0] * per_value],
-        xt.double().sum(dim=axes).cpu().numpy(),
-        (xt.double() ** 2).sum(dim=axes).cpu().numpy(),
-    ])
-    comm.Allreduce(MPI.IN_PLACE, stats, op=MPI.SUM)
-    c = (stats.size - 1) // 2
-    count = max(1.0, stats[0])
-    mean = stats[1:1 + c] / count
-    var = np.maximum(stats[1 + c:] / count - mean ** 2, 0.0)
-    std = np.sqrt(var)
-    std[std < 1e-6] = 1.0  # constant features (e.g. blank digit borders) stay as they are
-    shape = (1, c) + (1,) * (x_train.ndim - 2)
-    m = torch.tensor(mean, dtype=torch.float32, device=device).view(shape)
-    s = torch.tensor(std, dtype=torch.float32, device=device).view(shape)
-    return (xt - m) / s, (xs - m) / s
+    def given(flag: str) -> bool:
+        return any(a == flag or a.startswith(flag + "=") for a in argv)
+
+    where = data_dir / "partition.json"
+    if given("--dataset") and manifest.get("dataset") != cfg.dataset:
+        return (f"{where}: field 'dataset' is {manifest.get('dataset')!r}, but --dataset "
+                f"{cfg.dataset} was asked for")
+    if given("--partition") and manifest.get("scheme") != parse_scheme(cfg.partition).name:
+        return (f"{where}: field 'scheme' is {manifest.get('scheme')!r}, but --partition "
+                f"{cfg.partition} was asked for")
+    return None
 
 
-def machine_info(comm: MPI.Comm, info, device: torch.device, threads: int) -> dict:
-    return {
-        "world_size": info.world_size, "ranks_per_node": info.local_size,
-        "nodes": len(set(comm.allgather(info.hostname))), "hostname": info.hostname,
-        "cpu": platform.processor() or platform.machine(), "cores_per_node": os.cpu_count(),
-        "cpu_model": cpu_model(),
-        "device": describe_device(device), "mpi_library": mpi_library(),
-        "mpi4py": __import__("mpi4py").__version__, "torch": torch.__version__,
-        "python": platform.python_version(), "threads_per_rank": threads,
-        "disdl_mpi": __version__,
+def scheme_record(cfg: RunConfig, res: SchemeResult, phases: dict, *, info, machine: dict,
+                  model_name: str, dataset: str, partition: str, data_dir: Path,
+                  wall: float, measured_wait: bool, cuda: bool) -> dict:
+    """One scheme's entry of summary.json (docs/CONTRACTS.md)."""
+    record = {
+        "world_size": info.world_size, "norm": res.norm, "model": model_name,
+        "dataset": dataset, "partition": partition, "data_dir": str(data_dir),
+        "epochs": res.epochs, "steps": res.steps, "test_accuracy": res.test_accuracy,
+        "samples_per_s": res.samples / max(1e-9, res.train_s),
+        "phases": {k: v["mean"] for k, v in phases.items()},
+        "phases_detail": phases, "device": machine["device"],
+        "mpi_library": machine["mpi_library"], "allreduce_path": res.allreduce_path,
+        "cuda_aware": res.cuda_awareness,
+        "threads_per_rank": machine["threads_per_rank"], "wall_s": wall,
+        "train_s": res.train_s, "global_batch_size": cfg.global_batch_size,
+        "batching": cfg.batching, "per_rank_accuracy": res.per_rank_accuracy,
+        "epochs_log": res.epochs_log,
+        "grad_bytes": sum(p.numel() * p.element_size() for p in res.model.parameters()
+                          if p.requires_grad),
+        "skipped_steps": res.skipped_steps,
     }
+    record.update(timing_fields(phases, measured_wait=measured_wait, cuda=cuda))
+    return record
 
 
-def main(argv: list[str] | None = None) -> int:
+def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> int:
+    """The whole job on this rank; ``hooks`` are the training loop's seams (tests use them)."""
     comm = world()
     install_abort_handler(comm)
     # SIGTERM/SIGUSR1 only set a flag; the step loop checkpoints and stops at a step boundary.
     watch = SignalWatch().install()
     rank = comm.Get_rank()
     log = (lambda msg: print(msg, flush=True)) if rank == 0 else (lambda msg: None)
+    args = sys.argv[1:] if argv is None else argv
 
+    # 1. configuration, checked alike on every rank and reported once
     cfg = parse_args(argv, rank)
     if cfg.check_collectives:  # debug mode: every collective below is compared across ranks
         comm = CheckedComm(comm, CollectiveChecker(comm))
@@ -169,21 +149,20 @@ def main(argv: list[str] | None = None) -> int:
         err = check_output_dir(out)
         errors += [err] if err else []
     agree_or_raise(comm, "\n".join(errors) if errors else None)
-    norms = cfg.norms(available_norms())
+    norms = cfg.schemes()
 
+    # 2. this rank: device, threads, seeds; 3. its private partition
     info = rank_info(comm)
     device = select_device(cfg.device, info)
     threads = set_threads(cfg.threads, info)
     seed_everything(cfg.seed)
     data_dir = cfg.resolved_data_dir(info.world_size)
-    ensure_partition(cfg, comm, data_dir)
+    ensure_data(cfg, comm, data_dir)
     local = load_partition(comm, data_dir)
+    mismatch = explicit_mismatch(cfg, local.manifest, args, data_dir)
+    if mismatch:
+        raise UserError(mismatch, collective=True)
     dataset = local.manifest.get("dataset", cfg.dataset)
-    args = sys.argv[1:] if argv is None else argv
-    explicit_dataset = any(a == "--dataset" or a.startswith("--dataset=") for a in args)
-    if explicit_dataset and dataset != cfg.dataset:
-        raise UserError(f"{data_dir / 'partition.json'}: field 'dataset' is {dataset!r}, but "
-                        f"--dataset {cfg.dataset} was asked for", collective=True)
     x_train, x_test = standardize(local.x_train, local.x_test, comm, device)
     data = RankData(
         x_train=x_train, y_train=torch.as_tensor(local.y_train, dtype=torch.long, device=device),
@@ -192,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
         sample_shape=tuple(local.sample_shape))
     model_name = cfg.model if cfg.model != "auto" else ("cnn" if len(data.sample_shape) == 3
                                                          else "mlp")
-    machine = machine_info(comm, info, device, threads)
+    machine = machine_info(comm, info, device, threads, detect_cuda_aware(cfg.cuda_aware).reason)
     log(f"disdl-mpi {__version__}: {info.world_size} ranks on {machine['nodes']} node(s), "
         f"{machine['mpi_library']}, torch {torch.__version__}, device {machine['device']}, "
         f"{threads} thread(s) per rank")
@@ -200,6 +179,7 @@ def main(argv: list[str] | None = None) -> int:
         f"(min {min(data.sizes)}, max {max(data.sizes)}), {data.x_test.shape[0]} test samples, "
         f"model {model_name}, schemes: {', '.join(norms)}")
 
+    # 4. checkpoints: where to resume, if anywhere
     ckpt = Checkpointer(out / "checkpoints", comm, config=cfg.to_dict(),
                         world_size=info.world_size, manifest_sha256=local.manifest_sha256,
                         norms=norms)
@@ -212,47 +192,37 @@ def main(argv: list[str] | None = None) -> int:
         pos = loaded.shared["position"]
         log(f"resuming from {loaded.path}: " + (f"scheme {pos['norm']} at step {pos['step']}"
             if "model" in loaded.shared else f"{first_scheme} of {len(norms)} scheme(s) done"))
+    hooks = hooks or TrainHooks()
+    progress = Progress(0, mode=cfg.progress, quiet=rank != 0)
     ctx = TrainContext(cfg=cfg, comm=comm, norm_comm=comm.Dup(), info=info, device=device,
                        data=data, model_name=model_name, log=log,
-                       progress=make_progress(cfg.progress, rank),
+                       epoch_lines=rank == 0 and not progress.is_bar and not progress.quiet,
+                       hooks=_with_progress(hooks, progress),
                        wait_comm=comm.Dup() if detail_requested(cfg.timeline) else None,
                        trace=TraceRecorder(comm) if cfg.timeline else None,
                        guard=StepGuard(comm, watch), checkpointer=ckpt,
                        checkpoint_every=parse_every(cfg.checkpoint_every))
+
+    # 5. every scheme in turn, results written after each
     for index, name in enumerate(norms):
         if index < first_scheme:
             continue
-        ctx.run_state = lambda: {"scheme_index": index, "records": records}
-        ctx.resume = loaded if (loaded is not None and index == first_scheme
-                                and "model" in loaded.shared) else None
+        ctx.scheme_index, ctx.run_records = index, records
+        ctx.resume = _resume_point(loaded, index, first_scheme)
         start = time.perf_counter()
         res = train_scheme(ctx, name)
         wall = time.perf_counter() - start
-        phases = phase_summary(comm, res.phases)
-        record = {
-            "world_size": info.world_size, "norm": name, "model": model_name,
-            "dataset": dataset, "partition": local.manifest.get("scheme", cfg.partition),
-            "data_dir": str(data_dir), "epochs": res.epochs, "steps": res.steps,
-            "test_accuracy": res.test_accuracy,
-            "samples_per_s": res.samples / max(1e-9, res.train_s),
-            "phases": {k: v["mean"] for k, v in phases.items()},
-            "phases_detail": phases, "device": machine["device"],
-            "mpi_library": machine["mpi_library"], "allreduce_path": res.allreduce_path,
-            "threads_per_rank": threads, "wall_s": wall, "train_s": res.train_s,
-            "global_batch_size": cfg.global_batch_size, "batching": cfg.batching,
-            "per_rank_accuracy": res.per_rank_accuracy, "epochs_log": res.epochs_log,
-            "grad_bytes": sum(p.numel() * p.element_size() for p in res.model.parameters()
-                              if p.requires_grad),
-            "skipped_steps": res.skipped_steps,
-        }
-        record.update(timing_fields(phases, measured_wait=ctx.wait_comm is not None,
-                                    cuda=device.type == "cuda"))
+        record = scheme_record(
+            cfg, res, phase_summary(comm, res.phases), info=info, machine=machine,
+            model_name=model_name, dataset=dataset,
+            partition=local.manifest.get("scheme", cfg.partition), data_dir=data_dir,
+            wall=wall, measured_wait=ctx.wait_comm is not None, cuda=device.type == "cuda")
         records.append(record)
         scheme_dir = out / name
         if rank == 0:
             write_metrics(scheme_dir / "metrics.csv", res.epochs_log)
-            log(f"{name}: test accuracy {res.test_accuracy:.4f}, "
-                f"{record['samples_per_s']:.0f} samples/s, {wall:.1f} s")
+            progress.line(f"{name}: test accuracy {res.test_accuracy:.4f}, "
+                          f"{record['samples_per_s']:.0f} samples/s, {wall:.1f} s")
         if cfg.save_model:
             _save_model(res.model, scheme_dir, rank, per_rank=res.per_rank_accuracy is not None)
         if rank == 0:  # written after every scheme, so an interrupted run keeps what finished
@@ -263,6 +233,9 @@ def main(argv: list[str] | None = None) -> int:
                                     "batch": 0, "step": 0},
                        "run": jsonable({"scheme_index": index + 1, "records": records})},
                       {"rng": rng_state()}, label=f"after scheme {name}")
+    progress.close()
+
+    # 6. the end: timeline, final table
     if watch.received is not None:
         log(f"note: signal {watch.received} arrived after the last training step; the run is complete")
     if ctx.trace is not None:
@@ -272,6 +245,29 @@ def main(argv: list[str] | None = None) -> int:
     log("\n" + format_table(records))
     log(f"\nresults: {out}")
     return 0
+
+
+def _resume_point(loaded: Optional[Loaded], index: int, first_scheme: int) -> Optional[Loaded]:
+    """The checkpoint to continue scheme ``index`` from, if it stopped inside that scheme."""
+    if loaded is not None and index == first_scheme and "model" in loaded.shared:
+        return loaded
+    return None
+
+
+def _with_progress(hooks: TrainHooks, progress: Progress) -> TrainHooks:
+    """The caller's hooks, with the progress bar (when there is one) advanced every step."""
+    if not progress.is_bar:
+        return hooks
+    user = hooks.on_step
+
+    def on_step(step: int, total: int, label: str) -> None:
+        if progress.total != total or step == 1:
+            progress.reset(total)
+        progress.advance(1, label)
+        if user is not None:
+            user(step, total, label)
+
+    return TrainHooks(loss_fn=hooks.loss_fn, evaluate=hooks.evaluate, on_step=on_step)
 
 
 def _save_model(model: torch.nn.Module, scheme_dir: Path, rank: int, *, per_rank: bool) -> None:

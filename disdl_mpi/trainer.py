@@ -1,29 +1,42 @@
-"""Synchronous data-isolated SGD for one normalization scheme."""
+"""Synchronous data-isolated SGD for one normalization scheme.
+
+:func:`train_scheme` reads as its named steps; :class:`SchemeTraining` holds one scheme's state
+and implements them: ``restore`` (from a checkpoint), ``step`` (one :func:`disdl_mpi.step.sync_step`
+with its timing), ``decide`` (the guard's agreed NaN/signal decision), ``checkpoint``,
+``end_of_epoch`` and ``evaluate``.
+"""
 from __future__ import annotations
 
-import math
 import time
 from dataclasses import dataclass, field
-from typing import Any, Callable, Optional
+from typing import Callable, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from mpi4py import MPI
 
-from .allreducer import GradientAllreducer
-from .batching import BatchPlan
-from .checkpoint import jsonable, model_parts, restore_model, rng_state, set_rng_state
-from .config import RunConfig
-from .comm import RankInfo
-from .device import seed_everything
-from .evaluate import evaluate_per_rank, evaluate_sharded
-from .guards import GradFiniteProbe, NumericalError, Preempted, signal_name
-from .model_sync import broadcast_module_
-from .models import build_model
-from .norms import get_norm, is_norm_layer
-from .timeline import bucket_records
-from .timing import PhaseTimer
+from disdl_mpi.batching import BatchPlan
+from disdl_mpi.comm.allreducer import GradientAllreducer
+from disdl_mpi.comm.model_sync import broadcast_module_
+from disdl_mpi.comm.world import RankInfo
+from disdl_mpi.config import RunConfig
+from disdl_mpi.device import seed_everything
+from disdl_mpi.evaluate import evaluate_per_rank, evaluate_sharded
+from disdl_mpi.files import jsonable
+from disdl_mpi.models import build_model
+from disdl_mpi.norms import get_scheme, norm_state_ids
+from disdl_mpi.observe.timeline import TraceRecorder
+from disdl_mpi.observe.timing import PhaseTimer
+from disdl_mpi.reliability.checkpoint import (Checkpointer, Loaded, model_parts, restore_model,
+                                              rng_state, set_rng_state)
+from disdl_mpi.reliability.guards import (GradFiniteProbe, NumericalError, Preempted,
+                                          StepDecision, StepGuard, signal_name)
+from disdl_mpi.step import LossFn, StepResult, summed_cross_entropy, sync_step
+
+# evaluate(model, x_test, y_test, comm) -> global accuracy (sharded, counts reduced)
+Evaluator = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, MPI.Comm], float]
+# on_step(step, total_steps, label), after every optimizer step (progress displays)
+StepCallback = Callable[[int, int, str], None]
 
 
 @dataclass
@@ -40,30 +53,40 @@ class RankData:
 
 
 @dataclass
+class TrainHooks:
+    """The seams of the training loop: what the step computes and how a scheme is scored.
+
+    Defaults are the real thing; the fault-injection tests pass their own (a poisoned loss, an
+    evaluator with an extra collective, a step callback that records progress).
+    """
+
+    loss_fn: LossFn = summed_cross_entropy
+    evaluate: Evaluator = evaluate_sharded
+    on_step: Optional[StepCallback] = None
+
+
+@dataclass
 class TrainContext:
     """Everything a scheme's training needs that does not change between schemes."""
 
     cfg: RunConfig
-    comm: MPI.Comm          # gradients, evaluation, control
-    norm_comm: MPI.Comm     # the schemes' own collectives (syncbn, bn-recal)
+    comm: MPI.Comm                  # gradients, evaluation, control
+    norm_comm: MPI.Comm             # the schemes' own collectives (syncbn, bn-recal)
     info: RankInfo
     device: torch.device
     data: RankData
     model_name: str
     log: Callable[[str], None] = print
-    progress: Optional[Callable[[int, int, str], None]] = None
-    # timing detail: a dedicated comm for the imbalance probe, and the timeline recorder
-    wait_comm: Optional[MPI.Comm] = None
-    trace: Optional[Any] = None
-    # reliability: the per-step agreement (guards.StepGuard), the checkpoint writer
-    # (checkpoint.Checkpointer), its schedule (("steps"|"epochs", N) or None) and the run-level
-    # part of a checkpoint (scheme index, finished records), supplied by run.main
-    guard: Optional[Any] = None
-    checkpointer: Optional[Any] = None
-    checkpoint_every: Optional[tuple[str, int]] = None
-    run_state: Optional[Callable[[], dict]] = None
-    # a checkpoint.Loaded positioned inside the next scheme to train, or None (set by run.main)
-    resume: Optional[Any] = None
+    epoch_lines: bool = True        # one line per epoch (off under a progress bar or quiet)
+    hooks: TrainHooks = field(default_factory=TrainHooks)
+    wait_comm: Optional[MPI.Comm] = None          # timing detail: the imbalance probe
+    trace: Optional[TraceRecorder] = None
+    guard: Optional[StepGuard] = None
+    checkpointer: Optional[Checkpointer] = None
+    checkpoint_every: Optional[tuple[str, int]] = None   # ("steps"|"epochs", N)
+    scheme_index: int = 0                         # position in the run's scheme list
+    run_records: list[dict] = field(default_factory=list)   # finished schemes, for checkpoints
+    resume: Optional[Loaded] = None               # positioned inside this scheme
 
 
 @dataclass
@@ -80,31 +103,9 @@ class SchemeResult:
     train_s: float
     phases: dict[str, float]
     allreduce_path: str
+    cuda_awareness: Optional[str]
     epochs_log: list[dict] = field(default_factory=list)
     skipped_steps: int = 0
-
-
-def _norm_state_ids(model: torch.nn.Module) -> set[int]:
-    """Ids of the parameters and buffers that belong to normalization layers."""
-    ids: set[int] = set()
-    for m in model.modules():
-        if is_norm_layer(m):
-            ids.update(id(t) for t in m.parameters(recurse=False))
-            ids.update(id(t) for t in m.buffers(recurse=False))
-    return ids
-
-
-def phase_summary(comm: MPI.Comm, values: dict[str, float]) -> dict[str, dict[str, float]]:
-    """Collective: min/mean/max of each phase across ranks (every rank holds the same keys)."""
-    keys = sorted(values)
-    local = np.array([values[k] for k in keys], dtype=np.float64)
-    lo, hi, total = local.copy(), local.copy(), local.copy()
-    comm.Allreduce(MPI.IN_PLACE, lo, op=MPI.MIN)
-    comm.Allreduce(MPI.IN_PLACE, hi, op=MPI.MAX)
-    comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
-    n = comm.Get_size()
-    return {k: {"min": float(lo[i]), "mean": float(total[i] / n), "max": float(hi[i])}
-            for i, k in enumerate(keys)}
 
 
 def total_steps(cfg: RunConfig, plan: BatchPlan) -> tuple[int, int]:
@@ -114,191 +115,230 @@ def total_steps(cfg: RunConfig, plan: BatchPlan) -> tuple[int, int]:
     return cfg.epochs, cfg.epochs * plan.steps_per_epoch
 
 
+class SchemeTraining:
+    """One scheme's model, optimizer, allreducer and position; see the module docstring."""
+
+    def __init__(self, ctx: TrainContext, norm_name: str) -> None:
+        cfg, comm, data = ctx.cfg, ctx.comm, ctx.data
+        self.ctx, self.cfg, self.comm, self.data, self.name = ctx, cfg, comm, data, norm_name
+        self.scheme = get_scheme(norm_name, comm=ctx.norm_comm, gn_groups=cfg.gn_groups)
+        seed_everything(cfg.seed)  # the same initial weights for every scheme
+        self.model = build_model(ctx.model_name, data.sample_shape, data.num_classes,
+                                 self.scheme.layer).to(ctx.device)
+        self.local_ids = norm_state_ids(self.model) if self.scheme.local_params else set()
+        broadcast_module_(self.model, comm, exclude=self.local_ids)
+        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr,
+                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.reducer = GradientAllreducer(
+            self.model, comm, bucket_mb=cfg.bucket_mb, overlap=cfg.overlap,
+            compress=cfg.compress, cuda_aware=cfg.cuda_aware,
+            skip=lambda name, p: id(p) in self.local_ids)
+        self.plan = BatchPlan(data.sizes, comm.Get_rank(), cfg.global_batch_size, cfg.batching)
+        self.epochs, self.max_steps = total_steps(cfg, self.plan)
+        self.timer = PhaseTimer(ctx.device, wait_comm=ctx.wait_comm, trace=ctx.trace)
+        self.probe = GradFiniteProbe(self.model) if ctx.guard is not None else None
+        self.norm_comm_start = self.scheme.comm_seconds()
+        self.guard_start = ctx.guard.seconds if ctx.guard is not None else 0.0
+        # position and results so far (restored on resume)
+        self.epoch = self.batch = self.step_no = self.samples = self.skipped = 0
+        self.train_s = 0.0
+        self.epoch_start = time.perf_counter()
+        self.acc: float = 0.0
+        self.per_rank: Optional[list[float]] = None
+        self.log: list[dict] = []
+        self.loss_sum = np.zeros(2, dtype=np.float64)  # [sum of sample losses, samples]
+
+    # ----------------------------------------------------------------- restore
+    def restore(self, loaded: Loaded) -> None:
+        """Continue from a checkpoint inside this scheme: bitwise an uninterrupted run."""
+        restore_model(self.model, self.optimizer, loaded.shared, loaded.local)
+        pos, st = loaded.shared["position"], loaded.shared["scheme_state"]
+        self.epoch, self.batch, self.step_no = pos["epoch"], pos["batch"], pos["step"]
+        self.samples, self.train_s, self.skipped = st["samples"], st["train_s"], st["skipped"]
+        self.log, self.acc, self.per_rank = list(st["epochs_log"]), st["acc"], st["per_rank"]
+        self.loss_sum = loaded.local["loss_sum"].numpy().astype(np.float64).copy()
+        set_rng_state(loaded.local["rng"])
+        for k, v in st.get("phases", {}).items():
+            self.timer.add(k, v)  # phase totals cover the whole scheme, before and after
+
+    # ----------------------------------------------------------------- step
+    def step(self, idx: np.ndarray, n_global: int) -> tuple[StepResult, Optional[StepDecision]]:
+        """One optimizer step on this rank's batch ``idx``; returns it and the guard's verdict."""
+        timer, ctx = self.timer, self.ctx
+        self.scheme.on_step(self.step_no)
+        timer.begin_step(self.step_no)
+        with timer.phase("data"):
+            index = torch.as_tensor(idx, device=ctx.device, dtype=torch.long)
+            xb, yb = self.data.x_train[index], self.data.y_train[index]
+        # --on-nan skip must undo what forward did to the running statistics.
+        saved = ([b.detach().clone() for b in self.model.buffers()]
+                 if self.cfg.on_nan == "skip" else None)
+        verdict: list[Optional[StepDecision]] = [None]
+
+        def before_update(res: StepResult) -> bool:
+            timer.add("allreduce_total", res.comm.get("total_s", 0.0))
+            if ctx.trace is not None:
+                ctx.trace.buckets(self.reducer.events, self.reducer.step_origin)
+            verdict[0] = self.decide(res)
+            if verdict[0] is not None and verdict[0].nonfinite:
+                self.skip_step(verdict[0], saved)
+                return False
+            return True
+
+        res = sync_step(self.model, self.optimizer, self.reducer, xb, yb, n_global,
+                        loss_fn=ctx.hooks.loss_fn, phase=timer.phase,
+                        forward_when_empty=self.scheme.collective_forward,
+                        before_sync=timer.wait_for_peers, before_update=before_update)
+        timer.end_step()
+        if res.loss_sum is not None and not (verdict[0] and verdict[0].nonfinite):
+            self.loss_sum += (res.loss_sum, res.samples)
+        self.step_no += 1
+        self.samples += n_global
+        if ctx.hooks.on_step is not None:
+            ctx.hooks.on_step(self.step_no, self.max_steps,
+                              f"{self.name} epoch {self.epoch + 1}/{self.epochs}")
+        return res, verdict[0]
+
+    # ----------------------------------------------------------------- decide
+    def decide(self, res: StepResult) -> Optional[StepDecision]:
+        """Collective: every rank agrees on NaN/Inf anywhere and on signals received."""
+        guard = self.ctx.guard
+        if guard is None:
+            return None
+        with self.timer.phase("guard"):
+            return guard.decide(not res.loss_finite, self.probe.take())
+
+    def skip_step(self, d: StepDecision, saved: Optional[list[torch.Tensor]]) -> None:
+        """A non-finite step: stop every rank, or (``--on-nan skip``) undo it everywhere."""
+        where = (f"non-finite {d.nonfinite_kind} on rank {d.nonfinite_rank} at optimizer step "
+                 f"{self.step_no + 1} (scheme {self.name}, epoch {self.epoch + 1})")
+        if saved is None:
+            raise NumericalError(f"{where}: stopping (--on-nan stop); lower --lr, or use "
+                                 f"--on-nan skip to skip such steps")
+        self.ctx.log(f"  {where}: step skipped (--on-nan skip)")
+        with torch.no_grad():
+            for b, old in zip(self.model.buffers(), saved):
+                b.copy_(old)
+        self.skipped += 1
+
+    def preempt(self, d: StepDecision) -> None:
+        """A signal arrived on some rank: checkpoint this step boundary, then stop all."""
+        name = signal_name(d.signum)
+        if self.ctx.checkpointer is None:
+            raise Preempted(f"{name} received on rank {d.signal_rank}: stopped at step "
+                            f"{self.step_no} of scheme {self.name} (no checkpointer)", d.signum)
+        path = self.checkpoint(self.epoch, self.batch, f"{name} at step {self.step_no}")
+        raise Preempted(f"{name} received on rank {d.signal_rank}: checkpoint of scheme "
+                        f"{self.name} at step {self.step_no} written to {path}; resume with "
+                        f"--resume auto (same --out)", d.signum)
+
+    # ----------------------------------------------------------------- checkpoint
+    def checkpoint(self, epoch: int, batch: int, label: str):
+        """Collective: commit the state at this step boundary (position = next batch)."""
+        shared, local = model_parts(self.model, self.optimizer)
+        shared["position"] = {"scheme_index": self.ctx.scheme_index, "norm": self.name,
+                              "epoch": epoch, "batch": batch, "step": self.step_no}
+        in_epoch = time.perf_counter() - self.epoch_start if batch else 0.0
+        shared["scheme_state"] = {
+            "samples": self.samples, "train_s": self.train_s + in_epoch,
+            "skipped": self.skipped, "epochs_log": jsonable(self.log), "acc": float(self.acc),
+            "per_rank": self.per_rank,
+            "phases": {k: float(v) for k, v in self.timer.seconds.items()}}
+        shared["run"] = jsonable({"scheme_index": self.ctx.scheme_index,
+                                  "records": self.ctx.run_records})
+        local["rng"] = rng_state()
+        local["loss_sum"] = torch.from_numpy(self.loss_sum.copy())
+        return self.ctx.checkpointer.save(shared, local, label=label)
+
+    def maybe_checkpoint(self, unit: str) -> None:
+        """The --checkpoint-every schedule, at a step (unit 'steps') or epoch boundary."""
+        every = self.ctx.checkpoint_every
+        if not every or every[0] != unit:
+            return
+        if unit == "steps" and self.step_no % every[1] == 0 and self.step_no < self.max_steps:
+            self.checkpoint(self.epoch, self.batch, f"every {every[1]} steps")
+        if unit == "epochs" and (self.epoch + 1) % every[1] == 0:
+            self.checkpoint(self.epoch + 1, 0, f"every {every[1]} epochs")
+
+    # ----------------------------------------------------------------- epochs
+    def end_of_epoch(self) -> None:
+        """Sum the epoch's loss over ranks, evaluate when due, log the epoch."""
+        self.train_s += time.perf_counter() - self.epoch_start
+        self.comm.Allreduce(MPI.IN_PLACE, self.loss_sum, op=MPI.SUM)
+        last = self.epoch == self.epochs - 1 or self.step_no >= self.max_steps
+        every = self.cfg.eval_every
+        if last or (every > 0 and (self.epoch + 1) % every == 0):
+            self.acc, self.per_rank = self.evaluate()
+        self.log.append({"epoch": self.epoch + 1, "step": self.step_no,
+                         "train_loss": self.loss_sum[0] / max(1.0, self.loss_sum[1]),
+                         "test_accuracy": self.acc, "wall_s": self.train_s})
+        if self.ctx.epoch_lines:
+            self.ctx.log(f"  {self.name:>9} epoch {self.epoch + 1:3d}/{self.epochs}  loss "
+                         f"{self.log[-1]['train_loss']:.4f}  test acc {self.acc:.4f}")
+
+    def evaluate(self) -> tuple[float, Optional[list[float]]]:
+        """Collective: this scheme's test accuracy (per rank too, for rank-local models)."""
+        with self.timer.phase("eval"):
+            data = self.data
+            if self.scheme.recalibrate is not None:
+                self.scheme.recalibrate(self.model, data.x_train, self.cfg.global_batch_size)
+            if self.scheme.per_rank_eval:
+                return evaluate_per_rank(self.model, data.x_test, data.y_test, self.comm)
+            # Like DDP's broadcast_buffers: running statistics come from rank 0.
+            broadcast_module_(self.model, self.comm, buffers_only=True, exclude=self.local_ids)
+            return self.ctx.hooks.evaluate(self.model, data.x_test, data.y_test, self.comm), None
+
+    def finish(self) -> SchemeResult:
+        if self.probe is not None:
+            self.probe.close()
+        self.reducer.close()
+        self.timer.add("norm_comm", self.scheme.comm_seconds() - self.norm_comm_start)
+        if self.ctx.guard is not None:
+            self.timer.add("step_guard", self.ctx.guard.seconds - self.guard_start)
+        awareness = self.reducer.cuda_awareness
+        return SchemeResult(
+            norm=self.name, model=self.model, test_accuracy=self.acc,
+            per_rank_accuracy=self.per_rank, epochs=len(self.log), steps=self.step_no,
+            samples=self.samples, train_s=self.train_s, phases=self.timer.totals(),
+            allreduce_path=self.reducer.path,
+            cuda_awareness=awareness.reason if awareness is not None else None,
+            epochs_log=self.log, skipped_steps=self.skipped)
+
+
 def train_scheme(ctx: TrainContext, norm_name: str) -> SchemeResult:
-    """Train one scheme from the shared initial weights (or a checkpoint) and evaluate it.
-
-    ``ctx.resume``, a ``checkpoint.Loaded`` positioned inside this scheme: training continues
-    from its step with the model, optimizer, RNG and batch-plan position restored, so the
-    result is bitwise the one of an uninterrupted run.
-    """
-    cfg, comm, data = ctx.cfg, ctx.comm, ctx.data
-    rank = comm.Get_rank()
-    resume = ctx.resume
-    scheme = get_norm(norm_name, comm=ctx.norm_comm, gn_groups=cfg.gn_groups)
-    # Same seed before every build: every scheme starts from the same initial weights.
-    seed_everything(cfg.seed)
-    model = build_model(ctx.model_name, data.sample_shape, data.num_classes, scheme.layer)
-    model = model.to(ctx.device)
-    local_ids = _norm_state_ids(model) if scheme.local_params else set()
-    broadcast_module_(model, comm, exclude=local_ids)
-
-    optimizer = torch.optim.SGD(model.parameters(), lr=cfg.lr, momentum=cfg.momentum,
-                                weight_decay=cfg.weight_decay)
-    reducer = GradientAllreducer(
-        model, comm, bucket_mb=cfg.bucket_mb, overlap=cfg.overlap, compress=cfg.compress,
-        cuda_aware=cfg.cuda_aware, skip=lambda name, p: id(p) in local_ids)
-    plan = BatchPlan(data.sizes, rank, cfg.global_batch_size, cfg.batching)
-    epochs, max_steps = total_steps(cfg, plan)
-    timer = PhaseTimer(ctx.device, wait_comm=ctx.wait_comm, trace=ctx.trace)
+    """Train one scheme from the shared initial weights (or ``ctx.resume``) and evaluate it."""
+    t = SchemeTraining(ctx, norm_name)
     if ctx.trace is not None:
         ctx.trace.args = {"scheme": norm_name}
     scheme_start = time.perf_counter()
-    norm_comm_start = scheme.comm_seconds()
-    guard = ctx.guard
-    guard_start = guard.seconds if guard is not None else 0.0
-    probe = GradFiniteProbe(model) if guard is not None else None
-    skip_nan = cfg.on_nan == "skip"
-    every = ctx.checkpoint_every
-    result_log: list[dict] = []
-    step = samples = skipped = 0
-    train_s = 0.0
-    acc, per_rank = 0.0, None
-    start_epoch = start_batch = 0
-    loss_sum = np.zeros(2, dtype=np.float64)  # [sum of sample losses, samples] of the epoch
-    if resume is not None:
-        restore_model(model, optimizer, resume.shared, resume.local)
-        pos, st = resume.shared["position"], resume.shared["scheme_state"]
-        start_epoch, start_batch, step = pos["epoch"], pos["batch"], pos["step"]
-        samples, train_s, skipped = st["samples"], st["train_s"], st["skipped"]
-        result_log, acc, per_rank = list(st["epochs_log"]), st["acc"], st["per_rank"]
-        loss_sum = resume.local["loss_sum"].numpy().astype(np.float64).copy()
-        set_rng_state(resume.local["rng"])
-        for k, v in st.get("phases", {}).items():
-            timer.add(k, v)  # phase totals cover the whole scheme, before and after resume
-
-    def run_eval(epoch: int) -> tuple[float, Optional[list[float]]]:
-        with timer.phase("eval"):
-            if scheme.recalibrate is not None:
-                scheme.recalibrate(model, data.x_train, cfg.global_batch_size)
-            if scheme.per_rank_eval:
-                return evaluate_per_rank(model, data.x_test, data.y_test, comm)
-            # Like DDP's broadcast_buffers: running statistics come from rank 0.
-            broadcast_module_(model, comm, buffers_only=True, exclude=local_ids)
-            return evaluate_sharded(model, data.x_test, data.y_test, comm), None
-
-    def checkpoint(epoch: int, batch: int, label: str) -> Any:
-        """Collective: commit the state at this step boundary (position = next batch)."""
-        shared, local = model_parts(model, optimizer)
-        shared["position"] = {"scheme_index": ctx.run_state()["scheme_index"] if ctx.run_state
-                              else 0, "norm": norm_name, "epoch": epoch, "batch": batch,
-                              "step": step}
-        shared["scheme_state"] = {
-            "samples": samples, "train_s": train_s + (time.perf_counter() - epoch_start
-                                                      if batch else 0.0),
-            "skipped": skipped, "epochs_log": jsonable(result_log), "acc": float(acc),
-            "per_rank": per_rank, "phases": {k: float(v) for k, v in timer.seconds.items()}}
-        shared["run"] = jsonable(ctx.run_state()) if ctx.run_state else {}
-        local["rng"] = rng_state()
-        local["loss_sum"] = torch.from_numpy(loss_sum.copy())
-        return ctx.checkpointer.save(shared, local, label=label)
-
-    for epoch in range(start_epoch, epochs):
-        model.train()
-        epoch_start = time.perf_counter()
+    if ctx.resume is not None:
+        t.restore(ctx.resume)
+    start_epoch, start_batch = t.epoch, t.batch
+    for epoch in range(start_epoch, t.epochs):
+        t.epoch = epoch
+        t.model.train()
+        t.epoch_start = time.perf_counter()
         first = start_batch if epoch == start_epoch else 0
         if first == 0:
-            loss_sum = np.zeros(2, dtype=np.float64)
-        batches = plan.epoch_indices(epoch, cfg.seed)
+            t.loss_sum = np.zeros(2, dtype=np.float64)
+        batches = t.plan.epoch_indices(epoch, ctx.cfg.seed)
         for i in range(first, len(batches)):
-            idx = batches[i]
-            if step >= max_steps:
+            if t.step_no >= t.max_steps:
                 break
-            n_global = plan.global_count(i)
+            n_global = t.plan.global_count(i)
             if n_global == 0:
                 continue  # every rank knows this step is empty everywhere
-            scheme.on_step(step)
-            timer.begin_step(step)
-            with timer.phase("data"):
-                index = torch.as_tensor(idx, device=ctx.device, dtype=torch.long)
-                xb, yb = data.x_train[index], data.y_train[index]
-            with timer.phase("optimizer"):
-                optimizer.zero_grad(set_to_none=False)
-            # --on-nan skip must undo what forward did to running statistics.
-            saved_buffers = [b.detach().clone() for b in model.buffers()] if skip_nan else None
-            reducer.begin_step(len(idx) / n_global)
-            step_loss, loss_bad = None, False
-            # syncbn must join its forward collectives even with an empty local batch.
-            if len(idx) > 0 or scheme.collective_forward:
-                with timer.phase("forward"):
-                    logits = model(xb)
-                    loss_total = F.cross_entropy(logits, yb, reduction="sum")
-                    # The local mean; its gradient, weighted by n_local/n_global and summed
-                    # over ranks, is the exact gradient of the global-batch mean.
-                    loss = loss_total / max(1, len(idx))
-                with timer.phase("backward"):
-                    loss.backward()
-                step_loss = float(loss_total.detach())
-                loss_bad = not math.isfinite(step_loss)
-            timer.wait_for_peers()
-            with timer.phase("allreduce"):
-                stats = reducer.finish_step()
-            timer.add("allreduce_total", stats.get("total_s", 0.0))
-            if ctx.trace is not None:
-                ctx.trace.buckets(bucket_records(reducer))
-            with timer.phase("guard"):  # the per-step NaN/signal agreement collective
-                decision = guard.decide(loss_bad, probe.take()) if guard is not None else None
-            if decision is not None and decision.nonfinite:
-                where = (f"non-finite {decision.nonfinite_kind} on rank "
-                         f"{decision.nonfinite_rank} at optimizer step {step + 1} (scheme "
-                         f"{norm_name}, epoch {epoch + 1})")
-                if not skip_nan:
-                    raise NumericalError(f"{where}: stopping (--on-nan stop); lower --lr, or "
-                                         f"use --on-nan skip to skip such steps")
-                ctx.log(f"  {where}: step skipped (--on-nan skip)")
-                with torch.no_grad():
-                    for b, old in zip(model.buffers(), saved_buffers):
-                        b.copy_(old)
-                skipped += 1
-                timer.end_step()
-            else:
-                with timer.phase("optimizer"):
-                    optimizer.step()
-                timer.end_step()
-                if step_loss is not None:
-                    loss_sum += (step_loss, len(idx))
-            step += 1
-            samples += n_global
-            if ctx.progress:
-                ctx.progress(step, max_steps, f"{norm_name} epoch {epoch + 1}/{epochs}")
+            _, decision = t.step(batches[i], n_global)
+            t.batch = i + 1
             if decision is not None and decision.preempt:
-                name = signal_name(decision.signum)
-                if ctx.checkpointer is None:
-                    raise Preempted(f"{name} received on rank {decision.signal_rank}: stopped "
-                                    f"at step {step} of scheme {norm_name} (no checkpointer)",
-                                    decision.signum)
-                path = checkpoint(epoch, i + 1, f"{name} at step {step}")
-                raise Preempted(f"{name} received on rank {decision.signal_rank}: checkpoint "
-                                f"of scheme {norm_name} at step {step} written to {path}; "
-                                f"resume with --resume auto (same --out)", decision.signum)
-            if every and every[0] == "steps" and step % every[1] == 0 and step < max_steps:
-                checkpoint(epoch, i + 1, f"every {every[1]} steps")
-        train_s += time.perf_counter() - epoch_start
-        comm.Allreduce(MPI.IN_PLACE, loss_sum, op=MPI.SUM)
-        last = epoch == epochs - 1 or step >= max_steps
-        if last or (cfg.eval_every > 0 and (epoch + 1) % cfg.eval_every == 0):
-            acc, per_rank = run_eval(epoch)
-        result_log.append({"epoch": epoch + 1, "step": step,
-                           "train_loss": loss_sum[0] / max(1.0, loss_sum[1]),
-                           "test_accuracy": acc, "wall_s": train_s})
-        if rank == 0 and ctx.progress is None:
-            ctx.log(f"  {norm_name:>9} epoch {epoch + 1:3d}/{epochs}  loss "
-                    f"{result_log[-1]['train_loss']:.4f}  test acc {acc:.4f}")
-        if step >= max_steps:
+                t.preempt(decision)
+            t.maybe_checkpoint("steps")
+        t.end_of_epoch()
+        if t.step_no >= t.max_steps:
             break
-        if every and every[0] == "epochs" and (epoch + 1) % every[1] == 0:
-            checkpoint(epoch + 1, 0, f"every {every[1]} epochs")
-
-    if probe is not None:
-        probe.close()
-    reducer.close()
-    timer.add("norm_comm", scheme.comm_seconds() - norm_comm_start)
-    if guard is not None:
-        timer.add("step_guard", guard.seconds - guard_start)
+        t.maybe_checkpoint("epochs")
+    result = t.finish()
     if ctx.trace is not None:
         ctx.trace.complete(f"scheme {norm_name}", scheme_start,
                            time.perf_counter() - scheme_start, cat="scheme")
-    return SchemeResult(
-        norm=norm_name, model=model, test_accuracy=acc, per_rank_accuracy=per_rank,
-        epochs=len(result_log), steps=step, samples=samples, train_s=train_s,
-        phases=timer.totals(), allreduce_path=reducer.path, epochs_log=result_log,
-        skipped_steps=skipped)
+    return result

@@ -14,8 +14,8 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
-from disdl_mpi.allreducer import GradientAllreducer
-from disdl_mpi.comm import install_abort_handler
+from disdl_mpi.comm.allreducer import GradientAllreducer
+from disdl_mpi.comm.world import install_abort_handler
 
 
 class Net(nn.Module):

@@ -15,7 +15,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from disdl_mpi.norms import get_norm
+from disdl_mpi.norms import get_scheme
 
 
 def close(a: torch.Tensor, b: torch.Tensor, what: str, rank: int, tol: float = 1e-5) -> None:
@@ -35,7 +35,7 @@ def main() -> int:
     x_all = torch.randn(n, 3, 5, 5, generator=g) * torch.tensor([1.0, 3.0, 0.5]).view(1, 3, 1, 1)
     x_all += torch.tensor([200.0, -2.0, 0.1]).view(1, 3, 1, 1)  # a large offset: stability
     flat = x_all[:, :, 0, 0].contiguous()
-    scheme = get_norm("bn-recal", comm=comm.Dup())
+    scheme = get_scheme("bn-recal", comm=comm.Dup())
     assert scheme.recalibrate is not None
 
     # (1) BN directly on the input data.

@@ -15,8 +15,8 @@ import torch.nn.functional as F
 from mpi4py import MPI
 
 from disdl_mpi.models import build_model
-from disdl_mpi.mpi_ops import allreduce_
-from disdl_mpi.norms import get_norm
+from disdl_mpi.comm.mpi_ops import allreduce_
+from disdl_mpi.norms import get_scheme
 from disdl_mpi.norms.local_layers import LocalBatchNorm
 from disdl_mpi.norms.sync_batch_norm import SyncBatchNorm
 
@@ -115,7 +115,7 @@ def model_case(comm, sizes: list[int]) -> None:
     y_all = torch.randint(0, 10, (n_total,), generator=g)
     lo = sum(sizes[:rank])
     hi = lo + sizes[rank]
-    scheme = get_norm("syncbn", comm=comm)
+    scheme = get_scheme("syncbn", comm=comm)
     assert scheme.collective_forward
     torch.manual_seed(3)
     model = build_model("cnn", (1, 8, 8), 10, scheme.layer)

@@ -1,4 +1,4 @@
-"""The accuracy study driver (bench.accuracy): outputs, resume, determinism, bad input.
+"""The accuracy study driver (bench.studies.accuracy): outputs, resume, determinism, bad input.
 
 The study launches real ``mpiexec -n 2`` jobs of ``disdl_mpi.run`` on the embedded digits data;
 settings are tiny (2 epochs of a few large steps) so the whole file stays well under a minute
@@ -23,15 +23,15 @@ TINY = ["--ranks", "2", "--epochs", "2", "--progress", "lines", "--timeout", "18
 
 
 def study(out, *extra: str, timeout: float = 240) -> subprocess.CompletedProcess:
-    """Run ``python -m bench.accuracy`` as a user would, with a hard timeout."""
-    return subprocess.run([sys.executable, "-m", "bench.accuracy", *TINY, "--out", str(out),
+    """Run ``python -m bench.studies.accuracy`` as a user would, with a hard timeout."""
+    return subprocess.run([sys.executable, "-m", "bench.studies.accuracy", *TINY, "--out", str(out),
                            *extra], capture_output=True, text=True, timeout=timeout,
                           cwd=str(ROOT), env=mpi_env())
 
 
 def study_here(capsys, out, *extra: str) -> tuple[int, str, str]:
     """The driver in this process (no interpreter start-up): (exit code, stdout, stderr)."""
-    from bench.accuracy import main
+    from bench.studies.accuracy import main
     rc = main([*TINY, "--out", str(out), *extra])
     captured = capsys.readouterr()
     return rc, captured.out, captured.err
@@ -146,8 +146,8 @@ def test_dry_run_plans_quick_defaults(tmp_path, capsys):
     planned = [ln for ln in stdout.splitlines() if ln.startswith("would run:")]
     # --quick: 1 seed x the 2 quick skews, every registered scheme in one job each.
     assert [ln.split(":")[1].strip() for ln in planned] == ["iid-s0", "dirichlet-0.1-s0"]
-    from disdl_mpi.norms import available_norms
-    assert planned[0].split(": ")[2].split(" (")[0] == ",".join(available_norms())
+    from disdl_mpi.norms import available_schemes
+    assert planned[0].split(": ")[2].split(" (")[0] == ",".join(available_schemes())
     assert not (tmp_path / "s" / "runs").exists()
 
 
@@ -181,8 +181,8 @@ def test_failed_and_hung_jobs_are_reported_not_waited_for(tmp_path, capsys):
 
 
 def test_label_skew_and_summary_statistics():
-    from bench.accuracy import label_skew_tv
-    from bench.accuracy_report import mean_std, strongest_skew
+    from bench.studies.accuracy import label_skew_tv
+    from bench.studies.accuracy_report import mean_std, strongest_skew
     iid = {"ranks": [{"class_counts": [5, 5]}, {"class_counts": [5, 5]}]}
     disjoint = {"ranks": [{"class_counts": [10, 0]}, {"class_counts": [0, 10]}]}
     assert label_skew_tv(iid) == 0.0

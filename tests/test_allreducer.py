@@ -8,7 +8,7 @@ from mpi4py import MPI
 from torch import nn
 
 from disdl_mpi import compression, cuda_aware
-from disdl_mpi.allreducer import GradientAllreducer, _union_seconds
+from disdl_mpi.comm.allreducer import GradientAllreducer, _union_seconds
 from tests.mpi_helpers import run_mpi
 
 
@@ -139,7 +139,7 @@ def test_cuda_aware_detection_and_overrides(monkeypatch):
     monkeypatch.delenv(cuda_aware.ENV_OVERRIDE, raising=False)
     auto = cuda_aware.detect("auto")
     assert isinstance(auto.aware, bool) and auto.reason
-    assert isinstance(cuda_aware.is_cuda_aware(), bool)
+    assert isinstance(cuda_aware.detect().aware, bool)
     assert cuda_aware.detect("yes").aware is True
     assert cuda_aware.detect("no").aware is False
     monkeypatch.setenv(cuda_aware.ENV_OVERRIDE, "1")
@@ -211,8 +211,8 @@ def test_gradients_match_single_process_three_ranks_with_an_empty_rank():
 def test_a_failing_rank_aborts_instead_of_hanging():
     # A mismatched layout (different models per rank) must raise, not deadlock.
     code = ("import torch; from torch import nn; from mpi4py import MPI;"
-            "from disdl_mpi.comm import install_abort_handler;"
-            "from disdl_mpi.allreducer import GradientAllreducer;"
+            "from disdl_mpi.comm.world import install_abort_handler;"
+            "from disdl_mpi.comm.allreducer import GradientAllreducer;"
             "c = MPI.COMM_WORLD; install_abort_handler(c);"
             "GradientAllreducer(nn.Linear(4, 2 + c.rank), c)")
     proc = run_mpi(2, ["-c", code], timeout=120)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from disdl_mpi.checkpoint import (MATTERS, CheckpointError, Checkpointer, model_parts,
+from disdl_mpi.reliability.checkpoint import (MATTERS, CheckpointError, Checkpointer, model_parts,
                                   parse_every, restore_model, rng_state, set_rng_state)
 
 CONFIG = {k: None for k in MATTERS} | {"lr": 0.05, "seed": 0, "norm": "bn"}

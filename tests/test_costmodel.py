@@ -7,8 +7,8 @@ import math
 import numpy as np
 import pytest
 
-from bench import costmodel as cm
-from bench.plots import is_png
+from bench.studies import costmodel as cm
+from bench.studies.plots import is_png
 
 
 def synthetic(model: str, alpha: float, beta: float, *, gamma: float = 0.0, noise: float = 0.0,

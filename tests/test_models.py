@@ -6,7 +6,7 @@ import torch
 from torch import nn
 
 from disdl_mpi.models import build_model
-from disdl_mpi.norms import get_norm, is_norm_layer
+from disdl_mpi.norms import get_scheme, is_norm_layer
 
 SHAPES = [("cnn", (1, 8, 8)), ("cnn", (1, 28, 28)), ("cnn", (3, 32, 32)), ("mlp", (64,)),
           ("mlp", (1, 8, 8)), ("resnet20", (3, 32, 32)), ("resnet20", (1, 8, 8)),
@@ -16,7 +16,7 @@ SHAPES = [("cnn", (1, 8, 8)), ("cnn", (1, 28, 28)), ("cnn", (3, 32, 32)), ("mlp"
 @pytest.mark.parametrize("name,shape", SHAPES)
 def test_forward_backward_shapes(name, shape):
     torch.manual_seed(0)
-    model = build_model(name, shape, 7, get_norm("bn").layer)
+    model = build_model(name, shape, 7, get_scheme("bn").layer)
     x = torch.randn(4, *shape)
     out = model(x)
     assert out.shape == (4, 7)
@@ -25,7 +25,7 @@ def test_forward_backward_shapes(name, shape):
 
 
 def test_auto_picks_cnn_or_mlp():
-    norm = get_norm("gn").layer
+    norm = get_scheme("gn").layer
     assert any(isinstance(m, nn.Conv2d) for m in build_model("auto", (1, 8, 8), 10, norm).modules())
     assert not any(isinstance(m, nn.Conv2d) for m in build_model("auto", (9,), 10, norm).modules())
 
@@ -34,14 +34,14 @@ def test_auto_picks_cnn_or_mlp():
 def test_init_is_deterministic_given_seed(name):
     def params(seed):
         torch.manual_seed(seed)
-        m = build_model(name, (3, 16, 16), 10, get_norm("bn").layer)
+        m = build_model(name, (3, 16, 16), 10, get_scheme("bn").layer)
         return torch.cat([p.detach().flatten() for p in m.parameters()])
     assert torch.equal(params(3), params(3))
     assert not torch.equal(params(3), params(4))
 
 
 def test_resnet20_structure():
-    model = build_model("resnet20", (3, 32, 32), 10, get_norm("bn").layer)
+    model = build_model("resnet20", (3, 32, 32), 10, get_scheme("bn").layer)
     convs = [m for m in model.modules() if isinstance(m, nn.Conv2d)]
     linears = [m for m in model.modules() if isinstance(m, nn.Linear)]
     assert len(convs) + len(linears) == 20  # 19 convs + 1 linear: the "20" in ResNet-20
@@ -51,8 +51,8 @@ def test_resnet20_structure():
 
 
 def test_conv_bias_only_without_norm():
-    with_norm = build_model("cnn", (1, 8, 8), 10, get_norm("bn").layer)
-    without = build_model("cnn", (1, 8, 8), 10, get_norm("none").layer)
+    with_norm = build_model("cnn", (1, 8, 8), 10, get_scheme("bn").layer)
+    without = build_model("cnn", (1, 8, 8), 10, get_scheme("none").layer)
     assert all(c.bias is None for c in with_norm.modules() if isinstance(c, nn.Conv2d))
     assert all(c.bias is not None for c in without.modules() if isinstance(c, nn.Conv2d))
     assert sum(is_norm_layer(m) for m in with_norm.modules()) == 3
@@ -64,4 +64,4 @@ def test_conv_bias_only_without_norm():
                                             ("cnn", (1, 0, 8), "bad sample_shape")])
 def test_bad_arguments_are_named(name, shape, err):
     with pytest.raises(ValueError, match=err):
-        build_model(name, shape, 10, get_norm("bn").layer)
+        build_model(name, shape, 10, get_scheme("bn").layer)

@@ -5,7 +5,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from disdl_mpi.norms import get_norm
+from disdl_mpi.norms import get_scheme
 from disdl_mpi.norms.batch_renorm import BatchRenorm, RenormSchedule
 
 
@@ -24,13 +24,13 @@ def test_schedule_values():
 
 
 def test_on_step_drives_every_layer_and_options():
-    scheme = get_norm("brn", brn_warmup_steps=10, r_max=2.0, d_max=1.0)
+    scheme = get_scheme("brn", brn_warmup_steps=10, r_max=2.0, d_max=1.0)
     a, b = scheme.layer(4), scheme.layer(8)
     scheme.on_step(5)
     assert a.schedule is b.schedule
     assert a.schedule.r_max == pytest.approx(1.5) and b.schedule.d_max == pytest.approx(0.5)
     with pytest.raises(ValueError, match="r_max >= 1"):
-        get_norm("brn", r_max=0.5)
+        get_scheme("brn", r_max=0.5)
 
 
 def test_at_warmup_start_it_is_plain_batchnorm():

@@ -6,13 +6,13 @@ import pytest
 import torch
 from torch import nn
 
-from disdl_mpi.norms import get_norm
+from disdl_mpi.norms import get_scheme
 from disdl_mpi.norms.recalibration import recalibrate_batchnorm
 
 
 @pytest.fixture(scope="module")
 def scheme():
-    s = get_norm("bn-recal")
+    s = get_scheme("bn-recal")
     yield s
     s.close()
 
@@ -55,7 +55,7 @@ def test_empty_training_data_keeps_statistics(scheme):
 def test_errors_are_named(scheme):
     with pytest.raises(ValueError, match="batch_size must be >= 1"):
         scheme.recalibrate(nn.Sequential(scheme.layer(2)), np.zeros((3, 2), np.float32), 0)
-    sync = get_norm("syncbn")
+    sync = get_scheme("syncbn")
     try:
         with pytest.raises(ValueError, match="layer '0' is a SyncBatchNorm"):
             recalibrate_batchnorm(nn.Sequential(sync.layer(2)), torch.zeros(3, 2), 2, scheme.comm)

@@ -5,23 +5,23 @@ import pytest
 import torch
 from torch import nn
 
-from disdl_mpi.norms import SCHEMES, available_norms, get_norm, is_norm_layer
+from disdl_mpi.norms import SCHEMES, available_schemes, get_scheme, is_norm_layer
 from disdl_mpi.norms.local_layers import gn_groups_for
 
 FULL_ORDER = ["bn", "syncbn", "gn", "ln", "in", "brn", "fedbn", "bn-recal", "none"]
 
 
 def test_order_is_the_registry_order():
-    names = available_norms()
+    names = available_schemes()
     assert names == [n for n in FULL_ORDER if n in names]
     assert set(names) == set(SCHEMES)
     assert {"bn", "gn", "none"} <= set(names)
 
 
-@pytest.mark.parametrize("name", available_norms())
+@pytest.mark.parametrize("name", available_schemes())
 @pytest.mark.parametrize("shape", [(6, 8, 5, 5), (6, 8)])
 def test_every_scheme_forward_backward(name, shape):
-    scheme = get_norm(name)
+    scheme = get_scheme(name)
     try:
         layer = scheme.layer(8)
         torch.manual_seed(0)
@@ -43,17 +43,17 @@ def test_every_scheme_forward_backward(name, shape):
 
 
 def test_flags():
-    fed = get_norm("fedbn")
+    fed = get_scheme("fedbn")
     assert fed.local_params and fed.per_rank_eval and fed.recalibrate is None
-    bn = get_norm("bn")
+    bn = get_scheme("bn")
     assert not bn.local_params and not bn.per_rank_eval and bn.recalibrate is None
 
 
 def test_unknown_scheme_and_options_are_named():
     with pytest.raises(ValueError, match="unknown normalization scheme 'batchnorm'"):
-        get_norm("batchnorm")
+        get_scheme("batchnorm")
     with pytest.raises(ValueError, match="norm 'gn' takes no options"):
-        get_norm("gn", momentum=0.3)
+        get_scheme("gn", momentum=0.3)
 
 
 def test_gn_groups_divide_channels():
@@ -61,23 +61,23 @@ def test_gn_groups_divide_channels():
     assert gn_groups_for(4, 8) == 4
     assert gn_groups_for(12, 8) == 6
     assert gn_groups_for(7, 8) == 7
-    layer = get_norm("gn", gn_groups=8).layer(12)
+    layer = get_scheme("gn", gn_groups=8).layer(12)
     assert isinstance(layer, nn.GroupNorm) and layer.num_groups == 6
 
 
 def test_ln_and_in_statistics():
     torch.manual_seed(1)
     x = torch.randn(3, 4, 6, 6) * 5 + 2
-    ln = get_norm("ln").layer(4)(x)
+    ln = get_scheme("ln").layer(4)(x)
     assert torch.allclose(ln.mean(dim=(1, 2, 3)), torch.zeros(3), atol=1e-5)
-    inst = get_norm("in").layer(4)(x)
+    inst = get_scheme("in").layer(4)(x)
     assert torch.allclose(inst.mean(dim=(2, 3)), torch.zeros(3, 4), atol=1e-5)
-    flat = get_norm("in").layer(4)(x[:, :, 0, 0])  # (N,C): per-sample over features
+    flat = get_scheme("in").layer(4)(x[:, :, 0, 0])  # (N,C): per-sample over features
     assert torch.allclose(flat.mean(dim=1), torch.zeros(3), atol=1e-5)
 
 
 def test_local_bn_corner_cases():
-    layer = get_norm("bn").layer(3)
+    layer = get_scheme("bn").layer(3)
     before = layer.running_mean.clone(), layer.running_var.clone()
     empty = torch.zeros(0, 3, requires_grad=True)
     out = layer(empty)

@@ -12,7 +12,7 @@ import h5py
 import numpy as np
 import pytest
 
-from data_prep.layout import content_sha256
+from disdl_mpi.data.layout import content_sha256
 from data_prep.partition import build_partitions
 from tests.mpi_helpers import run_mpi
 
@@ -20,9 +20,9 @@ pytestmark = pytest.mark.mpi
 
 LOADER = """
 import sys
-from disdl_mpi.comm import world, install_abort_handler
-from disdl_mpi.partition_io import load_partition
-from data_prep.layout import content_sha256
+from disdl_mpi.comm.world import world, install_abort_handler
+from disdl_mpi.data.partition_io import load_partition
+from disdl_mpi.data.layout import content_sha256
 comm = world()
 install_abort_handler(comm)
 d = load_partition(comm, sys.argv[1])

@@ -1,4 +1,4 @@
-"""disdl_mpi.report builds report.md/.html from fixture results of every kind."""
+"""bench.studies.report builds report.md/.html from fixture results of every kind."""
 from __future__ import annotations
 
 import argparse
@@ -9,9 +9,9 @@ from pathlib import Path
 
 import pytest
 
-from bench import scaling
-from bench.costmodel import predict
-from bench.plots import PNG_SIGNATURE, is_png, new_figure, plot_breakdown, plot_scaling, save_png
+from bench.studies import scaling
+from bench.studies.costmodel import predict
+from bench.studies.plots import PNG_SIGNATURE, is_png, new_figure, plot_breakdown, plot_scaling, save_png
 from disdl_mpi import report
 
 MACHINE = {"cpu": "x86_64", "cpu_model": "Test CPU 9000", "cores_per_node": 2,

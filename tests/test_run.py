@@ -6,7 +6,7 @@ import time
 
 import pytest
 
-from tests.mpi_helpers import ROOT, run_mpi
+from tests.mpi_helpers import run_mpi
 
 pytestmark = pytest.mark.mpi
 

@@ -1,4 +1,4 @@
-"""bench.scaling end to end: real mpiexec jobs at 1 and 2 ranks, tables, plots, resume."""
+"""bench.studies.scaling end to end: real mpiexec jobs at 1 and 2 ranks, tables, plots, resume."""
 from __future__ import annotations
 
 import csv
@@ -8,14 +8,14 @@ import sys
 
 import pytest
 
-from bench.plots import is_png
+from bench.studies.plots import is_png
 from tests.mpi_helpers import ROOT, mpi_env
 
 pytestmark = pytest.mark.mpi
 
 
 def scaling(out, *extra: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "bench.scaling", "--ranks", "1", "2", "--norm", "gn,none",
+    cmd = [sys.executable, "-m", "bench.studies.scaling", "--ranks", "1", "2", "--norm", "gn,none",
            "--mode", "weak", "--model", "mlp", "--steps", "3", "--batch-per-rank", "16",
            "--cores", "1", "--run-args", "--threads 1", "--timeout", "300", "--out", str(out),
            *extra]

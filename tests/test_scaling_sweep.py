@@ -1,4 +1,4 @@
-"""bench.sweep: launcher templates, per-point store, resume, failures, timeouts (no MPI)."""
+"""bench.studies.engine: launcher templates, per-point store, resume, failures, timeouts (no MPI)."""
 from __future__ import annotations
 
 import io
@@ -7,7 +7,7 @@ import sys
 
 import pytest
 
-from bench.sweep import (Point, PointStore, Progress, SweepError, launcher_command, run_sweep)
+from bench.studies.engine import (Point, PointStore, Progress, SweepError, launcher_command, run_sweep)
 
 # A "launcher" that runs the command without MPI, so the sweep logic is tested in seconds.
 PLAIN = "env DISDL_N={n}"

@@ -93,7 +93,7 @@ def _assert_report(out_dir: Path, job) -> None:
 @pytest.mark.timeout(JOB_TIMEOUT + 60)
 def test_scaling_sbatch_sweep_point_and_report(slurm_cluster: SlurmCluster,
                                                  tmp_path: Path) -> None:
-    """scaling.sbatch: bench.scaling launches each point through slurm/launch.sh, then the report."""
+    """scaling.sbatch: bench.studies.scaling launches each point through slurm/launch.sh, then the report."""
     # one point (2 ranks) keeps this affordable on 2 shared cores; the packing of rank counts
     # onto nodes is covered by the launch.sh test
     # LAUNCHER=mpirun: the sweeps cover the Hydra path (train covers both launchers); srun's

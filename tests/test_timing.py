@@ -8,8 +8,8 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from disdl_mpi.timeline import TraceRecorder, validate_trace
-from disdl_mpi.timing import DISJOINT, PhaseTimer, derive_imbalance, detail_requested
+from disdl_mpi.observe.timeline import TraceRecorder, validate_trace
+from disdl_mpi.observe.timing import DISJOINT, PhaseTimer, derive_imbalance, detail_requested
 from tests.mpi_helpers import run_mpi
 
 

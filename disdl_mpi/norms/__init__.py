@@ -1,7 +1,9 @@
-"""Normalization schemes for data-isolated training (registry in registry.py)."""
+"""Normalization schemes for data-isolated training (the registry is in registry.py)."""
 from __future__ import annotations
 
-from .registry import (SCHEMES, NormScheme, NormSpec, available_norms, get_norm,
-                       is_norm_layer)
+from disdl_mpi.norms.registry import (SCHEMES, NormScheme, NormSpec, available_schemes,
+                                      get_scheme, is_norm_layer, norm_layers, norm_state_ids,
+                                      resolve_schemes)
 
-__all__ = ["SCHEMES", "NormScheme", "NormSpec", "available_norms", "get_norm", "is_norm_layer"]
+__all__ = ["SCHEMES", "NormScheme", "NormSpec", "available_schemes", "get_scheme",
+           "is_norm_layer", "norm_layers", "norm_state_ids", "resolve_schemes"]

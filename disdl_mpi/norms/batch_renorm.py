@@ -3,7 +3,7 @@ from __future__ import annotations
 
 import torch
 
-from .local_layers import LocalBatchNorm, _reduce_dims
+from disdl_mpi.norms.local_layers import LocalBatchNorm, _reduce_dims
 
 
 class RenormSchedule:

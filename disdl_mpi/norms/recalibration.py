@@ -19,9 +19,9 @@ import numpy as np
 import torch
 from torch import nn
 
-from ..mpi_ops import allreduce_
-from .local_layers import LocalBatchNorm, _reduce_dims
-from .registry import CommTimer
+from disdl_mpi.comm.mpi_ops import allreduce_
+from disdl_mpi.norms.local_layers import LocalBatchNorm, _reduce_dims
+from disdl_mpi.norms.registry import CommTimer
 
 
 class RecalBatchNorm(LocalBatchNorm):
@@ -53,7 +53,7 @@ class _Moments:
 
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
-    from .sync_batch_norm import SyncBatchNorm
+    from disdl_mpi.norms.sync_batch_norm import SyncBatchNorm
     layers = []
     for name, m in model.named_modules():
         if isinstance(m, SyncBatchNorm):

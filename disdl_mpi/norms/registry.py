@@ -7,7 +7,7 @@ from typing import Any, Callable, Optional
 
 from torch import nn
 
-from .local_layers import InstanceNormAny, LocalBatchNorm, gn_groups_for
+from disdl_mpi.norms.local_layers import InstanceNormAny, LocalBatchNorm, gn_groups_for
 
 
 class CommTimer:
@@ -76,7 +76,7 @@ class NormScheme:
         return self.timer.seconds
 
     def close(self) -> None:
-        """Free the communicator the scheme duplicated itself (when get_norm got comm=None)."""
+        """Free the communicator the scheme duplicated itself (when get_scheme got comm=None)."""
         if self.comm is not None and self._owns_comm:
             try:
                 self.comm.Free()
@@ -95,60 +95,6 @@ class NormSpec:
     summary: str
     factory: Callable[..., NormScheme]
     communicates: bool = False
-
-
-# Registry order is the order of ``--norm all``.
-ORDER = ["bn", "syncbn", "gn", "ln", "in", "brn", "fedbn", "bn-recal", "none"]
-SCHEMES: dict[str, NormSpec] = {}
-
-
-def register(spec: NormSpec) -> NormSpec:
-    SCHEMES[spec.name] = spec
-    return spec
-
-
-def available_norms() -> list[str]:
-    """Scheme names in registry order (the order ``--norm all`` trains them)."""
-    return [n for n in ORDER if n in SCHEMES] + [n for n in SCHEMES if n not in ORDER]
-
-
-def get_norm(name: str, *, comm: Any = None, gn_groups: int = 8, **opts: Any) -> NormScheme:
-    """Build the scheme ``name``.
-
-    ``comm`` is the schemes' OWN communicator, a ``Dup()`` of the training communicator made
-    once per run by the caller, so that the blocking collectives of syncbn/bn-recal never
-    interleave with the gradient allreducer's outstanding requests. With ``comm=None`` a
-    communicating scheme duplicates COMM_WORLD itself and frees it in ``close()``.
-
-    Options by scheme: ``brn``: ``brn_warmup_steps``, ``r_max``, ``d_max``; ``syncbn``:
-    ``grad_convention`` ('local_mean' or 'global', see sync_batch_norm.py). Unknown options
-    raise, so a typo never goes unnoticed.
-    """
-    key = name.strip().lower()
-    if key not in SCHEMES:
-        raise ValueError(f"unknown normalization scheme '{name}'; available: "
-                         f"{', '.join(available_norms())}")
-    spec = SCHEMES[key]
-    if not spec.communicates:
-        return spec.factory(comm=None, gn_groups=gn_groups, **opts)
-    owns = comm is None
-    if owns:
-        from mpi4py import MPI
-        comm = MPI.COMM_WORLD.Dup()
-    try:
-        scheme = spec.factory(comm=comm, gn_groups=gn_groups, **opts)
-    except Exception:
-        if owns:
-            comm.Free()
-        raise
-    scheme._owns_comm = owns
-    return scheme
-
-
-def is_norm_layer(module: nn.Module) -> bool:
-    """True for any normalization layer (the modules whose state fedbn keeps local)."""
-    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
-                               nn.LocalResponseNorm))
 
 
 def _no_opts(name: str, opts: dict) -> None:
@@ -195,25 +141,11 @@ def _none(*, comm=None, gn_groups=8, **opts) -> NormScheme:
     return NormScheme("none", lambda c: nn.Identity(), description=SCHEMES["none"].summary)
 
 
-register(NormSpec("bn", "local BatchNorm (Ioffe & Szegedy 2015) over each rank's own batch: "
-                        "the baseline; its statistics follow the rank's skewed label mix", _bn))
-register(NormSpec("gn", "GroupNorm (Wu & He 2018): per-sample statistics over channel groups, "
-                        "independent of the batch and so of the skew", _gn))
-register(NormSpec("ln", "LayerNorm over C,H,W (Ba et al. 2016), i.e. GroupNorm with one group; "
-                        "batch-independent", _ln))
-register(NormSpec("in", "InstanceNorm with affine (Ulyanov et al. 2016): per-sample, per-channel "
-                        "statistics; on flat features it falls back to per-sample LayerNorm", _in))
-register(NormSpec("fedbn", "FedBN (Li et al. ICLR 2021): BN statistics and affine parameters stay "
-                           "local to each rank; targets feature shift across ranks, not label "
-                           "skew; every rank evaluates with its own model", _fedbn))
-register(NormSpec("none", "no normalization (identity); conv/linear layers get biases", _none))
-
-
 # ---- schemes that communicate or need more than a layer ----------------------------------
 
 def _syncbn(*, comm=None, gn_groups=8, grad_convention: str = "local_mean",
             **opts) -> NormScheme:
-    from .sync_batch_norm import SyncBatchNorm
+    from disdl_mpi.norms.sync_batch_norm import SyncBatchNorm
     _no_opts("syncbn", opts)
     timer = CommTimer()
     SyncBatchNorm(1, comm, timer, convention=grad_convention)  # validates the convention
@@ -223,15 +155,9 @@ def _syncbn(*, comm=None, gn_groups=8, grad_convention: str = "local_mean",
                       description=SCHEMES["syncbn"].summary)
 
 
-register(NormSpec("syncbn", "synchronized BatchNorm: statistics of the whole global batch via "
-                            "MPI allreduce (exact for unequal/empty local batches); what one "
-                            "machine would compute, at one small allreduce per layer per pass",
-                  _syncbn, communicates=True))
-
-
 def _brn(*, comm=None, gn_groups=8, brn_warmup_steps: int = 100, r_max: float = 3.0,
          d_max: float = 5.0, **opts) -> NormScheme:
-    from .batch_renorm import BatchRenorm, RenormSchedule
+    from disdl_mpi.norms.batch_renorm import BatchRenorm, RenormSchedule
     _no_opts("brn", opts)
     schedule = RenormSchedule(brn_warmup_steps, r_max, d_max)
     scheme = NormScheme("brn", lambda c: BatchRenorm(c, schedule), on_step=schedule.set_step,
@@ -241,7 +167,7 @@ def _brn(*, comm=None, gn_groups=8, brn_warmup_steps: int = 100, r_max: float = 
 
 
 def _bn_recal(*, comm=None, gn_groups=8, **opts) -> NormScheme:
-    from .recalibration import RecalBatchNorm, recalibrate_batchnorm
+    from disdl_mpi.norms.recalibration import RecalBatchNorm, recalibrate_batchnorm
     _no_opts("bn-recal", opts)
     timer = CommTimer()
 
@@ -252,10 +178,107 @@ def _bn_recal(*, comm=None, gn_groups=8, **opts) -> NormScheme:
                       timer=timer, description=SCHEMES["bn-recal"].summary)
 
 
-register(NormSpec("brn", "Batch Renormalization (Ioffe 2017): local batch statistics corrected "
-                         "towards the running ones (r/d clipping, warm-up r_max 1->3, "
-                         "d_max 0->5); for small or non-i.i.d. local batches", _brn))
-register(NormSpec("bn-recal", "local BN in training, then precise-BN recalibration (Wu & Johnson "
-                              "2021) of the running mean/var over ALL ranks' training data by "
-                              "allreduce of per-channel moments before every evaluation",
-                  _bn_recal, communicates=True))
+# The registry; its order is the order of ``--norm all``. Adding a scheme is one entry here.
+SCHEMES: dict[str, NormSpec] = {
+    "bn": NormSpec("bn", "local BatchNorm (Ioffe & Szegedy 2015) over each rank's own batch: "
+                         "the baseline; its statistics follow the rank's skewed label mix", _bn),
+    "syncbn": NormSpec("syncbn", "synchronized BatchNorm: statistics of the whole global batch "
+                                 "via MPI allreduce (exact for unequal/empty local batches); what "
+                                 "one machine would compute, at one small allreduce per layer "
+                                 "per pass", _syncbn, communicates=True),
+    "gn": NormSpec("gn", "GroupNorm (Wu & He 2018): per-sample statistics over channel groups, "
+                         "independent of the batch and so of the skew", _gn),
+    "ln": NormSpec("ln", "LayerNorm over C,H,W (Ba et al. 2016), i.e. GroupNorm with one group; "
+                         "batch-independent", _ln),
+    "in": NormSpec("in", "InstanceNorm with affine (Ulyanov et al. 2016): per-sample, "
+                         "per-channel statistics; on flat features it falls back to per-sample "
+                         "LayerNorm", _in),
+    "brn": NormSpec("brn", "Batch Renormalization (Ioffe 2017): local batch statistics corrected "
+                           "towards the running ones (r/d clipping, warm-up r_max 1->3, "
+                           "d_max 0->5); for small or non-i.i.d. local batches", _brn),
+    "fedbn": NormSpec("fedbn", "FedBN (Li et al. ICLR 2021): BN statistics and affine "
+                               "parameters stay local to each rank; targets feature shift across "
+                               "ranks, not label skew; every rank evaluates with its own model",
+                      _fedbn),
+    "bn-recal": NormSpec("bn-recal", "local BN in training, then precise-BN recalibration (Wu & "
+                                     "Johnson 2021) of the running mean/var over ALL ranks' "
+                                     "training data by allreduce of per-channel moments before "
+                                     "every evaluation", _bn_recal, communicates=True),
+    "none": NormSpec("none", "no normalization (identity); conv/linear layers get biases", _none),
+}
+
+
+def available_schemes() -> list[str]:
+    """Scheme names in registry order (the order ``--norm all`` trains them)."""
+    return list(SCHEMES)
+
+
+def get_scheme(name: str, *, comm: Any = None, gn_groups: int = 8, **opts: Any) -> NormScheme:
+    """Build the scheme ``name``.
+
+    ``comm`` is the schemes' OWN communicator, a ``Dup()`` of the training communicator made
+    once per run by the caller, so that the blocking collectives of syncbn/bn-recal never
+    interleave with the gradient allreducer's outstanding requests. With ``comm=None`` a
+    communicating scheme duplicates COMM_WORLD itself and frees it in ``close()``.
+
+    Options by scheme: ``brn``: ``brn_warmup_steps``, ``r_max``, ``d_max``; ``syncbn``:
+    ``grad_convention`` ('local_mean' or 'global', see sync_batch_norm.py). Unknown options
+    raise, so a typo never goes unnoticed.
+    """
+    key = name.strip().lower()
+    if key not in SCHEMES:
+        raise ValueError(f"unknown normalization scheme '{name}'; available: "
+                         f"{', '.join(available_schemes())}")
+    spec = SCHEMES[key]
+    if not spec.communicates:
+        return spec.factory(comm=None, gn_groups=gn_groups, **opts)
+    owns = comm is None
+    if owns:
+        from mpi4py import MPI
+        comm = MPI.COMM_WORLD.Dup()
+    try:
+        scheme = spec.factory(comm=comm, gn_groups=gn_groups, **opts)
+    except Exception:
+        if owns:
+            comm.Free()
+        raise
+    scheme._owns_comm = owns
+    return scheme
+
+
+def resolve_schemes(items: str | list[str]) -> list[str]:
+    """``--norm`` as every tool takes it: 'all', names, comma lists (one string or several)
+    -> registry names in the order given, duplicates dropped; ValueError names the bad one."""
+    known = available_schemes()
+    names: list[str] = []
+    for item in ([items] if isinstance(items, str) else items):
+        for name in (n.strip().lower() for n in item.split(",")):
+            if not name:
+                continue
+            if name == "all":
+                names += [k for k in known if k not in names]
+            elif name not in known:
+                raise ValueError(f"--norm: unknown scheme {name!r}; known: "
+                                 f"{', '.join(known)}, all")
+            elif name not in names:
+                names.append(name)
+    if not names:
+        raise ValueError("--norm: no scheme given")
+    return names
+
+
+def is_norm_layer(module: nn.Module) -> bool:
+    """True for any normalization layer (the modules whose state fedbn keeps local)."""
+    return isinstance(module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm,
+                               nn.LocalResponseNorm))
+
+
+def norm_layers(model: nn.Module) -> list[tuple[str, nn.Module]]:
+    """(qualified name, module) of every normalization layer of ``model``."""
+    return [(name, m) for name, m in model.named_modules() if is_norm_layer(m)]
+
+
+def norm_state_ids(model: nn.Module) -> set[int]:
+    """Ids of the parameters and buffers that belong to normalization layers."""
+    return {id(t) for _, m in norm_layers(model)
+            for t in (*m.parameters(recurse=False), *m.buffers(recurse=False))}

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
-from .registry import CommTimer
+from disdl_mpi.norms.registry import CommTimer
 
 CONVENTIONS = ("local_mean", "global")
 

@@ -16,10 +16,10 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from disdl_mpi.collective_check import CheckedComm, CollectiveChecker
-from disdl_mpi.guards import GradFiniteProbe, StepGuard
+from disdl_mpi.comm.collective_check import CheckedComm, CollectiveChecker
+from disdl_mpi.reliability.guards import GradFiniteProbe, StepGuard
 from disdl_mpi.models import build_model
-from disdl_mpi.norms import get_norm
+from disdl_mpi.norms import get_scheme
 
 
 def per_call(fn, reps: int) -> float:
@@ -46,7 +46,7 @@ def main() -> int:
         rounds["allreduce_4k_checked"].append(per_call(
             lambda: checked.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM), reps))
     torch.manual_seed(0)
-    model = build_model("cnn", (1, 8, 8), 10, get_norm("gn").layer)
+    model = build_model("cnn", (1, 8, 8), 10, get_scheme("gn").layer)
     x, y = torch.randn(32, 1, 8, 8), torch.randint(0, 10, (32,))
     probe = None
 

@@ -17,9 +17,9 @@ from typing import Any
 import h5py
 import numpy as np
 
-from data_prep.layout import MANIFEST, TEST_FILE, ContentHash, rank_file
+from disdl_mpi.data.layout import MANIFEST, TEST_FILE, ContentHash, rank_file
 
-from .comm import UserError
+from disdl_mpi.comm.world import UserError
 
 X_DTYPES = ("uint8", "float32")
 # (file, field, problem): one finding on one rank; identical findings on several ranks merge.

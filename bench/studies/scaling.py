@@ -1,6 +1,6 @@
 """Strong/weak scaling sweep of the training job over rank counts.
 
-    python -m bench.scaling --ranks 1 2 4 8 --norm bn,syncbn,gn --mode weak --out DIR
+    python -m bench.studies.scaling --ranks 1 2 4 8 --norm bn,syncbn,gn --mode weak --out DIR
 
 One MPI job per rank count (``python -m disdl_mpi.run --norm LIST``, all schemes in one job);
 each finished job is stored at once in DIR/points/n<N>.json, so a rerun with the same settings
@@ -21,10 +21,10 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from bench.sweep import JobResult, Point, PointStore, SweepError, run_sweep
-from disdl_mpi.atomic import write_json, write_text
+from bench.studies.engine import JobResult, Point, PointStore, SweepError, run_sweep
+from disdl_mpi.files import write_json, write_text
 from disdl_mpi.device import node_cores
-from disdl_mpi.timing import DETAIL_ENV
+from disdl_mpi.observe.timing import DETAIL_ENV
 
 # Per-phase rank-mean seconds (whole run) copied from the run's summary into the table.
 PHASE_COLUMNS = ("data", "forward", "backward", "optimizer", "imbalance_wait", "allreduce",
@@ -37,7 +37,7 @@ COLUMNS = ("ranks", "norm", "mode", "samples_per_s", "speedup", "efficiency", "c
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench.scaling",
+        prog="python -m bench.studies.scaling",
         description="Run the training job at several rank counts and tabulate/plot throughput, "
                     "efficiency and the per-phase time breakdown.")
     p.add_argument("--ranks", type=int, nargs="+", required=True, help="rank counts, e.g. 1 2 4")
@@ -175,7 +175,7 @@ def csv_text(rows: list[dict]) -> str:
 
 
 def markdown(rows: list[dict], machine: dict, args: argparse.Namespace, cores: int) -> str:
-    from bench.plots import oversubscription_note
+    from bench.studies.plots import oversubscription_note
     lines = [f"# Scaling: {args.mode}, ranks {' '.join(map(str, sorted(set(args.ranks))))}", "",
              f"Machine: {machine.get('cpu', '?')}, {cores} cores per node, "
              f"{machine.get('mpi_library', '?')}, torch {machine.get('torch', '?')}, device "
@@ -215,7 +215,7 @@ def allreduce_points(args: argparse.Namespace) -> list[Point]:
 
 
 def run_costmodel(out: Path) -> Optional[Path]:
-    from bench import costmodel
+    from bench.studies import costmodel
     files = sorted((out / "allreduce").glob("n*.json"))
     if not files:
         return None
@@ -259,13 +259,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     write_text(out / "scaling.md", markdown(rows, machine, args, args.cores))
     write_json(out / "scaling.json", {"mode": args.mode, "cores": args.cores,
                                       "machine": machine, "rows": rows,
-                                      "command": [sys.executable, "-m", "bench.scaling",
+                                      "command": [sys.executable, "-m", "bench.studies.scaling",
                                                   *(argv if argv is not None else sys.argv[1:])]})
-    from bench.plots import plot_breakdown, plot_scaling
+    from bench.studies.plots import plot_breakdown, plot_scaling
     plot_scaling(rows, out / "scaling.png", cores=args.cores)
     plot_breakdown(rows, out / "breakdown.png", cores=args.cores)
     if args.with_allreduce:
-        from bench.costmodel import CostModelError
+        from bench.studies.costmodel import CostModelError
         try:
             cm = run_costmodel(out)
             print(f"cost model: {cm}" if cm else "cost model: no allreduce results")

@@ -1,6 +1,6 @@
 """Alpha-beta(-gamma) cost model of allreduce, fitted to measurements and projected to scale.
 
-    python -m bench.costmodel --allreduce A.json [B.json ...] [--scaling DIR]
+    python -m bench.studies.costmodel --allreduce A.json [B.json ...] [--scaling DIR]
         [--alpha-us 1.5 --bandwidth-gbps 200] --out DIR
 
 Models for an allreduce of n bytes over p ranks (alpha: latency per message, beta: seconds per
@@ -31,7 +31,7 @@ from typing import Any, Iterable, Optional
 
 import numpy as np
 
-from disdl_mpi.atomic import write_json, write_text
+from disdl_mpi.files import write_json, write_text
 
 MODELS = ("ring", "rabenseifner")
 DEFAULT_PROJECT_RANKS = (16, 32, 64, 128, 256, 512, 1024)
@@ -210,10 +210,10 @@ class Measured:
 
 
 def load_scaling(directory: Path) -> list[Measured]:
-    """Per-step times from ``DIR/scaling.csv`` (bench.scaling)."""
+    """Per-step times from ``DIR/scaling.csv`` (bench.studies.scaling)."""
     path = Path(directory) / "scaling.csv"
     if not path.exists():
-        raise CostModelError(f"{path}: no scaling.csv (run python -m bench.scaling first)")
+        raise CostModelError(f"{path}: no scaling.csv (run python -m bench.studies.scaling first)")
     out = []
     with open(path, newline="") as fh:
         for i, row in enumerate(csv.DictReader(fh)):
@@ -274,12 +274,12 @@ def target_beta(bandwidth_gbps: float) -> float:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench.costmodel",
+        prog="python -m bench.studies.costmodel",
         description="Fit alpha-beta allreduce models to bench.allreduce results and project "
                     "step time and scaling efficiency to large rank counts.")
     p.add_argument("--allreduce", nargs="+", required=True, type=Path,
                    help="bench.allreduce --json result files (any rank counts >= 2)")
-    p.add_argument("--scaling", type=Path, help="a bench.scaling results folder (for compute "
+    p.add_argument("--scaling", type=Path, help="a bench.studies.scaling results folder (for compute "
                    "time per step and gradient bytes)")
     p.add_argument("--backend", help="which measured backend to fit (default: the raw MPI one)")
     p.add_argument("--gamma", action="store_true", help="also fit a reduction term gamma")
@@ -332,7 +332,7 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
     args.out.mkdir(parents=True, exist_ok=True)
     write_json(args.out / "costmodel.json", result)
     write_text(args.out / "costmodel.md", markdown(result))
-    from bench.plots import plot_costmodel  # matplotlib only when writing
+    from bench.studies.plots import plot_costmodel  # matplotlib only when writing
     plot_costmodel(result, args.out / "costmodel.png")
     return result
 

@@ -14,15 +14,14 @@ import re
 import shlex
 import signal
 import subprocess
-import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Callable, Optional, Sequence
 
-from bench.sweep import LAUNCHER_ENV, SweepError, launcher_command
-from bench.sweep import default_launcher as sweep_default_launcher
-from disdl_mpi.atomic import write_json
+from bench.studies.engine import LAUNCHER_ENV, SweepError, launcher_command
+from bench.studies.engine import default_launcher as sweep_default_launcher
+from disdl_mpi.files import write_json
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -41,7 +40,7 @@ def default_launcher() -> str:
 
 
 def launcher_argv(template: str, n: int, args: Sequence[str] = ()) -> list[str]:
-    """The template for ``n`` ranks, then this Python and ``args`` (bench.sweep's convention:
+    """The template for ``n`` ranks, then this Python and ``args`` (bench.studies.engine's convention:
     ``{n}`` is the rank count, an optional ``{python}`` places the interpreter)."""
     try:
         return launcher_command(template, n, list(args))

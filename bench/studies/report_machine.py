@@ -1,20 +1,7 @@
-"""The machine a result was measured on: CPU model, and the report's machine table."""
+"""The report's machine table, from the ``machine`` dict a run records."""
 from __future__ import annotations
 
-import platform
-from pathlib import Path
 from typing import Any
-
-
-def cpu_model() -> str:
-    """The CPU's marketing name (Linux /proc/cpuinfo), else the platform's description."""
-    try:
-        for line in Path("/proc/cpuinfo").read_text().splitlines():
-            if line.lower().startswith(("model name", "hardware", "cpu model")):
-                return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or platform.machine() or "unknown"
 
 
 # (label, key in the run's ``machine`` dict), in the order the report lists them

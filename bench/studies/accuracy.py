@@ -1,6 +1,6 @@
 """The accuracy study: every normalization scheme x partition skew x seed, one table and plots.
 
-    python -m bench.accuracy --ranks 8 --norm all \\
+    python -m bench.studies.accuracy --ranks 8 --norm all \\
         --skew iid dirichlet:1.0 dirichlet:0.1 shards:2 --seeds 3 --out results/accuracy
 
 One MPI job per (skew, seed) trains all its schemes in turn from the same initial weights
@@ -31,11 +31,11 @@ from typing import Optional
 
 import numpy as np
 
-from disdl_mpi.atomic import write_json
-from bench.accuracy_jobs import (Job, StudyError, default_launcher, harvest, launch,
+from disdl_mpi.files import write_json
+from bench.studies.accuracy_jobs import (Job, StudyError, default_launcher, harvest, launch,
                                  launcher_argv, skew_tag)
-from bench.sweep import _terminate_on_sigterm as terminate_on_sigterm
-from bench.accuracy_report import bar_plot, curve_plot, markdown, strongest_skew, write_csv
+from bench.studies.engine import _terminate_on_sigterm as terminate_on_sigterm
+from bench.studies.accuracy_report import bar_plot, curve_plot, markdown, strongest_skew, write_csv
 
 DEFAULT_SKEWS = ("iid", "dirichlet:1.0", "dirichlet:0.1", "shards:2")
 # Chosen so IID BatchNorm has flattened out on digits at 8 ranks (see docs/RESULTS.md) while
@@ -48,7 +48,7 @@ DEFAULT_TIMEOUT = 1800.0
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
-        prog="python -m bench.accuracy",
+        prog="python -m bench.studies.accuracy",
         description="Accuracy of every normalization scheme under partition skew: one MPI job "
                     "per (skew, seed), all schemes from the same initial weights; writes "
                     "accuracy.csv/.md/.png and curves.png; a rerun resumes.",
@@ -96,8 +96,8 @@ def build_parser() -> argparse.ArgumentParser:
 
 def resolve_norms(items: list[str]) -> list[str]:
     """'all' or names (space or comma separated) -> registry names, validated, in order."""
-    from disdl_mpi.norms import available_norms
-    known = available_norms()
+    from disdl_mpi.norms import available_schemes
+    known = available_schemes()
     names: list[str] = []
     for item in items:
         for name in (n.strip() for n in item.split(",")):
@@ -244,7 +244,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     try:
         return run_study(args, sys.argv[1:] if argv is None else argv)
     except StudyError as exc:
-        print(f"bench.accuracy: error: {exc}", file=sys.stderr)
+        print(f"bench.studies.accuracy: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("\nbench.accuracy: interrupted; finished points are kept, rerun to resume",
@@ -317,7 +317,7 @@ def run_study(args: argparse.Namespace, argv: list[str]) -> int:
         return point_row(rec, skew, seed, args.ranks, pseed, tv_cache[data_dir])
 
     header = {"ranks": args.ranks, "dataset": args.dataset, "model": args.model,
-              "command": "python -m bench.accuracy " + shlex.join(argv),
+              "command": "python -m bench.studies.accuracy " + shlex.join(argv),
               "date": time.strftime("%Y-%m-%d %H:%M %Z"), "epochs": epochs,
               "seeds": ", ".join(map(str, seeds)),
               "partition_seeds": ("same as the run seed" if args.partition_seed is None
@@ -340,7 +340,7 @@ def run_study(args: argparse.Namespace, argv: list[str]) -> int:
                                          "seeds": seeds, "points": ordered})
         write_csv(out / "accuracy.csv", ordered)
         (out / "accuracy.md").parent.mkdir(parents=True, exist_ok=True)
-        from disdl_mpi.atomic import write_text
+        from disdl_mpi.files import write_text
         write_text(out / "accuracy.md", markdown(ordered, norms, skews, header))
         if ordered:
             done_seeds = len({r["seed"] for r in ordered})

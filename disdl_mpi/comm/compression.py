@@ -35,11 +35,6 @@ def wire_dtype(grad_dtype: torch.dtype, compress: str) -> torch.dtype:
     return torch.float32  # bfloat16 (and any exotic float) travels as float32
 
 
-def needs_cast(grad_dtype: torch.dtype, compress: str) -> bool:
-    """True when the wire buffer must be a separate, converted copy of the gradients."""
-    return wire_dtype(grad_dtype, compress) != grad_dtype
-
-
 def roundtrip_relative_error(t: torch.Tensor, compress: str) -> float:
     """max |cast(t) - t| / max |t|: the error one trip through the wire format adds."""
     back = t.to(wire_dtype(t.dtype, compress)).to(t.dtype)

@@ -1,6 +1,6 @@
 """One report from any mix of results folders.
 
-    python -m disdl_mpi.report DIR [DIR ...] [--out OUT]
+    python -m bench.studies.report DIR [DIR ...] [--out OUT]
 
 Finds, under each DIR: run summaries (summary.json), scaling sweeps (scaling.csv), accuracy
 studies (accuracy.csv/.md), ``bench.allreduce --json`` files and cost-model outputs
@@ -21,9 +21,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from .atomic import write_text
-from .report_html import markdown_to_html
-from .report_machine import machine_rows
+from disdl_mpi.files import write_text
+from bench.studies.report_html import markdown_to_html
+from bench.studies.report_machine import machine_rows
 
 # Folders of results trees that hold inputs or bulk data, never results to report.
 SKIP_DIRS = {"data", "points", "logs", "runs", "__pycache__", ".git"}
@@ -49,7 +49,7 @@ class Found:
 def _is_allreduce(path: Path) -> bool:
     if path.name in NOT_ALLREDUCE or path.stat().st_size > MAX_JSON_BYTES:
         return False
-    from bench.costmodel import CostModelError, load_allreduce
+    from bench.studies.costmodel import CostModelError, load_allreduce
     try:
         return bool(load_allreduce([path]))
     except CostModelError:
@@ -135,12 +135,12 @@ def _run_section(path: Path) -> tuple[list[str], dict, set[str]]:
                 *(1e3 * d[s] / steps for s in ("min", "mean", "max"))))
         md.append(f"| {r['norm']} | " + " | ".join(cells) + " |")
     methods = sorted({r.get("imbalance_method", "derived") for r in runs})
-    md += ["", f"Imbalance wait: {', '.join(methods)} (see disdl_mpi/timing.py).", ""]
+    md += ["", f"Imbalance wait: {', '.join(methods)} (see disdl_mpi/observe/timing.py).", ""]
     return md, machine, {r.get("allreduce_path") for r in runs if r.get("allreduce_path")}
 
 
 def _allreduce_section(paths: list[Path]) -> list[str]:
-    from bench.costmodel import load_allreduce
+    from bench.studies.costmodel import load_allreduce
     samples = load_allreduce(paths)
     md = ["| backend | ranks | bytes | time (us) | algorithm bandwidth (GB/s) |",
           "|---|---:|---:|---:|---:|"]
@@ -203,7 +203,7 @@ def build(dirs: list[Path], out: Path) -> tuple[Path, Path]:
                 body += [_demote((d / "costmodel.md").read_text()), ""]
             _image(body, d / "costmodel.png", out,
                    f"Allreduce fit (left) and projected efficiency (right) ({d})")
-    head = [f"# disdl-mpi report", "",
+    head = ["# disdl-mpi report", "",
             f"Built {time.strftime('%Y-%m-%d %H:%M %Z')} from: "
             + ", ".join(f"`{d}`" for d in dirs) + ".", "", "## Machine", ""]
     if machine:
@@ -220,7 +220,7 @@ def build(dirs: list[Path], out: Path) -> tuple[Path, Path]:
 
 def _fit_costmodel(found: Found, target: Path) -> Path:
     """Fit the cost model from the allreduce files found (with the first scaling sweep)."""
-    from bench import costmodel
+    from bench.studies import costmodel
     argv = ["--allreduce", *map(str, found.allreduce), "--out", str(target)]
     if found.scaling:
         argv += ["--scaling", str(found.scaling[0])]
@@ -229,7 +229,7 @@ def _fit_costmodel(found: Found, target: Path) -> Path:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m disdl_mpi.report",
+    p = argparse.ArgumentParser(prog="python -m bench.studies.report",
                                 description="Build report.md and a self-contained report.html "
                                             "from results folders.")
     p.add_argument("dirs", nargs="+", type=Path, help="results folders or files")
@@ -246,7 +246,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     except Exception as exc:  # bad inputs: name the problem, never a traceback wall
-        from bench.costmodel import CostModelError
+        from bench.studies.costmodel import CostModelError
         if isinstance(exc, (CostModelError, json.JSONDecodeError, KeyError)):
             print(f"error: {exc}", file=sys.stderr)
             return 2

@@ -23,7 +23,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .comm import UserError
+from disdl_mpi.comm.world import UserError
 
 WATCHED = (signal.SIGTERM, signal.SIGUSR1)
 

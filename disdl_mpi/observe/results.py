@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from .atomic import write_json, write_text
+from disdl_mpi.files import write_json, write_text
 
 # Columns of the table printed at the end of a run and written to summary.md/.csv.
 TABLE_COLUMNS = ("scheme", "test_acc", "samples/s", "compute_s", "comm_s", "comm_%")

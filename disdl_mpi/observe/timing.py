@@ -36,7 +36,9 @@ from collections import defaultdict
 from contextlib import contextmanager
 from typing import Any, Iterator, Optional
 
+import numpy as np
 import torch
+from mpi4py import MPI
 
 # Phases in the order a step runs them; "compute", "comm" and "other" are derived.
 PHASES = ("data", "forward", "backward", "imbalance_wait", "allreduce", "allreduce_total",
@@ -64,7 +66,7 @@ class PhaseTimer:
     block in MPI synchronize the device first, because the gradients must be complete before
     MPI reads them anyway; ``end_step`` synchronizes once and resolves the event pairs.
 
-    With ``trace`` (a :class:`disdl_mpi.timeline.TraceRecorder`) every phase also becomes a
+    With ``trace`` (a :class:`disdl_mpi.observe.timeline.TraceRecorder`) every phase also becomes a
     timeline event.
     """
 
@@ -193,3 +195,16 @@ def timing_fields(detail: dict[str, dict[str, float]], *, measured_wait: bool,
         "imbalance_wait_derived": derive_imbalance(detail),
         "timing_clock": "cuda-events+perf_counter" if cuda else "perf_counter",
     }
+
+
+def phase_summary(comm: MPI.Comm, values: dict[str, float]) -> dict[str, dict[str, float]]:
+    """Collective: min/mean/max of each phase across ranks (every rank holds the same keys)."""
+    keys = sorted(values)
+    local = np.array([values[k] for k in keys], dtype=np.float64)
+    lo, hi, total = local.copy(), local.copy(), local.copy()
+    comm.Allreduce(MPI.IN_PLACE, lo, op=MPI.MIN)
+    comm.Allreduce(MPI.IN_PLACE, hi, op=MPI.MAX)
+    comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
+    n = comm.Get_size()
+    return {k: {"min": float(lo[i]), "mean": float(total[i] / n), "max": float(hi[i])}
+            for i, k in enumerate(keys)}

@@ -9,7 +9,7 @@ import matplotlib
 matplotlib.use("Agg")  # headless: sweeps run on compute nodes and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
-from disdl_mpi.atomic import atomic_path  # noqa: E402
+from disdl_mpi.files import atomic_path  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -135,7 +135,7 @@ def plot_breakdown(rows: list[dict], path: str | Path, *, cores: int) -> Path:
 
 def plot_costmodel(result: dict, path: str | Path) -> Path:
     """Left: measured allreduce times with the fitted models; right: projected efficiency."""
-    from bench.costmodel import predict  # local: plots must not need the cost model to import
+    from bench.studies.costmodel import predict  # local: plots must not need the cost model to import
     fig, (ax_f, ax_p) = new_figure(2)
     meas = result["measured"]
     fits = result["fits"]

@@ -32,17 +32,18 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from . import compression
-from .cuda_aware import detect as detect_cuda_aware
-from .mpi_ops import mpi_buffer
+from disdl_mpi.comm import compression
+from disdl_mpi.comm.cuda_aware import CudaAwareness, check_choice
+from disdl_mpi.comm.cuda_aware import detect as detect_cuda_aware
+from disdl_mpi.comm.mpi_ops import mpi_buffer
 
 DEFAULT_BUCKET_MB = 1.0
-PATHS = ("cpu-zero-copy", "cuda-aware", "host-staged")
 
 
 @dataclass(frozen=True)
 class BucketEvent:
-    """One bucket's communication in the last step; times in seconds since ``begin_step``."""
+    """One bucket's communication in the last step; times in seconds since ``begin_step``
+    (add :attr:`GradientAllreducer.step_origin` for ``time.perf_counter`` values)."""
     bucket: int
     bytes: int
     t_start: float
@@ -65,7 +66,6 @@ class _Bucket:
     ready: list[bool] = field(default_factory=list)
     pending: int = 0
     request: Optional[MPI.Request] = None
-    done: bool = False
     t_start: float = 0.0
     t_end: float = 0.0
 
@@ -93,12 +93,13 @@ class GradientAllreducer:
         named = [(n, p) for n, p in model.named_parameters()
                  if p.requires_grad and not skip(n, p)]
         on_cuda = any(p.is_cuda for _, p in named)
+        # The verdict and its reason (None on CPU, where MPI reads the tensors directly).
+        self.cuda_awareness: Optional[CudaAwareness] = None
         if on_cuda:
             self.cuda_awareness = detect_cuda_aware(cuda_aware)
             self.path = "cuda-aware" if self.cuda_awareness.aware else "host-staged"
         else:
-            detect_cuda_aware("no" if cuda_aware == "no" else "yes")  # validates the choice
-            self.cuda_awareness = None
+            check_choice(cuda_aware)
             self.path = "cpu-zero-copy"
         # Hooks of CUDA backward run on autograd's device threads: MPI calls from there need at
         # least MPI_THREAD_SERIALIZED (the main thread is blocked in backward meanwhile).
@@ -116,7 +117,7 @@ class GradientAllreducer:
         self._weight = 1.0
         self._next = 0           # next bucket index to launch
         self._oldest = 0         # oldest bucket not yet seen complete
-        self._t0 = 0.0
+        self.step_origin = 0.0   # perf_counter at begin_step
         self.events: list[BucketEvent] = []
         self._attach_grads()
 
@@ -198,11 +199,11 @@ class GradientAllreducer:
         for b in self.buckets:
             b.ready = [False] * len(b.params)
             b.pending = len(b.params)
-            b.request, b.done = None, False
+            b.request = None
         self._weight = weight
         self._next = self._oldest = 0
         self.events = []
-        self._t0 = time.perf_counter()
+        self.step_origin = time.perf_counter()
         self._active = True
 
     def grad_ready(self, p: nn.Parameter) -> None:
@@ -257,9 +258,8 @@ class GradientAllreducer:
         b.t_end = time.perf_counter()
         if b.wire is not b.grad_buf:
             b.grad_buf.copy_(b.wire)  # back to the gradient dtype / device
-        b.done = True
-        self.events.append(BucketEvent(b.index, b.wire_bytes, b.t_start - self._t0,
-                                       b.t_end - self._t0))
+        self.events.append(BucketEvent(b.index, b.wire_bytes, b.t_start - self.step_origin,
+                                       b.t_end - self.step_origin))
 
     def _poke(self) -> None:
         """Drive MPI progress and notice completions, oldest first."""

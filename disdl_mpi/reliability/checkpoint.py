@@ -41,9 +41,9 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from .atomic import write_json
-from .comm import UserError
-from .norms import is_norm_layer
+from disdl_mpi.files import write_bytes, write_json
+from disdl_mpi.comm.world import UserError
+from disdl_mpi.norms import norm_layers
 
 FORMAT = 1
 KEEP = 2
@@ -99,11 +99,10 @@ def _norm_keys_and_params(model: torch.nn.Module) -> tuple[set[str], set[int]]:
     """state_dict keys and parameter positions that belong to normalization layers."""
     keys: set[str] = set()
     ids: set[int] = set()
-    for name, m in model.named_modules():
-        if is_norm_layer(m):
-            prefix = f"{name}." if name else ""
-            keys.update(prefix + k for k in m.state_dict(keep_vars=True))
-            ids.update(id(p) for p in m.parameters(recurse=False))
+    for name, m in norm_layers(model):
+        prefix = f"{name}." if name else ""
+        keys.update(prefix + k for k in m.state_dict(keep_vars=True))
+        ids.update(id(p) for p in m.parameters(recurse=False))
     positions = {i for i, p in enumerate(model.parameters()) if id(p) in ids}
     return keys, positions
 
@@ -140,26 +139,11 @@ def restore_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer, shar
     optimizer.load_state_dict({"state": state, "param_groups": opt["param_groups"]})
 
 
-def jsonable(obj: Any) -> Any:
-    """Results as plain JSON types (numpy scalars from the metrics become floats)."""
-    return json.loads(json.dumps(obj, default=lambda o: o.item() if hasattr(o, "item")
-                                 else str(o)))
-
-
 # ------------------------------------------------------------------ files
 def _serialize(obj: Any) -> bytes:
     buf = io.BytesIO()
     torch.save(obj, buf)
     return buf.getvalue()
-
-
-def _write_synced(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp")
-    with open(tmp, "wb") as f:
-        f.write(data)
-        f.flush()
-        os.fsync(f.fileno())
-    os.replace(tmp, path)
 
 
 def _digest(data: bytes) -> str:
@@ -222,7 +206,7 @@ class Checkpointer:
         entry, error = None, None
         try:
             data = _serialize(local)
-            _write_synced(tmp / rank_part(rank), data)
+            write_bytes(tmp / rank_part(rank), data, fsync=True)
             entry = {"sha256": _digest(data), "bytes": len(data)}
         except OSError as exc:
             error = f"rank {rank}: cannot write {tmp / rank_part(rank)}: {exc}"
@@ -235,7 +219,7 @@ class Checkpointer:
             else:
                 try:
                     data = _serialize(shared)
-                    _write_synced(tmp / "shared.pt", data)
+                    write_bytes(tmp / "shared.pt", data, fsync=True)
                     files = {"shared.pt": {"sha256": _digest(data), "bytes": len(data)}}
                     files.update({rank_part(r): e for r, (e, _) in enumerate(gathered)})
                     write_json(tmp / "meta.json", {**self.identity, "label": label,

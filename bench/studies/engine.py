@@ -26,7 +26,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from disdl_mpi.atomic import write_json, write_text
+from disdl_mpi.files import jsonable, write_json, write_text
 
 LAUNCHER_ENV = "DISDL_LAUNCHER"
 
@@ -150,18 +150,14 @@ class PointStore:
 
     def is_done(self, point: Point) -> bool:
         rec = self.load(point.key)
-        return rec is not None and rec.get("settings") == _jsonable(point.settings)
+        return rec is not None and rec.get("settings") == jsonable(point.settings)
 
     def save(self, point: Point, result: dict) -> None:
         write_json(self.path(point.key), {"key": point.key, "ranks": point.ranks,
-                                          "settings": _jsonable(point.settings), **result})
+                                          "settings": jsonable(point.settings), **result})
 
     def all(self) -> list[dict]:
         return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
-
-
-def _jsonable(obj: Any) -> Any:
-    return json.loads(json.dumps(obj, sort_keys=True, default=str))
 
 
 class Progress:
@@ -253,6 +249,6 @@ def run_sweep(points: list[Point], store: PointStore,
     out = []
     for p in points:
         rec = store.load(p.key)
-        if rec is not None and rec.get("settings") == _jsonable(p.settings):
+        if rec is not None and rec.get("settings") == jsonable(p.settings):
             out.append(rec)
     return out

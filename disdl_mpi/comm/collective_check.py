@@ -19,7 +19,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from .comm import UserError
+from disdl_mpi.comm.world import UserError
 
 _HERE = {str(Path(__file__).resolve()), str((Path(__file__).parent / "mpi_ops.py").resolve())}
 _OP_NAMES = ("SUM", "MAX", "MIN", "PROD", "BOR", "BAND", "LOR", "LAND", "MAXLOC", "MINLOC")

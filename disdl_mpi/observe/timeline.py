@@ -12,11 +12,12 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
-from typing import Any, Optional
+from typing import Any, Optional, Sequence
 
 from mpi4py import MPI
 
-from .atomic import write_json
+from disdl_mpi.comm.allreducer import BucketEvent
+from disdl_mpi.files import write_json
 
 PHASE_TID = 0
 BUCKET_TID = 1
@@ -50,22 +51,13 @@ class TraceRecorder:
             ev["args"] = merged
         self.events.append(ev)
 
-    def buckets(self, records: Any) -> None:
-        """Per-bucket allreduce events, if the allreducer reports them.
-
-        Accepted: a list of dicts with ``start`` and ``end`` (perf_counter seconds) and
-        optionally ``index`` and ``bytes``. Anything else is ignored.
-        """
-        if not isinstance(records, (list, tuple)):
-            return
-        for i, b in enumerate(records):
-            if not isinstance(b, dict) or "start" not in b or "end" not in b:
-                continue
-            idx = b.get("index", i)
-            extra = {k: b[k] for k in ("index", "bytes") if k in b}
-            self.complete(f"allreduce bucket {idx}", float(b["start"]),
-                          float(b["end"]) - float(b["start"]), cat="comm", tid=BUCKET_TID,
-                          args=extra)
+    def buckets(self, events: Sequence[BucketEvent], origin: float) -> None:
+        """The allreducer's per-bucket communication of the last step, on their own row;
+        ``origin`` is the perf_counter the events' times count from."""
+        for ev in events:
+            self.complete(f"allreduce bucket {ev.bucket}", origin + ev.t_start,
+                          ev.t_end - ev.t_start, cat="comm", tid=BUCKET_TID,
+                          args={"index": ev.bucket, "bytes": ev.bytes})
 
     def write(self, comm: MPI.Comm, path: str | Path, *, metadata: Optional[dict] = None) -> None:
         """Collective: gather every rank's events to rank 0, which writes the file atomically."""
@@ -111,15 +103,3 @@ def validate_trace(obj: Any) -> list[str]:
             if isinstance(ev.get("dur"), (int, float)) and ev["dur"] < 0:
                 problems.append(f"event {i}: negative duration")
     return problems
-
-
-def bucket_records(reducer: Any) -> list[dict[str, Any]]:
-    """The allreducer's last-step bucket intervals (perf_counter), if it keeps them."""
-    out = []
-    for i, b in enumerate(getattr(reducer, "buckets", None) or []):
-        start, end = getattr(b, "t_start", None), getattr(b, "t_end", None)
-        if start is None or end is None:
-            continue
-        out.append({"index": i, "start": start, "end": end,
-                    "bytes": int(getattr(b, "wire_bytes", 0))})
-    return out

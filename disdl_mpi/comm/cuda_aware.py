@@ -68,13 +68,19 @@ def env_signal(environ: Optional[dict] = None) -> Optional[str]:
     return None
 
 
+def check_choice(choice: str) -> str:
+    """``choice`` normalized to ``auto``, ``yes`` or ``no``; ValueError otherwise."""
+    choice = (choice or "auto").strip().lower()
+    if choice not in ("auto", "yes", "no"):
+        raise ValueError(f"cuda_aware must be auto, yes or no, got {choice!r}")
+    return choice
+
+
 def detect(choice: str = "auto", environ: Optional[dict] = None) -> CudaAwareness:
     """Decide CUDA-awareness; ``choice`` is ``auto``, ``yes`` or ``no``."""
-    choice = (choice or "auto").strip().lower()
+    choice = check_choice(choice)
     if choice in ("yes", "no"):
         return CudaAwareness(choice == "yes", f"--cuda-aware {choice}")
-    if choice != "auto":
-        raise ValueError(f"cuda_aware must be auto, yes or no, got {choice!r}")
     env = os.environ if environ is None else environ
     raw = env.get(ENV_OVERRIDE)
     if raw is not None and raw.strip():
@@ -91,8 +97,3 @@ def detect(choice: str = "auto", environ: Optional[dict] = None) -> CudaAwarenes
     if signal:
         return CudaAwareness(True, f"environment {signal}={env[signal]}")
     return CudaAwareness(False, "no MPIX_Query_cuda_support and no known environment signal")
-
-
-def is_cuda_aware(choice: str = "auto") -> bool:
-    """Just the boolean of :func:`detect`."""
-    return detect(choice).aware

@@ -1,6 +1,6 @@
 """The accuracy study's outputs: accuracy.csv, accuracy.md, accuracy.png and curves.png.
 
-Input is a list of point rows (one per scheme x skew x seed) as built by ``bench.accuracy``;
+Input is a list of point rows (one per scheme x skew x seed) as built by ``bench.studies.accuracy``;
 every output is written atomically, so a reader (or an interrupted study) never sees half a file.
 """
 from __future__ import annotations
@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from disdl_mpi.atomic import atomic_path, write_text
+from disdl_mpi.files import atomic_path, write_text
 
 CSV_COLUMNS = ("norm", "skew", "seed", "test_accuracy", "epochs", "wall_s", "ranks",
                "partition_seed", "label_skew_tv", "train_s", "samples_per_s", "compute_s",

@@ -1,0 +1,83 @@
+"""Where a partition lives, and "build it unless it is already there" -- the one rule and the one
+function that the run, the sweeps and the studies share.
+
+A folder's name carries every setting that shapes the partition (dataset, partition spec, ranks,
+seed, and the source options of generated data), so two requests that differ never share a
+folder. A folder found on disk is still checked against its manifest before it is used: a
+partition built with other settings is refused with the field that differs, never silently
+reused.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any, Optional
+
+from data_prep.errors import DataPrepError
+from data_prep.schemes import parse_scheme
+from disdl_mpi.data.layout import MANIFEST
+
+
+def spec_tag(spec: str) -> str:
+    """A file-name-safe spelling of a partition spec: ``dirichlet:0.1`` -> ``dirichlet-0.1``."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", spec).strip("-")
+
+
+def _options(source_opts: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in sorted(source_opts.items()) if v is not None}
+
+
+def partition_dir(root: str | Path, dataset: str, spec: str, ranks: int, seed: int,
+                  **source_opts: Any) -> Path:
+    """``ROOT/<dataset>-<spec>-n<ranks>-s<seed>[-o<hash of source options>]``."""
+    name = f"{dataset}-{spec_tag(spec)}-n{int(ranks)}-s{int(seed)}"
+    opts = _options(source_opts)
+    if opts:
+        digest = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode())
+        name += f"-o{digest.hexdigest()[:8]}"
+    return Path(root) / name
+
+
+def manifest_differences(manifest: dict, dataset: str, spec: str, ranks: int, seed: int,
+                         min_per_rank: Optional[int] = None, **source_opts: Any) -> list[str]:
+    """Fields of an existing manifest that differ from the request (empty: same partition)."""
+    want: dict[str, Any] = {"dataset": dataset, "scheme": parse_scheme(spec).name,
+                            "world_size": int(ranks), "seed": int(seed)}
+    if min_per_rank is not None:
+        want["min_per_rank"] = int(min_per_rank)
+    out = [f"field '{k}' is {manifest.get(k)!r}, the request has {v!r}"
+           for k, v in want.items() if manifest.get(k) != v]
+    have = manifest.get("source_options") or {}
+    for k, v in _options(source_opts).items():
+        if k in have and have[k] != (list(v) if isinstance(v, tuple) else v):
+            out.append(f"field 'source_options.{k}' is {have[k]!r}, the request has {v!r}")
+    return out
+
+
+def ensure_partition(data_dir: str | Path, dataset: str, ranks: int, spec: str, seed: int, *,
+                     source_dir: Optional[str] = None, min_per_rank: int = 1,
+                     **source_opts: Any) -> dict:
+    """Build the partition in ``data_dir`` unless it is there; return its manifest.
+
+    An existing partition is checked against the request and refused (``DataPrepError``,
+    naming the manifest and the differing field) when any setting differs.
+    """
+    data_dir = Path(data_dir)
+    path = data_dir / MANIFEST
+    if path.exists():
+        try:
+            manifest = json.loads(path.read_text())
+        except (OSError, ValueError) as exc:
+            raise DataPrepError(f"{path}: unreadable manifest ({exc})") from None
+        diff = manifest_differences(manifest, dataset, spec, ranks, seed, min_per_rank,
+                                    **source_opts)
+        if diff:
+            raise DataPrepError(f"{path}: this folder holds another partition: "
+                                + "; ".join(diff) + "; remove the folder or choose another one")
+        return manifest
+    from data_prep.partition import build_partitions
+    opts = _options(source_opts)
+    return build_partitions(dataset, ranks, spec, seed, data_dir, source_dir=source_dir,
+                            min_per_rank=min_per_rank, **opts)

@@ -1,0 +1,1 @@
+"""Observability: phase timers, the Chrome-trace timeline, progress display and run outputs."""

@@ -1,0 +1,1 @@
+"""Reliability: the per-step NaN/signal agreement (``guards``) and collective checkpoints."""
