@@ -111,8 +111,8 @@ def test_rerun_skips_done_points(quick_study, tmp_path, capsys):
 @pytest.mark.mpi
 def test_interrupted_job_resumes_its_missing_scheme_with_identical_result(quick_study,
                                                                          tmp_path, capsys):
-    """A job killed after its first scheme leaves summary.json with that scheme only; the
-    rerun trains just the missing one, and (same seed, same world size) gets the very same
+    """A job killed after its first scheme leaves summary.json (and the study's point store)
+    with that scheme only; the rerun trains just the missing one, and (same seed, same world size) gets the very same
     accuracy, epoch by epoch, as the uninterrupted run did."""
     src, _ = quick_study
     out = tmp_path / "study"
@@ -122,6 +122,8 @@ def test_interrupted_job_resumes_its_missing_scheme_with_identical_result(quick_
     original = {r["norm"]: r for r in summary["runs"]}
     summary["runs"] = [r for r in summary["runs"] if r["norm"] == "bn"]
     summary_path.write_text(json.dumps(summary))
+    # ... and the study's store holds no point for the scheme the killed job never finished.
+    (out / "points" / "gn@dirichlet-0.1-s0.json").unlink()
     rc, stdout, stderr = study_here(capsys, out, "--quick", "--norm", "bn,gn", "--skew", "iid",
                                     "dirichlet:0.1", "--seeds", "1")
     assert rc == 0, stdout[-2000:] + stderr[-2000:]

@@ -7,7 +7,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from disdl_mpi import compression, cuda_aware
+from disdl_mpi.comm import compression, cuda_aware
 from disdl_mpi.comm.allreducer import GradientAllreducer, _union_seconds
 from tests.mpi_helpers import run_mpi
 

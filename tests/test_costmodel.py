@@ -63,11 +63,14 @@ def test_fit_refuses_too_little_data():
 
 def test_load_allreduce_names_file_and_field(tmp_path):
     bad = tmp_path / "bad.json"
-    bad.write_text(json.dumps({"rows": [{"backend": "mpi", "ranks": 2, "time_us": 3.0}]}))
+    bad.write_text(json.dumps([{"backend": "mpi", "ranks": 2, "time_us": 3.0}]))
     with pytest.raises(cm.CostModelError, match=r"bad\.json: row 0 has no bytes"):
         cm.load_allreduce([bad])
     ok = tmp_path / "ok.json"
-    ok.write_text(json.dumps({"ranks": 4, "results": [{"bytes": 1024, "time_s": 2e-5}]}))
+    # exactly what bench.allreduce --json writes: a list of rows
+    ok.write_text(json.dumps([{"backend": "mpi", "ranks": 4, "bytes": 1024, "count": 256,
+                               "dtype": "float32", "time_us": 20.0, "algbw_gbps": 0.05,
+                               "busbw_gbps": 0.08}]))
     (s,) = cm.load_allreduce([ok])
     assert (s.ranks, s.bytes, s.time_s, s.backend) == (4, 1024, 2e-5, "mpi")
 

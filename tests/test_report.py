@@ -12,7 +12,7 @@ import pytest
 from bench.studies import scaling
 from bench.studies.costmodel import predict
 from bench.studies.plots import PNG_SIGNATURE, is_png, new_figure, plot_breakdown, plot_scaling, save_png
-from disdl_mpi import report
+from bench.studies import report
 
 MACHINE = {"cpu": "x86_64", "cpu_model": "Test CPU 9000", "cores_per_node": 2,
            "device": "cpu", "mpi_library": "MPICH Version: 5.0.2", "mpi4py": "4.1.2",

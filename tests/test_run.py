@@ -62,15 +62,14 @@ def test_run_builds_missing_partition(tmp_path):
 CRASH_ON_RANK_1 = """
 import sys
 import disdl_mpi.run as run
-import disdl_mpi.trainer as trainer
+from disdl_mpi.step import summed_cross_entropy
+from disdl_mpi.trainer import TrainHooks
 from mpi4py import MPI
-real = run.train_scheme
-def failing(ctx, name):
+def failing(logits, labels):
     if MPI.COMM_WORLD.Get_rank() == 1:
         raise RuntimeError("injected failure on rank 1")
-    return real(ctx, name)
-run.train_scheme = failing
-sys.exit(run.main(sys.argv[1:]))
+    return summed_cross_entropy(logits, labels)
+sys.exit(run.main(sys.argv[1:], hooks=TrainHooks(loss_fn=failing)))
 """
 
 

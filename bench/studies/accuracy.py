@@ -31,11 +31,21 @@ from typing import Optional
 
 import numpy as np
 
-from disdl_mpi.files import write_json
-from bench.studies.accuracy_jobs import (Job, StudyError, default_launcher, harvest, launch,
-                                 launcher_argv, skew_tag)
-from bench.studies.engine import _terminate_on_sigterm as terminate_on_sigterm
+from bench.studies.accuracy_jobs import Job, harvest, launch, next_attempt
 from bench.studies.accuracy_report import bar_plot, curve_plot, markdown, strongest_skew, write_csv
+from bench.studies.engine import PointStore, SweepError, launcher_command, terminate_on_sigterm
+from data_prep.ensure import ensure_partition, partition_dir, spec_tag
+from data_prep.errors import DataPrepError
+from data_prep.schemes import parse_scheme
+from disdl_mpi.files import write_json, write_text
+from disdl_mpi.norms import resolve_schemes
+from disdl_mpi.observe.progress import Progress
+from disdl_mpi.options import add_norm, add_partition, add_progress, spelling
+
+
+class StudyError(RuntimeError):
+    """A problem with the study's inputs or its folder, reported without a traceback."""
+
 
 DEFAULT_SKEWS = ("iid", "dirichlet:1.0", "dirichlet:0.1", "shards:2")
 # Chosen so IID BatchNorm has flattened out on digits at 8 ranks (see docs/RESULTS.md) while
@@ -54,11 +64,8 @@ def build_parser() -> argparse.ArgumentParser:
                     "accuracy.csv/.md/.png and curves.png; a rerun resumes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ranks", type=int, default=8, help="MPI ranks (= private partitions)")
-    p.add_argument("--norm", nargs="+", default=["all"],
-                   help="schemes: 'all', names, or comma lists")
-    p.add_argument("--skew", nargs="+", default=None,
-                   help=f"partition specs (default {' '.join(DEFAULT_SKEWS)}; "
-                        f"--quick: {' '.join(QUICK_SKEWS)})")
+    add_norm(p, default=["all"], nargs="+")
+    add_partition(p, None, old="--skew", nargs="+")
     p.add_argument("--seeds", type=int, default=None,
                    help="number of seeds, run as first-seed, first-seed+1, ... (default 3; "
                         "--quick: 1)")
@@ -89,43 +96,19 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the plan (points done, jobs to run) and stop")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing; rewrite the outputs from the finished points")
-    p.add_argument("--progress", choices=["auto", "bar", "lines", "none"], default="auto",
-                   help="auto: a bar on a TTY, plain lines otherwise")
+    add_progress(p)
     return p
 
 
-def resolve_norms(items: list[str]) -> list[str]:
-    """'all' or names (space or comma separated) -> registry names, validated, in order."""
-    from disdl_mpi.norms import available_schemes
-    known = available_schemes()
-    names: list[str] = []
-    for item in items:
-        for name in (n.strip() for n in item.split(",")):
-            if not name:
-                continue
-            if name == "all":
-                names += [k for k in known if k not in names]
-            elif name not in known:
-                raise StudyError(f"--norm: unknown scheme {name!r}; known: "
-                                 f"{', '.join(known)}, all")
-            elif name not in names:
-                names.append(name)
-    if not names:
-        raise StudyError("--norm: no scheme given")
-    return names
-
-
-def resolve_skews(items: list[str]) -> list[str]:
+def resolve_skews(items: list[str], option: str) -> list[str]:
     """Validate each partition spec early, with data_prep's own parser and message."""
-    from data_prep.errors import DataPrepError
-    from data_prep.schemes import parse_scheme
     skews: list[str] = []
     for s in items:
         s = s.strip().lower()
         try:
             parse_scheme(s)
         except DataPrepError as exc:
-            raise StudyError(f"--skew: {exc}") from None
+            raise StudyError(f"{option}: {exc}") from None
         if s not in skews:
             skews.append(s)
     return skews
@@ -138,69 +121,6 @@ def label_skew_tv(manifest: dict) -> float:
     glob = counts.sum(axis=0) / max(1.0, counts.sum())
     tv = 0.5 * np.abs(counts / np.maximum(sizes, 1)[:, None] - glob).sum(axis=1)
     return float((tv * sizes).sum() / max(1.0, sizes.sum()))
-
-
-def ensure_partition(data_dir: Path, dataset: str, ranks: int, skew: str, seed: int,
-                     source_dir: Optional[str]) -> dict:
-    """Build the partition once (atomic, by data_prep) and return its manifest."""
-    manifest_path = data_dir / "partition.json"
-    if not manifest_path.exists():
-        from data_prep.partition import build_partitions
-        try:
-            build_partitions(dataset, ranks, skew, seed, data_dir, source_dir=source_dir)
-        except Exception as exc:
-            raise StudyError(f"building partition {data_dir} ({dataset}, {skew}, {ranks} "
-                             f"ranks, seed {seed}) failed: {exc}") from None
-    try:
-        manifest = json.loads(manifest_path.read_text())
-    except (OSError, ValueError) as exc:
-        raise StudyError(f"{manifest_path}: unreadable manifest ({exc})") from None
-    if manifest.get("world_size") != ranks:
-        raise StudyError(f"{manifest_path}: field 'world_size' is {manifest.get('world_size')}, "
-                         f"but --ranks {ranks}; remove the folder or pick another --data-root")
-    return manifest
-
-
-class Progress:
-    """Study progress in scheme-epochs: a redrawn bar on a TTY, one line per event otherwise."""
-
-    def __init__(self, mode: str, total_units: int, jobs: int):
-        self.bar = mode == "bar" or (mode == "auto" and sys.stdout.isatty())
-        self.quiet = mode == "none"
-        self.total, self.done, self.jobs, self.job = max(1, total_units), 0, jobs, 0
-        self.start = time.monotonic()
-        self.label = ""
-
-    def _eta(self) -> str:
-        if self.done == 0:
-            return "?"
-        left = (time.monotonic() - self.start) / self.done * (self.total - self.done)
-        return f"{left / 60:.1f} min"
-
-    def begin_job(self, label: str) -> None:
-        self.job += 1
-        self.label = label
-        self.line(f"[job {self.job}/{self.jobs}] {label}")
-
-    def epoch(self, norm: str, epoch: int, total: int) -> None:
-        self.done = min(self.total, self.done + 1)
-        if self.bar:
-            width = 30
-            fill = int(width * self.done / self.total)
-            sys.stdout.write(f"\r  job {self.job}/{self.jobs} {self.label:<22} {norm:>8} "
-                             f"[{'#' * fill}{'.' * (width - fill)}] "
-                             f"{100 * self.done / self.total:3.0f}% ETA {self._eta():>9}")
-            sys.stdout.flush()
-        elif not self.quiet and epoch == total:
-            print(f"    {norm} done ({self.done}/{self.total} scheme-epochs, "
-                  f"ETA {self._eta()})", flush=True)
-
-    def line(self, text: str) -> None:
-        if self.quiet:
-            return
-        if self.bar:
-            sys.stdout.write("\r" + " " * 100 + "\r")
-        print(text, flush=True)
 
 
 def point_row(rec: dict, skew: str, seed: int, ranks: int, pseed: int, tv: float) -> dict:
@@ -219,170 +139,224 @@ def point_row(rec: dict, skew: str, seed: int, ranks: int, pseed: int, tv: float
     }
 
 
-def _run_jobs(jobs: list[Job], args: argparse.Namespace, launcher: str, progress: Progress,
-              rows: dict, norms: list[str], report) -> list[str]:
-    """Launch the jobs one after another; harvest and report after each. Returns failures."""
-    failures: list[str] = []
-    for job in jobs:
-        progress.begin_job(f"{job.skew} seed {job.seed}: {','.join(job.norms)}")
-        outcome = launch(job, args.ranks, launcher, args.timeout, progress.epoch)
-        # Harvest at once, even from a failed job: its finished schemes count as done.
-        for norm, rec in harvest(job.run_dir, job.fingerprint).items():
-            if norm in norms:
-                rows[(norm, job.skew, job.seed)] = (rec, job.fingerprint["partition_seed"])
-        report()
-        status = "ok" if outcome.ok else f"FAILED: {outcome.message}"
-        progress.line(f"[job {progress.job}/{len(jobs)}] {job.tag} {outcome.wall_s:.1f} s, "
-                      f"{status}")
-        if not outcome.ok:
-            failures.append(f"{job.tag}: {outcome.message}")
-    return failures
+class Study:
+    """The plan, the store of finished points and the outputs of one accuracy study."""
+
+    def __init__(self, args: argparse.Namespace, argv: list[str]) -> None:
+        if args.ranks < 1:
+            raise StudyError(f"--ranks must be at least 1, got {args.ranks}")
+        self.args = args
+        seeds_n = args.seeds if args.seeds is not None else (1 if args.quick else 3)
+        self.epochs = args.epochs if args.epochs is not None else (
+            QUICK_EPOCHS if args.quick else DEFAULT_EPOCHS)
+        if seeds_n < 1 or self.epochs < 1 or args.timeout <= 0:
+            raise StudyError("--seeds, --epochs and --timeout must be positive")
+        try:
+            self.norms = resolve_schemes(args.norm)
+        except ValueError as exc:
+            raise StudyError(str(exc)) from None
+        self.skews = resolve_skews(args.partition or list(QUICK_SKEWS if args.quick
+                                                          else DEFAULT_SKEWS),
+                                   spelling(args, "partition", "--partition"))
+        self.seeds = list(range(args.first_seed, args.first_seed + seeds_n))
+        self.launcher = args.launcher
+        try:
+            launcher_command(self.launcher, args.ranks, [])  # validate the template now
+            run_args = shlex.split(args.run_args)
+        except (SweepError, ValueError) as exc:
+            raise StudyError(f"--run-args: {exc}" if isinstance(exc, ValueError)
+                             else str(exc)) from None
+        owned = {"--data-dir", "--norm", "--seed", "--out", "--progress", "--epochs", "--model"}
+        clash = [a for a in run_args if a.split("=")[0] in owned]
+        if clash:
+            raise StudyError(f"--run-args must not set {', '.join(clash)}: the study sets them")
+        self.run_args = ["--epochs", str(self.epochs), "--model", args.model, *run_args]
+        self.out = Path(args.out)
+        try:
+            self.out.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise StudyError(f"--out {self.out}: cannot create ({exc.strerror or exc})") from None
+        self.data_root = Path(args.data_root) if args.data_root else self.out / "data"
+        self.store = PointStore(self.out / "points")
+        self.rows: dict[tuple[str, str, int], tuple[dict, int]] = {}
+        self.tv_cache: dict[Path, float] = {}
+        self.header = {
+            "ranks": args.ranks, "dataset": args.dataset, "model": args.model,
+            "command": "python -m bench.studies.accuracy " + shlex.join(argv),
+            "date": time.strftime("%Y-%m-%d %H:%M %Z"), "epochs": self.epochs,
+            "seeds": ", ".join(map(str, self.seeds)),
+            "partition_seeds": ("same as the run seed" if args.partition_seed is None
+                                else f"fixed at {args.partition_seed}"),
+            "run_args": " ".join(self.run_args)}
+
+    # ------------------------------------------------------------------ plan
+    def plan(self) -> list[Job]:
+        """One job per (partition, seed), restricted to the schemes not done yet.
+
+        Seed-major order: a study cut short still covers every partition (with fewer seeds).
+        """
+        args, jobs = self.args, []
+        for seed in self.seeds:
+            for skew in self.skews:
+                pseed = seed if args.partition_seed is None else args.partition_seed
+                fingerprint = {"ranks": args.ranks, "dataset": args.dataset, "skew": skew,
+                               "seed": seed, "partition_seed": pseed, "run_args": self.run_args}
+                job = Job(skew, seed, [], partition_dir(self.data_root, args.dataset, skew,
+                                                        args.ranks, pseed),
+                          self.out / "runs" / f"{spec_tag(skew)}-s{seed}", fingerprint,
+                          self.run_args)
+                for norm in self.norms:
+                    point = None if args.force else self.store.get(job.point_key(norm),
+                                                                   fingerprint)
+                    if point is not None:
+                        self.rows[(norm, skew, seed)] = (point["record"], pseed)
+                    else:
+                        job.norms.append(norm)
+                if job.norms and not args.report_only:
+                    jobs.append(job)
+        return jobs
+
+    def collect(self, job: Job, attempt: Path) -> None:
+        """Store every scheme the attempt finished (also after a failed or killed job)."""
+        pseed = job.fingerprint["partition_seed"]
+        for norm, rec in harvest(attempt).items():
+            if norm in job.norms:
+                self.store.put(job.point_key(norm), job.fingerprint,
+                               {"record": rec, "partition_seed": pseed})
+                self.rows[(norm, job.partition, job.seed)] = (rec, pseed)
+
+    # ------------------------------------------------------------------ outputs
+    def row(self, key: tuple[str, str, int]) -> dict:
+        norm, skew, seed = key
+        rec, pseed = self.rows[key]
+        data_dir = Path(rec.get("data_dir") or "")
+        if data_dir not in self.tv_cache:
+            try:
+                self.tv_cache[data_dir] = label_skew_tv(
+                    json.loads((data_dir / "partition.json").read_text()))
+            except (OSError, ValueError, KeyError):
+                self.tv_cache[data_dir] = math.nan
+        return point_row(rec, skew, seed, self.args.ranks, pseed, self.tv_cache[data_dir])
+
+    def report(self) -> list[dict]:
+        """Rewrite points.json, accuracy.csv/.md/.png and curves.png from the points done."""
+        out, args = self.out, self.args
+        ordered = [self.row((n, s, sd)) for s in self.skews for sd in self.seeds
+                   for n in self.norms if (n, s, sd) in self.rows]
+        machine = next((rec.get("machine") for rec, _ in self.rows.values()
+                        if rec.get("machine")), None)
+        if machine:
+            self.header["machine"] = (
+                f"{machine.get('cores_per_node')}-core {machine.get('cpu') or platform.machine()}"
+                f", {machine.get('device')}, {str(machine.get('mpi_library')).splitlines()[0][:60]}"
+                f", torch {machine.get('torch')}, {machine.get('threads_per_rank')} thread(s)/rank")
+        write_json(out / "points.json", {"header": self.header, "norms": self.norms,
+                                         "skews": self.skews, "seeds": self.seeds,
+                                         "points": ordered})
+        write_csv(out / "accuracy.csv", ordered)
+        write_text(out / "accuracy.md", markdown(ordered, self.norms, self.skews, self.header))
+        if ordered:
+            done_seeds = len({r["seed"] for r in ordered})
+            title = (f"{args.dataset}, {args.ranks} ranks, {self.epochs} epochs, "
+                     f"up to {done_seeds} seed(s)")
+            bar_plot(out / "accuracy.png", ordered, self.norms, self.skews, title)
+            strong = strongest_skew(ordered, self.skews)
+            if strong:
+                curve_plot(out / "curves.png", ordered, self.norms, strong,
+                           f"test accuracy per epoch at {strong} ({title})")
+        return ordered
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        return run_study(args, sys.argv[1:] if argv is None else argv)
+        return run_study(Study(args, sys.argv[1:] if argv is None else argv))
     except StudyError as exc:
         print(f"bench.studies.accuracy: error: {exc}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("\nbench.accuracy: interrupted; finished points are kept, rerun to resume",
-              file=sys.stderr)
+        print("\nbench.studies.accuracy: interrupted; finished points are kept, rerun to "
+              "resume", file=sys.stderr)
         return 130
 
 
-def run_study(args: argparse.Namespace, argv: list[str]) -> int:
-    if args.ranks < 1:
-        raise StudyError(f"--ranks must be at least 1, got {args.ranks}")
-    seeds_n = args.seeds if args.seeds is not None else (1 if args.quick else 3)
-    epochs = args.epochs if args.epochs is not None else (QUICK_EPOCHS if args.quick
-                                                          else DEFAULT_EPOCHS)
-    if seeds_n < 1 or epochs < 1 or args.timeout <= 0:
-        raise StudyError("--seeds, --epochs and --timeout must be positive")
-    norms = resolve_norms(args.norm)
-    skews = resolve_skews(args.skew or list(QUICK_SKEWS if args.quick else DEFAULT_SKEWS))
-    seeds = list(range(args.first_seed, args.first_seed + seeds_n))
-    launcher = args.launcher or default_launcher()
-    launcher_argv(launcher, args.ranks)  # validate the template before anything runs
-    try:
-        run_args = shlex.split(args.run_args)
-    except ValueError as exc:
-        raise StudyError(f"--run-args: {exc}") from None
-    owned = {"--data-dir", "--norm", "--seed", "--out", "--progress", "--epochs", "--model"}
-    clash = [a for a in run_args if a.split("=")[0] in owned]
-    if clash:
-        raise StudyError(f"--run-args must not set {', '.join(clash)}: the study sets them")
-    run_args = ["--epochs", str(epochs), "--model", args.model, *run_args]
+def run_jobs(study: Study, jobs: list[Job], progress: Progress) -> list[str]:
+    """Launch the jobs one after another; store and report after each. Returns failures."""
+    args, failures = study.args, []
 
-    out = Path(args.out)
-    try:
-        out.mkdir(parents=True, exist_ok=True)
-    except OSError as exc:
-        raise StudyError(f"--out {out}: cannot create ({exc.strerror or exc})") from None
-    data_root = Path(args.data_root) if args.data_root else out / "data"
+    def on_epoch(norm: str, epoch: int, total: int) -> None:
+        progress.advance(1, f"{norm} epoch {epoch}/{total}")
+        if not progress.is_bar and epoch == total:
+            progress.line(f"    {norm} done ({progress.done}/{progress.total} scheme-epochs, "
+                          f"ETA {progress.eta()})")
 
-    # Plan: one job per (skew, seed), restricted to the schemes not yet done.
-    rows: dict[tuple[str, str, int], dict] = {}
-    jobs: list[Job] = []
-    # Seed-major order: a study cut short still covers every skew (with fewer seeds).
-    for seed in seeds:
-        for skew in skews:
-            pseed = seed if args.partition_seed is None else args.partition_seed
-            data_dir = data_root / f"{args.dataset}-{skew_tag(skew)}-n{args.ranks}-p{pseed}"
-            fingerprint = {"ranks": args.ranks, "dataset": args.dataset, "skew": skew,
-                           "seed": seed, "partition_seed": pseed, "run_args": run_args}
-            job = Job(skew, seed, [], data_dir, out / "runs" / f"{skew_tag(skew)}-s{seed}",
-                      fingerprint, run_args)
-            done = {} if args.force else harvest(job.run_dir, fingerprint)
-            for norm, rec in done.items():
-                if norm in norms:
-                    rows[(norm, skew, seed)] = (rec, pseed)
-            job.norms = [n for n in norms if n not in done]
-            if job.norms and not args.report_only:
-                jobs.append(job)
+    for number, job in enumerate(jobs, 1):
+        progress.line(f"[job {number}/{len(jobs)}] {job.partition} seed {job.seed}: "
+                      f"{','.join(job.norms)}")
+        attempt = next_attempt(job.run_dir)
+        try:
+            result = launch(job, attempt, args.ranks, study.launcher, args.timeout, on_epoch)
+        except SweepError as exc:
+            raise StudyError(str(exc)) from None
+        finally:
+            # Harvest at once, even from a failed or interrupted job: its finished schemes
+            # count as done.
+            study.collect(job, attempt)
+            study.report()
+        status = "ok" if result.ok else f"FAILED: {_failure(result, args.timeout)}"
+        progress.line(f"[job {number}/{len(jobs)}] {job.tag} {result.wall_s:.1f} s, {status}")
+        if not result.ok:
+            failures.append(f"{job.tag}: {_failure(result, args.timeout)}")
+    return failures
 
-    tv_cache: dict[Path, float] = {}
 
-    def to_row(key: tuple[str, str, int]) -> dict:
-        norm, skew, seed = key
-        rec, pseed = rows[key]
-        data_dir = Path(rec.get("data_dir") or "")
-        if data_dir not in tv_cache:
-            try:
-                tv_cache[data_dir] = label_skew_tv(
-                    json.loads((data_dir / "partition.json").read_text()))
-            except (OSError, ValueError, KeyError):
-                tv_cache[data_dir] = math.nan
-        return point_row(rec, skew, seed, args.ranks, pseed, tv_cache[data_dir])
+def _failure(result, timeout: float) -> str:
+    if result.timed_out:
+        return f"timed out after {timeout:.0f} s (--timeout); log: {result.log}"
+    tail = "\n    ".join(result.tail().splitlines()[-12:])
+    return f"exit code {result.returncode}; log: {result.log}; last lines:\n    {tail}"
 
-    header = {"ranks": args.ranks, "dataset": args.dataset, "model": args.model,
-              "command": "python -m bench.studies.accuracy " + shlex.join(argv),
-              "date": time.strftime("%Y-%m-%d %H:%M %Z"), "epochs": epochs,
-              "seeds": ", ".join(map(str, seeds)),
-              "partition_seeds": ("same as the run seed" if args.partition_seed is None
-                                  else f"fixed at {args.partition_seed}"),
-              "run_args": " ".join(run_args)}
 
-    def report() -> list[dict]:
-        ordered = [to_row((n, s, sd)) for s in skews for sd in seeds for n in norms
-                   if (n, s, sd) in rows]
-        machine = next((rows[k][0].get("machine") for k in rows if rows[k][0].get("machine")),
-                       None)
-        if machine:
-            header["machine"] = (f"{machine.get('cores_per_node')}-core "
-                                 f"{machine.get('cpu') or platform.machine()}, "
-                                 f"{machine.get('device')}, "
-                                 f"{str(machine.get('mpi_library')).splitlines()[0][:60]}, "
-                                 f"torch {machine.get('torch')}, "
-                                 f"{machine.get('threads_per_rank')} thread(s)/rank")
-        write_json(out / "points.json", {"header": header, "norms": norms, "skews": skews,
-                                         "seeds": seeds, "points": ordered})
-        write_csv(out / "accuracy.csv", ordered)
-        (out / "accuracy.md").parent.mkdir(parents=True, exist_ok=True)
-        from disdl_mpi.files import write_text
-        write_text(out / "accuracy.md", markdown(ordered, norms, skews, header))
-        if ordered:
-            done_seeds = len({r["seed"] for r in ordered})
-            title = (f"{args.dataset}, {args.ranks} ranks, {epochs} epochs, "
-                     f"up to {done_seeds} seed(s)")
-            bar_plot(out / "accuracy.png", ordered, norms, skews, title)
-            strong = strongest_skew(ordered, skews)
-            if strong:
-                curve_plot(out / "curves.png", ordered, norms, strong,
-                           f"test accuracy per epoch at {strong} ({title})")
-        return ordered
-
-    total_points = len(norms) * len(skews) * len(seeds)
-    progress = Progress(args.progress, sum(len(j.norms) for j in jobs) * epochs, len(jobs))
-    progress.line(f"accuracy study in {out}: {len(norms)} scheme(s) x {len(skews)} skew(s) x "
-                  f"{len(seeds)} seed(s) = {total_points} points, {len(rows)} already done, "
-                  f"{len(jobs)} job(s) to run at {args.ranks} ranks, {epochs} epochs")
+def run_study(study: Study) -> int:
+    args = study.args
+    jobs = study.plan()
+    total_points = len(study.norms) * len(study.skews) * len(study.seeds)
+    progress = Progress(sum(len(j.norms) for j in jobs) * study.epochs, mode=args.progress)
+    progress.line(f"accuracy study in {study.out}: {len(study.norms)} scheme(s) x "
+                  f"{len(study.skews)} skew(s) x {len(study.seeds)} seed(s) = {total_points} "
+                  f"points, {len(study.rows)} already done, {len(jobs)} job(s) to run at "
+                  f"{args.ranks} ranks, {study.epochs} epochs")
     if args.dry_run:
         for job in jobs:
-            print(f"would run: {job.tag}: {','.join(job.norms)} ({epochs} epochs, "
+            print(f"would run: {job.tag}: {','.join(job.norms)} ({study.epochs} epochs, "
                   f"{args.ranks} ranks) in {job.run_dir}")
         return 0
     # Every partition first: a spec that cannot be built (e.g. shards:2 at 2 ranks) fails the
     # study before any job has spent time, not in the middle.
     for job in jobs:
-        manifest = ensure_partition(job.data_dir, args.dataset, args.ranks, job.skew,
-                                    job.fingerprint["partition_seed"], args.source_dir)
-        tv_cache[job.data_dir] = label_skew_tv(manifest)
-    failures: list[str] = []
+        try:
+            manifest = ensure_partition(job.data_dir, args.dataset, args.ranks, job.partition,
+                                        job.fingerprint["partition_seed"],
+                                        source_dir=args.source_dir)
+        except Exception as exc:
+            raise StudyError(f"partition {job.data_dir} ({args.dataset}, {job.partition}, "
+                             f"{args.ranks} ranks, seed {job.fingerprint['partition_seed']}): "
+                             f"{exc}") from None
+        study.tv_cache[job.data_dir] = label_skew_tv(manifest)
     # SIGTERM (scancel, the SLURM scripts' signal forwarding) unwinds like Ctrl-C: the running
-    # job's ranks are killed, finished schemes stay on disk for the resumed run.
+    # job's ranks are killed, finished schemes stay in the store for the resumed run.
     saved = {sig: signal.getsignal(sig) for sig in (signal.SIGTERM, signal.SIGINT)}
     terminate_on_sigterm()
     try:
-        failures = _run_jobs(jobs, args, launcher, progress, rows, norms, report)
+        failures = run_jobs(study, jobs, progress)
     finally:
+        progress.close()
         if threading.current_thread() is threading.main_thread():
             for sig, handler in saved.items():
                 signal.signal(sig, handler)
-    ordered = report()
-    progress.line(f"{len(ordered)}/{total_points} points done; wrote {out / 'accuracy.csv'}, "
-                  f"accuracy.md, accuracy.png, curves.png")
+    ordered = study.report()
+    progress.line(f"{len(ordered)}/{total_points} points done; wrote "
+                  f"{study.out / 'accuracy.csv'}, accuracy.md, accuracy.png, curves.png")
     if failures:
         print("failed jobs (rerun the same command to retry them):\n  " + "\n  ".join(failures),
               file=sys.stderr)

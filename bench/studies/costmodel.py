@@ -27,9 +27,10 @@ import math
 import sys
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Iterable, Optional
+from typing import Any, Iterable, Optional, Sequence
 
 import numpy as np
+from scipy.optimize import nnls
 
 from disdl_mpi.files import write_json, write_text
 
@@ -89,23 +90,6 @@ class Fit:
                        self.gamma_s_per_byte)
 
 
-def _nnls(a: np.ndarray, b: np.ndarray) -> np.ndarray:
-    """Non-negative least squares by active-set enumeration (2-3 unknowns: exact and simple)."""
-    k = a.shape[1]
-    best, best_res = np.zeros(k), float(np.sum(b ** 2))
-    for mask in range(1, 2 ** k):
-        cols = [i for i in range(k) if mask >> i & 1]
-        x, *_ = np.linalg.lstsq(a[:, cols], b, rcond=None)
-        if np.any(x < 0):
-            continue
-        full = np.zeros(k)
-        full[cols] = x
-        res = float(np.sum((a @ full - b) ** 2))
-        if res < best_res:
-            best, best_res = full, res
-    return best
-
-
 def fit(samples: list[Sample], model: str, *, with_gamma: bool = False) -> Fit:
     """Fit alpha, beta (and gamma) to samples with p >= 2, minimising relative error."""
     use = [s for s in samples if s.ranks >= 2 and s.time_s > 0]
@@ -117,7 +101,7 @@ def fit(samples: list[Sample], model: str, *, with_gamma: bool = False) -> Fit:
         rows = rows[:, :2]
     t = np.array([s.time_s for s in use])
     # Divide each equation by its measured time: minimises relative, not absolute, error.
-    coef = _nnls(rows / t[:, None], np.ones_like(t))
+    coef, _ = nnls(rows / t[:, None], np.ones_like(t))
     alpha, beta = float(coef[0]), float(coef[1])
     gamma = float(coef[2]) if with_gamma else 0.0
     result = Fit(model, use[0].backend, alpha, beta, gamma, len(use))
@@ -131,50 +115,28 @@ def fit(samples: list[Sample], model: str, *, with_gamma: bool = False) -> Fit:
 
 # ---------------------------------------------------------------------------- inputs
 
-_BYTES_KEYS = ("bytes", "size_bytes", "nbytes", "message_bytes", "msg_bytes", "size")
-_US_KEYS = ("time_us", "avg_us", "mean_us", "median_us", "t_us", "latency_us")
-_S_KEYS = ("time_s", "seconds", "mean_s", "avg_s")
-_RANK_KEYS = ("ranks", "world_size", "np", "nprocs", "n_ranks", "size_ranks")
-
-
-def _first(d: dict, keys: Iterable[str]) -> Any:
-    for k in keys:
-        if k in d and d[k] is not None:
-            return d[k]
-    return None
+ROW_FIELDS = ("backend", "ranks", "bytes", "time_us")  # what bench.allreduce --json writes
 
 
 def load_allreduce(paths: list[Path]) -> list[Sample]:
-    """Rows of ``bench.allreduce --json`` files (a list, or an object holding one)."""
+    """The rows of ``bench.allreduce --json`` files (a list of row objects each)."""
     out: list[Sample] = []
     for path in paths:
         try:
-            data = json.loads(Path(path).read_text())
+            rows = json.loads(Path(path).read_text())
         except (OSError, json.JSONDecodeError) as exc:
             raise CostModelError(f"{path}: cannot read allreduce results ({exc})") from exc
-        top: dict = data if isinstance(data, dict) else {}
-        rows = data if isinstance(data, list) else _first(top, ("rows", "results", "data"))
         if not isinstance(rows, list):
-            raise CostModelError(f"{path}: expected a list of rows or an object with 'rows'/"
-                                 f"'results'; found keys {sorted(top)}")
+            raise CostModelError(f"{path}: expected the list of rows that bench.allreduce "
+                                 f"--json writes, found a {type(rows).__name__}")
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise CostModelError(f"{path}: row {i} is not an object")
-            n = _first(row, _BYTES_KEYS)
-            p = _first(row, _RANK_KEYS) or _first(top, _RANK_KEYS)
-            us = _first(row, _US_KEYS)
-            secs = _first(row, _S_KEYS)
-            if "time_ms" in row:
-                secs = row["time_ms"] / 1e3
-            t = us / 1e6 if us is not None else secs
-            for name, value, keys in (("bytes", n, _BYTES_KEYS), ("ranks", p, _RANK_KEYS),
-                                      ("time", t, _US_KEYS + _S_KEYS)):
-                if value is None:
-                    raise CostModelError(f"{path}: row {i} has no {name} field (looked for "
-                                         f"{', '.join(keys)})")
-            backend = str(_first(row, ("backend", "impl", "library")) or
-                          _first(top, ("backend",)) or "mpi")
-            out.append(Sample(backend, int(p), int(n), float(t)))
+            for key in ROW_FIELDS:
+                if row.get(key) is None:
+                    raise CostModelError(f"{path}: row {i} has no {key} field")
+            out.append(Sample(str(row["backend"]), int(row["ranks"]), int(row["bytes"]),
+                              float(row["time_us"]) / 1e6))
     return out
 
 
@@ -295,45 +257,53 @@ def build_parser() -> argparse.ArgumentParser:
     return p
 
 
-def run(args: argparse.Namespace) -> dict[str, Any]:
-    samples = load_allreduce(args.allreduce)
-    backend = pick_backend(samples, args.backend)
+def fit_and_project(allreduce: Sequence[Path], out: Path, *, scaling: Optional[Path] = None,
+                    backend: Optional[str] = None, gamma: bool = False, alpha_us: float = 1.5,
+                    bandwidth_gbps: float = 200.0,
+                    ranks: Sequence[int] = DEFAULT_PROJECT_RANKS,
+                    grad_bytes: Optional[int] = None) -> dict[str, Any]:
+    """Fit both models to the ``bench.allreduce`` files, project the ``scaling`` sweep's steps
+    (if given) to ``ranks`` on this machine and on the target network; write
+    OUT/costmodel.json, .md and .png; return the result."""
+    samples = load_allreduce(list(allreduce))
+    backend = pick_backend(samples, backend)
     chosen = [s for s in samples if s.backend == backend]
-    fits = {m: fit(chosen, m, with_gamma=args.gamma) for m in MODELS}
+    fits = {m: fit(chosen, m, with_gamma=gamma) for m in MODELS}
     result: dict[str, Any] = {
-        "inputs": [str(p) for p in args.allreduce], "backend": backend,
+        "inputs": [str(p) for p in allreduce], "backend": backend,
         "backends": sorted({s.backend for s in samples}),
         "measured": [asdict(s) for s in chosen],
         "fits": {m: {**asdict(f), "bandwidth_gbps": f.bandwidth_gbps} for m, f in fits.items()},
-        "target": {"alpha_us": args.alpha_us, "bandwidth_gbps": args.bandwidth_gbps},
+        "target": {"alpha_us": alpha_us, "bandwidth_gbps": bandwidth_gbps},
         "projections": [], "measured_steps": [],
     }
-    if args.scaling:
-        measured = load_scaling(args.scaling)
-        result["scaling"] = str(args.scaling)
+    if scaling:
+        measured = load_scaling(scaling)
+        result["scaling"] = str(scaling)
         result["measured_steps"] = [asdict(m) for m in measured]
         for norm in dict.fromkeys(m.norm for m in measured):
             pts = sorted((m for m in measured if m.norm == norm), key=lambda m: m.ranks)
             base = pts[0]
-            ranks = sorted(set(args.ranks) | {m.ranks for m in pts})
+            at = sorted(set(ranks) | {m.ranks for m in pts})
             for network, alpha, beta, gamma in (
                     ("measured", None, None, None),
-                    ("target", args.alpha_us * 1e-6, target_beta(args.bandwidth_gbps), 0.0)):
+                    ("target", alpha_us * 1e-6, target_beta(bandwidth_gbps), 0.0)):
                 for m in MODELS:
                     f = fits[m]
                     a = f.alpha_s if alpha is None else alpha
                     b = f.beta_s_per_byte if beta is None else beta
                     g = f.gamma_s_per_byte if gamma is None else gamma
-                    for row in project(base, ranks, model=m, alpha=a, beta=b, gamma=g,
-                                       grad_bytes=args.grad_bytes):
+                    for row in project(base, at, model=m, alpha=a, beta=b, gamma=g,
+                                       grad_bytes=grad_bytes):
                         result["projections"].append({"norm": norm, "network": network,
                                                       "model": m, "mode": base.mode,
                                                       "base_ranks": base.ranks, **row})
-    args.out.mkdir(parents=True, exist_ok=True)
-    write_json(args.out / "costmodel.json", result)
-    write_text(args.out / "costmodel.md", markdown(result))
+    out = Path(out)
+    out.mkdir(parents=True, exist_ok=True)
+    write_json(out / "costmodel.json", result)
+    write_text(out / "costmodel.md", markdown(result))
     from bench.studies.plots import plot_costmodel  # matplotlib only when writing
-    plot_costmodel(result, args.out / "costmodel.png")
+    plot_costmodel(result, out / "costmodel.png")
     return result
 
 
@@ -368,7 +338,10 @@ def markdown(result: dict[str, Any]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = run(args)
+        result = fit_and_project(args.allreduce, args.out, scaling=args.scaling,
+                                 backend=args.backend, gamma=args.gamma, alpha_us=args.alpha_us,
+                                 bandwidth_gbps=args.bandwidth_gbps, ranks=args.ranks,
+                                 grad_bytes=args.grad_bytes)
     except CostModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -1,9 +1,10 @@
-"""Shared sweep utilities: launch MPI jobs, show progress, resume interrupted sweeps.
+"""The one engine that studies launch MPI jobs with: launcher, job runner, resume store.
 
 A sweep is a list of :class:`Point` (one MPI job each). :func:`run_sweep` runs the points whose
-result file is missing (or was produced with other settings), writes each result the moment its
-job finishes (atomically, ``DIR/points/<key>.json``), and returns every point's result, old and
-new. An interrupted sweep rerun with the same settings runs only the missing points.
+result is missing from the :class:`PointStore` (or was produced with other settings), stores
+each result the moment its job finishes (atomically, ``DIR/points/<key>.json``) and returns
+every point's result, old and new. An interrupted sweep rerun with the same settings runs only
+the missing points.
 
     store = PointStore(out / "points")
     points = [Point(key=f"n{n}", ranks=n, args=["-m", "disdl_mpi.run", ...],
@@ -12,6 +13,8 @@ new. An interrupted sweep rerun with the same settings runs only the missing poi
 
 The launcher is a template with ``{n}`` (ranks) and optionally ``{python}``: ``--launcher``,
 else ``$DISDL_LAUNCHER``, else ``"<venv>/mpiexec -n {n}"``; e.g. ``"srun --mpi=pmi2 -n {n}"``.
+Studies whose jobs produce several points (the accuracy study) call :func:`run_job` and the
+store themselves; the tests launch their jobs through :func:`launcher_command` too.
 """
 from __future__ import annotations
 
@@ -19,16 +22,20 @@ import json
 import os
 import shlex
 import shutil
+import signal
 import subprocess
 import sys
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
 from disdl_mpi.files import jsonable, write_json, write_text
+from disdl_mpi.observe.progress import Progress
 
 LAUNCHER_ENV = "DISDL_LAUNCHER"
+ROOT = Path(__file__).resolve().parents[2]   # the checkout the jobs must import
 
 
 class SweepError(RuntimeError):
@@ -44,7 +51,7 @@ def default_launcher() -> str:
 
 def launcher_command(template: Optional[str], n: int, args: list[str]) -> list[str]:
     """``template`` (or $DISDL_LAUNCHER, or the default) for ``n`` ranks, then python ARGS."""
-    template = template or os.environ.get(LAUNCHER_ENV) or default_launcher()
+    template = template or os.environ.get(LAUNCHER_ENV, "").strip() or default_launcher()
     if "{n}" not in template:
         raise SweepError(f"launcher template {template!r} has no '{{n}}' for the rank count "
                          f"(e.g. 'mpiexec -n {{n}}' or 'srun --mpi=pmi2 -n {{n}}')")
@@ -56,6 +63,31 @@ def launcher_command(template: Optional[str], n: int, args: list[str]) -> list[s
     # A template that names python itself ends with it; otherwise append this interpreter.
     tail = [] if "{python}" in template else [sys.executable]
     return prefix + tail + list(args)
+
+
+def job_env(extra: Optional[dict[str, str]] = None) -> dict[str, str]:
+    """The environment of a launched job: this checkout importable, output unbuffered."""
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env["PYTHONUNBUFFERED"] = "1"
+    env.update(extra or {})
+    return env
+
+
+def code_version() -> Optional[str]:
+    """The checkout's commit (+ "-dirty" with local changes), so every result names the code
+    that produced it; None outside a git checkout."""
+    try:
+        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+                              capture_output=True, text=True, timeout=10)
+        if head.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
+                                "--untracked-files=no"], capture_output=True, text=True,
+                               timeout=10).stdout.strip()
+        return head.stdout.strip() + ("-dirty" if dirty else "")
+    except (OSError, subprocess.TimeoutExpired):
+        return None
 
 
 @dataclass
@@ -77,62 +109,83 @@ class JobResult:
     log: Path
     command: list[str]
 
+    @property
+    def ok(self) -> bool:
+        return self.returncode == 0 and not self.timed_out
+
     def tail(self, n: int = 3000) -> str:
         try:
             return self.log.read_text(errors="replace")[-n:]
         except OSError:
             return ""
 
+    def why(self, timeout: float) -> str:
+        return (f"timed out after {timeout:.0f} s" if self.timed_out
+                else f"exit code {self.returncode}")
+
 
 def run_job(cmd: list[str], *, log: Path, timeout: float, env: Optional[dict] = None,
-            cwd: Optional[Path] = None) -> JobResult:
-    """Run one job with stdout+stderr to ``log``; kill its whole process group on timeout."""
+            cwd: Optional[Path] = None,
+            on_line: Optional[Callable[[str], None]] = None) -> JobResult:
+    """Run one job with its output in ``log``; never waits past ``timeout``.
+
+    The job gets its own process group: on timeout, Ctrl-C or SIGTERM the launcher and every
+    rank it started are stopped (TERM, then KILL). ``on_line`` sees each output line as it
+    comes (progress displays parse epoch lines from it).
+    """
     log.parent.mkdir(parents=True, exist_ok=True)
-    full_env = dict(os.environ)
-    root = str(Path(__file__).resolve().parent.parent)
-    full_env["PYTHONPATH"] = root + os.pathsep + full_env.get("PYTHONPATH", "")
-    full_env.setdefault("PYTHONUNBUFFERED", "1")
-    full_env.update(env or {})
     start = time.perf_counter()
     with open(log, "w") as fh:
-        fh.write("$ " + " ".join(shlex.quote(c) for c in cmd) + "\n")
+        fh.write("$ " + shlex.join(cmd) + "\n")
         fh.flush()
         try:
-            proc = subprocess.Popen(cmd, stdout=fh, stderr=subprocess.STDOUT, env=full_env,
+            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
+                                    text=True, bufsize=1, env=job_env(env),
                                     cwd=str(cwd) if cwd else None, start_new_session=True)
         except OSError as exc:
-            raise SweepError(f"cannot start {cmd[0]!r}: {exc}") from exc
-        timed_out = False
+            raise SweepError(f"cannot start the launcher {cmd[0]!r}: {exc.strerror or exc}; "
+                             f"set --launcher or {LAUNCHER_ENV}") from None
+        timed_out = threading.Event()
+
+        def watchdog() -> None:
+            timed_out.set()
+            _kill_group(proc)
+
+        timer = threading.Timer(timeout, watchdog)
+        timer.daemon = True
+        timer.start()
         try:
-            rc = proc.wait(timeout=timeout)
-        except subprocess.TimeoutExpired:
-            timed_out = True
-            _kill_group(proc)
+            assert proc.stdout is not None
+            for line in proc.stdout:
+                fh.write(line)
+                fh.flush()
+                if on_line is not None:
+                    on_line(line)
             rc = proc.wait()
-        except BaseException:  # Ctrl-C: leave no ranks behind
+        except BaseException:  # Ctrl-C, SIGTERM: leave no ranks behind
             _kill_group(proc)
-            proc.wait()
             raise
-    return JobResult(rc, time.perf_counter() - start, timed_out, log, cmd)
+        finally:
+            timer.cancel()
+    return JobResult(rc, time.perf_counter() - start, timed_out.is_set(), log, cmd)
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
     """TERM the job's own process group (the launcher and its ranks), KILL after 5 s."""
-    import signal
-    for sig, wait in ((signal.SIGTERM, 5.0), (signal.SIGKILL, 5.0)):
+    for sig in (signal.SIGTERM, signal.SIGKILL):
         try:
             os.killpg(proc.pid, sig)
         except ProcessLookupError:
             return
         try:
-            proc.wait(timeout=wait)
+            proc.wait(timeout=5.0)
             return
         except subprocess.TimeoutExpired:
             continue
 
 
 class PointStore:
-    """``DIR/<key>.json`` per finished point, each written atomically."""
+    """``DIR/<key>.json`` per finished point, each written atomically with its settings."""
 
     def __init__(self, directory: Path) -> None:
         self.dir = Path(directory)
@@ -148,56 +201,24 @@ class PointStore:
         except (OSError, json.JSONDecodeError):
             return None  # a damaged result is redone, never trusted
 
+    def get(self, key: str, settings: dict[str, Any]) -> Optional[dict]:
+        """The stored result of ``key`` if it was made with ``settings``, else None."""
+        rec = self.load(key)
+        return rec if rec is not None and rec.get("settings") == jsonable(settings) else None
+
     def is_done(self, point: Point) -> bool:
-        rec = self.load(point.key)
-        return rec is not None and rec.get("settings") == jsonable(point.settings)
+        return self.get(point.key, point.settings) is not None
+
+    def put(self, key: str, settings: dict[str, Any], result: dict, **meta: Any) -> None:
+        write_json(self.path(key), {"key": key, **meta, "settings": jsonable(settings),
+                                    **result})
 
     def save(self, point: Point, result: dict) -> None:
-        write_json(self.path(point.key), {"key": point.key, "ranks": point.ranks,
-                                          "settings": jsonable(point.settings), **result})
-
-    def all(self) -> list[dict]:
-        return [json.loads(p.read_text()) for p in sorted(self.dir.glob("*.json"))]
+        self.put(point.key, point.settings, result, ranks=point.ranks)
 
 
-class Progress:
-    """A bar on a TTY; plain, timestamped lines otherwise (logs, CI)."""
-
-    def __init__(self, total: int, *, stream=None, tty: Optional[bool] = None) -> None:
-        self.total = total
-        self.done = 0
-        self.stream = stream or sys.stdout
-        self.tty = self.stream.isatty() if tty is None else tty
-        self.start = time.monotonic()
-
-    def _line(self, msg: str) -> None:
-        self.stream.write(msg + "\n")
-        self.stream.flush()
-
-    def starting(self, label: str) -> None:
-        if self.tty:
-            width = 24
-            filled = int(width * self.done / max(1, self.total))
-            self.stream.write(f"\r[{'#' * filled}{'.' * (width - filled)}] "
-                              f"{self.done}/{self.total} running {label:<40}")
-            self.stream.flush()
-        else:
-            self._line(f"[{time.strftime('%H:%M:%S')}] {self.done + 1}/{self.total} "
-                       f"start {label}")
-
-    def finished(self, label: str, status: str) -> None:
-        self.done += 1
-        elapsed = time.monotonic() - self.start
-        msg = f"{self.done}/{self.total} {label}: {status} ({elapsed:.0f} s elapsed)"
-        if self.tty:
-            self.stream.write("\r" + " " * 80 + "\r")
-        self._line(msg if self.tty else f"[{time.strftime('%H:%M:%S')}] {msg}")
-
-
-def _terminate_on_sigterm() -> None:
+def terminate_on_sigterm() -> None:
     """SIGTERM (scancel, kill) unwinds like Ctrl-C, so run_job kills the running job's ranks."""
-    import signal
-    import threading
     if threading.current_thread() is not threading.main_thread():
         return
 
@@ -220,7 +241,7 @@ def run_sweep(points: list[Point], store: PointStore,
     it may raise to mark the point failed. A failed or timed-out point is not stored (so the
     next run retries it; its log tail goes to ``logs/<key>.failed``); the sweep goes on.
     """
-    _terminate_on_sigterm()
+    terminate_on_sigterm()
     todo = [p for p in points if not store.is_done(p)]
     done = len(points) - len(todo)
     if done:
@@ -231,11 +252,9 @@ def run_sweep(points: list[Point], store: PointStore,
         cmd = launcher_command(launcher, point.ranks, point.args)
         progress.starting(point.key)
         job = run_job(cmd, log=log_dir / f"{point.key}.log", timeout=timeout, env=point.env)
-        if job.timed_out or job.returncode != 0:
-            why = (f"timed out after {timeout:.0f} s" if job.timed_out
-                   else f"exit code {job.returncode}")
-            progress.finished(point.key, f"FAILED ({why}); log {job.log}")
-            write_text(log_dir / f"{point.key}.failed", why + "\n" + job.tail())
+        if not job.ok:
+            progress.finished(point.key, f"FAILED ({job.why(timeout)}); log {job.log}")
+            write_text(log_dir / f"{point.key}.failed", job.why(timeout) + "\n" + job.tail())
             continue
         try:
             result = collect(point, job)
@@ -246,9 +265,5 @@ def run_sweep(points: list[Point], store: PointStore,
         result.setdefault("job_wall_s", job.wall_s)
         store.save(point, result)
         progress.finished(point.key, f"ok in {job.wall_s:.1f} s")
-    out = []
-    for p in points:
-        rec = store.load(p.key)
-        if rec is not None and rec.get("settings") == jsonable(p.settings):
-            out.append(rec)
-    return out
+    progress.close()
+    return [rec for p in points if (rec := store.get(p.key, p.settings)) is not None]

@@ -10,6 +10,7 @@ matplotlib.use("Agg")  # headless: sweeps run on compute nodes and in CI
 import matplotlib.pyplot as plt  # noqa: E402
 
 from disdl_mpi.files import atomic_path  # noqa: E402
+from disdl_mpi.observe.timing import BREAKDOWN  # noqa: E402
 
 PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
@@ -64,8 +65,6 @@ def mark_oversubscribed(ax: Any, ranks: list[int], cores: int) -> None:
 
 # ---------------------------------------------------------------------------- scaling
 
-BREAKDOWN_PHASES = ("data", "forward", "backward", "optimizer", "norm_comm", "imbalance_wait",
-                    "allreduce", "guard", "other")
 
 
 def plot_scaling(rows: list[dict], path: str | Path, *, cores: int) -> Path:
@@ -113,7 +112,7 @@ def plot_breakdown(rows: list[dict], path: str | Path, *, cores: int) -> Path:
             v -= nc * (v / fb) if fb > 0 else 0.0
         return 1e3 * v / max(1.0, float(r["steps"]))
 
-    for phase in BREAKDOWN_PHASES:
+    for phase in BREAKDOWN:
         vals = [per_step(r, phase) for r in rows]
         ax.bar(range(len(rows)), vals, bottom=bottoms, color=PHASE_COLORS.get(phase),
                label=phase.replace("_", " "))

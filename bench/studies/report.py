@@ -23,6 +23,7 @@ from typing import Any, Optional
 
 from disdl_mpi.files import write_text
 from bench.studies.report_html import markdown_to_html
+from disdl_mpi.observe.timing import DISJOINT
 from bench.studies.report_machine import machine_rows
 
 # Folders of results trees that hold inputs or bulk data, never results to report.
@@ -30,8 +31,6 @@ SKIP_DIRS = {"data", "points", "logs", "runs", "__pycache__", ".git"}
 NOT_ALLREDUCE = {"summary.json", "scaling.json", "costmodel.json", "points.json",
                  "partition.json", "report.json"}
 MAX_JSON_BYTES = 5 << 20
-TABLE_PHASES = ("data", "forward", "backward", "imbalance_wait", "allreduce", "guard",
-                "optimizer")
 
 
 @dataclass
@@ -124,12 +123,12 @@ def _run_section(path: Path) -> tuple[list[str], dict, set[str]]:
                   f"{ms('comm'):.2f} | {100 * ph.get('comm', 0) / tot if tot else 0:.1f} | "
                   f"{ms('imbalance_wait'):.2f} |")
     md += ["", "Per-phase time per step across ranks (ms, min / mean / max):", "",
-           "| scheme | " + " | ".join(p.replace("_", " ") for p in TABLE_PHASES) + " |",
-           "|---|" + "---:|" * len(TABLE_PHASES)]
+           "| scheme | " + " | ".join(p.replace("_", " ") for p in DISJOINT) + " |",
+           "|---|" + "---:|" * len(DISJOINT)]
     for r in runs:
         det, steps = r.get("phases_detail", {}), max(1, r.get("steps") or 1)
         cells = []
-        for k in TABLE_PHASES:
+        for k in DISJOINT:
             d = det.get(k)
             cells.append("–" if not d else "{:.2f} / {:.2f} / {:.2f}".format(
                 *(1e3 * d[s] / steps for s in ("min", "mean", "max"))))
@@ -220,11 +219,9 @@ def build(dirs: list[Path], out: Path) -> tuple[Path, Path]:
 
 def _fit_costmodel(found: Found, target: Path) -> Path:
     """Fit the cost model from the allreduce files found (with the first scaling sweep)."""
-    from bench.studies import costmodel
-    argv = ["--allreduce", *map(str, found.allreduce), "--out", str(target)]
-    if found.scaling:
-        argv += ["--scaling", str(found.scaling[0])]
-    costmodel.run(costmodel.build_parser().parse_args(argv))
+    from bench.studies.costmodel import fit_and_project
+    fit_and_project(found.allreduce, target,
+                    scaling=found.scaling[0] if found.scaling else None)
     return target
 
 

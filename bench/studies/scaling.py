@@ -22,17 +22,16 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench.studies.engine import JobResult, Point, PointStore, SweepError, run_sweep
-from disdl_mpi.files import write_json, write_text
+from data_prep.ensure import ensure_partition, partition_dir
+from data_prep.errors import DataPrepError
 from disdl_mpi.device import node_cores
-from disdl_mpi.observe.timing import DETAIL_ENV
+from disdl_mpi.files import comm_share, write_json, write_text
+from disdl_mpi.observe.timing import DETAIL_ENV, REPORTED
 
-# Per-phase rank-mean seconds (whole run) copied from the run's summary into the table.
-PHASE_COLUMNS = ("data", "forward", "backward", "optimizer", "imbalance_wait", "allreduce",
-                 "guard", "other", "step", "allreduce_total", "norm_comm", "compute", "comm")
 COLUMNS = ("ranks", "norm", "mode", "samples_per_s", "speedup", "efficiency", "comm_fraction",
            "oversubscribed", "steps", "global_batch_size", "grad_bytes", "test_accuracy",
            "threads_per_rank", "allreduce_path", "imbalance_method") + tuple(
-               f"{p}_s" for p in PHASE_COLUMNS) + ("imbalance_wait_max_s",)
+               f"{p}_s" for p in REPORTED) + ("imbalance_wait_max_s",)
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -83,15 +82,31 @@ def per_rank_batch(args: argparse.Namespace) -> int:
     return max(1, args.global_batch_size // min(args.ranks))
 
 
+def data_dir(args: argparse.Namespace, n: int) -> Path:
+    """The partition of the point at ``n`` ranks: data_prep's naming rule under OUT/data."""
+    return partition_dir(args.out / "data", args.dataset, args.partition, n, args.seed,
+                         **source_options(args, n))
+
+
+def source_options(args: argparse.Namespace, n: int) -> dict[str, Any]:
+    """Options of generated (synthetic) data; weak scaling grows the data with the ranks."""
+    if args.dataset != "synthetic":
+        return {}
+    opts: dict[str, Any] = {}
+    if args.num_samples:
+        opts["num_samples"] = args.num_samples * (n if args.mode == "weak" else 1)
+    if args.shape:
+        opts["shape"] = tuple(int(v) for v in args.shape.split(","))
+    return opts
+
+
 def job_points(args: argparse.Namespace) -> list[Point]:
     """One training job per rank count."""
     points = []
     for n in sorted(set(args.ranks)):
         gbs = args.global_batch_size if args.mode == "strong" else per_rank_batch(args) * n
-        tag = f"{args.dataset}-{args.partition}".replace(":", "").replace(",", "-")
         run = ["-m", "disdl_mpi.run", "--norm", args.norm, "--model", args.model,
-               "--dataset", args.dataset, "--partition", args.partition,
-               "--data-dir", str(args.out / "data" / f"{tag}-n{n}"),
+               "--data-dir", str(data_dir(args, n)),
                "--global-batch-size", str(gbs), "--seed", str(args.seed),
                "--eval-every", "0", "--progress", "lines",
                "--out", str(args.out / "runs" / f"n{n}")]
@@ -108,18 +123,10 @@ def job_points(args: argparse.Namespace) -> list[Point]:
 
 
 def prepare_partition(args: argparse.Namespace, n: int) -> None:
-    """Build the partition up front (synthetic sizes need options the run has no flags for)."""
-    if args.dataset != "synthetic":
-        return  # the run builds digits/file partitions itself
-    from data_prep.partition import build_partitions
-    opts: dict[str, Any] = {}
-    if args.num_samples:
-        opts["num_samples"] = args.num_samples * (n if args.mode == "weak" else 1)
-    if args.shape:
-        opts["shape"] = tuple(int(v) for v in args.shape.split(","))
-    tag = f"{args.dataset}-{args.partition}".replace(":", "").replace(",", "-")
-    build_partitions("synthetic", n, args.partition, args.seed,
-                     args.out / "data" / f"{tag}-n{n}", **opts)
+    """Build (or check) the partition up front: a folder built with other settings (another
+    seed, another spec) is refused by ensure_partition, never silently reused."""
+    ensure_partition(data_dir(args, n), args.dataset, n, args.partition, args.seed,
+                     **source_options(args, n))
 
 
 def collect_run(point: Point, job: JobResult, out: Path) -> dict:
@@ -143,11 +150,10 @@ def table(points: list[dict], mode: str, cores: int) -> list[dict[str, Any]]:
         for r in recs:
             ph, n = r["phases"], r["world_size"]
             speedup = r["samples_per_s"] / base["samples_per_s"]
-            denom = ph["compute"] + ph["comm"]
             row = {"ranks": n, "norm": norm, "mode": mode,
                    "samples_per_s": r["samples_per_s"], "speedup": speedup,
                    "efficiency": speedup / (n / base["world_size"]),
-                   "comm_fraction": ph["comm"] / denom if denom > 0 else 0.0,
+                   "comm_fraction": comm_share(ph["compute"], ph["comm"]),
                    "oversubscribed": int(n > cores), "steps": r["steps"],
                    "global_batch_size": r["global_batch_size"],
                    "grad_bytes": r.get("grad_bytes") or 0,
@@ -155,7 +161,7 @@ def table(points: list[dict], mode: str, cores: int) -> list[dict[str, Any]]:
                    "threads_per_rank": r["threads_per_rank"],
                    "allreduce_path": r["allreduce_path"],
                    "imbalance_method": r.get("imbalance_method") or "derived"}
-            for p in PHASE_COLUMNS:
+            for p in REPORTED:
                 row[f"{p}_s"] = ph.get(p, 0.0)
             row["imbalance_wait_max_s"] = (r.get("phases_detail") or {}).get(
                 "imbalance_wait", {}).get("max", 0.0)
@@ -215,14 +221,11 @@ def allreduce_points(args: argparse.Namespace) -> list[Point]:
 
 
 def run_costmodel(out: Path) -> Optional[Path]:
-    from bench.studies import costmodel
+    from bench.studies.costmodel import fit_and_project
     files = sorted((out / "allreduce").glob("n*.json"))
     if not files:
         return None
-    ns = costmodel.build_parser().parse_args(
-        ["--allreduce", *map(str, files), "--scaling", str(out), "--out",
-         str(out / "costmodel")])
-    costmodel.run(ns)
+    fit_and_project(files, out / "costmodel", scaling=out)
     return out / "costmodel"
 
 
@@ -246,7 +249,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             run_sweep(allreduce_points(args), ar_store,
                       lambda p, j: {"file": str(out / "allreduce" / f"{p.key[10:]}.json")},
                       launcher=args.launcher, timeout=args.timeout, log_dir=out / "logs")
-    except SweepError as exc:
+    except (SweepError, DataPrepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     missing = sorted({p.ranks for p in points} - {r["ranks"] for r in results})

@@ -40,12 +40,20 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-# Phases in the order a step runs them; "compute", "comm" and "other" are derived.
-PHASES = ("data", "forward", "backward", "imbalance_wait", "allreduce", "allreduce_total",
-          "guard", "norm_comm", "optimizer", "eval", "step")
-# The phases that partition a step's wall time.
+# The one list of phases that the run, the report, the plots and the sweeps all use.
+# The phases that partition a step's wall time, in the order a step runs them.
 DISJOINT = ("data", "forward", "backward", "imbalance_wait", "allreduce", "guard",
             "optimizer")
+# Every measured phase: the disjoint ones, then the overlapping and whole-step ones.
+PHASES = DISJOINT + ("allreduce_total", "norm_comm", "eval", "step")
+# Derived in PhaseTimer.totals().
+DERIVED = ("compute", "comm", "other")
+# What a per-step table reports (rank-mean seconds of the whole run).
+REPORTED = DISJOINT + ("other", "step", "allreduce_total", "norm_comm") + ("compute", "comm")
+# The stacked per-step breakdown: forward/backward drawn without the normalization
+# collectives that run inside them (norm_comm gets its own segment).
+BREAKDOWN = ("data", "forward", "backward", "optimizer", "norm_comm", "imbalance_wait",
+             "allreduce", "guard", "other")
 # Phases whose work runs on the GPU stream: timed with CUDA events, not host clocks.
 GPU_PHASES = frozenset({"forward", "backward", "optimizer"})
 

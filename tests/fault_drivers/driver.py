@@ -20,11 +20,12 @@ import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from mpi4py import MPI
 
 import disdl_mpi.run as run
-import disdl_mpi.trainer as trainer
+from disdl_mpi.evaluate import evaluate_sharded
+from disdl_mpi.step import summed_cross_entropy
+from disdl_mpi.trainer import TrainHooks
 
 RANK = MPI.COMM_WORLD.Get_rank()
 
@@ -36,23 +37,21 @@ def _pids() -> None:
         (Path(d) / f"rank{RANK}.pid").write_text(str(os.getpid()))
 
 
-def _progress() -> None:
+def _progress(hooks: TrainHooks) -> None:
     path = os.environ.get("FAULT_PROGRESS")
     pause = float(os.environ.get("FAULT_STEP_SLEEP", "0") or 0)
     if not path and not pause:
         return
 
-    def make(mode: str, rank: int):
-        def cb(step: int, total: int, label: str) -> None:
-            if path and rank == 0:
-                tmp = Path(path + ".tmp")
-                tmp.write_text(f"{label.split()[0]} {step}\n")
-                os.replace(tmp, path)
-            if pause:
-                time.sleep(pause)
-        return cb
+    def on_step(step: int, total: int, label: str) -> None:
+        if path and RANK == 0:
+            tmp = Path(path + ".tmp")
+            tmp.write_text(f"{label.split()[0]} {step}\n")
+            os.replace(tmp, path)
+        if pause:
+            time.sleep(pause)
 
-    run.make_progress = make
+    hooks.on_step = on_step
 
 
 class _PoisonGrad(torch.autograd.Function):
@@ -67,46 +66,44 @@ class _PoisonGrad(torch.autograd.Function):
         return g * float("nan")
 
 
-def _nan() -> None:
+def _nan(hooks: TrainHooks) -> None:
     spec = os.environ.get("FAULT_NAN")
     if not spec:
         return
     rank, step, kind = spec.split(":")
     if int(rank) != RANK:
         return
-    real = F.cross_entropy
     calls = [0]
 
-    def poisoned(*args, **kwargs):
-        loss = real(*args, **kwargs)
-        if kwargs.get("reduction") == "sum":  # the training loss, once per step
-            calls[0] += 1
-            if calls[0] == int(step):
-                return loss * float("nan") if kind == "loss" else _PoisonGrad.apply(loss)
+    def poisoned(logits, labels):
+        loss = summed_cross_entropy(logits, labels)
+        calls[0] += 1  # the training loss, once per step
+        if calls[0] == int(step):
+            return loss * float("nan") if kind == "loss" else _PoisonGrad.apply(loss)
         return loss
 
-    trainer.F = type("F", (), {"cross_entropy": staticmethod(poisoned)})
+    hooks.loss_fn = poisoned
 
 
-def _extra_barrier() -> None:
+def _extra_barrier(hooks: TrainHooks) -> None:
     spec = os.environ.get("FAULT_EXTRA_BARRIER")
     if not spec or int(spec) != RANK:
         return
-    real = trainer.evaluate_sharded
     done = [False]
 
     def buggy(model, x, y, comm):
         if not done[0]:
             done[0] = True
             comm.Barrier()
-        return real(model, x, y, comm)
+        return evaluate_sharded(model, x, y, comm)
 
-    trainer.evaluate_sharded = buggy
+    hooks.evaluate = buggy
 
 
 if __name__ == "__main__":
     _pids()
-    _progress()
-    _nan()
-    _extra_barrier()
-    sys.exit(run.main(sys.argv[1:]))
+    hooks = TrainHooks()
+    _progress(hooks)
+    _nan(hooks)
+    _extra_barrier(hooks)
+    sys.exit(run.main(sys.argv[1:], hooks=hooks))
