@@ -15,7 +15,6 @@ from __future__ import annotations
 import argparse
 import re
 import sys
-import time
 from typing import Callable
 
 import numpy as np
@@ -23,9 +22,10 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from bench.harness import exit_cleanly, init_torch_distributed, parse_list
+from bench.harness import exit_cleanly, init_torch_distributed, parse_list, time_variants
 from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.files import write_json
+from disdl_mpi.options import add_json
 from disdl_mpi.comm.world import install_abort_handler, mpi_library
 
 BACKENDS = ("mpi", "disdl", "gloo")
@@ -62,20 +62,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", "-n", type=int, default=20)
     p.add_argument("--warmup", "-w", type=int, default=5)
     p.add_argument("--bucket-mb", type=float, default=1.0, help="allreducer bucket cap (disdl)")
-    p.add_argument("--json", dest="json_path", default=None, help="write the rows as JSON")
+    add_json(p, "write the rows as JSON (the input of bench.studies.costmodel)")
     return p
-
-
-def _time(comm: MPI.Comm, op: Callable[[], None], iters: int, warmup: int) -> float:
-    """Mean seconds per call, the slowest rank's."""
-    for _ in range(warmup):
-        op()
-    comm.Barrier()
-    t0 = time.perf_counter()
-    for _ in range(iters):
-        op()
-    dt = (time.perf_counter() - t0) / iters
-    return comm.allreduce(dt, op=MPI.MAX)
 
 
 def _mpi_op(comm: MPI.Comm, count: int, np_dtype) -> Callable[[], None]:
@@ -125,7 +113,8 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
                 op, red = _disdl_op(comm, count, t_dtype, args.bucket_mb)
             else:
                 op = _gloo_op(count, t_dtype)
-            sec = _time(comm, op, args.iters, args.warmup)
+            sec = time_variants(comm, {backend: op}, iters=args.iters,
+                                warmup=args.warmup).mean(backend)
             if red is not None:
                 red.close()
             algbw = nbytes / sec / 1e9

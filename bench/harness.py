@@ -1,15 +1,16 @@
-"""Benchmarks run under mpiexec: ``python -m bench.allreduce``, ``python -m bench.peer``.
-
-Shared helpers: starting torch.distributed (gloo/nccl) next to MPI, and leaving it without
-gloo's occasional abort at interpreter exit.
-"""
+"""What every in-job benchmark shares: one timing harness (:func:`time_variants`), starting
+torch.distributed (gloo/nccl) next to MPI, and leaving it without gloo's abort at exit."""
 from __future__ import annotations
 
 import os
 import socket
+import statistics
 import sys
-from typing import Optional
+import time
+from dataclasses import dataclass
+from typing import Callable, Optional
 
+import numpy as np
 from mpi4py import MPI
 
 
@@ -71,3 +72,62 @@ def parse_list(text: str, allowed: Optional[tuple[str, ...]] = None) -> list[str
         if bad:
             raise SystemExit(f"unknown choice(s) {', '.join(bad)}; pick from {', '.join(allowed)}")
     return items
+
+
+@dataclass
+class Timings:
+    """Seconds per call of each variant, one value per timed round, max over ranks."""
+
+    wall: dict[str, list[float]]
+    cpu: dict[str, list[float]]   # this thread's CPU time (robust to a busy machine)
+
+    def median(self, name: str, clock: str = "wall") -> float:
+        return statistics.median(getattr(self, clock)[name])
+
+    def mean(self, name: str, clock: str = "wall") -> float:
+        return statistics.fmean(getattr(self, clock)[name])
+
+    def percentile(self, name: str, p: float, clock: str = "wall") -> float:
+        s = sorted(getattr(self, clock)[name])
+        return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+
+
+def time_variants(comm: MPI.Comm, variants: dict[str, Callable[[], None]], *, iters: int = 1,
+                  warmup: int = 0, rounds: int = 1,
+                  sync: Callable[[], None] = lambda: None) -> Timings:
+    """The one timing loop of the in-job benchmarks (nccl-tests' harness, in spirit).
+
+    1. warm-up: every variant runs ``warmup`` untimed calls;
+    2. ``rounds`` timed rounds; each runs every variant's block of ``iters`` calls, in
+       alternating order (A B, then B A: noise on a shared machine hits all variants alike),
+       each block starting from a Barrier so the ranks start together;
+    3. per-call seconds of each block, wall and CPU, reduced to the slowest rank (one
+       Allreduce(MAX) at the end, so the timed blocks hold no extra collective).
+
+    ``sync`` waits for queued device work (CUDA) before a clock is read.
+    """
+    names = list(variants)
+    for name in names:
+        for _ in range(warmup):
+            variants[name]()
+    wall = {n: [] for n in names}
+    cpu = {n: [] for n in names}
+    for r in range(rounds):
+        for name in (names if r % 2 == 0 else names[::-1]):
+            sync()
+            comm.Barrier()
+            t0, c0 = time.perf_counter(), time.thread_time()
+            for _ in range(iters):
+                variants[name]()
+            sync()
+            wall[name].append((time.perf_counter() - t0) / iters)
+            cpu[name].append((time.thread_time() - c0) / iters)
+    flat = np.array([v for n in names for v in (*wall[n], *cpu[n])], dtype=np.float64)
+    if comm.Get_size() > 1:
+        comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.MAX)
+    out_wall, out_cpu, i = {}, {}, 0
+    for n in names:
+        out_wall[n] = flat[i:i + rounds].tolist()
+        out_cpu[n] = flat[i + rounds:i + 2 * rounds].tolist()
+        i += 2 * rounds
+    return Timings(out_wall, out_cpu)

@@ -11,31 +11,20 @@ seconds syncbn spent in its own collectives. Only rank 0 prints; ``--json`` writ
 from __future__ import annotations
 
 import argparse
-import statistics
-import time
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from mpi4py import MPI
 
+from bench.harness import time_variants
 from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.models import build_model
 from disdl_mpi.files import write_json
 from disdl_mpi.norms import get_scheme
+from disdl_mpi.options import add_json
+from disdl_mpi.step import sync_step
 
 SHAPES = {"cnn": (1, 8, 8), "resnet20": (3, 32, 32), "mlp": (64,)}
-
-
-def _step(model, reducer, opt, x, y, weight: float) -> tuple[float, float]:
-    t0, c0 = time.perf_counter(), time.thread_time()
-    opt.zero_grad(set_to_none=False)
-    reducer.begin_step(weight)
-    loss = F.cross_entropy(model(x), y, reduction="sum") / max(1, len(y))
-    loss.backward()
-    reducer.finish_step()
-    opt.step()
-    return time.perf_counter() - t0, time.thread_time() - c0
 
 
 def measure(comm, model_name: str, steps: int, local_batch: int, warmup: int) -> dict:
@@ -44,7 +33,7 @@ def measure(comm, model_name: str, steps: int, local_batch: int, warmup: int) ->
     g = torch.Generator().manual_seed(100 + comm.Get_rank())
     x = torch.randn(local_batch, *shape, generator=g)
     y = torch.randint(0, 10, (local_batch,), generator=g)
-    setups = {}
+    setups, calls = {}, {}
     for name in ("bn", "syncbn"):
         scheme = get_scheme(name, comm=comm.Dup() if name == "syncbn" else None)
         torch.manual_seed(0)
@@ -52,30 +41,23 @@ def measure(comm, model_name: str, steps: int, local_batch: int, warmup: int) ->
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         reducer = GradientAllreducer(model, comm)
-        setups[name] = (scheme, model, reducer, opt)
-    times: dict[str, list[float]] = {"bn": [], "syncbn": []}
-    cpu: dict[str, list[float]] = {"bn": [], "syncbn": []}
-    comm0 = 0.0
-    for i in range(warmup + steps):
-        order = ("bn", "syncbn") if i % 2 == 0 else ("syncbn", "bn")  # ABBA
-        for name in order:
-            scheme, model, reducer, opt = setups[name]
-            comm.Barrier()
-            dt, dc = _step(model, reducer, opt, x, y, 1.0 / world)
-            # The slowest rank sets the step time.
-            dt, dc = comm.allreduce((dt, dc), op=MPI.MAX) if world > 1 else (dt, dc)
-            if i >= warmup:
-                times[name].append(dt)
-                cpu[name].append(dc)
-        if i == warmup - 1:
-            comm0 = setups["syncbn"][0].comm_seconds()
+        setups[name] = (scheme, model, reducer)
+        # What the trainer does: one sync_step (weighted, overlapped allreduce) per call.
+        calls[name] = (lambda m=model, o=opt, r=reducer:
+                       sync_step(m, o, r, x, y, local_batch * world))
+    for name in calls:
+        for _ in range(warmup):
+            calls[name]()
+    comm0 = setups["syncbn"][0].comm_seconds()
+    # One step per block, alternating (ABBA), each from a barrier; max over ranks.
+    t = time_variants(comm, calls, iters=1, rounds=steps)
     sync_comm = comm.allreduce(setups["syncbn"][0].comm_seconds() - comm0, op=MPI.MAX)
-    for scheme, _, reducer, _ in setups.values():
+    for scheme, _, reducer in setups.values():
         reducer.close()
         if scheme.comm is not None:
             scheme.comm.Free()
-    bn_med, sb_med = statistics.median(times["bn"]), statistics.median(times["syncbn"])
-    bn_cpu, sb_cpu = statistics.median(cpu["bn"]), statistics.median(cpu["syncbn"])
+    bn_med, sb_med = t.median("bn"), t.median("syncbn")
+    bn_cpu, sb_cpu = t.median("bn", "cpu"), t.median("syncbn", "cpu")
     n_norm = sum(1 for m in setups["bn"][1].modules()
                  if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
     return {"model": model_name, "sample_shape": list(shape), "ranks": world,
@@ -85,14 +67,9 @@ def measure(comm, model_name: str, steps: int, local_batch: int, warmup: int) ->
             "bn_cpu_ms": 1e3 * bn_cpu, "syncbn_cpu_ms": 1e3 * sb_cpu,
             "cpu_overhead_pct": 100.0 * (sb_cpu / bn_cpu - 1.0),
             "syncbn_comm_ms_per_step": 1e3 * sync_comm / steps,
-            "bn_step_ms_p10_p90": [1e3 * _pct(times["bn"], 10), 1e3 * _pct(times["bn"], 90)],
-            "syncbn_step_ms_p10_p90": [1e3 * _pct(times["syncbn"], 10),
-                                       1e3 * _pct(times["syncbn"], 90)]}
-
-
-def _pct(values: list[float], p: float) -> float:
-    s = sorted(values)
-    return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
+            "bn_step_ms_p10_p90": [1e3 * t.percentile("bn", 10), 1e3 * t.percentile("bn", 90)],
+            "syncbn_step_ms_p10_p90": [1e3 * t.percentile("syncbn", 10),
+                                       1e3 * t.percentile("syncbn", 90)]}
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -103,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--local-batch", type=int, default=64, help="samples per rank per step")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument("--json", help="write the results here (rank 0)")
+    add_json(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     comm = MPI.COMM_WORLD
@@ -124,8 +101,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['overhead_pct']:7.1f}% {r['bn_cpu_ms']:8.2f} {r['syncbn_cpu_ms']:8.2f} "
                   f"{r['cpu_overhead_pct']:7.1f}% {r['syncbn_comm_ms_per_step']:9.3f}")
         print("(times in ms)")
-        if args.json:
-            write_json(Path(args.json), {"results": rows, "threads": args.threads,
+        if args.json_path:
+            write_json(Path(args.json_path), {"results": rows, "threads": args.threads,
                                           "mpi": MPI.Get_library_version().splitlines()[0],
                                           "torch": torch.__version__})
     return 0

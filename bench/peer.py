@@ -16,21 +16,21 @@ from __future__ import annotations
 import argparse
 import copy
 import sys
-import time
 from typing import Callable
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
-from bench.harness import exit_cleanly, init_torch_distributed
+from bench.harness import exit_cleanly, init_torch_distributed, time_variants
 from disdl_mpi.comm.allreducer import DEFAULT_BUCKET_MB, GradientAllreducer
 from disdl_mpi.files import write_json
 from disdl_mpi.comm.world import install_abort_handler, mpi_library
 from disdl_mpi.models import build_model
 from disdl_mpi.norms import get_scheme
+from disdl_mpi.options import add_json
+from disdl_mpi.step import sync_step
 
 VARIANTS = ("local", "ddp", "disdl")
 
@@ -57,7 +57,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--json", dest="json_path", default=None)
+    add_json(p)
     return p
 
 
@@ -93,8 +93,9 @@ def batches(x: torch.Tensor, y: torch.Tensor, bs: int, n: int, seed: int):
         yield x[idx], y[idx]
 
 
-def make_step(variant: str, model: nn.Module, comm: MPI.Comm, args, device) -> tuple[Callable, dict]:
-    """One training step closure for the variant, and a dict it adds comm seconds to."""
+def make_step(variant: str, model: nn.Module, comm: MPI.Comm, args, device,
+              n_global: int) -> tuple[Callable, dict]:
+    """One training step of the variant on a batch, and a dict it adds comm seconds to."""
     stats = {"total_s": 0.0, "exposed_s": 0.0}
     if variant == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
@@ -111,18 +112,13 @@ def make_step(variant: str, model: nn.Module, comm: MPI.Comm, args, device) -> t
     if variant == "disdl":
         reducer = GradientAllreducer(model, comm, bucket_mb=args.bucket_mb, overlap=args.overlap)
         stats["path"] = reducer.path
-    weight = 1.0 / comm.Get_size()  # equal per-rank batches
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
-        opt.zero_grad(set_to_none=False)
-        if reducer is not None:
-            reducer.begin_step(weight)
-        F.cross_entropy(net(xb), yb).backward()
-        if reducer is not None:
-            s = reducer.finish_step()
-            stats["total_s"] += s["total_s"]
-            stats["exposed_s"] += s["exposed_s"]
-        opt.step()
+        # DDP (and the unsynchronized "local" floor) average inside the model: no reducer.
+        res = sync_step(net, opt, reducer, xb, yb, n_global)
+        if res.comm:
+            stats["total_s"] += res.comm["total_s"]
+            stats["exposed_s"] += res.comm["exposed_s"]
     return step, stats
 
 
@@ -144,37 +140,31 @@ def run(args, comm: MPI.Comm) -> dict:
     torch.manual_seed(args.seed)
     base = build_model(args.model, shape, classes, get_scheme(args.norm).layer).to(device)
     models = {v: copy.deepcopy(base) for v in VARIANTS}
-    steps = {}
-    comm_stats = {}
-    for v in VARIANTS:
-        steps[v], comm_stats[v] = make_step(v, models[v], comm, args, device)
     per_round = max(1, args.steps // max(1, args.rounds))
-    elapsed = {v: 0.0 for v in VARIANTS}
-    counted = {v: 0 for v in VARIANTS}
+    steps, comm_stats, calls = {}, {}, {}
+    for v in VARIANTS:
+        steps[v], comm_stats[v] = make_step(v, models[v], comm, args, device,
+                                            args.batch_size * size)
+        # warm-up batches, then per round fresh batches (the same for every variant)
+        data = list(batches(xt, yt, args.batch_size, args.warmup, args.seed + rank))
+        for r in range(max(1, args.rounds)):
+            data += batches(xt, yt, args.batch_size, per_round, args.seed + 1000 * r + rank)
+        feed = iter(data)
+        calls[v] = (lambda s=steps[v], f=feed: s(*next(f)))
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
-    for v in VARIANTS:  # warm-up (allocator, DDP's first-iteration bucket rebuild)
-        for xb, yb in batches(xt, yt, args.batch_size, args.warmup, args.seed + rank):
-            steps[v](xb, yb)
+    # Warm-up (the allocator, DDP's first-iteration bucket rebuild), then count from zero.
+    for v in VARIANTS:
+        for _ in range(args.warmup):
+            calls[v]()
         comm_stats[v].update(total_s=0.0, exposed_s=0.0)
-    for r in range(max(1, args.rounds)):
-        order = VARIANTS if r % 2 == 0 else VARIANTS[::-1]
-        for v in order:
-            data = list(batches(xt, yt, args.batch_size, per_round, args.seed + 1000 * r + rank))
-            sync()
-            comm.Barrier()
-            t0 = time.perf_counter()
-            for xb, yb in data:
-                steps[v](xb, yb)
-            sync()
-            elapsed[v] += time.perf_counter() - t0
-            counted[v] += per_round
-    step_s = {v: comm.allreduce(elapsed[v] / counted[v], op=MPI.MAX) for v in VARIANTS}
+    timings = time_variants(comm, calls, iters=per_round, rounds=max(1, args.rounds), sync=sync)
+    n_steps = per_round * max(1, args.rounds)
+    step_s = {v: timings.mean(v) for v in VARIANTS}
     # The synchronized variants must keep identical weights on every rank.
     for v in ("ddp", "disdl"):
         sums = comm.allgather(float(sum(p.detach().double().sum() for p in models[v].parameters())))
         if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
             raise RuntimeError(f"{v}: ranks' weights diverged ({sums}): synchronization is broken")
-    n_steps = counted["disdl"]
     share = {v: max(0.0, step_s[v] - step_s["local"]) / step_s[v] for v in ("ddp", "disdl")}
     return {
         "ddp_step_s": step_s["ddp"], "disdl_step_s": step_s["disdl"],
