@@ -13,7 +13,7 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from disdl_mpi.files import atomic_path, write_text
+from disdl_mpi.files import atomic_path, comm_share, markdown_table, write_text
 
 CSV_COLUMNS = ("norm", "skew", "seed", "test_accuracy", "epochs", "wall_s", "ranks",
                "partition_seed", "label_skew_tv", "train_s", "samples_per_s", "compute_s",
@@ -79,10 +79,9 @@ def markdown(rows: Sequence[dict], norms: Sequence[str], skews: Sequence[str],
                          else f"- {k.replace('_', ' ')}: {header[k]}")
     lines += ["", "Test accuracy (%), mean ± sample std over seeds (n = seeds done); best "
               "scheme per skew in bold.", ""]
-    lines.append("| scheme | " + " | ".join(skews) + " |")
-    lines.append("|---|" + "---:|" * len(skews))
     best = {s: max((n for n in norms if (n, s) in stats), key=lambda n: stats[(n, s)][0],
                    default=None) for s in skews}
+    rows = []
     for n in norms:
         cells = []
         for s in skews:
@@ -92,21 +91,18 @@ def markdown(rows: Sequence[dict], norms: Sequence[str], skews: Sequence[str],
             m, sd, k = stats[(n, s)]
             text = f"{_pct(m)} ± {_pct(sd)} (n={k})" if k > 1 else f"{_pct(m)} (n=1)"
             cells.append(f"**{text}**" if best[s] == n else text)
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+        rows.append([n, *cells])
+    lines.append(markdown_table(["scheme", *skews], rows))
     lines += ["", f"Gap to the IID-BatchNorm reference ({_pct(ref[0])} %, "
               f"n={ref[2]}), in accuracy points (negative = worse than the reference).", ""]
-    lines.append("| scheme | " + " | ".join(skews) + " |")
-    lines.append("|---|" + "---:|" * len(skews))
-    for n in norms:
-        cells = [f"{100 * (stats[(n, s)][0] - ref[0]):+.1f}"
-                 if (n, s) in stats and ref[2] else "—" for s in skews]
-        lines.append(f"| {n} | " + " | ".join(cells) + " |")
+    lines.append(markdown_table(["scheme", *skews], [
+        [n, *(f"{100 * (stats[(n, s)][0] - ref[0]):+.1f}" if (n, s) in stats and ref[2] else "—"
+              for s in skews)] for n in norms]))
     lines += ["", "Time per scheme, mean over all skews and seeds: `train_s` = the training "
               "steps only (the cost of the scheme), `wall_s` = the run's whole time for the "
               "scheme (training, per-epoch evaluation, model build); `× bn` compares train_s; "
               "comm share = exposed communication / (compute + communication), rank means.", ""]
-    lines.append("| scheme | train_s | × bn | wall_s | comm share |")
-    lines.append("|---|---:|---:|---:|---:|")
+    rows = []
     per_norm = {n: [r for r in rows if r["norm"] == n] for n in norms}
     bn_train = mean_std(r["train_s"] for r in per_norm.get("bn", []))[0]
     for n in norms:
@@ -116,18 +112,19 @@ def markdown(rows: Sequence[dict], norms: Sequence[str], skews: Sequence[str],
         w = mean_std(r["wall_s"] for r in per_norm[n])[0]
         comm = sum(r["comm_s"] for r in per_norm[n])
         comp = sum(r["compute_s"] for r in per_norm[n])
-        share = f"{100 * comm / (comm + comp):.0f} %" if comm + comp > 0 else "n/a"
+        share = f"{100 * comm_share(comp, comm):.0f} %" if comm + comp > 0 else "n/a"
         ratio = f"{t / bn_train:.2f}" if bn_train and not math.isnan(bn_train) else "n/a"
-        lines.append(f"| {n} | {t:.1f} | {ratio} | {w:.1f} | {share} |")
+        rows.append([n, f"{t:.1f}", ratio, f"{w:.1f}", share])
+    lines.append(markdown_table(["scheme", "train_s", "× bn", "wall_s", "comm share"], rows))
     lines += ["", "Label skew of each partition spec: mean over ranks (weighted by size) of the "
               "total-variation distance between a rank's label histogram and the global one "
               "(0 = IID, 1 = disjoint labels), mean over the partition seeds used.", ""]
-    lines.append("| skew | label-skew TV |")
-    lines.append("|---|---:|")
+    rows = []
     for s in skews:
         vals = [v for (n, sk), v in tv.items() if sk == s]
         if vals:
-            lines.append(f"| {s} | {vals[0][0]:.3f} |")
+            rows.append([s, f"{vals[0][0]:.3f}"])
+    lines.append(markdown_table(["skew", "label-skew TV"], rows))
     lines += ["", "Best scheme per skew and its distance to the reference:", ""]
     for s in skews:
         if best[s] is None:

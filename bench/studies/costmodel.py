@@ -32,7 +32,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 from scipy.optimize import nnls
 
-from disdl_mpi.files import write_json, write_text
+from disdl_mpi.files import markdown_table, write_json, write_text
 
 MODELS = ("ring", "rabenseifner")
 DEFAULT_PROJECT_RANKS = (16, 32, 64, 128, 256, 512, 1024)
@@ -310,14 +310,16 @@ def fit_and_project(allreduce: Sequence[Path], out: Path, *, scaling: Optional[P
 def markdown(result: dict[str, Any]) -> str:
     lines = ["# Allreduce cost model", "",
              f"Fitted to backend `{result['backend']}` "
-             f"({len(result['measured'])} measurements: {', '.join(result['inputs'])}).", "",
-             "| model | alpha (us) | beta (ns/B) | bandwidth (Gb/s) | gamma (ns/B) | "
-             "fit error by ranks (mean / max) |", "|---|---:|---:|---:|---:|---|"]
+             f"({len(result['measured'])} measurements: {', '.join(result['inputs'])}).", ""]
+    rows = []
     for m, f in result["fits"].items():
         errs = "; ".join(f"p={p}: {e['mean_rel'] * 100:.0f}% / {e['max_rel'] * 100:.0f}%"
                          for p, e in f["errors"].items())
-        lines.append(f"| {m} | {f['alpha_s'] * 1e6:.2f} | {f['beta_s_per_byte'] * 1e9:.3f} | "
-                     f"{f['bandwidth_gbps']:.2f} | {f['gamma_s_per_byte'] * 1e9:.3f} | {errs} |")
+        rows.append([m, f"{f['alpha_s'] * 1e6:.2f}", f"{f['beta_s_per_byte'] * 1e9:.3f}",
+                     f"{f['bandwidth_gbps']:.2f}", f"{f['gamma_s_per_byte'] * 1e9:.3f}", errs])
+    lines.append(markdown_table(["model", "alpha (us)", "beta (ns/B)", "bandwidth (Gb/s)",
+                                 "gamma (ns/B)", "fit error by ranks (mean / max)"], rows,
+                                align=["l", "r", "r", "r", "r", "l"]))
     t = result["target"]
     lines += ["", f"Target network: alpha = {t['alpha_us']} us, bandwidth = "
               f"{t['bandwidth_gbps']} Gb/s.", ""]
@@ -326,12 +328,13 @@ def markdown(result: dict[str, Any]) -> str:
                   "Step = measured compute per step + modelled allreduce of the gradient, no "
                   "overlap (a lower bound on efficiency). `measured` uses the fitted alpha/beta "
                   "of this machine (hypothetical beyond one node), `target` the given network.",
-                  "", "| scheme | network | model | ranks | step (ms) | allreduce (ms) | "
-                  "samples/s | efficiency |", "|---|---|---|---:|---:|---:|---:|---:|"]
-        for r in result["projections"]:
-            lines.append(f"| {r['norm']} | {r['network']} | {r['model']} | {r['ranks']} | "
-                         f"{r['step_s'] * 1e3:.2f} | {r['allreduce_s'] * 1e3:.3f} | "
-                         f"{r['samples_per_s']:.0f} | {r['efficiency']:.2f} |")
+                  "", markdown_table(
+                      ["scheme", "network", "model", "ranks", "step (ms)", "allreduce (ms)",
+                       "samples/s", "efficiency"],
+                      [[r["norm"], r["network"], r["model"], r["ranks"], f"{r['step_s'] * 1e3:.2f}",
+                        f"{r['allreduce_s'] * 1e3:.3f}", f"{r['samples_per_s']:.0f}",
+                        f"{r['efficiency']:.2f}"] for r in result["projections"]],
+                      align=["l", "l", "l", "r", "r", "r", "r", "r"])]
     return "\n".join(lines) + "\n"
 
 

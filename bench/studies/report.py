@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Optional
 
-from disdl_mpi.files import write_text
+from disdl_mpi.files import comm_share, markdown_table, write_text
 from bench.studies.report_html import markdown_to_html
 from disdl_mpi.observe.timing import DISJOINT
 from bench.studies.report_machine import machine_rows
@@ -112,19 +112,18 @@ def _run_section(path: Path) -> tuple[list[str], dict, set[str]]:
     md = [f"### Run `{path.parent}`", ""]
     if not runs:
         return md + ["(no finished schemes)", ""], machine, set()
-    md += ["| scheme | ranks | test acc | samples/s | step ms | compute ms | comm ms | comm % |"
-           " wait ms |", "|---|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    rows = []
     for r in runs:
         ph, steps = r.get("phases", {}), max(1, r.get("steps") or 1)
         ms = lambda k: 1e3 * ph.get(k, 0.0) / steps  # noqa: E731
-        tot = ph.get("compute", 0.0) + ph.get("comm", 0.0)
-        md.append(f"| {r['norm']} | {r.get('world_size')} | {r.get('test_accuracy', 0):.4f} | "
-                  f"{r.get('samples_per_s', 0):.0f} | {ms('step'):.2f} | {ms('compute'):.2f} | "
-                  f"{ms('comm'):.2f} | {100 * ph.get('comm', 0) / tot if tot else 0:.1f} | "
-                  f"{ms('imbalance_wait'):.2f} |")
-    md += ["", "Per-phase time per step across ranks (ms, min / mean / max):", "",
-           "| scheme | " + " | ".join(p.replace("_", " ") for p in DISJOINT) + " |",
-           "|---|" + "---:|" * len(DISJOINT)]
+        share = comm_share(ph.get("compute", 0.0), ph.get("comm", 0.0))
+        rows.append([r["norm"], r.get("world_size"), f"{r.get('test_accuracy', 0):.4f}",
+                     f"{r.get('samples_per_s', 0):.0f}", f"{ms('step'):.2f}",
+                     f"{ms('compute'):.2f}", f"{ms('comm'):.2f}", f"{100 * share:.1f}",
+                     f"{ms('imbalance_wait'):.2f}"])
+    md += [markdown_table(["scheme", "ranks", "test acc", "samples/s", "step ms", "compute ms",
+                           "comm ms", "comm %", "wait ms"], rows)]
+    rows = []
     for r in runs:
         det, steps = r.get("phases_detail", {}), max(1, r.get("steps") or 1)
         cells = []
@@ -132,7 +131,9 @@ def _run_section(path: Path) -> tuple[list[str], dict, set[str]]:
             d = det.get(k)
             cells.append("–" if not d else "{:.2f} / {:.2f} / {:.2f}".format(
                 *(1e3 * d[s] / steps for s in ("min", "mean", "max"))))
-        md.append(f"| {r['norm']} | " + " | ".join(cells) + " |")
+        rows.append([r["norm"], *cells])
+    md += ["", "Per-phase time per step across ranks (ms, min / mean / max):", "",
+           markdown_table(["scheme", *(p.replace("_", " ") for p in DISJOINT)], rows)]
     methods = sorted({r.get("imbalance_method", "derived") for r in runs})
     md += ["", f"Imbalance wait: {', '.join(methods)} (see disdl_mpi/observe/timing.py).", ""]
     return md, machine, {r.get("allreduce_path") for r in runs if r.get("allreduce_path")}
@@ -141,11 +142,11 @@ def _run_section(path: Path) -> tuple[list[str], dict, set[str]]:
 def _allreduce_section(paths: list[Path]) -> list[str]:
     from bench.studies.costmodel import load_allreduce
     samples = load_allreduce(paths)
-    md = ["| backend | ranks | bytes | time (us) | algorithm bandwidth (GB/s) |",
-          "|---|---:|---:|---:|---:|"]
-    for s in sorted(samples, key=lambda s: (s.backend, s.ranks, s.bytes)):
-        md.append(f"| {s.backend} | {s.ranks} | {s.bytes} | {s.time_s * 1e6:.1f} | "
-                  f"{s.bytes / s.time_s / 1e9 if s.time_s > 0 else 0:.3f} |")
+    rows = [[s.backend, s.ranks, s.bytes, f"{s.time_s * 1e6:.1f}",
+             f"{s.bytes / s.time_s / 1e9 if s.time_s > 0 else 0:.3f}"]
+            for s in sorted(samples, key=lambda s: (s.backend, s.ranks, s.bytes))]
+    md = [markdown_table(["backend", "ranks", "bytes", "time (us)",
+                          "algorithm bandwidth (GB/s)"], rows)]
     return md + ["", "Files: " + ", ".join(f"`{p}`" for p in paths), ""]
 
 
@@ -206,8 +207,8 @@ def build(dirs: list[Path], out: Path) -> tuple[Path, Path]:
             f"Built {time.strftime('%Y-%m-%d %H:%M %Z')} from: "
             + ", ".join(f"`{d}`" for d in dirs) + ".", "", "## Machine", ""]
     if machine:
-        head += ["| | |", "|---|---|"]
-        head += [f"| {k} | {v} |" for k, v in machine_rows(machine, paths, machine_src)]
+        head += [markdown_table(["", ""], machine_rows(machine, paths, machine_src),
+                                align="l")]
     else:
         head += ["No run summary with machine information was found."]
     text = "\n".join(head + [""] + body) + "\n"

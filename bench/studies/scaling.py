@@ -25,7 +25,7 @@ from bench.studies.engine import JobResult, Point, PointStore, SweepError, run_s
 from data_prep.ensure import ensure_partition, partition_dir
 from data_prep.errors import DataPrepError
 from disdl_mpi.device import node_cores
-from disdl_mpi.files import comm_share, write_json, write_text
+from disdl_mpi.files import comm_share, markdown_table, write_json, write_text
 from disdl_mpi.observe.timing import DETAIL_ENV, REPORTED
 
 COLUMNS = ("ranks", "norm", "mode", "samples_per_s", "speedup", "efficiency", "comm_fraction",
@@ -189,17 +189,17 @@ def markdown(rows: list[dict], machine: dict, args: argparse.Namespace, cores: i
     note = oversubscription_note([r["ranks"] for r in rows], cores)
     if note:
         lines += [f"**Note — {note}.**", ""]
-    lines += ["| ranks | scheme | samples/s | speedup | efficiency | comm % | step ms | "
-              "fwd ms | bwd ms | wait ms | allreduce ms | opt ms |",
-              "|---:|---|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"]
+    cells = []
     for r in rows:
         ms = lambda k: f"{1e3 * r[f'{k}_s'] / max(1, r['steps']):.2f}"  # noqa: E731
         star = " (oversubscribed)" if r["oversubscribed"] else ""
-        lines.append(f"| {r['ranks']}{star} | {r['norm']} | {r['samples_per_s']:.0f} | "
-                     f"{r['speedup']:.2f} | {r['efficiency']:.2f} | "
-                     f"{100 * r['comm_fraction']:.1f} | {ms('step')} | {ms('forward')} | "
-                     f"{ms('backward')} | {ms('imbalance_wait')} | {ms('allreduce')} | "
-                     f"{ms('optimizer')} |")
+        cells.append([f"{r['ranks']}{star}", r["norm"], f"{r['samples_per_s']:.0f}",
+                      f"{r['speedup']:.2f}", f"{r['efficiency']:.2f}",
+                      f"{100 * r['comm_fraction']:.1f}", ms("step"), ms("forward"),
+                      ms("backward"), ms("imbalance_wait"), ms("allreduce"), ms("optimizer")])
+    lines += [markdown_table(["ranks", "scheme", "samples/s", "speedup", "efficiency", "comm %",
+                              "step ms", "fwd ms", "bwd ms", "wait ms", "allreduce ms",
+                              "opt ms"], cells, align=["r", "l"] + ["r"] * 10)]
     method = {r["imbalance_method"] for r in rows}
     lines += ["", "Per-step times are rank means. `wait` is the load-imbalance wait "
               f"({', '.join(sorted(method))}); `allreduce` is the exposed gradient sync; "

@@ -6,7 +6,7 @@ import io
 from pathlib import Path
 from typing import Any
 
-from disdl_mpi.files import write_json, write_text
+from disdl_mpi.files import comm_share, markdown_table, write_json, write_text
 
 # Columns of the table printed at the end of a run and written to summary.md/.csv.
 TABLE_COLUMNS = ("scheme", "test_acc", "samples/s", "compute_s", "comm_s", "comm_%")
@@ -17,7 +17,7 @@ def table_rows(records: list[dict[str, Any]]) -> list[list[str]]:
     for r in records:
         compute = r["phases"]["compute"]
         comm = r["phases"]["comm"]
-        share = 100.0 * comm / (compute + comm) if compute + comm > 0 else 0.0
+        share = 100.0 * comm_share(compute, comm)
         rows.append([r["norm"], f"{r['test_accuracy']:.4f}", f"{r['samples_per_s']:.0f}",
                      f"{compute:.2f}", f"{comm:.2f}", f"{share:.1f}"])
     return rows
@@ -33,13 +33,6 @@ def format_table(records: list[dict[str, Any]]) -> str:
                      + [line(r) for r in rows])
 
 
-def markdown_table(records: list[dict[str, Any]]) -> str:
-    out = ["| " + " | ".join(TABLE_COLUMNS) + " |",
-           "|" + "|".join("---:" for _ in TABLE_COLUMNS) + "|"]
-    out += ["| " + " | ".join(r) + " |" for r in table_rows(records)]
-    return "\n".join(out) + "\n"
-
-
 def csv_text(records: list[dict[str, Any]]) -> str:
     buf = io.StringIO()
     writer = csv.writer(buf)
@@ -51,7 +44,7 @@ def csv_text(records: list[dict[str, Any]]) -> str:
         writer.writerow([r["norm"], r["world_size"], r["model"], r["dataset"], r["partition"],
                          r["epochs"], r["steps"], f"{r['test_accuracy']:.6f}",
                          f"{r['samples_per_s']:.3f}", f"{compute:.6f}", f"{comm:.6f}",
-                         f"{comm / (compute + comm) if compute + comm else 0.0:.6f}",
+                         f"{comm_share(compute, comm):.6f}",
                          f"{r['wall_s']:.3f}", r["device"], r["allreduce_path"]])
     return buf.getvalue()
 
@@ -61,7 +54,7 @@ def write_summary(out: Path, records: list[dict[str, Any]], config: dict[str, An
     """summary.json (the record of the run), summary.md and summary.csv, each atomically."""
     write_json(out / "summary.json", {"runs": records, "config": config, "machine": machine})
     md = [f"# disdl-mpi run: {len(records)} scheme(s), {machine.get('world_size')} ranks", "",
-          markdown_table(records), "",
+          markdown_table(TABLE_COLUMNS, table_rows(records), align="r") + "\n", "",
           "compute_s and comm_s are rank-mean seconds over the training steps; comm_s is the "
           "exposed gradient allreduce plus the normalization layers' own collectives.", ""]
     write_text(out / "summary.md", "\n".join(md))
