@@ -13,7 +13,8 @@ from pathlib import Path
 import numpy as np
 
 from disdl_mpi.data.layout import MANIFEST
-from disdl_mpi.files import atomic_path
+from disdl_mpi.files import atomic_path, write_json
+from disdl_mpi.options import add_json
 
 
 def _entropy_bits(p: np.ndarray) -> np.ndarray:
@@ -114,7 +115,7 @@ def main(argv: list[str] | None = None) -> int:
                                             "partition; writes DIR/partition.png")
     p.add_argument("dir", type=Path, help="partition folder (with partition.json)")
     p.add_argument("--png", type=Path, help="heatmap path (default DIR/partition.png)")
-    p.add_argument("--json", action="store_true", help="print the metrics as JSON instead")
+    add_json(p, "also write the metrics to this JSON file")
     args = p.parse_args(argv)
     try:
         manifest, counts = load_counts(args.dir)
@@ -125,11 +126,11 @@ def main(argv: list[str] | None = None) -> int:
     metrics = skew_metrics(counts)
     png = args.png or args.dir / "partition.png"
     plot_heatmap(manifest, counts, png)
-    if args.json:
-        print(json.dumps(metrics, indent=1))
-    else:
-        print(format_report(manifest, counts, metrics))
-        print(f"heatmap: {png}")
+    print(format_report(manifest, counts, metrics))
+    print(f"heatmap: {png}")
+    if args.json_path:
+        write_json(args.json_path, metrics)
+        print(f"metrics: {args.json_path}")
     return 0
 
 

@@ -19,6 +19,7 @@ import numpy as np
 from .errors import DataPrepError
 from disdl_mpi.data.layout import FORMAT, MANIFEST, TEST_FILE
 from disdl_mpi.files import jsonable, write_json
+from disdl_mpi.options import add_partition
 from .schemes import assign, parse_scheme
 from .sources import SOURCES, open_source
 from .writer import write_rank_files, write_test_file
@@ -127,9 +128,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="digits (embedded), mnist / fashion-mnist (IDX files), cifar10 / "
                         "cifar100 (python batches, folder or .tar.gz), npz, synthetic")
     p.add_argument("--ranks", type=int, required=True, help="number of partitions (MPI ranks)")
-    p.add_argument("--scheme", default="iid",
-                   help="iid | dirichlet:ALPHA | quantity:BETA | dirichlet:ALPHA+quantity:BETA "
-                        "| shards:K (default iid)")
+    add_partition(p, "iid", old="--scheme")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--source-dir", help="folder (or .npz / .tar.gz file) holding the source")
@@ -162,7 +161,7 @@ def main(argv: list[str] | None = None) -> int:
             "num_classes": args.num_classes, "dtype": args.dtype,
             "test_fraction": args.test_fraction}
     try:
-        manifest = build_partitions(args.dataset, args.ranks, args.scheme, args.seed, args.out,
+        manifest = build_partitions(args.dataset, args.ranks, args.partition, args.seed, args.out,
                                     source_dir=args.source_dir, min_per_rank=args.min_per_rank,
                                     force=args.force, **opts)
     except DataPrepError as exc:

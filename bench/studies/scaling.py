@@ -26,7 +26,10 @@ from data_prep.ensure import ensure_partition, partition_dir
 from data_prep.errors import DataPrepError
 from disdl_mpi.device import node_cores
 from disdl_mpi.files import comm_share, markdown_table, write_json, write_text
+from disdl_mpi.norms import resolve_schemes
+from disdl_mpi.observe.progress import Progress
 from disdl_mpi.observe.timing import DETAIL_ENV, REPORTED
+from disdl_mpi.options import add_norm, add_partition, add_progress
 
 COLUMNS = ("ranks", "norm", "mode", "samples_per_s", "speedup", "efficiency", "comm_fraction",
            "oversubscribed", "steps", "global_batch_size", "grad_bytes", "test_accuracy",
@@ -40,12 +43,12 @@ def build_parser() -> argparse.ArgumentParser:
         description="Run the training job at several rank counts and tabulate/plot throughput, "
                     "efficiency and the per-phase time breakdown.")
     p.add_argument("--ranks", type=int, nargs="+", required=True, help="rank counts, e.g. 1 2 4")
-    p.add_argument("--norm", default="bn,gn", help="schemes (comma list), all run in each job")
+    add_norm(p, default="bn,gn")
     p.add_argument("--mode", choices=["strong", "weak"], default="weak",
                    help="strong: fixed global batch; weak: fixed per-rank batch")
     p.add_argument("--model", default="auto")
     p.add_argument("--dataset", default="digits", help="digits, or synthetic for bigger data")
-    p.add_argument("--partition", default="dirichlet:0.1", help="partition scheme")
+    add_partition(p, "dirichlet:0.1")
     p.add_argument("--num-samples", type=int,
                    help="synthetic: training samples (per rank in weak mode)")
     p.add_argument("--shape", help="synthetic: sample shape C,H,W or D")
@@ -72,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--allreduce-args",
                    default="--backends mpi,disdl --min-bytes 1K --max-bytes 16M --factor 4",
                    help="options for bench.allreduce, one quoted string")
+    add_progress(p)
     p.add_argument("--out", type=Path, required=True)
     return p
 
@@ -234,6 +238,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     if any(n < 1 for n in args.ranks):
         print("error: --ranks must all be >= 1", file=sys.stderr)
         return 2
+    try:
+        resolve_schemes(args.norm)
+    except ValueError as exc:
+        print(f"error: {exc}", file=sys.stderr)
+        return 2
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)
     store = PointStore(out / "points")
@@ -242,13 +251,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         for pt in points:
             if not store.is_done(pt):
                 prepare_partition(args, pt.ranks)
-        results = run_sweep(points, store, lambda p, j: collect_run(p, j, out),
-                            launcher=args.launcher, timeout=args.timeout, log_dir=out / "logs")
+        sweeps = [(points, lambda p, j: collect_run(p, j, out))]
         if args.with_allreduce:
-            ar_store = PointStore(out / "points")
-            run_sweep(allreduce_points(args), ar_store,
-                      lambda p, j: {"file": str(out / "allreduce" / f"{p.key[10:]}.json")},
-                      launcher=args.launcher, timeout=args.timeout, log_dir=out / "logs")
+            sweeps.append((allreduce_points(args),
+                           lambda p, j: {"file": str(out / "allreduce" / f"{p.key[10:]}.json")}))
+        done = []
+        for pts, collect in sweeps:
+            progress = Progress(sum(not store.is_done(p) for p in pts), mode=args.progress)
+            done.append(run_sweep(pts, store, collect, launcher=args.launcher,
+                                  timeout=args.timeout, log_dir=out / "logs", progress=progress))
+        results = done[0]
     except (SweepError, DataPrepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
