@@ -2,16 +2,10 @@
 from __future__ import annotations
 
 import os
-import sys
 from pathlib import Path
-from typing import Iterator
+from typing import Callable, Iterator
 
 import pytest
-
-ROOT = Path(__file__).resolve().parent.parent
-if str(ROOT) not in sys.path:
-    # so tests (and the modules they import) find the in-tree packages without an install
-    sys.path.insert(0, str(ROOT))
 
 
 def in_ci() -> bool:
@@ -38,3 +32,21 @@ def slurm_cluster(tmp_path_factory: pytest.TempPathFactory) -> Iterator["SlurmCl
         yield cluster
     finally:
         cluster.stop()
+
+
+@pytest.fixture(scope="session")
+def digits_partition(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., Path]:
+    """``digits_partition(ranks, spec="dirichlet:0.1", seed=0, min_per_rank=1)``: a digits
+    partition built once per session (data_prep's naming rule, so every distinct request gets
+    its own folder). Shared between tests: read it, never modify it (copy it first)."""
+    from data_prep.ensure import ensure_partition, partition_dir
+    root = tmp_path_factory.mktemp("digits")
+
+    def get(ranks: int, spec: str = "dirichlet:0.1", seed: int = 0,
+            min_per_rank: int = 1) -> Path:
+        d = partition_dir(root, "digits", spec, ranks, seed)
+        d = d.with_name(d.name + (f"-m{min_per_rank}" if min_per_rank != 1 else ""))
+        ensure_partition(d, "digits", ranks, spec, seed, min_per_rank=min_per_rank)
+        return d
+
+    return get

@@ -1,43 +1,136 @@
-"""Launch real mpiexec jobs from tests."""
+"""Launching real MPI jobs from tests: the studies' own launcher lookup, a hard timeout, and
+background jobs whose ranks a test can signal, kill and check for survivors."""
 from __future__ import annotations
 
 import os
-import shutil
+import signal
 import subprocess
-import sys
+import time
 from pathlib import Path
 
-ROOT = Path(__file__).resolve().parent.parent
+from bench.studies.engine import ROOT, default_launcher, job_env, launcher_command
+
+# The run with fault injection from the environment (tests/mpi_programs/fault_driver.py).
+FAULT_DRIVER = "tests.mpi_programs.fault_driver"
 
 
-def mpiexec() -> str:
-    """The mpiexec next to the running Python (the venv's MPICH wheel), else the one on PATH."""
-    local = Path(sys.executable).parent / "mpiexec"
-    if local.exists():
-        return str(local)
-    found = shutil.which("mpiexec")
-    if not found:
-        raise RuntimeError("no mpiexec found; install the 'mpich' extra")
-    return found
+def mpi_command(n: int, args: list[str]) -> list[str]:
+    """``mpiexec -n N python ARGS`` through the one launcher lookup (the venv's mpiexec)."""
+    return launcher_command(default_launcher(), n, args)
 
 
 def mpi_env(extra: dict | None = None) -> dict:
-    env = dict(os.environ)
-    env["PYTHONPATH"] = str(ROOT) + os.pathsep + env.get("PYTHONPATH", "")
+    env = job_env(extra)
     env.setdefault("OMP_NUM_THREADS", "1")
-    env["PYTHONUNBUFFERED"] = "1"
-    if extra:
-        env.update(extra)
     return env
 
 
 def run_mpi(n: int, args: list[str], *, timeout: float = 120, env: dict | None = None,
             cwd: str | Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
-    """Run ``mpiexec -n N python ARGS`` with a hard timeout; raises on timeout (a hang)."""
-    cmd = [mpiexec(), "-n", str(n), sys.executable, *args]
+    """Run ``mpiexec -n N python ARGS`` with a hard timeout; raises on timeout (a hang).
+
+    The job gets its own session, so it never draws progress bars on the terminal that runs
+    pytest (the ranks have no controlling terminal, as in a batch job).
+    """
+    cmd = mpi_command(n, args)
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env=mpi_env(env), cwd=str(cwd or ROOT))
+                          env=mpi_env(env), cwd=str(cwd or ROOT), start_new_session=True)
     if check and proc.returncode != 0:
         raise AssertionError(f"{' '.join(cmd)} failed rc={proc.returncode}\n"
                              f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
     return proc
+
+
+class Job:
+    """``mpiexec -n N python driver.py ARGS`` in its own session, with fault env vars."""
+
+    def __init__(self, n: int, args: list[str], workdir: Path, env: dict | None = None):
+        self.pid_dir = workdir / "pids"
+        self.progress = workdir / "progress"
+        extra = {"FAULT_PIDS": str(self.pid_dir), "FAULT_PROGRESS": str(self.progress)}
+        extra.update(env or {})
+        self.n = n
+        self.started = time.monotonic()
+        self.proc = subprocess.Popen(mpi_command(n, ["-m", FAULT_DRIVER, *args]),
+                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+                                     env=mpi_env(extra), cwd=str(ROOT), start_new_session=True)
+
+    def rank_pids(self, timeout: float = 60) -> list[int]:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            files = [self.pid_dir / f"rank{r}.pid" for r in range(self.n)]
+            if all(f.exists() and f.read_text() for f in files):
+                return [int(f.read_text()) for f in files]
+            self._fail_if_exited("before writing pids")
+            time.sleep(0.05)
+        raise AssertionError("ranks did not start in time")
+
+    def wait_for_step(self, scheme: str, step: int, timeout: float = 90) -> None:
+        end = time.monotonic() + timeout
+        while time.monotonic() < end:
+            try:
+                name, at = self.progress.read_text().split()
+                if name == scheme and int(at) >= step:
+                    return
+            except (OSError, ValueError):
+                pass
+            self._fail_if_exited(f"before {scheme} step {step}")
+            time.sleep(0.02)
+        raise AssertionError(f"job never reached {scheme} step {step}")
+
+    def signal_at_step(self, scheme: str, step: int, ranks: list[int], sig: int,
+                       timeout: float) -> tuple[int, str, str, float, list[int]]:
+        """Send ``sig`` to ``ranks`` once ``scheme`` reached ``step``, then wait for the end.
+
+        Returns (rc, stdout, stderr, seconds from the signal to the exit, every rank's pid);
+        a job still running when this returns or raises is killed.
+        """
+        try:
+            pids = self.rank_pids()
+            self.wait_for_step(scheme, step)
+            for r in ranks:
+                os.kill(pids[r], sig)
+            t0 = time.monotonic()
+            rc, out, err = self.wait(timeout=timeout)
+            return rc, out, err, time.monotonic() - t0, pids
+        finally:
+            if self.proc.poll() is None:
+                self.kill()
+
+    def _fail_if_exited(self, what: str) -> None:
+        if self.proc.poll() is not None:
+            out, err = self.proc.communicate()
+            raise AssertionError(f"job exited rc={self.proc.returncode} {what}\n{out}\n{err}")
+
+    def wait(self, timeout: float) -> tuple[int, str, str]:
+        try:
+            out, err = self.proc.communicate(timeout=timeout)
+        except subprocess.TimeoutExpired:
+            self.kill()
+            raise AssertionError(f"job still running after {timeout}s (a hang)") from None
+        return self.proc.returncode, out, err
+
+    def kill(self) -> None:
+        """Clean-up of a failed test: the launcher's session, then any rank left."""
+        try:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+        except ProcessLookupError:
+            pass
+        for pid in self.known_pids():
+            try:
+                os.kill(pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+        self.proc.communicate()
+
+    def known_pids(self) -> list[int]:
+        return [int(f.read_text()) for f in self.pid_dir.glob("rank*.pid") if f.read_text()]
+
+
+def alive(pid: int) -> bool:
+    """True while ``pid`` exists and is not a zombie."""
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        return False
+    return state != "Z"

@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import stat
 import subprocess
 import sys
 
@@ -239,3 +241,15 @@ def test_prefetch_propagates_errors_and_stops_early():
     assert next(it)[0] == 0
     it.close()  # the consumer stops early: the producer thread must end, not block forever
     assert [i for i, _ in writer._prefetch(chunks(None))] == list(range(10))
+
+
+def test_every_partition_file_honours_the_umask(tmp_path):
+    """partition.json used to be written 0600 (mkstemp) while the rank files were 0644."""
+    old = os.umask(0o022)
+    try:
+        build_partitions("digits", 2, "iid", 0, tmp_path / "p")
+    finally:
+        os.umask(old)
+    modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "p").iterdir()}
+    assert modes == {"partition.json": 0o644, "rank_00000.h5": 0o644, "rank_00001.h5": 0o644,
+                     "test.h5": 0o644}

@@ -16,7 +16,7 @@ def _run(n: int, module: str, timeout: float = 150):
 @pytest.mark.timeout(200)
 @pytest.mark.parametrize("n", [2, 4])
 def test_syncbn_equals_batch_norm_on_concatenated_batch(n):
-    proc = _run(n, "tests.mpi_syncbn_check")
+    proc = _run(n, "tests.mpi_programs.syncbn_check")
     assert f"syncbn exact on {n} ranks" in proc.stdout
     assert proc.stdout.count("exact on") == 1  # only rank 0 prints
 
@@ -24,5 +24,5 @@ def test_syncbn_equals_batch_norm_on_concatenated_batch(n):
 @pytest.mark.mpi
 @pytest.mark.timeout(120)
 def test_bn_recal_gives_global_statistics_with_unequal_and_empty_ranks():
-    proc = _run(3, "tests.mpi_recal_check", timeout=100)
+    proc = _run(3, "tests.mpi_programs.recal_check", timeout=100)
     assert "bn-recal global statistics OK on 3 ranks, sizes [13, 0, 29]" in proc.stdout

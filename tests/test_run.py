@@ -2,6 +2,8 @@
 from __future__ import annotations
 
 import json
+import os
+import re
 import time
 
 import pytest
@@ -12,15 +14,9 @@ pytestmark = pytest.mark.mpi
 
 
 @pytest.fixture(scope="module")
-def digits_partitions(tmp_path_factory):
+def digits_partitions(digits_partition):
     """Default-style digits partitions (Dirichlet 0.1) for 1, 2 and 4 ranks."""
-    from data_prep.partition import build_partitions
-    base = tmp_path_factory.mktemp("parts")
-    dirs = {}
-    for n in (1, 2, 4):
-        dirs[n] = base / f"n{n}"
-        build_partitions("digits", n, "dirichlet:0.1", 0, dirs[n])
-    return dirs
+    return {n: digits_partition(n) for n in (1, 2, 4)}
 
 
 @pytest.mark.parametrize("ranks", [1, 2, 4])
@@ -59,25 +55,11 @@ def test_run_builds_missing_partition(tmp_path):
     assert "building partition" in proc.stdout
 
 
-CRASH_ON_RANK_1 = """
-import sys
-import disdl_mpi.run as run
-from disdl_mpi.step import summed_cross_entropy
-from disdl_mpi.trainer import TrainHooks
-from mpi4py import MPI
-def failing(logits, labels):
-    if MPI.COMM_WORLD.Get_rank() == 1:
-        raise RuntimeError("injected failure on rank 1")
-    return summed_cross_entropy(logits, labels)
-sys.exit(run.main(sys.argv[1:], hooks=TrainHooks(loss_fn=failing)))
-"""
 
 
 def test_exception_on_one_rank_aborts_job_fast(digits_partitions, tmp_path):
-    script = tmp_path / "crash.py"
-    script.write_text(CRASH_ON_RANK_1)
     start = time.monotonic()
-    proc = run_mpi(4, [str(script), "--data-dir", str(digits_partitions[4]), "--norm", "gn",
+    proc = run_mpi(4, ["-m", "tests.mpi_programs.crash_on_rank1", "--data-dir", str(digits_partitions[4]), "--norm", "gn",
                        "--epochs", "50", "--out", str(tmp_path / "o")], timeout=60)
     elapsed = time.monotonic() - start
     assert proc.returncode != 0
@@ -93,3 +75,56 @@ def test_bad_config_is_reported_once_before_training(tmp_path):
     assert err.count("unknown scheme 'bogus'") == 1
     assert "--lr must be positive" in err
     assert "epoch" not in proc.stdout
+
+
+def _on_a_terminal(cmd: list[str], timeout: float = 120) -> tuple[int, str]:
+    """Run ``cmd`` with a pseudo-terminal as its stdin/stdout/stderr, as typed at a prompt;
+    returns (exit code, everything the terminal showed)."""
+    import pty
+    import select
+    import subprocess
+
+    from tests.mpi_helpers import ROOT, mpi_env
+    master, slave = pty.openpty()
+    proc = subprocess.Popen(cmd, stdin=slave, stdout=slave, stderr=slave, env=mpi_env(),
+                            cwd=str(ROOT), start_new_session=True)
+    os.close(slave)
+    shown, end = b"", time.monotonic() + timeout
+    try:
+        while time.monotonic() < end:
+            if select.select([master], [], [], 0.2)[0]:
+                try:
+                    chunk = os.read(master, 65536)
+                except OSError:  # EIO: every writer closed the terminal
+                    break
+                if not chunk:
+                    break
+                shown += chunk
+            elif proc.poll() is not None:
+                break
+        rc = proc.wait(timeout=max(1.0, end - time.monotonic()))
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+        os.close(master)
+    return rc, shown.decode(errors="replace")
+
+
+def test_progress_bar_on_a_terminal_lines_in_a_log_nothing_when_quiet(digits_partitions,
+                                                                      tmp_path):
+    """mpirun typed at a prompt shows a bar (the ranks' stdout is a pipe to the launcher,
+    whose stdout is the terminal); the same run into a pipe logs one line per epoch;
+    --progress none prints no progress at all."""
+    from tests.mpi_helpers import mpi_command
+    args = ["-m", "disdl_mpi.run", "--data-dir", str(digits_partitions[2]), "--norm", "gn",
+            "--epochs", "2"]
+    rc, shown = _on_a_terminal(mpi_command(2, [*args, "--out", str(tmp_path / "tty")]))
+    assert rc == 0, shown[-3000:]
+    assert re.search(r"\] (\d+)/\1 gn epoch 2/2", shown), shown[-3000:]  # a full bar
+    assert "gn epoch   1/2  loss" not in shown
+    piped = run_mpi(2, [*args, "--out", str(tmp_path / "pipe")], timeout=120, check=True)
+    assert "gn epoch   1/2  loss" in piped.stdout and "gn epoch   2/2  loss" in piped.stdout
+    assert not re.search(r"\] \d+/\d+ gn", piped.stdout)
+    quiet = run_mpi(2, [*args, "--out", str(tmp_path / "quiet"), "--progress", "none"],
+                    timeout=120, check=True)
+    assert "epoch" not in quiet.stdout and "test_acc" in quiet.stdout

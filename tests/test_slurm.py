@@ -9,8 +9,9 @@ from pathlib import Path
 import pytest
 
 from tests.slurm_cluster import SlurmCluster
+from tests.mpi_helpers import ROOT
 
-ROOT = Path(__file__).resolve().parent.parent
+
 # the venv running pytest (sys.prefix, not the resolved interpreter symlink); jobs activate it
 VENV = Path(sys.prefix)
 

@@ -2,11 +2,11 @@
 
 Modes (``--progress`` in every tool): ``bar``, ``lines``, ``none`` (quiet: no progress at all)
 and ``auto``, which draws a bar when a person is watching and prints plain, timestamped lines
-otherwise. "Watching" means standard output is a terminal, or the process still has a
-controlling terminal outside a batch job: under ``mpirun`` a rank's stdout is a pipe to the
-launcher, yet ``mpirun -n 2 python -m disdl_mpi.run`` typed at a prompt should show a bar, while
-the same run under ``sbatch`` (no terminal) writes lines to its log. In that case the bar is
-drawn on the terminal itself (``/dev/tty``), so a redirected stdout still gets clean lines.
+otherwise. "Watching" means standard output is a terminal -- or, for an MPI rank, that the
+launcher's is: under ``mpirun`` a rank's stdout is a pipe to the launcher (and Hydra starts
+each rank in a session of its own, without a terminal), yet ``mpirun -n 2 python -m
+disdl_mpi.run`` typed at a prompt should show a bar, which the launcher forwards to the
+terminal; the same run in a batch job, or with the launcher's output redirected, logs lines.
 
 The bar is tqdm's; only one process (rank 0, or the study driver) shows anything.
 """
@@ -21,28 +21,49 @@ from tqdm import tqdm
 
 MODES = ("auto", "bar", "lines", "none")
 BAR_FORMAT = "[{bar:24}] {n_fmt}/{total_fmt} {desc} ({elapsed}<{remaining})"
+# Processes that start MPI ranks and forward their output (MPICH Hydra, Open MPI / PRRTE).
+LAUNCHERS = frozenset({"mpiexec", "mpirun", "mpiexec.hydra", "hydra_pmi_proxy", "orterun",
+                       "orted", "prterun", "prted", "mpiexec.openmpi", "mpirun.openmpi"})
 
 
-def _terminal() -> Optional[TextIO]:
-    """The controlling terminal, opened for writing, or None (batch jobs, daemons, CI)."""
-    if os.environ.get("SLURM_JOB_ID") and not os.environ.get("SLURM_PTY_PORT"):
-        return None  # a batch job's rank may inherit no terminal worth drawing on
+def _parent(pid: int) -> tuple[int, str]:
+    """(parent pid, command name) of ``pid`` from /proc (Linux); (0, "") elsewhere."""
     try:
-        return open("/dev/tty", "w")
+        with open(f"/proc/{pid}/stat") as fh:
+            stat = fh.read()
+        with open(f"/proc/{pid}/comm") as fh:
+            comm = fh.read().strip()
     except OSError:
-        return None
+        return 0, ""
+    return int(stat.rsplit(")", 1)[1].split()[1]), comm
 
 
-def bar_stream(mode: str, stream: Optional[TextIO] = None) -> Optional[TextIO]:
-    """Where a bar is drawn under ``mode``, or None when lines (or nothing) are wanted."""
+def launcher_on_terminal(pid: Optional[int] = None) -> bool:
+    """True when an MPI launcher above this process (rank -> proxy -> mpirun) writes its
+    output to a terminal; False for a process that no launcher started."""
+    pid = _parent(pid or os.getpid())[0]
+    for _ in range(8):  # a few levels at most
+        if pid <= 1:
+            return False
+        ppid, comm = _parent(pid)
+        if comm not in LAUNCHERS:
+            return False
+        try:
+            if os.readlink(f"/proc/{pid}/fd/1").startswith(("/dev/pts/", "/dev/tty")):
+                return True
+        except OSError:
+            return False
+        pid = ppid
+    return False
+
+
+def wants_bar(mode: str, stream: Optional[TextIO] = None) -> bool:
+    """Whether ``mode`` draws a bar on ``stream`` (stdout by default) here."""
     if mode not in MODES:
         raise ValueError(f"progress mode must be one of {', '.join(MODES)}, got {mode!r}")
-    stream = stream or sys.stdout
     if mode in ("lines", "none"):
-        return None
-    if stream.isatty() or mode == "bar":
-        return stream
-    return _terminal()
+        return False
+    return mode == "bar" or (stream or sys.stdout).isatty() or launcher_on_terminal()
 
 
 class Progress:
@@ -60,13 +81,10 @@ class Progress:
         self.stream = stream or sys.stdout
         self.start = time.monotonic()
         self.quiet = quiet or mode == "none"
-        if tty is None:
-            target = None if self.quiet else bar_stream(mode, self.stream)
-        else:
-            target = self.stream if tty and not self.quiet else None
+        bar = (wants_bar(mode, self.stream) if tty is None else tty) and not self.quiet
         self.bar: Optional[tqdm] = None
-        if target is not None:
-            self.bar = tqdm(total=self.total, file=target, bar_format=BAR_FORMAT,
+        if bar:
+            self.bar = tqdm(total=self.total, file=self.stream, bar_format=BAR_FORMAT,
                             dynamic_ncols=False, ncols=100, mininterval=0.1, leave=False)
 
     @property
@@ -77,14 +95,12 @@ class Progress:
         """A message for the log (or above the bar); nothing when quiet."""
         if self.quiet:
             return
-        if self.bar is not None and self.bar.fp is self.stream:
+        if self.bar is not None:
             self.bar.clear()
-            self.stream.write(text + "\n")
-            self.stream.flush()
+        self.stream.write(text + "\n")
+        self.stream.flush()
+        if self.bar is not None:
             self.bar.refresh()
-        else:
-            self.stream.write(text + "\n")
-            self.stream.flush()
 
     def _stamp(self, text: str) -> str:
         return f"[{time.strftime('%H:%M:%S')}] {text}"
@@ -127,6 +143,4 @@ class Progress:
     def close(self) -> None:
         if self.bar is not None:
             self.bar.close()
-            if self.bar.fp is not self.stream:
-                self.bar.fp.close()
             self.bar = None

@@ -1,6 +1,6 @@
 """Fault-injection wrapper around ``python -m disdl_mpi.run`` for the fault suite.
 
-Launched as ``mpiexec -n N python tests/fault_drivers/driver.py [run options]``. Faults come
+Launched as ``mpiexec -n N python -m tests.mpi_programs.fault_driver [run options]``. Faults come
 from environment variables so the run's own command line stays exactly what users type:
 
 - ``FAULT_PIDS=DIR``: every rank writes ``DIR/rank<R>.pid`` (the test signals/kills by pid).

@@ -1,6 +1,6 @@
 """MPI driver: syncbn equals batch_norm on the concatenated global batch (run under mpiexec).
 
-Usage: mpiexec -n N python -m mpi4py -m tests.mpi_syncbn_check
+Usage: mpiexec -n N python -m mpi4py -m tests.mpi_programs.syncbn_check
 Every rank builds the same global batch from a fixed seed, keeps its own slice (sizes are
 unequal and include 0), and compares outputs, input gradients, the rank-summed weight/bias
 gradients and the running statistics against torch.nn.functional.batch_norm on the whole

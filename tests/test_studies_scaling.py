@@ -61,7 +61,7 @@ def test_rerun_resumes_without_running_jobs(sweep):
     """All points stored: a rerun launches nothing and rebuilds the outputs from the store.
 
     (Partial resume, stale settings and failures are covered without MPI in
-    test_scaling_sweep.py.)"""
+    test_studies_engine.py.)"""
     out, _ = sweep
     (out / "scaling.csv").unlink()
     log_mtime = (out / "logs" / "n2.log").stat().st_mtime_ns
@@ -73,3 +73,27 @@ def test_rerun_resumes_without_running_jobs(sweep):
     assert len(list(csv.DictReader((out / "scaling.csv").open()))) == 4
     summary = json.loads((out / "scaling.json").read_text())
     assert summary["mode"] == "weak" and summary["machine"]["mpi_library"]
+
+
+def test_partition_follows_the_seed_and_a_foreign_one_is_refused(tmp_path):
+    """The data folder of a point is named by every setting that shapes it: another --seed
+    builds another partition, never reuses the old one; a folder of that name holding a
+    partition built otherwise is refused (the bug: the seed was left out of the name)."""
+    from bench.studies.scaling import build_parser, data_dir, prepare_partition
+    out = tmp_path / "s"
+    args0 = build_parser().parse_args(["--ranks", "2", "--seed", "0", "--out", str(out)])
+    args1 = build_parser().parse_args(["--ranks", "2", "--seed", "1", "--out", str(out)])
+    d0, d1 = data_dir(args0, 2), data_dir(args1, 2)
+    assert d0 != d1
+    prepare_partition(args0, 2)
+    prepare_partition(args1, 2)
+    m0 = json.loads((d0 / "partition.json").read_text())
+    m1 = json.loads((d1 / "partition.json").read_text())
+    assert (m0["seed"], m1["seed"]) == (0, 1) and m0["ranks"] != m1["ranks"]
+    # A folder with the seed-0 name that holds the seed-1 partition: refused, by the CLI too.
+    (d0 / "partition.json").write_text((d1 / "partition.json").read_text())
+    proc = scaling(out, "--seed", "0", "--ranks", "2", "--norm", "gn", timeout=120)
+    assert proc.returncode == 2
+    assert "field 'seed' is 1, the request has 0" in proc.stderr
+    assert str(d0 / "partition.json") in proc.stderr
+    assert not (out / "runs").exists()

@@ -2,7 +2,7 @@
 
 Faults are real: signals are sent to rank processes by pid, a rank is SIGKILLed, checkpoint
 files are corrupted on disk. Only NaNs and a collective-ordering bug are injected by the
-test driver (tests/fault_drivers/driver.py), on one rank.
+test driver (tests/mpi_programs/fault_driver.py), on one rank.
 """
 from __future__ import annotations
 
@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tests.fault_drivers.harness import DRIVER, Job, alive
+from tests.mpi_helpers import FAULT_DRIVER, Job, alive
 from tests.mpi_helpers import run_mpi
 
 pytestmark = [pytest.mark.mpi, pytest.mark.faults]
@@ -25,21 +25,20 @@ TRAIN = ["--norm", "bn,fedbn", "--steps", "8", "--global-batch-size", "64", "--s
 
 
 @pytest.fixture(scope="module")
-def parts(tmp_path_factory):
-    from data_prep.partition import build_partitions
-    base = tmp_path_factory.mktemp("fparts")
-    build_partitions("digits", 2, "dirichlet:0.1", 0, base / "n2")
-    # 3 ranks of sizes [1437, 1, 0]: a one-sample rank and an empty rank
-    m = build_partitions("digits", 3, "quantity:0.1", 10, base / "n3e", min_per_rank=0)
-    assert sorted(r["size"] for r in m["ranks"]) == [0, 1, 1437]
-    return base
+def parts(digits_partition):
+    """n2: the default digits partition at 2 ranks; n3e: 3 ranks of sizes [1437, 1, 0], a
+    one-sample rank and an empty rank."""
+    n3e = digits_partition(3, "quantity:0.1", 10, min_per_rank=0)
+    sizes = json.loads((n3e / "partition.json").read_text())["sizes"]
+    assert sorted(sizes) == [0, 1, 1437]
+    return {"n2": digits_partition(2), "n3e": n3e}
 
 
 @pytest.fixture(scope="module")
 def reference(parts, tmp_path_factory):
     """An uninterrupted run that also checkpoints every 3 steps (and at the scheme boundary)."""
     out = tmp_path_factory.mktemp("ref") / "out"
-    run_mpi(2, [DRIVER, "--data-dir", str(parts / "n2"), *TRAIN, "--checkpoint-every", "3",
+    run_mpi(2, ["-m", FAULT_DRIVER, "--data-dir", str(parts["n2"]), *TRAIN, "--checkpoint-every", "3",
                 "--out", str(out)], timeout=240, check=True)
     return out
 
@@ -67,7 +66,7 @@ def _same_results(ref: Path, out: Path) -> None:
 
 def test_sigterm_on_one_rank_checkpoints_and_resume_is_bitwise(parts, reference, tmp_path):
     out = tmp_path / "out"
-    args = ["--data-dir", str(parts / "n2"), *TRAIN, "--out", str(out)]
+    args = ["--data-dir", str(parts["n2"]), *TRAIN, "--out", str(out)]
     job = Job(2, args, tmp_path, env={"FAULT_STEP_SLEEP": "0.1"})
     # mid-way through the SECOND scheme; one rank only, as a node-local preemption would
     rc, stdout, stderr, elapsed, _ = job.signal_at_step("fedbn", 3, [1], signal.SIGTERM, 60)
@@ -80,7 +79,7 @@ def test_sigterm_on_one_rank_checkpoints_and_resume_is_bitwise(parts, reference,
     assert newest["position"]["norm"] == "fedbn" and 3 <= newest["position"]["step"] < 8
     assert not (out / "fedbn" / "model.pt").exists()
 
-    proc = run_mpi(2, [DRIVER, *args, "--resume", "auto"], timeout=240, check=True)
+    proc = run_mpi(2, ["-m", FAULT_DRIVER, *args, "--resume", "auto"], timeout=240, check=True)
     assert "resuming from" in proc.stdout and "scheme fedbn at step" in proc.stdout
     assert "bn epoch" not in proc.stdout.replace("fedbn epoch", "")  # bn was not retrained
     _same_results(reference, out)
@@ -93,7 +92,7 @@ def test_corrupt_checkpoint_auto_falls_back_path_refuses(parts, reference, tmp_p
     assert len(ckpts) == 2  # KEEP = 2
     victim = ckpts[-1] / "rank_00001.pt"
     victim.write_bytes(victim.read_bytes()[:100])  # truncated, as by a crash or full disk
-    args = [DRIVER, "--data-dir", str(parts / "n2"), *TRAIN, "--out", str(out)]
+    args = ["-m", FAULT_DRIVER, "--data-dir", str(parts["n2"]), *TRAIN, "--out", str(out)]
 
     bad = run_mpi(2, [*args, "--resume", str(ckpts[-1])], timeout=120)
     assert bad.returncode == 2
@@ -109,7 +108,7 @@ def test_corrupt_checkpoint_auto_falls_back_path_refuses(parts, reference, tmp_p
 
 def test_sigusr1_on_all_ranks_stops_at_one_step(parts, tmp_path):
     out = tmp_path / "out"
-    job = Job(2, ["--data-dir", str(parts / "n2"), "--norm", "gn", "--steps", "200",
+    job = Job(2, ["--data-dir", str(parts["n2"]), "--norm", "gn", "--steps", "200",
                   "--global-batch-size", "64", "--out", str(out)], tmp_path,
               env={"FAULT_STEP_SLEEP": "0.05"})
     rc, stdout, stderr, elapsed, _ = job.signal_at_step("gn", 2, [0, 1], signal.SIGUSR1, 60)
@@ -122,7 +121,7 @@ def test_sigusr1_on_all_ranks_stops_at_one_step(parts, tmp_path):
 
 
 def test_sigkill_of_one_rank_brings_job_down_without_orphans(parts, tmp_path):
-    job = Job(2, ["--data-dir", str(parts / "n2"), "--norm", "gn", "--steps", "400",
+    job = Job(2, ["--data-dir", str(parts["n2"]), "--norm", "gn", "--steps", "400",
                   "--global-batch-size", "64", "--out", str(tmp_path / "out")], tmp_path,
               env={"FAULT_STEP_SLEEP": "0.05"})
     rc, _, stderr, elapsed, pids = job.signal_at_step("gn", 2, [1], signal.SIGKILL, 30)
@@ -134,7 +133,7 @@ def test_sigkill_of_one_rank_brings_job_down_without_orphans(parts, tmp_path):
 
 
 def test_nan_loss_on_one_rank_stops_every_rank(parts, tmp_path):
-    proc = run_mpi(2, [DRIVER, "--data-dir", str(parts / "n2"), "--norm", "gn", "--steps", "6",
+    proc = run_mpi(2, ["-m", FAULT_DRIVER, "--data-dir", str(parts["n2"]), "--norm", "gn", "--steps", "6",
                        "--global-batch-size", "64", "--out", str(tmp_path / "o")],
                    env={"FAULT_NAN": "1:3:loss"}, timeout=120)
     assert proc.returncode == 3, proc.stderr
@@ -145,7 +144,7 @@ def test_nan_loss_on_one_rank_stops_every_rank(parts, tmp_path):
 
 def test_nan_gradient_skip_mode_skips_that_step_everywhere(parts, tmp_path):
     out = tmp_path / "o"
-    proc = run_mpi(2, [DRIVER, "--data-dir", str(parts / "n2"), "--norm", "bn", "--steps", "5",
+    proc = run_mpi(2, ["-m", FAULT_DRIVER, "--data-dir", str(parts["n2"]), "--norm", "bn", "--steps", "5",
                        "--global-batch-size", "64", "--on-nan", "skip", "--save-model",
                        "--out", str(out)], env={"FAULT_NAN": "1:2:grad"}, timeout=120,
                    check=True)
@@ -159,7 +158,7 @@ def test_nan_gradient_skip_mode_skips_that_step_everywhere(parts, tmp_path):
 
 
 def test_check_collectives_names_both_sides_of_a_mismatch(parts, tmp_path):
-    proc = run_mpi(2, [DRIVER, "--data-dir", str(parts / "n2"), "--norm", "gn", "--steps", "2",
+    proc = run_mpi(2, ["-m", FAULT_DRIVER, "--data-dir", str(parts["n2"]), "--norm", "gn", "--steps", "2",
                        "--global-batch-size", "64", "--check-collectives",
                        "--out", str(tmp_path / "o")],
                    env={"FAULT_EXTRA_BARRIER": "1"}, timeout=120)
@@ -176,7 +175,7 @@ def test_check_collectives_names_both_sides_of_a_mismatch(parts, tmp_path):
 ])
 def test_empty_and_one_sample_ranks_never_hang(parts, tmp_path, batching, norms, extra):
     out = tmp_path / "o"
-    run_mpi(3, ["-m", "disdl_mpi.run", "--data-dir", str(parts / "n3e"), "--norm", norms,
+    run_mpi(3, ["-m", "disdl_mpi.run", "--data-dir", str(parts["n3e"]), "--norm", norms,
                 "--steps", "3", "--global-batch-size", "48", "--batching", batching,
                 *extra, "--out", str(out)], timeout=240, check=True)
     runs = json.loads((out / "summary.json").read_text())["runs"]
@@ -187,7 +186,7 @@ def test_empty_and_one_sample_ranks_never_hang(parts, tmp_path, batching, norms,
 
 
 def test_bad_configuration_is_refused_before_training(parts, tmp_path):
-    proc = run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(parts / "n2"), "--model", "nope",
+    proc = run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(parts["n2"]), "--model", "nope",
                        "--global-batch-size", "1", "--checkpoint-every", "0",
                        "--out", str(tmp_path / "o")], timeout=120)
     assert proc.returncode == 2
@@ -198,11 +197,11 @@ def test_bad_configuration_is_refused_before_training(parts, tmp_path):
 
     blocker = tmp_path / "file"
     blocker.write_text("x")
-    proc = run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(parts / "n2"),
+    proc = run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(parts["n2"]),
                        "--out", str(blocker / "out")], timeout=120)
     assert proc.returncode == 2 and proc.stderr.count("results folder is not writable") == 1
 
-    proc = run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(parts / "n2"), "--dataset",
+    proc = run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(parts["n2"]), "--dataset",
                        "mnist", "--out", str(tmp_path / "o2")], timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("field 'dataset' is 'digits'") == 1 and "epoch" not in proc.stdout

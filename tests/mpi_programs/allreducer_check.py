@@ -3,7 +3,7 @@
 Every rank builds the same data from one seed, takes its own unequal slice (the last rank of
 three gets an EMPTY batch), and compares the reduced gradients with the gradient one process
 computes on the union of the slices. Any failed assertion aborts the whole job (rc != 0).
-Usage: python tests/mpi_allreducer_check.py [scenario ...]
+Usage: mpiexec -n N python -m tests.mpi_programs.allreducer_check [scenario ...]
 """
 from __future__ import annotations
 

@@ -1,6 +1,6 @@
 """MPI driver: bn-recal sets BN running stats to the global statistics of the BN inputs.
 
-Usage: mpiexec -n N python -m mpi4py -m tests.mpi_recal_check
+Usage: mpiexec -n N python -m mpi4py -m tests.mpi_programs.recal_check
 Ranks hold unequal (one empty) slices of one dataset. (1) A 1-layer model (BN on the input)
 must end with running_mean/var equal to the concatenated data's mean and unbiased variance.
 (2) A linear -> BN model must match the statistics of the concatenated linear outputs.

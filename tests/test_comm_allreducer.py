@@ -192,7 +192,7 @@ def test_cpu_path_name():
 
 @pytest.mark.mpi
 def test_gradients_match_single_process_two_ranks():
-    proc = run_mpi(2, ["tests/mpi_allreducer_check.py"], timeout=240)
+    proc = run_mpi(2, ["-m", "tests.mpi_programs.allreducer_check"], timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for s in ("overlap", "no-overlap", "per-tensor", "one-bucket", "fp16", "skip"):
         assert f"OK {s} ranks=2" in proc.stdout
@@ -200,7 +200,7 @@ def test_gradients_match_single_process_two_ranks():
 
 @pytest.mark.mpi
 def test_gradients_match_single_process_three_ranks_with_an_empty_rank():
-    proc = run_mpi(3, ["tests/mpi_allreducer_check.py", "overlap", "no-overlap", "per-tensor"],
+    proc = run_mpi(3, ["-m", "tests.mpi_programs.allreducer_check", "overlap", "no-overlap", "per-tensor"],
                    timeout=240)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for s in ("overlap", "no-overlap", "per-tensor"):

@@ -18,25 +18,6 @@ from tests.mpi_helpers import run_mpi
 
 pytestmark = pytest.mark.mpi
 
-LOADER = """
-import sys
-from disdl_mpi.comm.world import world, install_abort_handler
-from disdl_mpi.data.partition_io import load_partition
-from disdl_mpi.data.layout import content_sha256
-comm = world()
-install_abort_handler(comm)
-d = load_partition(comm, sys.argv[1])
-# Test output only: every rank reports what it loaded so the test can check each one. Ranks
-# take turns and write each line in one call, so the launcher never interleaves two lines.
-line = (f"LOADED rank={comm.Get_rank()} sha={content_sha256(d.x_train, d.y_train)} "
-        f"sizes={d.sizes} test={len(d.y_test)} shape={d.sample_shape} "
-        f"manifest={d.manifest_sha256}\\n")
-for turn in range(comm.Get_size()):
-    if turn == comm.Get_rank():
-        sys.stdout.write(line)
-        sys.stdout.flush()
-    comm.Barrier()
-"""
 FAST_S = 25  # generous for a shared, loaded 2-core machine; a hang hits run_mpi's timeout
 
 
@@ -51,7 +32,7 @@ def base(tmp_path_factory):
 
 def load(n: int, data_dir, timeout: float = 60):
     start = time.monotonic()
-    proc = run_mpi(n, ["-c", LOADER, str(data_dir)], timeout=timeout)
+    proc = run_mpi(n, ["-m", "tests.mpi_programs.load_partition", str(data_dir)], timeout=timeout)
     return proc, time.monotonic() - start
 
 
