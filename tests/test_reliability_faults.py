@@ -166,7 +166,7 @@ def test_check_collectives_names_both_sides_of_a_mismatch(parts, tmp_path):
     err = proc.stderr
     assert err.count("collective mismatch") == 1
     assert "rank 0: Allreduce(SUM) (2,) int64 on world at evaluate.py" in err
-    assert "rank 1: Barrier on world at driver.py" in err
+    assert "rank 1: Barrier on world at fault_driver.py" in err
 
 
 @pytest.mark.parametrize("batching,norms,extra", [

@@ -13,11 +13,10 @@ from disdl_mpi.norms.local_layers import InstanceNormAny, LocalBatchNorm, gn_gro
 class CommTimer:
     """Cumulative wall seconds spent in a scheme's own collectives (shared by its layers)."""
 
-    __slots__ = ("seconds", "calls")
+    __slots__ = ("seconds",)
 
     def __init__(self) -> None:
         self.seconds = 0.0
-        self.calls = 0
 
     def timed(self, fn: Callable[[], Any]) -> Any:
         t0 = time.perf_counter()
@@ -25,7 +24,6 @@ class CommTimer:
             return fn()
         finally:
             self.seconds += time.perf_counter() - t0
-            self.calls += 1
 
 
 class NormScheme:

@@ -46,10 +46,9 @@ DISJOINT = ("data", "forward", "backward", "imbalance_wait", "allreduce", "guard
             "optimizer")
 # Every measured phase: the disjoint ones, then the overlapping and whole-step ones.
 PHASES = DISJOINT + ("allreduce_total", "norm_comm", "eval", "step")
-# Derived in PhaseTimer.totals().
-DERIVED = ("compute", "comm", "other")
-# What a per-step table reports (rank-mean seconds of the whole run).
-REPORTED = DISJOINT + ("other", "step", "allreduce_total", "norm_comm") + ("compute", "comm")
+# What a per-step table reports (rank-mean seconds of the whole run); "other", "compute" and
+# "comm" are derived in PhaseTimer.totals().
+REPORTED = DISJOINT + ("other", "step", "allreduce_total", "norm_comm", "compute", "comm")
 # The stacked per-step breakdown: forward/backward drawn without the normalization
 # collectives that run inside them (norm_comm gets its own segment).
 BREAKDOWN = ("data", "forward", "backward", "optimizer", "norm_comm", "imbalance_wait",

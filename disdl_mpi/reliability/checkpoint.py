@@ -33,7 +33,7 @@ import os
 import random
 import re
 import shutil
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -162,7 +162,6 @@ class Loaded:
     meta: dict
     shared: dict
     local: dict
-    notes: list[str] = field(default_factory=list)  # e.g. fallbacks, for the log
 
 
 class Checkpointer:
@@ -320,7 +319,6 @@ class Checkpointer:
                                       "drop --resume, to train with the new settings)")
             corrupts = [c for c, _ in reports if c]
             if not corrupts:
-                loaded.notes = skipped
                 for note in skipped:
                     log(note)
                 return loaded

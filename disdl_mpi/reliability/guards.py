@@ -136,7 +136,6 @@ class StepGuard:
         self.rank, self.world = comm.Get_rank(), comm.Get_size()
         self._buf = np.zeros(3, dtype=np.int64)
         self.seconds = 0.0
-        self.calls = 0
 
     def decide(self, loss_bad: bool, grad_bad: bool) -> StepDecision:
         t0 = time.perf_counter()
@@ -148,7 +147,6 @@ class StepGuard:
         buf[2] = int(got) if got is not None else 0
         self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.MAX)
         self.seconds += time.perf_counter() - t0
-        self.calls += 1
         d = StepDecision()
         if buf[0]:
             d = StepDecision(nonfinite_rank=self.world - int(buf[0]) // 4,
