@@ -8,7 +8,6 @@ from typing import Any
 
 import mpi4py
 import torch
-from mpi4py import MPI
 
 from disdl_mpi import __version__
 from disdl_mpi.comm.world import RankInfo, mpi_library
@@ -26,13 +25,12 @@ def cpu_model() -> str:
     return platform.processor() or platform.machine() or "unknown"
 
 
-def machine_info(comm: MPI.Comm, info: RankInfo, device: torch.device, threads: int,
+def machine_info(info: RankInfo, device: torch.device, threads: int,
                  cuda_awareness: str) -> dict[str, Any]:
-    """Collective: the machine dict of summary.json (hostnames of every rank included)."""
-    hostnames = comm.allgather(info.hostname)
+    """The machine dict of summary.json (every rank's hostname included)."""
     return {
         "world_size": info.world_size, "ranks_per_node": info.local_size,
-        "nodes": len(set(hostnames)), "hostname": info.hostname, "hostnames": hostnames,
+        "nodes": info.nodes, "hostname": info.hostname, "hostnames": list(info.hostnames),
         "cpu": platform.processor() or platform.machine(), "cores_per_node": os.cpu_count(),
         "cpu_model": cpu_model(),
         "device": describe_device(device), "mpi_library": mpi_library(),

@@ -171,7 +171,7 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
         sample_shape=tuple(local.sample_shape))
     model_name = cfg.model if cfg.model != "auto" else ("cnn" if len(data.sample_shape) == 3
                                                          else "mlp")
-    machine = machine_info(comm, info, device, threads, detect_cuda_aware(cfg.cuda_aware).reason)
+    machine = machine_info(info, device, threads, detect_cuda_aware(cfg.cuda_aware).reason)
     log(f"disdl-mpi {__version__}: {info.world_size} ranks on {machine['nodes']} node(s), "
         f"{machine['mpi_library']}, torch {torch.__version__}, device {machine['device']}, "
         f"{threads} thread(s) per rank")

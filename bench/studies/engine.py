@@ -12,7 +12,8 @@ the missing points.
     results = run_sweep(points, store, collect=lambda point, job: {...}, timeout=600)
 
 The launcher is a template with ``{n}`` (ranks) and optionally ``{python}``: ``--launcher``,
-else ``$DISDL_LAUNCHER``, else ``"<venv>/mpiexec -n {n}"``; e.g. ``"srun --mpi=pmi2 -n {n}"``.
+else ``$DISDL_LAUNCHER``, else ``"<venv>/mpiexec -n {n}"``; e.g. ``"srun --mpi=pmi2 -n {n}"``,
+or ``cluster`` / ``cluster:NAME`` for the emulated cluster of ``python -m bench.cluster``.
 Studies whose jobs produce several points (the accuracy study) call :func:`run_job` and the
 store themselves; the tests launch their jobs through :func:`launcher_command` too.
 """
@@ -49,9 +50,18 @@ def default_launcher() -> str:
     return f"{shlex.quote(exe)} -n {{n}}"
 
 
+def named_launcher(template: str) -> str:
+    """``cluster`` or ``cluster:NAME``: the emulated cluster (bench.cluster) as a launcher."""
+    if template == "cluster" or template.startswith("cluster:"):
+        name = template.partition(":")[2] or "disdl"
+        return f"{{python}} -m bench.cluster exec --name {shlex.quote(name)} -n {{n}} -- {{python}}"
+    return template
+
+
 def launcher_command(template: Optional[str], n: int, args: list[str]) -> list[str]:
     """``template`` (or $DISDL_LAUNCHER, or the default) for ``n`` ranks, then python ARGS."""
-    template = template or os.environ.get(LAUNCHER_ENV, "").strip() or default_launcher()
+    template = named_launcher(template or os.environ.get(LAUNCHER_ENV, "").strip()
+                              or default_launcher())
     if "{n}" not in template:
         raise SweepError(f"launcher template {template!r} has no '{{n}}' for the rank count "
                          f"(e.g. 'mpiexec -n {{n}}' or 'srun --mpi=pmi2 -n {{n}}')")

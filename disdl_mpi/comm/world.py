@@ -17,6 +17,11 @@ class RankInfo:
     local_rank: int
     local_size: int
     hostname: str
+    hostnames: tuple[str, ...] = ()   # every rank's, in rank order
+
+    @property
+    def nodes(self) -> int:
+        return len(set(self.hostnames)) or 1
 
 
 def world() -> MPI.Comm:
@@ -25,17 +30,18 @@ def world() -> MPI.Comm:
 
 
 def rank_info(comm: MPI.Comm) -> RankInfo:
-    """Rank, world size and the node-local rank from a shared-memory split."""
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED, key=comm.Get_rank())
-    info = RankInfo(
-        rank=comm.Get_rank(),
-        world_size=comm.Get_size(),
-        local_rank=local.Get_rank(),
-        local_size=local.Get_size(),
-        hostname=socket.gethostname(),
-    )
-    local.Free()
-    return info
+    """Rank, world size, and the node-local rank among the ranks with this rank's hostname.
+
+    By hostname, not by a shared-memory split: an MPI told not to use shared memory (the
+    emulated cluster's TCP-only jobs) puts every rank in a "node" of its own, while the ranks
+    of one node still share its cores.
+    """
+    me = socket.gethostname()
+    hostnames = tuple(comm.allgather(me))
+    rank = comm.Get_rank()
+    return RankInfo(rank=rank, world_size=comm.Get_size(),
+                    local_rank=hostnames[:rank].count(me), local_size=hostnames.count(me),
+                    hostname=me, hostnames=hostnames)
 
 
 def mpi_library() -> str:

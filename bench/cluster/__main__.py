@@ -1,0 +1,82 @@
+"""``python -m bench.cluster up|exec|status|down``: see bench/cluster/__init__.py."""
+from __future__ import annotations
+
+import argparse
+import sys
+
+from bench.cluster import launch, netns
+from bench.cluster.netns import ClusterError, ClusterState
+
+DEFAULT_NAME = "disdl"
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m bench.cluster",
+                                description="An emulated multi-node cluster on one machine: "
+                                            "network namespaces, shaped links, MPI over TCP.")
+    sub = p.add_subparsers(dest="verb", required=True)
+    for verb in ("up", "exec", "status", "down"):
+        s = sub.add_parser(verb)
+        s.add_argument("--name", default=DEFAULT_NAME, help="cluster name (namespace prefix)")
+        if verb == "up":
+            s.add_argument("--nodes", type=int, required=True)
+            s.add_argument("--link", default="1gbit",
+                           help="each node's egress rate: 1gbit, 2500mbit, 10gbit, or none")
+        if verb == "exec":
+            s.add_argument("-n", type=int, required=True, dest="ranks", help="MPI ranks")
+            s.add_argument("--ppn", type=int, default=None,
+                           help="ranks per node (default: spread evenly over the nodes)")
+            s.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND ...")
+    return p
+
+
+def status_text(state: ClusterState) -> str:
+    lines = [f"cluster {state.name}: {len(state.nodes)} node(s), link {state.link} per node "
+             f"egress (tbf), bridge in namespace {state.switch}"]
+    if state.cores_shared:
+        lines.append(f"note: {len(state.nodes)} nodes share fewer cores: each node is pinned to "
+                     f"one core round-robin, so nodes time-slice cores")
+    for n in state.nodes:
+        running = []
+        for pid in netns.pids(n.name):
+            try:
+                with open(f"/proc/{pid}/cmdline", "rb") as fh:
+                    running.append(fh.read().replace(b"\0", b" ").decode()[:60].strip())
+            except OSError:
+                pass
+        lines.append(f"  {n.name}  {n.address}  cpus {','.join(map(str, n.cpus))}  "
+                     f"{len(running)} process(es)" + (f": {running[0]}" if running else ""))
+    return "\n".join(lines)
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    try:
+        if args.verb == "up":
+            state = netns.up(args.name, args.nodes, args.link)
+            print(status_text(state))
+            return 0
+        if args.verb == "down":
+            netns.require_root()
+            removed = netns.down(args.name)
+            print(f"cluster {args.name}: " + ("removed " + ", ".join(removed) if removed
+                                              else "nothing to remove"))
+            return 0
+        state = ClusterState.load(args.name)
+        if state is None:
+            raise ClusterError(f"no cluster named {args.name!r} is up; start one with: python -m "
+                               f"bench.cluster up --name {args.name} --nodes N --link 1gbit")
+        if args.verb == "status":
+            print(status_text(state))
+            return 0
+        cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
+        if not cmd:
+            raise ClusterError("exec needs a command after --")
+        return launch.run(state, args.ranks, args.ppn, cmd)
+    except ClusterError as exc:
+        print(f"bench.cluster: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())
