@@ -14,7 +14,7 @@ import time
 import pytest
 
 from tests.conftest import in_ci
-from tests.mpi_helpers import ROOT, mpi_env
+from tests.mpi_helpers import ROOT, alive, mpi_env
 
 pytestmark = [pytest.mark.cluster, pytest.mark.mpi]
 
@@ -72,10 +72,9 @@ def test_a_two_rank_job_crosses_the_shaped_link_over_tcp(two_nodes, tmp_path):
     gbit = row["busbw_gbps"] * 8
     assert RATE_GBIT * 0.5 < gbit < RATE_GBIT * 1.1, row
     hosts = cluster("exec", "-n", "2", "--", sys.executable, "-c",
-                    "import socket; from mpi4py import MPI; "
-                    "print('HOST', MPI.COMM_WORLD.Get_rank(), socket.gethostname())")
-    assert sorted(l for l in hosts.stdout.splitlines() if l.startswith("HOST")) == [
-        f"HOST 0 {NAME}-n0", f"HOST 1 {NAME}-n1"]
+                    "import socket; from mpi4py import MPI; c = MPI.COMM_WORLD; "
+                    "h = c.gather(socket.gethostname()); c.rank or print('HOSTS', *h)")
+    assert f"HOSTS {NAME}-n0 {NAME}-n1" in hosts.stdout, hosts.stdout + hosts.stderr
 
 
 def test_the_sweep_runs_a_point_through_the_cluster_launcher(two_nodes, tmp_path):
@@ -115,7 +114,7 @@ def test_a_killed_rank_brings_the_job_down_and_down_leaves_nothing(two_nodes):
     down = cluster("down")
     assert down.returncode == 0 and "removed" in down.stdout
     assert namespaces() == []
-    assert not any(os.path.exists(f"/proc/{p}") for p in everyone)
+    assert not [p for p in everyone if alive(p)]  # zombies waiting for init are not alive
     again = cluster("down")  # twice is fine
     assert again.returncode == 0 and "nothing to remove" in again.stdout
 
