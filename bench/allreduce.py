@@ -13,6 +13,7 @@ time_us is the mean per iteration, the max over ranks; algbw = bytes / time; bus
 from __future__ import annotations
 
 import argparse
+import os
 import re
 import sys
 from typing import Callable
@@ -101,6 +102,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
     if rank == 0:
         print(f"# disdl-mpi allreduce: {n} ranks, {mpi_library()}, torch {torch.__version__}, "
               f"iters {args.iters}, warmup {args.warmup}, bucket_mb {args.bucket_mb}")
+        print(f"# {os.environ.get('DISDL_ALLREDUCE_SELECTION', 'MPI default algorithms')}")
         print(f"# {'backend':>7} {'bytes':>12} {'count':>11} {'dtype':>8} {'time_us':>11} "
               f"{'algbw_gbps':>11} {'busbw_gbps':>11}")
     for nbytes in sizes(args.min_bytes, args.max_bytes, args.factor, elem):
@@ -120,7 +122,8 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
             algbw = nbytes / sec / 1e9
             busbw = algbw * 2 * (n - 1) / n
             row = {"backend": backend, "bytes": nbytes, "count": count, "dtype": args.dtype,
-                   "ranks": n, "time_us": sec * 1e6, "algbw_gbps": algbw, "busbw_gbps": busbw}
+                   "ranks": n, "time_us": sec * 1e6, "algbw_gbps": algbw, "busbw_gbps": busbw,
+                   "selection": os.environ.get("DISDL_ALLREDUCE_SELECTION", "MPI default")}
             if red is not None:
                 row["path"] = red.path
             rows.append(row)

@@ -37,5 +37,8 @@ def machine_info(info: RankInfo, device: torch.device, threads: int,
         "cuda_aware_mpi": cuda_awareness,
         "mpi4py": mpi4py.__version__, "torch": torch.__version__,
         "python": platform.python_version(), "threads_per_rank": threads,
+        # an MPICH allreduce algorithm selection, when one was given (bench.cluster does)
+        "allreduce_selection": os.environ.get("DISDL_ALLREDUCE_SELECTION", "MPI default"),
+        "cluster": os.environ.get("DISDL_CLUSTER"),
         "disdl_mpi": __version__,
     }

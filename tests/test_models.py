@@ -10,7 +10,7 @@ from disdl_mpi.norms import get_scheme, is_norm_layer
 
 SHAPES = [("cnn", (1, 8, 8)), ("cnn", (1, 28, 28)), ("cnn", (3, 32, 32)), ("mlp", (64,)),
           ("mlp", (1, 8, 8)), ("resnet20", (3, 32, 32)), ("resnet20", (1, 8, 8)),
-          ("auto", (1, 8, 8)), ("auto", (20,))]
+          ("widecnn", (3, 32, 32)), ("widecnn", (1, 8, 8)), ("auto", (1, 8, 8)), ("auto", (20,))]
 
 
 @pytest.mark.parametrize("name,shape", SHAPES)
@@ -30,7 +30,7 @@ def test_auto_picks_cnn_or_mlp():
     assert not any(isinstance(m, nn.Conv2d) for m in build_model("auto", (9,), 10, norm).modules())
 
 
-@pytest.mark.parametrize("name", ["cnn", "mlp", "resnet20"])
+@pytest.mark.parametrize("name", ["cnn", "mlp", "resnet20", "widecnn"])
 def test_init_is_deterministic_given_seed(name):
     def params(seed):
         torch.manual_seed(seed)
@@ -65,3 +65,10 @@ def test_conv_bias_only_without_norm():
 def test_bad_arguments_are_named(name, shape, err):
     with pytest.raises(ValueError, match=err):
         build_model(name, shape, 10, get_scheme("bn").layer)
+
+
+def test_widecnn_is_network_bound_by_size():
+    """At least 8 M parameters (>= 32 MB of float32 gradients per step) with norm layers."""
+    model = build_model("widecnn", (3, 32, 32), 10, get_scheme("bn").layer)
+    assert sum(p.numel() for p in model.parameters()) >= 8_000_000
+    assert sum(1 for m in model.modules() if is_norm_layer(m)) == 3

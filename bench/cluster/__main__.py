@@ -26,13 +26,17 @@ def build_parser() -> argparse.ArgumentParser:
             s.add_argument("-n", type=int, required=True, dest="ranks", help="MPI ranks")
             s.add_argument("--ppn", type=int, default=None,
                            help="ranks per node (default: spread evenly over the nodes)")
+            s.add_argument("--mpi-default-algorithms", action="store_true",
+                           help="leave MPICH's own allreduce algorithm choice (no ring for "
+                                "large messages on non-power-of-two node counts)")
             s.add_argument("cmd", nargs=argparse.REMAINDER, help="-- COMMAND ...")
     return p
 
 
 def status_text(state: ClusterState) -> str:
     lines = [f"cluster {state.name}: {len(state.nodes)} node(s), link {state.link} per node "
-             f"egress (tbf), bridge in namespace {state.switch}"]
+             f"egress (tbf), bridge in namespace {state.switch}",
+             f"{state.allreduce_selection}"]
     if state.cores_shared:
         lines.append(f"note: {len(state.nodes)} nodes share fewer cores: each node is pinned to "
                      f"one core round-robin, so nodes time-slice cores")
@@ -72,7 +76,8 @@ def main(argv: list[str] | None = None) -> int:
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd:
             raise ClusterError("exec needs a command after --")
-        return launch.run(state, args.ranks, args.ppn, cmd)
+        return launch.run(state, args.ranks, args.ppn, cmd,
+                          mpi_default_algorithms=args.mpi_default_algorithms)
     except ClusterError as exc:
         print(f"bench.cluster: error: {exc}", file=sys.stderr)
         return 2

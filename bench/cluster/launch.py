@@ -17,6 +17,7 @@ import sys
 from pathlib import Path
 from typing import Optional
 
+from bench.cluster import selection
 from bench.cluster.netns import ClusterError, ClusterState
 
 # MPICH: traffic over TCP through the veths, no shared-memory shortcut between "nodes".
@@ -46,11 +47,16 @@ def command(state: ClusterState, ranks: int, ppn: Optional[int], cmd: list[str])
             "-n", str(ranks), "-ppn", str(ppn), *cmd]
 
 
-def run(state: ClusterState, ranks: int, ppn: Optional[int], cmd: list[str]) -> int:
+def run(state: ClusterState, ranks: int, ppn: Optional[int], cmd: list[str], *,
+        mpi_default_algorithms: bool = False) -> int:
     """Run the job; forward SIGINT/SIGTERM to it; return its exit code."""
     env = dict(os.environ)
     env.update(MPICH_TCP_ENV)
     env["DISDL_CLUSTER"] = state.name
+    if state.selection_file.exists() and selection.ENV not in env and not mpi_default_algorithms:
+        # Allreduce algorithm by message size (ring for large messages on 3, 5, ... nodes).
+        env[selection.ENV] = str(state.selection_file)
+        env["DISDL_ALLREDUCE_SELECTION"] = state.allreduce_selection
     proc = subprocess.Popen(command(state, ranks, ppn, cmd), env=env)
 
     def forward(signum, frame):  # noqa: ARG001 - Hydra passes it on to every rank

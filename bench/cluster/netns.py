@@ -26,6 +26,8 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Optional
 
+from bench.cluster import selection
+
 STATE_ROOT = Path(os.environ.get("DISDL_CLUSTER_STATE", "/run/disdl-cluster"))
 SUBNET = "198.18.0"
 SWITCH_ADDRESS = f"{SUBNET}.1"
@@ -69,6 +71,7 @@ class ClusterState:
     nodes: list[Node]
     cores_shared: bool
     created: float = field(default_factory=time.time)
+    allreduce_selection: str = "MPICH default"   # what the jobs' MPI was told to choose
 
     @property
     def switch(self) -> str:
@@ -81,6 +84,10 @@ class ClusterState:
     @property
     def node_exec(self) -> Path:
         return self.state_dir / "nodeexec"
+
+    @property
+    def selection_file(self) -> Path:
+        return self.state_dir / "coll_selection.json"
 
     def node(self, host: str) -> Node:
         for n in self.nodes:
@@ -188,6 +195,9 @@ def up(name: str, nodes: int, link: str) -> ClusterState:
                           f"cpus={','.join(map(str, n.cpus))};;" for n in state.nodes)
         state.node_exec.write_text(NODE_EXEC.format(name=name, cases=cases))
         state.node_exec.chmod(0o755)
+        if selection.write(state.selection_file, selection.mpich_library()) is not None:
+            state.allreduce_selection = selection.describe()
+        state.save()
     except BaseException:
         down(name)
         raise
