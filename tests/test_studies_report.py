@@ -111,3 +111,15 @@ def test_report_defaults_to_first_dir_and_fails_clearly(results, tmp_path, capsy
     assert report.main([str(empty)]) == 2
     assert "no results found" in capsys.readouterr().err
     assert report.main([str(tmp_path / "nope")]) == 2
+
+
+def test_report_includes_a_network_study(tmp_path):
+    net = tmp_path / "net"
+    net.mkdir()
+    (net / "network.md").write_text("# Network study: emulated nodes at 1gbit per node\n\n"
+                                    "| nodes | bytes |\n|---|---:|\n| 2 | 4096 |\n")
+    assert report.main([str(net)]) == 0
+    md = (net / "report.md").read_text()
+    assert "## Network (emulated cluster)" in md and "### Network study" in md
+    assert "<h3>Network study: emulated nodes at 1gbit per node</h3>" in (
+        net / "report.html").read_text()

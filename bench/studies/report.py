@@ -40,9 +40,11 @@ class Found:
     accuracy: list[Path] = field(default_factory=list)
     allreduce: list[Path] = field(default_factory=list)
     costmodel: list[Path] = field(default_factory=list)
+    network: list[Path] = field(default_factory=list)
 
     def empty(self) -> bool:
-        return not any((self.runs, self.scaling, self.accuracy, self.allreduce, self.costmodel))
+        return not any((self.runs, self.scaling, self.accuracy, self.allreduce, self.costmodel,
+                        self.network))
 
 
 def _is_allreduce(path: Path) -> bool:
@@ -82,6 +84,8 @@ def discover(dirs: list[Path]) -> Found:
                 add(found.accuracy, rp)
             if "costmodel.json" in files:
                 add(found.costmodel, rp)
+            if "network.md" in files:
+                add(found.network, rp)
             if "summary.json" in files:
                 add(found.runs, rp / "summary.json")
             for f in sorted(files):
@@ -194,6 +198,10 @@ def build(dirs: list[Path], out: Path) -> tuple[Path, Path]:
                 body += [_demote((d / "accuracy.md").read_text()), ""]
             _image(body, d / "accuracy.png", out, f"Test accuracy per scheme ({d})")
             _image(body, d / "curves.png", out, f"Accuracy curves ({d})")
+    if found.network:
+        body += ["## Network (emulated cluster)", ""]
+        for d in found.network:
+            body += [_demote((d / "network.md").read_text()), ""]
     if found.allreduce:
         body += ["## Allreduce measurements", ""] + _allreduce_section(found.allreduce)
     if found.costmodel:

@@ -35,7 +35,7 @@ from torch import nn
 from disdl_mpi.comm import compression
 from disdl_mpi.comm.cuda_aware import CudaAwareness, check_choice
 from disdl_mpi.comm.cuda_aware import detect as detect_cuda_aware
-from disdl_mpi.comm.mpi_ops import mpi_buffer
+from disdl_mpi.comm.mpi_ops import mpi_buffer, sum_op
 
 DEFAULT_BUCKET_MB = 1.0
 
@@ -62,6 +62,7 @@ class _Bucket:
     grad_buf: torch.Tensor          # flat, param dtype/device; every .grad is a view into it
     wire: torch.Tensor              # what MPI reduces: grad_buf itself, or a cast/host copy
     mpi_buf: object                 # numpy view (CPU/host) or the CUDA tensor (CUDA-aware)
+    op: MPI.Op                      # the sum for the wire dtype (mpi_ops.sum_op)
     views: list[torch.Tensor] = field(default_factory=list)
     ready: list[bool] = field(default_factory=list)
     pending: int = 0
@@ -155,7 +156,8 @@ class GradientAllreducer:
             wire = grad_buf
         b = _Bucket(index=index, names=[n for n, _ in group], params=params, offsets=offsets,
                     numel=total, device=device, dtype=dtype, grad_buf=grad_buf, wire=wire,
-                    mpi_buf=mpi_buffer(wire, cuda_aware=self.path == "cuda-aware"))
+                    mpi_buf=mpi_buffer(wire, cuda_aware=self.path == "cuda-aware"),
+                    op=sum_op(wdtype))
         b.views = [grad_buf[o:o + p.numel()].view_as(p) for o, p in zip(offsets, params)]
         b.ready = [False] * len(params)
         return b
@@ -246,12 +248,12 @@ class GradientAllreducer:
             # MPI reads the buffer outside CUDA's stream order: the writes must be finished.
             torch.cuda.current_stream(b.device).synchronize()
         if self._hook_launch:
-            b.request = self.comm.Iallreduce(MPI.IN_PLACE, b.mpi_buf, op=MPI.SUM)
+            b.request = self.comm.Iallreduce(MPI.IN_PLACE, b.mpi_buf, op=b.op)
         else:
             # Without overlap every rank launches from finish_step, so every rank uses the
             # blocking call (MPI forbids matching a blocking with a nonblocking collective);
             # MPICH's blocking intra-node algorithms beat Iallreduce + Wait on small messages.
-            self.comm.Allreduce(MPI.IN_PLACE, b.mpi_buf, op=MPI.SUM)
+            self.comm.Allreduce(MPI.IN_PLACE, b.mpi_buf, op=b.op)
             b.request = MPI.REQUEST_NULL
 
     def _complete(self, b: _Bucket) -> None:

@@ -5,6 +5,27 @@ import torch
 from mpi4py import MPI
 
 _MPI_DTYPES = (torch.float16, torch.float32, torch.float64, torch.int32, torch.int64)
+_HALF_SUM: MPI.Op | None = None
+
+
+def _half_sum(inbuf, inoutbuf, datatype) -> None:  # noqa: ARG001 - the MPI user-op signature
+    out = torch.frombuffer(inoutbuf, dtype=torch.float16)
+    out.add_(torch.frombuffer(inbuf, dtype=torch.float16))
+
+
+def sum_op(dtype: torch.dtype) -> MPI.Op:
+    """The summation op for buffers of ``dtype``.
+
+    float16 gets a user-defined op that adds with torch's vectorized kernels: MPICH's own
+    float16 sum is a scalar software loop, ~30x slower than its float32 sum here (67 ms
+    against 2.3 ms for 16 MiB on 2 ranks), which would cancel what the halved bytes save.
+    """
+    global _HALF_SUM
+    if dtype != torch.float16:
+        return MPI.SUM
+    if _HALF_SUM is None:
+        _HALF_SUM = MPI.Op.Create(_half_sum, commute=True)
+    return _HALF_SUM
 
 
 def allreduce_(t: torch.Tensor, comm: MPI.Comm, op: MPI.Op = MPI.SUM) -> torch.Tensor:
