@@ -175,6 +175,11 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
     log(f"disdl-mpi {__version__}: {info.world_size} ranks on {machine['nodes']} node(s), "
         f"{machine['mpi_library']}, torch {torch.__version__}, device {machine['device']}, "
         f"{threads} thread(s) per rank")
+    placement: dict[str, list[int]] = {}
+    for r, host in enumerate(info.hostnames):
+        placement.setdefault(host, []).append(r)
+    log("ranks by node: " + "; ".join(f"{host}: {','.join(map(str, rs))}"
+                                      for host, rs in placement.items()))
     log(f"data {data_dir}: {sum(data.sizes)} training samples over {info.world_size} ranks "
         f"(min {min(data.sizes)}, max {max(data.sizes)}), {data.x_test.shape[0]} test samples, "
         f"model {model_name}, schemes: {', '.join(norms)}")

@@ -1,4 +1,5 @@
-"""A real, private, single-node SLURM cluster for testing the batch scripts in slurm/.
+"""A real, private SLURM for testing the batch scripts in slurm/ (single node here; the
+multi-node one runs on the emulated cluster, bench/cluster/slurm.py, driven by the same class).
 
 ``start_cluster(root)`` installs Debian's slurm packages when they are missing (root + apt only),
 writes a slurm.conf under ``root``, starts munged, slurmctld and slurmd by hand (no systemd) on
@@ -11,7 +12,6 @@ the daemons are found by ``SLURM_CONF`` only, which ``SlurmCluster.env()`` sets.
 from __future__ import annotations
 
 import os
-import random
 import re
 import shutil
 import signal
@@ -21,6 +21,8 @@ import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+
+from bench.cluster.slurm import slurm_conf
 
 PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
 TOOLS = ["slurmctld", "slurmd", "sbatch", "srun", "sinfo", "scontrol", "scancel"]
@@ -144,6 +146,9 @@ class SlurmCluster:
     partition: str = "debug"
     munge_socket: Path | None = None
     pid_files: list[Path] = field(default_factory=list)
+    # prepended to every client command: empty here; nsenter into node 0 on the emulated cluster
+    client_prefix: list[str] = field(default_factory=list)
+    base_env: dict | None = None   # the environment to start from (default: os.environ)
 
     @property
     def conf(self) -> Path:
@@ -151,7 +156,7 @@ class SlurmCluster:
 
     def env(self, extra: dict | None = None) -> dict:
         """The environment for SLURM client commands (and, via --export=ALL, the jobs)."""
-        env = dict(os.environ)
+        env = dict(self.base_env if self.base_env is not None else os.environ)
         # Drop any outer SLURM job context so our sbatch/srun don't think they are nested.
         for key in list(env):
             if key.startswith(("SLURM_", "SBATCH_", "SRUN_", "SALLOC_")):
@@ -162,8 +167,8 @@ class SlurmCluster:
         return env
 
     def run(self, args: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
-        return subprocess.run(args, capture_output=True, text=True, env=self.env(),
-                              timeout=timeout)
+        return subprocess.run([*self.client_prefix, *args], capture_output=True, text=True,
+                              env=self.env(), timeout=timeout)
 
     def logs(self) -> str:
         parts = []
@@ -196,8 +201,9 @@ class SlurmCluster:
         out_pattern = str(cwd / "slurm-%j.out")
         args = ["sbatch", "--wait", "--parsable", "-o", out_pattern, *(sbatch_args or []),
                 str(script), *(script_args or [])]
-        proc = subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                env=self.env(env), cwd=str(cwd))
+        proc = subprocess.Popen([*self.client_prefix, *args], stdout=subprocess.PIPE,
+                                stderr=subprocess.PIPE, text=True, env=self.env(env),
+                                cwd=str(cwd))
         assert proc.stdout is not None
         first = proc.stdout.readline()   # sbatch prints the id before it starts waiting
         match = re.match(r"^(\d+)", first.strip())
@@ -297,47 +303,12 @@ def _start_munged(root: Path) -> Path | None:
 
 def _write_conf(root: Path, node: str, cpus: int, ports: list[int],
                 munge_socket: Path | None) -> None:
+    auth = None
     if munge_socket is not None:
         auth = (f"AuthType=auth/munge\nCredType=cred/munge\n"
                 f"AuthInfo=socket={munge_socket},cred_expire=10\n")
-    else:
-        # Slurm 22.05 still ships auth/none + cred/none: fine for a private test node.
-        auth = "AuthType=auth/none\nCredType=cred/none\nAuthInfo=cred_expire=10\n"
-    # cred_expire=10: a requeued job may start again after 10 s instead of the default 120 s.
-    first_job_id = random.SystemRandom().randrange(10_000, 60_000_000)
-    conf = f"""\
-# Private single-node test cluster written by tests/slurm_cluster.py
-ClusterName=disdltest
-SlurmctldHost={node}(127.0.0.1)
-SlurmUser=root
-SlurmdUser=root
-SlurmctldPort={ports[0]}
-SlurmdPort={ports[1]}
-{auth}StateSaveLocation={root / 'state'}
-SlurmdSpoolDir={root / 'spool'}
-SlurmctldPidFile={root / 'slurmctld.pid'}
-SlurmdPidFile={root / 'slurmd.pid'}
-SlurmctldLogFile={root / 'log' / 'slurmctld.log'}
-SlurmdLogFile={root / 'log' / 'slurmd.log'}
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-JobAcctGatherType=jobacct_gather/none
-AccountingStorageType=accounting_storage/none
-MpiDefault=none
-ReturnToService=2
-MinJobAge=5
-# Job ids must not repeat across test clusters: MPICH names its shared-memory segments after the
-# PMI job/step id, and a segment left in /dev/shm by an earlier killed job with the same id is
-# attached again and delivers garbage ("Message truncated" in MPI_Init).
-FirstJobId={first_job_id}
-KillWait=5
-SchedulerType=sched/builtin
-SchedulerParameters=sched_interval=1
-NodeName={node} NodeAddr=127.0.0.1 CPUs={cpus} State=UNKNOWN
-PartitionName=debug Nodes={node} Default=YES MaxTime=INFINITE State=UP
-"""
+    conf = slurm_conf(root, cluster="disdltest", ctld=(node, "127.0.0.1"),
+                      nodes=[(node, "127.0.0.1", cpus)], ports=(ports[0], ports[1]), auth=auth)
     tmp = root / "slurm.conf.tmp"
     tmp.write_text(conf)
     os.replace(tmp, root / "slurm.conf")

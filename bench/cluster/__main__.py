@@ -1,10 +1,11 @@
-"""``python -m bench.cluster up|exec|status|down``: see bench/cluster/__init__.py."""
+"""``python -m bench.cluster up|exec|status|down|slurm``: see bench/cluster/__init__.py."""
 from __future__ import annotations
 
 import argparse
+import subprocess
 import sys
 
-from bench.cluster import launch, netns
+from bench.cluster import launch, netns, slurm
 from bench.cluster.netns import ClusterError, ClusterState
 
 DEFAULT_NAME = "disdl"
@@ -15,13 +16,19 @@ def build_parser() -> argparse.ArgumentParser:
                                 description="An emulated multi-node cluster on one machine: "
                                             "network namespaces, shaped links, MPI over TCP.")
     sub = p.add_subparsers(dest="verb", required=True)
-    for verb in ("up", "exec", "status", "down"):
+    for verb in ("up", "exec", "status", "down", "slurm"):
         s = sub.add_parser(verb)
         s.add_argument("--name", default=DEFAULT_NAME, help="cluster name (namespace prefix)")
         if verb == "up":
             s.add_argument("--nodes", type=int, required=True)
             s.add_argument("--link", default="1gbit",
                            help="each node's egress rate: 1gbit, 2500mbit, 10gbit, or none")
+            s.add_argument("--slurm", action="store_true",
+                           help="also start a SLURM: slurmctld in node 0, slurmd in every node")
+        if verb == "slurm":
+            s.add_argument("cmd", nargs=argparse.REMAINDER,
+                           help="-- a SLURM client command (sbatch, srun, sinfo, ...), run in "
+                                "node 0 with SLURM_CONF set")
         if verb == "exec":
             s.add_argument("-n", type=int, required=True, dest="ranks", help="MPI ranks")
             s.add_argument("--ppn", type=int, default=None,
@@ -40,6 +47,9 @@ def status_text(state: ClusterState) -> str:
     if state.cores_shared:
         lines.append(f"note: {len(state.nodes)} nodes share fewer cores: each node is pinned to "
                      f"one core round-robin, so nodes time-slice cores")
+    if slurm.running(state) is not None:
+        lines.append(f"SLURM: slurmctld in {state.nodes[0].name}, slurmd in every node; "
+                     f"python -m bench.cluster slurm --name {state.name} -- sbatch ...")
     for n in state.nodes:
         running = []
         for pid in netns.pids(n.name):
@@ -58,6 +68,12 @@ def main(argv: list[str] | None = None) -> int:
     try:
         if args.verb == "up":
             state = netns.up(args.name, args.nodes, args.link)
+            if args.slurm:
+                try:
+                    slurm.SlurmOnCluster(state).start()
+                except BaseException:
+                    netns.down(args.name)
+                    raise
             print(status_text(state))
             return 0
         if args.verb == "down":
@@ -75,7 +91,12 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd:
-            raise ClusterError("exec needs a command after --")
+            raise ClusterError(f"{args.verb} needs a command after --")
+        if args.verb == "slurm":
+            s = slurm.running(state)
+            if s is None:
+                raise ClusterError(f"cluster {args.name} has no SLURM; start it with up --slurm")
+            return subprocess.run(s.client(cmd), env=s.env()).returncode
         return launch.run(state, args.ranks, args.ppn, cmd,
                           mpi_default_algorithms=args.mpi_default_algorithms)
     except ClusterError as exc:

@@ -47,16 +47,25 @@ def command(state: ClusterState, ranks: int, ppn: Optional[int], cmd: list[str])
             "-n", str(ranks), "-ppn", str(ppn), *cmd]
 
 
-def run(state: ClusterState, ranks: int, ppn: Optional[int], cmd: list[str], *,
-        mpi_default_algorithms: bool = False) -> int:
-    """Run the job; forward SIGINT/SIGTERM to it; return its exit code."""
+def job_env(state: ClusterState, *, mpi_default_algorithms: bool = False) -> dict[str, str]:
+    """The environment of a job on the cluster: MPICH over TCP, the allreduce selection."""
     env = dict(os.environ)
     env.update(MPICH_TCP_ENV)
     env["DISDL_CLUSTER"] = state.name
+    # Hydra started by a job inside a node (mpirun under SLURM): its proxies call back to the
+    # node's eth0 address (node names do not resolve between the namespaces).
+    env.setdefault("HYDRA_IFACE", "eth0")
     if state.selection_file.exists() and selection.ENV not in env and not mpi_default_algorithms:
         # Allreduce algorithm by message size (ring for large messages on 3, 5, ... nodes).
         env[selection.ENV] = str(state.selection_file)
         env["DISDL_ALLREDUCE_SELECTION"] = state.allreduce_selection
+    return env
+
+
+def run(state: ClusterState, ranks: int, ppn: Optional[int], cmd: list[str], *,
+        mpi_default_algorithms: bool = False) -> int:
+    """Run the job; forward SIGINT/SIGTERM to it; return its exit code."""
+    env = job_env(state, mpi_default_algorithms=mpi_default_algorithms)
     proc = subprocess.Popen(command(state, ranks, ppn, cmd), env=env)
 
     def forward(signum, frame):  # noqa: ARG001 - Hydra passes it on to every rank
