@@ -1,0 +1,30 @@
+"""python -m disdl_mpi.doctor: the installation's facts, a 2-rank self-test, one verdict line."""
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+
+from tests.mpi_helpers import ROOT, mpi_env, run_mpi
+
+
+def test_doctor_under_mpiexec_runs_the_self_test(tmp_path):
+    out = tmp_path / "doctor.json"
+    proc = run_mpi(2, ["-m", "disdl_mpi.doctor", "--json", str(out)], timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    facts = json.loads(out.read_text())
+    assert facts["world_size"] == 2 and facts["self_test"] == "passed"
+    assert "MPICH" in facts["mpi_library"] or "Open MPI" in facts["mpi_library"]
+    assert facts["cuda_aware_reason"] and isinstance(facts["cuda_aware"], bool)
+    assert facts["hdf5"] and facts["torch"]
+    lines = proc.stdout.strip().splitlines()
+    assert lines[-1].startswith("YES: this installation can run disdl-mpi (CPU; self-test "
+                                "passed on 2 ranks)")
+    assert proc.stdout.count("YES:") == 1  # only rank 0 prints
+
+
+def test_doctor_alone_says_how_to_run_the_self_test():
+    proc = subprocess.run([sys.executable, "-m", "disdl_mpi.doctor"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT, env=mpi_env())
+    assert proc.returncode == 0, proc.stderr
+    assert "run under mpiexec -n 2 for the allreduce self-test" in proc.stdout
