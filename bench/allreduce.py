@@ -27,9 +27,9 @@ from bench.harness import exit_cleanly, init_torch_distributed, parse_list, time
 from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.files import write_json
 from disdl_mpi.options import add_json
-from disdl_mpi.comm.world import install_abort_handler, mpi_library
+from disdl_mpi.comm.world import install_abort_handler, mpi_library, rank_info
 
-BACKENDS = ("mpi", "disdl", "gloo")
+BACKENDS = ("mpi", "disdl", "gloo", "nccl")
 DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
           "float64": (np.float64, torch.float64)}
 
@@ -58,7 +58,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--min-bytes", "-b", type=parse_bytes, default=parse_bytes("1K"))
     p.add_argument("--max-bytes", "-e", type=parse_bytes, default=parse_bytes("16M"))
     p.add_argument("--factor", "-f", type=float, default=4.0)
-    p.add_argument("--backends", default="mpi,disdl,gloo", help="comma list of mpi,disdl,gloo")
+    p.add_argument("--backends", default=None,
+                   help="comma list of mpi, disdl, gloo (CPU), nccl (CUDA); default "
+                        "mpi,disdl,gloo on the CPU, mpi,disdl,nccl on CUDA")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="where the disdl and nccl buffers live (cuda: the allreducer's real "
+                        "CUDA-aware or host-staged path)")
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--iters", "-n", type=int, default=20)
     p.add_argument("--warmup", "-w", type=int, default=5)
@@ -72,9 +77,10 @@ def _mpi_op(comm: MPI.Comm, count: int, np_dtype) -> Callable[[], None]:
     return lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
 
 
-def _disdl_op(comm: MPI.Comm, count: int, dtype: torch.dtype, bucket_mb: float):
+def _disdl_op(comm: MPI.Comm, count: int, dtype: torch.dtype, bucket_mb: float,
+              device: torch.device):
     model = nn.Module()
-    model.weight = nn.Parameter(torch.zeros(count, dtype=dtype))
+    model.weight = nn.Parameter(torch.zeros(count, dtype=dtype, device=device))
     red = GradientAllreducer(model, comm, bucket_mb=bucket_mb, overlap=True)
     p = model.weight
 
@@ -85,19 +91,28 @@ def _disdl_op(comm: MPI.Comm, count: int, dtype: torch.dtype, bucket_mb: float):
     return op, red
 
 
-def _gloo_op(count: int, dtype: torch.dtype) -> Callable[[], None]:
+def _torch_op(count: int, dtype: torch.dtype, device: torch.device) -> Callable[[], None]:
+    """torch.distributed's all_reduce: gloo on CPU tensors, NCCL on CUDA tensors."""
     import torch.distributed as dist
-    t = torch.ones(count, dtype=dtype)
+    t = torch.ones(count, dtype=dtype, device=device)
     return lambda: dist.all_reduce(t)
 
 
 def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
     rank, n = comm.Get_rank(), comm.Get_size()
-    backends = parse_list(args.backends, BACKENDS)
+    cuda = args.device == "cuda"
+    default = "mpi,disdl,nccl" if cuda else "mpi,disdl,gloo"
+    backends = parse_list(args.backends or default, BACKENDS)
+    device = torch.device("cuda", rank_info(comm).local_rank % max(1, torch.cuda.device_count())) \
+        if cuda else torch.device("cpu")
+    if cuda:
+        torch.cuda.set_device(device)
     np_dtype, t_dtype = DTYPES[args.dtype]
     elem = np.dtype(np_dtype).itemsize
-    if "gloo" in backends:
-        init_torch_distributed(comm, "gloo")
+    torch_backend = next((b for b in backends if b in ("gloo", "nccl")), None)
+    if torch_backend is not None:
+        init_torch_distributed(comm, torch_backend)
+    sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     rows: list[dict] = []
     if rank == 0:
         print(f"# disdl-mpi allreduce: {n} ranks, {mpi_library()}, torch {torch.__version__}, "
@@ -112,16 +127,17 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
             if backend == "mpi":
                 op = _mpi_op(comm, count, np_dtype)
             elif backend == "disdl":
-                op, red = _disdl_op(comm, count, t_dtype, args.bucket_mb)
+                op, red = _disdl_op(comm, count, t_dtype, args.bucket_mb, device)
             else:
-                op = _gloo_op(count, t_dtype)
-            sec = time_variants(comm, {backend: op}, iters=args.iters,
-                                warmup=args.warmup).mean(backend)
+                op = _torch_op(count, t_dtype, device if backend == "nccl" else torch.device("cpu"))
+            sec = time_variants(comm, {backend: op}, iters=args.iters, warmup=args.warmup,
+                                sync=sync).mean(backend)
             if red is not None:
                 red.close()
             algbw = nbytes / sec / 1e9
             busbw = algbw * 2 * (n - 1) / n
             row = {"backend": backend, "bytes": nbytes, "count": count, "dtype": args.dtype,
+                   "device": "cpu" if backend in ("mpi", "gloo") else args.device,
                    "ranks": n, "time_us": sec * 1e6, "algbw_gbps": algbw, "busbw_gbps": busbw,
                    "selection": os.environ.get("DISDL_ALLREDUCE_SELECTION", "MPI default")}
             if red is not None:
@@ -137,10 +153,17 @@ def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
     comm = MPI.COMM_WORLD
     install_abort_handler(comm)
+    problem = None
     if args.iters < 1 or args.warmup < 0 or args.factor < 1 or args.min_bytes > args.max_bytes:
+        problem = ("need --iters >= 1, --warmup >= 0, --factor >= 1, --min-bytes <= "
+                   "--max-bytes")
+    elif args.device == "cuda" and not torch.cuda.is_available():
+        problem = "--device cuda, but torch sees no CUDA device"
+    elif args.backends and "nccl" in args.backends and args.device != "cuda":
+        problem = "the nccl backend needs --device cuda"
+    if problem:
         if comm.Get_rank() == 0:
-            print("error: need --iters >= 1, --warmup >= 0, --factor >= 1, "
-                  "--min-bytes <= --max-bytes", file=sys.stderr)
+            print(f"error: {problem}", file=sys.stderr)
         exit_cleanly(comm, 2)
     torch.set_num_threads(1)
     rows = run(args, comm)

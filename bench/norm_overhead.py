@@ -18,6 +18,7 @@ from mpi4py import MPI
 
 from bench.harness import time_variants
 from disdl_mpi.comm.allreducer import GradientAllreducer
+from disdl_mpi.comm.world import rank_info
 from disdl_mpi.models import build_model
 from disdl_mpi.files import write_json
 from disdl_mpi.norms import get_scheme
@@ -27,17 +28,18 @@ from disdl_mpi.step import sync_step
 SHAPES = {"cnn": (1, 8, 8), "resnet20": (3, 32, 32), "mlp": (64,)}
 
 
-def measure(comm, model_name: str, steps: int, local_batch: int, warmup: int) -> dict:
+def measure(comm, model_name: str, steps: int, local_batch: int, warmup: int,
+            device: torch.device = torch.device("cpu")) -> dict:
     world = comm.Get_size()
     shape = SHAPES[model_name]
     g = torch.Generator().manual_seed(100 + comm.Get_rank())
-    x = torch.randn(local_batch, *shape, generator=g)
-    y = torch.randint(0, 10, (local_batch,), generator=g)
+    x = torch.randn(local_batch, *shape, generator=g).to(device)
+    y = torch.randint(0, 10, (local_batch,), generator=g).to(device)
     setups, calls = {}, {}
     for name in ("bn", "syncbn"):
         scheme = get_scheme(name, comm=comm.Dup() if name == "syncbn" else None)
         torch.manual_seed(0)
-        model = build_model(model_name, shape, 10, scheme.layer)
+        model = build_model(model_name, shape, 10, scheme.layer).to(device)
         model.train()
         opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
         reducer = GradientAllreducer(model, comm)
@@ -50,7 +52,8 @@ def measure(comm, model_name: str, steps: int, local_batch: int, warmup: int) ->
             calls[name]()
     comm0 = setups["syncbn"][0].comm_seconds()
     # One step per block, alternating (ABBA), each from a barrier; max over ranks.
-    t = time_variants(comm, calls, iters=1, rounds=steps)
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
+    t = time_variants(comm, calls, iters=1, rounds=steps, sync=sync)
     sync_comm = comm.allreduce(setups["syncbn"][0].comm_seconds() - comm0, op=MPI.MAX)
     for scheme, _, reducer in setups.values():
         reducer.close()
@@ -61,6 +64,7 @@ def measure(comm, model_name: str, steps: int, local_batch: int, warmup: int) ->
     n_norm = sum(1 for m in setups["bn"][1].modules()
                  if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
     return {"model": model_name, "sample_shape": list(shape), "ranks": world,
+            "device": str(device),
             "local_batch": local_batch, "steps": steps, "norm_layers": n_norm,
             "bn_step_ms": 1e3 * bn_med, "syncbn_step_ms": 1e3 * sb_med,
             "overhead_pct": 100.0 * (sb_med / bn_med - 1.0),
@@ -80,15 +84,23 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--local-batch", type=int, default=64, help="samples per rank per step")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
+    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
+                   help="cuda: every rank on the GPU of its node-local rank")
     add_json(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
     comm = MPI.COMM_WORLD
+    device = torch.device("cpu")
+    if args.device == "cuda":
+        if not torch.cuda.is_available():
+            raise SystemExit("error: --device cuda, but torch sees no CUDA device")
+        device = torch.device("cuda", rank_info(comm).local_rank % torch.cuda.device_count())
+        torch.cuda.set_device(device)
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name not in SHAPES:
             raise SystemExit(f"error: unknown model '{name}'; choose from {', '.join(SHAPES)}")
-        rows.append(measure(comm, name, args.steps, args.local_batch, args.warmup))
+        rows.append(measure(comm, name, args.steps, args.local_batch, args.warmup, device))
     if comm.Get_rank() == 0:
         print("median per step over ranks' max; wall = elapsed, cpu = this thread's CPU time "
               "(robust to a busy machine; MPICH's polling waits count as CPU)")
