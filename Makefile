@@ -7,7 +7,7 @@ TORCH_PIN ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.disdl-installed
 
-.PHONY: demo test install clean
+.PHONY: demo test install clean fashion-mnist
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -26,6 +26,13 @@ demo: $(STAMP)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q tests
+
+# Fashion-MNIST (70,000 real 28x28 images) from Debian's archive, where apt is available.
+fashion-mnist:
+	@test -d /usr/share/datasets/fashion-mnist || { \
+	  command -v apt-get >/dev/null || { echo "no apt-get: put the four IDX files in a folder and pass --source-dir"; exit 2; }; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends dataset-fashion-mnist; }
+	@ls /usr/share/datasets/fashion-mnist
 
 clean:
 	rm -rf results data .pytest_cache

@@ -181,6 +181,24 @@ def load_digits_source(test_fraction: float = DEFAULT_TEST_FRACTION) -> ArraySou
                        origin="sklearn digits", num_classes=10, test_fraction=test_fraction)
 
 
+# Datasets that a system package installs in a known folder: (folder, package).
+INSTALLED = {"fashion-mnist": (Path("/usr/share/datasets/fashion-mnist"),
+                               "dataset-fashion-mnist")}
+IDX_FILES = ("train-images-idx3-ubyte.gz", "train-labels-idx1-ubyte.gz",
+             "t10k-images-idx3-ubyte.gz", "t10k-labels-idx1-ubyte.gz")
+
+
+def installed_dir(name: str) -> Path:
+    """The package's folder for ``name``, or a DataPrepError that says how to get it."""
+    folder, package = INSTALLED[name]
+    if folder.is_dir():
+        return folder
+    raise DataPrepError(
+        f"{name}: not found in {folder}. Install it with 'apt-get install {package}' (Debian/"
+        f"Ubuntu; 'make fashion-mnist' does it), or pass --source-dir with a folder holding the "
+        f"four IDX files ({', '.join(IDX_FILES)}; raw or .gz)")
+
+
 def open_source(dataset: str, source_dir: str | Path | None = None, *, seed: int = 0,
                 **opts) -> Source:
     """Open a source by name; ``opts`` are source options (``python -m data_prep.partition -h``)."""
@@ -198,6 +216,8 @@ def open_source(dataset: str, source_dir: str | Path | None = None, *, seed: int
         return load_digits_source(test_fraction)
     if name in ("mnist", "fashion-mnist", "cifar10", "cifar100", "npz"):
         from . import readers
+        if source_dir is None and name in INSTALLED:
+            source_dir = installed_dir(name)
         if source_dir is None:
             raise DataPrepError(f"source {dataset!r} needs --source-dir (the folder with its "
                                 f"files; they cannot be downloaded here)")

@@ -190,3 +190,33 @@ def test_npz_bad_inputs_name_file_and_field(tmp_path):
     np.savez(tmp_path / "neg.npz", x=np.zeros((10, 3)), y=-np.ones(10, int))
     with pytest.raises(DataPrepError, match="negative label"):
         open_source("npz", tmp_path / "neg.npz")
+
+
+def _fashion_mnist_or_skip() -> None:
+    from data_prep.sources import INSTALLED
+    folder, package = INSTALLED["fashion-mnist"]
+    if not folder.is_dir():
+        from tests.conftest import in_ci
+        message = f"Fashion-MNIST not installed: apt-get install {package} (make fashion-mnist)"
+        if in_ci():
+            pytest.fail(f"CI installs it (.ci/run): {message}")
+        pytest.skip(message)
+
+
+def test_fashion_mnist_is_found_without_source_dir(tmp_path):
+    _fashion_mnist_or_skip()
+    m = build_partitions("fashion-mnist", 5, "shards:2", 0, tmp_path / "fm")
+    assert m["dataset"] == "fashion-mnist" and m["train_size"] == 60000
+    assert m["test"]["size"] == 10000 and m["sample_shape"] == [1, 28, 28]
+    assert m["x_dtype"] == "uint8" and sum(m["sizes"]) == 60000
+
+
+def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
+    import data_prep.sources as sources
+    monkeypatch.setitem(sources.INSTALLED, "fashion-mnist",
+                        (tmp_path / "nowhere", "dataset-fashion-mnist"))
+    with pytest.raises(DataPrepError) as err:
+        build_partitions("fashion-mnist", 2, "iid", 0, tmp_path / "out")
+    text = str(err.value)
+    assert "apt-get install dataset-fashion-mnist" in text and "--source-dir" in text
+    assert "train-images-idx3-ubyte.gz" in text and str(tmp_path / "nowhere") in text
