@@ -13,6 +13,7 @@ from disdl_mpi.models import MODELS as MODEL_NAMES
 from disdl_mpi.norms import resolve_schemes
 from disdl_mpi.reliability.checkpoint import parse_every
 from disdl_mpi.options import PARTITION_HELP, add_norm, add_progress
+from disdl_mpi.schedule import SCHEDULES
 
 
 @dataclass
@@ -29,12 +30,16 @@ class RunConfig:
     norm: str = "all"
     model: str = "auto"
     gn_groups: int = 8
+    fix_at: Optional[int] = None      # bn-fix: the step T* where statistics freeze
     # optimisation
     epochs: int = 12
     steps: Optional[int] = None
     global_batch_size: int = 128
     batching: str = "proportional"
     lr: float = 0.05
+    lr_schedule: str = "constant"
+    warmup_epochs: float = 0.0
+    target_accuracy: Optional[float] = None
     momentum: float = 0.9
     weight_decay: float = 5e-4
     seed: int = 0
@@ -113,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--model", default=d.model, help="cnn, resnet20, mlp, or auto")
     g.add_argument("--gn-groups", type=_positive_int, default=d.gn_groups,
                    help="groups for GroupNorm (capped by the channel count)")
+    g.add_argument("--fix-at", type=int, default=d.fix_at,
+                   help="bn-fix: optimizer step at which the BN statistics are recalibrated "
+                        "over all ranks and frozen (default: half of the training steps)")
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs)
     g.add_argument("--steps", type=int, default=d.steps,
@@ -124,6 +132,13 @@ def build_parser() -> argparse.ArgumentParser:
                         "sizes, so all ranks finish an epoch together; equal: every rank takes "
                         "B/N per step and a rank that runs out joins with empty batches")
     g.add_argument("--lr", type=float, default=d.lr)
+    g.add_argument("--lr-schedule", choices=SCHEDULES, default=d.lr_schedule,
+                   help="constant, cosine (to 0 over the run) or step (x0.1 at 50 and 75 %%)")
+    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
+                   help="linear learning-rate warm-up over this many epochs")
+    g.add_argument("--target-accuracy", type=float, default=d.target_accuracy,
+                   help="record the first epoch and training time at which the test accuracy "
+                        "reaches this (0..1)")
     g.add_argument("--momentum", type=float, default=d.momentum)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--seed", type=int, default=d.seed)
@@ -165,9 +180,10 @@ def config_errors(cfg: RunConfig, world_size: int) -> list[str]:
     """Problems every rank can see alike from the configuration alone."""
     errors = []
     try:
-        cfg.schemes()
+        schemes = cfg.schemes()
     except ValueError as exc:
         errors.append(str(exc))
+        schemes = []
     if cfg.model != "auto" and cfg.model not in MODEL_NAMES:
         errors.append(f"--model: unknown model {cfg.model!r}; known: auto, "
                       f"{', '.join(MODEL_NAMES)}")
@@ -182,6 +198,16 @@ def config_errors(cfg: RunConfig, world_size: int) -> list[str]:
         errors.append(f"--epochs must be positive, got {cfg.epochs}")
     if cfg.steps is not None and cfg.steps <= 0:
         errors.append(f"--steps must be positive, got {cfg.steps}")
+    if cfg.warmup_epochs < 0:
+        errors.append(f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}")
+    if cfg.target_accuracy is not None and not 0 < cfg.target_accuracy <= 1:
+        errors.append(f"--target-accuracy must be in (0, 1], got {cfg.target_accuracy}")
+    if cfg.fix_at is not None and cfg.fix_at < 0:
+        errors.append(f"--fix-at must be >= 0, got {cfg.fix_at}")
+    if cfg.compress != "none" and "bn-carry" in schemes:
+        errors.append("--norm bn-carry: its statistics ride in the gradient allreduce as raw "
+                      "sums, which --compress fp16 cannot hold; use --compress none (or list "
+                      "the schemes without bn-carry: 'all' includes it)")
     if cfg.bucket_mb < 0:
         errors.append(f"--bucket-mb must be >= 0, got {cfg.bucket_mb}")
     try:

@@ -123,7 +123,8 @@ def scheme_record(cfg: RunConfig, res: SchemeResult, phases: dict, *, info, mach
         "epochs_log": res.epochs_log,
         "grad_bytes": sum(p.numel() * p.element_size() for p in res.model.parameters()
                           if p.requires_grad),
-        "skipped_steps": res.skipped_steps,
+        "skipped_steps": res.skipped_steps, "lr_schedule": cfg.lr_schedule,
+        "warmup_epochs": cfg.warmup_epochs, "time_to_accuracy": res.time_to_accuracy,
     }
     record.update(timing_fields(phases, measured_wait=measured_wait, cuda=cuda))
     return record

@@ -31,6 +31,7 @@ from disdl_mpi.reliability.checkpoint import (Checkpointer, Loaded, model_parts,
                                               rng_state, set_rng_state)
 from disdl_mpi.reliability.guards import (GradFiniteProbe, NumericalError, Preempted,
                                           StepDecision, StepGuard, signal_name)
+from disdl_mpi.schedule import lr_factor
 from disdl_mpi.step import LossFn, StepResult, summed_cross_entropy, sync_step
 
 # evaluate(model, x_test, y_test, comm) -> global accuracy (sharded, counts reduced)
@@ -106,6 +107,7 @@ class SchemeResult:
     cuda_awareness: Optional[str]
     epochs_log: list[dict] = field(default_factory=list)
     skipped_steps: int = 0
+    time_to_accuracy: Optional[dict] = None   # first epoch/time at --target-accuracy
 
 
 def total_steps(cfg: RunConfig, plan: BatchPlan) -> tuple[int, int]:
@@ -121,7 +123,8 @@ class SchemeTraining:
     def __init__(self, ctx: TrainContext, norm_name: str) -> None:
         cfg, comm, data = ctx.cfg, ctx.comm, ctx.data
         self.ctx, self.cfg, self.comm, self.data, self.name = ctx, cfg, comm, data, norm_name
-        self.scheme = get_scheme(norm_name, comm=ctx.norm_comm, gn_groups=cfg.gn_groups)
+        opts = {"fix_at": cfg.fix_at} if norm_name == "bn-fix" else {}
+        self.scheme = get_scheme(norm_name, comm=ctx.norm_comm, gn_groups=cfg.gn_groups, **opts)
         seed_everything(cfg.seed)  # the same initial weights for every scheme
         self.model = build_model(ctx.model_name, data.sample_shape, data.num_classes,
                                  self.scheme.layer).to(ctx.device)
@@ -132,9 +135,11 @@ class SchemeTraining:
         self.reducer = GradientAllreducer(
             self.model, comm, bucket_mb=cfg.bucket_mb, overlap=cfg.overlap,
             compress=cfg.compress, cuda_aware=cfg.cuda_aware,
-            skip=lambda name, p: id(p) in self.local_ids)
+            skip=lambda name, p: id(p) in self.local_ids,
+            payload=self.scheme.payload(self.model) if self.scheme.payload else None)
         self.plan = BatchPlan(data.sizes, comm.Get_rank(), cfg.global_batch_size, cfg.batching)
         self.epochs, self.max_steps = total_steps(cfg, self.plan)
+        self.warmup_steps = round(cfg.warmup_epochs * self.plan.steps_per_epoch)
         self.timer = PhaseTimer(ctx.device, wait_comm=ctx.wait_comm, trace=ctx.trace)
         self.probe = GradFiniteProbe(self.model) if ctx.guard is not None else None
         self.norm_comm_start = self.scheme.comm_seconds()
@@ -147,6 +152,7 @@ class SchemeTraining:
         self.per_rank: Optional[list[float]] = None
         self.log: list[dict] = []
         self.loss_sum = np.zeros(2, dtype=np.float64)  # [sum of sample losses, samples]
+        self.reached: Optional[dict] = None   # when --target-accuracy was first met
 
     # ----------------------------------------------------------------- restore
     def restore(self, loaded: Loaded) -> None:
@@ -156,6 +162,7 @@ class SchemeTraining:
         self.epoch, self.batch, self.step_no = pos["epoch"], pos["batch"], pos["step"]
         self.samples, self.train_s, self.skipped = st["samples"], st["train_s"], st["skipped"]
         self.log, self.acc, self.per_rank = list(st["epochs_log"]), st["acc"], st["per_rank"]
+        self.reached = st.get("reached")
         self.loss_sum = loaded.local["loss_sum"].numpy().astype(np.float64).copy()
         set_rng_state(loaded.local["rng"])
         for k, v in st.get("phases", {}).items():
@@ -164,8 +171,15 @@ class SchemeTraining:
     # ----------------------------------------------------------------- step
     def step(self, idx: np.ndarray, n_global: int) -> tuple[StepResult, Optional[StepDecision]]:
         """One optimizer step on this rank's batch ``idx``; returns it and the guard's verdict."""
-        timer, ctx = self.timer, self.ctx
+        timer, ctx, cfg = self.timer, self.ctx, self.cfg
         self.scheme.on_step(self.step_no)
+        if self.scheme.before_step is not None:  # bn-fix: recalibrate and freeze at T*
+            self.scheme.before_step(self.model, self.data.x_train, cfg.global_batch_size,
+                                    self.step_no, self.max_steps)
+        rate = cfg.lr * lr_factor(cfg.lr_schedule, self.step_no, self.max_steps,
+                                  self.warmup_steps)
+        for group in self.optimizer.param_groups:
+            group["lr"] = rate
         timer.begin_step(self.step_no)
         with timer.phase("data"):
             index = torch.as_tensor(idx, device=ctx.device, dtype=torch.long)
@@ -242,7 +256,7 @@ class SchemeTraining:
         shared["scheme_state"] = {
             "samples": self.samples, "train_s": self.train_s + in_epoch,
             "skipped": self.skipped, "epochs_log": jsonable(self.log), "acc": float(self.acc),
-            "per_rank": self.per_rank,
+            "per_rank": self.per_rank, "reached": self.reached,
             "phases": {k: float(v) for k, v in self.timer.seconds.items()}}
         shared["run"] = jsonable({"scheme_index": self.ctx.scheme_index,
                                   "records": self.ctx.run_records})
@@ -269,6 +283,10 @@ class SchemeTraining:
         every = self.cfg.eval_every
         if last or (every > 0 and (self.epoch + 1) % every == 0):
             self.acc, self.per_rank = self.evaluate()
+            target = self.cfg.target_accuracy
+            if target is not None and self.reached is None and self.acc >= target:
+                self.reached = {"target": target, "epoch": self.epoch + 1,
+                                "step": self.step_no, "train_s": self.train_s}
         self.log.append({"epoch": self.epoch + 1, "step": self.step_no,
                          "train_loss": self.loss_sum[0] / max(1.0, self.loss_sum[1]),
                          "test_accuracy": self.acc, "wall_s": self.train_s})
@@ -302,7 +320,7 @@ class SchemeTraining:
             samples=self.samples, train_s=self.train_s, phases=self.timer.totals(),
             allreduce_path=self.reducer.path,
             cuda_awareness=awareness.reason if awareness is not None else None,
-            epochs_log=self.log, skipped_steps=self.skipped)
+            epochs_log=self.log, skipped_steps=self.skipped, time_to_accuracy=self.reached)
 
 
 def train_scheme(ctx: TrainContext, norm_name: str) -> SchemeResult:

@@ -26,3 +26,10 @@ def test_syncbn_equals_batch_norm_on_concatenated_batch(n):
 def test_bn_recal_gives_global_statistics_with_unequal_and_empty_ranks():
     proc = _run(3, "tests.mpi_programs.recal_check", timeout=100)
     assert "bn-recal global statistics OK on 3 ranks, sizes [13, 0, 29]" in proc.stdout
+
+
+@pytest.mark.mpi
+@pytest.mark.timeout(120)
+def test_bn_carry_and_bn_fix_give_global_statistics_across_ranks():
+    proc = _run(3, "tests.mpi_programs.carry_fix_check", timeout=100)
+    assert "bn-carry and bn-fix global statistics OK on 3 ranks, sizes [5, 0, 9]" in proc.stdout

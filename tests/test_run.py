@@ -128,3 +128,18 @@ def test_progress_bar_on_a_terminal_lines_in_a_log_nothing_when_quiet(digits_par
     quiet = run_mpi(2, [*args, "--out", str(tmp_path / "quiet"), "--progress", "none"],
                     timeout=120, check=True)
     assert "epoch" not in quiet.stdout and "test_acc" in quiet.stdout
+
+
+def test_lr_schedule_and_time_to_accuracy_are_recorded(digits_partitions, tmp_path):
+    out = tmp_path / "o"
+    run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(digits_partitions[2]), "--norm",
+                "gn,bn-carry", "--epochs", "3", "--lr-schedule", "cosine", "--warmup-epochs",
+                "1", "--target-accuracy", "0.2", "--out", str(out)], timeout=180, check=True)
+    summary = json.loads((out / "summary.json").read_text())
+    assert summary["config"]["lr_schedule"] == "cosine"
+    for rec in summary["runs"]:
+        assert rec["lr_schedule"] == "cosine" and rec["warmup_epochs"] == 1.0
+        tta = rec["time_to_accuracy"]
+        first = next(e for e in rec["epochs_log"] if e["test_accuracy"] >= 0.2)
+        assert tta == {"target": 0.2, "epoch": first["epoch"], "step": first["step"],
+                       "train_s": first["wall_s"]}, rec

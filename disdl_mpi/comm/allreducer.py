@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Protocol
 
 import torch
 from mpi4py import MPI
@@ -38,6 +38,17 @@ from disdl_mpi.comm.cuda_aware import detect as detect_cuda_aware
 from disdl_mpi.comm.mpi_ops import mpi_buffer, sum_op
 
 DEFAULT_BUCKET_MB = 1.0
+
+
+class Payload(Protocol):
+    """Extra numbers summed over ranks by the gradient allreduce itself, unweighted, in the last
+    bucket (bn-carry's statistics): ``fill`` before the bucket launches, ``consume`` after."""
+
+    numel: int
+
+    def fill(self, out: torch.Tensor) -> None: ...
+
+    def consume(self, summed: torch.Tensor) -> None: ...
 
 
 @dataclass(frozen=True)
@@ -67,6 +78,7 @@ class _Bucket:
     ready: list[bool] = field(default_factory=list)
     pending: int = 0
     request: Optional[MPI.Request] = None
+    payload: Optional[torch.Tensor] = None   # trailing elements past the gradients (last bucket)
     t_start: float = 0.0
     t_end: float = 0.0
 
@@ -84,13 +96,18 @@ class GradientAllreducer:
 
     def __init__(self, model: nn.Module, comm: MPI.Comm, *, bucket_mb: float = DEFAULT_BUCKET_MB,
                  overlap: bool = True, compress: str = "none", cuda_aware: str = "auto",
-                 skip: Callable[[str, nn.Parameter], bool] = lambda name, p: False) -> None:
+                 skip: Callable[[str, nn.Parameter], bool] = lambda name, p: False,
+                 payload: Optional[Payload] = None) -> None:
         if not (bucket_mb >= 0 and math.isfinite(bucket_mb)):
             raise ValueError(f"bucket_mb must be a finite number >= 0, got {bucket_mb}")
         self.comm = comm
         self.overlap = bool(overlap)
         self.compress = compression.check(compress)
         self.bucket_mb = float(bucket_mb)
+        if payload is not None and payload.numel and self.compress != "none":
+            raise ValueError("a statistics payload (bn-carry) rides in the gradient buffers as "
+                             "raw sums, which float16 cannot hold: use --compress none")
+        self.payload = payload if payload is not None and payload.numel else None
         named = [(n, p) for n, p in model.named_parameters()
                  if p.requires_grad and not skip(n, p)]
         on_cuda = any(p.is_cuda for _, p in named)
@@ -137,15 +154,21 @@ class GradientAllreducer:
             else:
                 cur.append((name, p))
                 size += nbytes
-        return [self._make_bucket(i, g) for i, g in enumerate(groups)]
+        extra = self.payload.numel if self.payload is not None else 0
+        return [self._make_bucket(i, g, extra if i == len(groups) - 1 else 0)
+                for i, g in enumerate(groups)]
 
-    def _make_bucket(self, index: int, group: list[tuple[str, nn.Parameter]]) -> _Bucket:
+    def _make_bucket(self, index: int, group: list[tuple[str, nn.Parameter]],
+                     extra: int = 0) -> _Bucket:
+        """One flat bucket; ``extra`` trailing elements carry the payload (last bucket)."""
         params = [p for _, p in group]
         device, dtype = params[0].device, params[0].dtype
         offsets, total = [], 0
         for p in params:
             offsets.append(total)
             total += p.numel()
+        payload_at = total
+        total += extra
         grad_buf = torch.zeros(total, dtype=dtype, device=device)
         wdtype = compression.wire_dtype(dtype, self.compress)
         if self.path == "host-staged":
@@ -159,6 +182,7 @@ class GradientAllreducer:
                     mpi_buf=mpi_buffer(wire, cuda_aware=self.path == "cuda-aware"),
                     op=sum_op(wdtype))
         b.views = [grad_buf[o:o + p.numel()].view_as(p) for o, p in zip(offsets, params)]
+        b.payload = grad_buf[payload_at:] if extra else None
         b.ready = [False] * len(params)
         return b
 
@@ -242,6 +266,8 @@ class GradientAllreducer:
                 if not ok:
                     view.zero_()
         b.t_start = time.perf_counter()
+        if b.payload is not None:
+            self.payload.fill(b.payload)  # unweighted: summed as they are
         if b.wire is not b.grad_buf:
             b.wire.copy_(b.grad_buf)  # cast (fp16/bf16) and/or device-to-host staging
         if b.device.type == "cuda":
@@ -260,6 +286,8 @@ class GradientAllreducer:
         b.t_end = time.perf_counter()
         if b.wire is not b.grad_buf:
             b.grad_buf.copy_(b.wire)  # back to the gradient dtype / device
+        if b.payload is not None:
+            self.payload.consume(b.payload)
         self.events.append(BucketEvent(b.index, b.wire_bytes, b.t_start - self.step_origin,
                                        b.t_end - self.step_origin))
 

@@ -66,3 +66,27 @@ def gn_groups_for(channels: int, requested: int) -> int:
     while channels % g:
         g -= 1
     return g
+
+
+def renormalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
+                weight: torch.Tensor | None, bias: torch.Tensor | None,
+                eps: float) -> torch.Tensor:
+    """Normalize with given (e.g. global) statistics, with BN's gradient through the batch's.
+
+    The value is exactly ``(x - mean) / sqrt(var + eps) * weight + bias``; the gradient is that
+    of batch normalization with this batch's statistics, corrected by the constants
+    r = std_B / std and d = (mean_B - mean) / std (Batch Renormalization, Ioffe 2017, without
+    clipping). BN's gradient keeps the layers before it scale-invariant; a plain affine with
+    fixed statistics does not.
+    """
+    dims = _reduce_dims(x)
+    shape = [1, -1] + [1] * (x.dim() - 2)
+    mean_b = x.mean(dims)
+    std_b = (x.var(dims, unbiased=False) + eps).sqrt()
+    std = (var + eps).sqrt()
+    r = (std_b / std).detach()
+    d = ((mean_b - mean) / std).detach()
+    xhat = (x - mean_b.view(shape)) / std_b.view(shape) * r.view(shape) + d.view(shape)
+    if weight is not None:
+        xhat = xhat * weight.view(shape) + bias.view(shape)
+    return xhat

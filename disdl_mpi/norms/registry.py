@@ -42,6 +42,8 @@ class NormScheme:
                  on_step: Optional[Callable[[int], None]] = None,
                  comm: Any = None, owns_comm: bool = False,
                  timer: Optional[CommTimer] = None, collective_forward: bool = False,
+                 before_step: Optional[Callable[..., None]] = None,
+                 payload: Optional[Callable[[nn.Module], Any]] = None,
                  description: str = "") -> None:
         self.name = name
         self._layer_fn = layer_fn
@@ -54,6 +56,10 @@ class NormScheme:
         self.timer = timer or CommTimer()
         # True when forward runs collectives: a rank with an empty batch must still call it.
         self.collective_forward = collective_forward
+        # (model, x_train, batch_size, step, total_steps) before every step (bn-fix's freeze)
+        self.before_step = before_step
+        # model -> a Payload the gradient allreduce sums for the scheme (bn-carry's statistics)
+        self.payload = payload
         self.description = description
 
     def layer(self, num_features: int) -> nn.Module:
@@ -176,6 +182,22 @@ def _bn_recal(*, comm=None, gn_groups=8, **opts) -> NormScheme:
                       timer=timer, description=SCHEMES["bn-recal"].summary)
 
 
+def _bn_fix(*, comm=None, gn_groups=8, fix_at: Optional[int] = None, **opts) -> NormScheme:
+    from disdl_mpi.norms.fixed import FixBatchNorm, FixSchedule
+    _no_opts("bn-fix", opts)
+    timer = CommTimer()
+    return NormScheme("bn-fix", FixBatchNorm, comm=comm, timer=timer,
+                      before_step=FixSchedule(comm, timer, fix_at),
+                      description=SCHEMES["bn-fix"].summary)
+
+
+def _bn_carry(*, comm=None, gn_groups=8, **opts) -> NormScheme:
+    from disdl_mpi.norms.carried import CarryBatchNorm, StatsPayload
+    _no_opts("bn-carry", opts)
+    return NormScheme("bn-carry", CarryBatchNorm, payload=StatsPayload,
+                      description=SCHEMES["bn-carry"].summary)
+
+
 # The registry; its order is the order of ``--norm all``. Adding a scheme is one entry here.
 SCHEMES: dict[str, NormSpec] = {
     "bn": NormSpec("bn", "local BatchNorm (Ioffe & Szegedy 2015) over each rank's own batch: "
@@ -202,6 +224,15 @@ SCHEMES: dict[str, NormSpec] = {
                                      "Johnson 2021) of the running mean/var over ALL ranks' "
                                      "training data by allreduce of per-channel moments before "
                                      "every evaluation", _bn_recal, communicates=True),
+    "bn-fix": NormSpec("bn-fix", "FixBN (Zhong, Chen & Chao 2023): local BN until step T* "
+                                 "(--fix-at, default half the run), then statistics "
+                                 "recalibrated over all ranks once and frozen, used in training "
+                                 "and evaluation; no per-step collective", _bn_fix,
+                       communicates=True),
+    "bn-carry": NormSpec("bn-carry", "BN with global statistics carried in the gradient "
+                                     "allreduce: each layer normalizes with the previous step's "
+                                     "global batch statistics, whose sums ride in the last "
+                                     "gradient bucket; no collective of its own", _bn_carry),
     "none": NormSpec("none", "no normalization (identity); conv/linear layers get biases", _none),
 }
 

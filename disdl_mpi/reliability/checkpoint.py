@@ -52,7 +52,8 @@ DIR_RE = re.compile(r"^ckpt-(\d{6,})$")
 # (bucket_mb/overlap/threads/out/progress/timeline do not change the mathematics; data_dir,
 # dataset and partition are covered by the partition manifest's hash.)
 MATTERS = ("norm", "model", "gn_groups", "epochs", "steps", "global_batch_size", "batching",
-           "lr", "momentum", "weight_decay", "seed", "compress", "eval_every")
+           "lr", "lr_schedule", "warmup_epochs", "fix_at", "momentum", "weight_decay", "seed",
+           "compress", "eval_every")
 
 
 class CheckpointError(UserError):

@@ -1,0 +1,121 @@
+"""bn-carry: BatchNorm with global statistics that ride in the gradient allreduce.
+
+syncbn gets exact global batch statistics at the price of a collective in every BN layer of
+every forward and backward pass. bn-carry gets global statistics for no collective of its own:
+
+- In training, layer l at step t normalizes with the GLOBAL batch statistics of step t-1,
+  mu_{t-1} and sigma^2_{t-1} (the statistics of all ranks' batches at the previous step, as
+  the previous weights produced them): y = (x - mu_{t-1}) / sqrt(sigma^2_{t-1} + eps) * w + b.
+  They are constants of step t; the gradient flows through this rank's own batch statistics
+  (renormalization, as Batch Renorm does), so backward needs no collective either.
+- Meanwhile each rank records its own batch's per-channel sums, shifted by mu_{t-1} to avoid
+  cancellation: n_r, S_r = sum(x - mu_{t-1}), Q_r = sum((x - mu_{t-1})^2). They are appended to
+  the LAST gradient bucket of step t (unweighted) and summed by the same Iallreduce; then
+  mu_t = mu_{t-1} + S/n, sigma^2_t = Q/n - (S/n)^2 (n, S, Q the sums over ranks): exactly the
+  statistics of the union of all ranks' step-t batches.
+- Step 0 has no previous statistics: it normalizes with the local batch (bn). The running
+  statistics (for evaluation) are updated from the global ones with BN's momentum, so they
+  are identical on every rank.
+
+The lag: step t is normalized with step t-1's statistics, which came from weights one SGD step
+older; with small learning rates the two are close. What it does not give: the current step's
+global statistics (syncbn's), nor a gradient through them -- the gradient sees this rank's own
+batch statistics. The payload is 1 + 2C floats per layer (a few KB); it needs a wire format that
+can hold raw sums (--compress none).
+"""
+from __future__ import annotations
+
+from typing import Optional
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from disdl_mpi.norms.local_layers import LocalBatchNorm, _reduce_dims, renormalize
+
+
+class CarryBatchNorm(LocalBatchNorm):
+    """BN normalizing with the previous step's global statistics (see the module docstring)."""
+
+    def __init__(self, num_features: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.register_buffer("global_mean", torch.zeros(num_features))
+        self.register_buffer("global_var", torch.ones(num_features))
+        self.register_buffer("have_global", torch.zeros((), dtype=torch.bool))
+        self._sums: Optional[torch.Tensor] = None   # [n, S(C), Q(C)] of this step's batch
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
+        self._check_input_dim(x)
+        if not self.training:
+            if bool(self.have_global):  # what the model was last trained with
+                return F.batch_norm(x, self.global_mean, self.global_var, self.weight,
+                                    self.bias, False, 0.0, self.eps)
+            return super().forward(x)
+        shift = self.global_mean if bool(self.have_global) else torch.zeros_like(self.global_mean)
+        with torch.no_grad():
+            xd = x.detach().to(torch.float64) - shift.to(torch.float64).view(
+                [1, -1] + [1] * (x.dim() - 2))
+            dims = _reduce_dims(xd)
+            n = torch.tensor([float(x.numel() // max(1, x.shape[1]))], dtype=torch.float64,
+                             device=x.device)
+            self._sums = torch.cat([n, xd.sum(dims), (xd * xd).sum(dims)])
+        if not bool(self.have_global) or x.numel() // max(1, x.shape[1]) <= 1:
+            return super().forward(x)  # step 0 (or a 1-value batch): the local batch
+        # Values normalized with the previous step's global statistics; BN's gradient through
+        # this batch's statistics (see local_layers.renormalize).
+        return renormalize(x, self.global_mean, self.global_var, self.weight, self.bias,
+                           self.eps)
+
+    @property
+    def payload_size(self) -> int:
+        return 1 + 2 * self.num_features
+
+    def take_sums(self) -> torch.Tensor:
+        """This step's [n, S, Q] (zeros when the rank ran no forward), then forget them."""
+        sums = self._sums if self._sums is not None else torch.zeros(
+            self.payload_size, dtype=torch.float64, device=self.global_mean.device)
+        self._sums = None
+        return sums
+
+    @torch.no_grad()
+    def set_global(self, sums: torch.Tensor) -> None:
+        """The sums over all ranks: the global statistics for the next step, running stats."""
+        c = self.num_features
+        n = float(sums[0])
+        if n < 1:
+            return  # no data anywhere this step: keep what we have
+        shift = self.global_mean.double() if bool(self.have_global) else torch.zeros(
+            c, dtype=torch.float64, device=sums.device)
+        d = sums[1:1 + c].double() / n
+        mean = shift + d
+        var = (sums[1 + c:].double() / n - d * d).clamp_min(0.0)
+        self.global_mean.copy_(mean)
+        self.global_var.copy_(var)
+        self.have_global.fill_(True)
+        m = self.momentum if self.momentum is not None else 0.1
+        self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
+        unbiased = var * (n / (n - 1)) if n > 1 else var
+        self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
+        self.num_batches_tracked += 1
+
+
+class StatsPayload:
+    """The model's CarryBatchNorm sums as one flat payload of the gradient allreduce."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.layers = [m for m in model.modules() if isinstance(m, CarryBatchNorm)]
+        self.numel = sum(m.payload_size for m in self.layers)
+
+    def fill(self, out: torch.Tensor) -> None:
+        """This rank's contribution (unweighted sums), into ``out`` (numel floats)."""
+        off = 0
+        for m in self.layers:
+            out[off:off + m.payload_size].copy_(m.take_sums())
+            off += m.payload_size
+
+    def consume(self, summed: torch.Tensor) -> None:
+        """The sums over all ranks, after the allreduce."""
+        off = 0
+        for m in self.layers:
+            m.set_global(summed[off:off + m.payload_size])
+            off += m.payload_size
