@@ -20,6 +20,7 @@ from .errors import DataPrepError
 from disdl_mpi.data.layout import FORMAT, MANIFEST, TEST_FILE
 from disdl_mpi.files import jsonable, write_json
 from disdl_mpi.options import add_partition
+from .domains import domains
 from .schemes import assign, parse_scheme
 from .sources import SOURCES, open_source
 from .writer import write_rank_files, write_test_file
@@ -38,6 +39,15 @@ def _read_manifest(out: Path) -> dict | None:
         return data if isinstance(data, dict) else None
     except (OSError, ValueError):
         return None
+
+
+def value_max(src) -> float:
+    """The top of a source's value range: the data's own maximum where it is in memory, else
+    255 for 8-bit images and 1.0 for floats (feature-shift transforms scale by it)."""
+    x = getattr(src, "x_train", None)
+    if x is not None and len(x):
+        return float(np.max(x))
+    return 255.0 if src.x_dtype == np.uint8 else 1.0
 
 
 def build_partitions(dataset: str, ranks: int, scheme: str, seed: int, out: str | Path, *,
@@ -78,11 +88,12 @@ def build_partitions(dataset: str, ranks: int, scheme: str, seed: int, out: str 
                                 f"(use --force, or another --out)")
 
     parts = assign(src.y_train, src.num_classes, ranks, sch, seed, min_per_rank)
+    doms = domains(sch.domain, ranks, value_max(src)) if sch.kind == "feature" else None
     out.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=".build-", dir=out))
     try:
-        entries = write_rank_files(src, parts, sch, seed, tmp)
-        test_entry = write_test_file(src, sch, seed, tmp)
+        entries = write_rank_files(src, parts, sch, seed, tmp, doms)
+        test_entry, domain_tests = write_test_file(src, sch, seed, tmp, doms)
         manifest = {
             "format": FORMAT, "dataset": src.name, "scheme": sch.name,
             "scheme_params": sch.params, "world_size": ranks, "num_classes": src.num_classes,
@@ -93,14 +104,19 @@ def build_partitions(dataset: str, ranks: int, scheme: str, seed: int, out: str 
             "class_counts": np.bincount(src.y_train, minlength=src.num_classes).tolist(),
             "ranks": entries, "test": test_entry, "request": request,
         }
+        if doms is not None:
+            manifest["domains"] = [d.as_dict() for d in doms]
+            manifest["domain_tests"] = domain_tests
         # Commit: drop the old manifest first so no manifest ever describes a mix of old and
         # new files, move the new files in, remove stale rank files, write the manifest last.
         (out / MANIFEST).unlink(missing_ok=True)
         for e in entries:
             os.replace(tmp / e["file"], out / e["file"])
         os.replace(tmp / TEST_FILE, out / TEST_FILE)
-        keep = {e["file"] for e in entries}
-        for p in out.glob("rank_*.h5"):
+        for e in domain_tests:
+            os.replace(tmp / e["file"], out / e["file"])
+        keep = {e["file"] for e in entries} | {e["file"] for e in domain_tests}
+        for p in [*out.glob("rank_*.h5"), *out.glob("test_rank_*.h5")]:
             if p.name not in keep:
                 p.unlink()
         write_json(out / MANIFEST, manifest, fsync=True)

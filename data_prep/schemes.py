@@ -25,10 +25,11 @@ from .errors import DataPrepError
 class Scheme:
     """A parsed scheme spec; ``name`` is the canonical spelling stored in the outputs."""
 
-    kind: str                       # iid | quantity | dirichlet | shards
+    kind: str                       # iid | quantity | dirichlet | shards | feature
     alpha: float | None = None      # label skew (dirichlet)
     beta: float | None = None       # size skew (quantity)
     shards: int | None = None       # classes per rank (shards)
+    domain: str | None = None       # feature shift: rotate | contrast | noise | mixed
     params: dict = field(default_factory=dict)
 
     @property
@@ -37,6 +38,8 @@ class Scheme:
             return "iid"
         if self.kind == "shards":
             return f"shards:{self.shards}"
+        if self.kind == "feature":
+            return f"feature:{self.domain}"
         parts = []
         if self.alpha is not None:
             parts.append(f"dirichlet:{_fmt(self.alpha)}")
@@ -62,12 +65,20 @@ def _positive(text: str, what: str, spec: str) -> float:
 
 
 def parse_scheme(spec: str) -> Scheme:
-    """Parse ``iid``, ``dirichlet:A``, ``quantity:B``, ``dirichlet:A+quantity:B``, ``shards:K``."""
-    usage = ("expected iid, dirichlet:ALPHA, quantity:BETA, dirichlet:ALPHA+quantity:BETA or "
-             "shards:K")
+    """Parse ``iid``, ``dirichlet:A``, ``quantity:B``, ``dirichlet:A+quantity:B``, ``shards:K``,
+    ``feature:KIND`` (IID labels, a per-rank input domain; data_prep/domains.py)."""
+    usage = ("expected iid, dirichlet:ALPHA, quantity:BETA, dirichlet:ALPHA+quantity:BETA, "
+             "shards:K or feature:KIND")
     text = (spec or "").strip().lower()
     if text == "iid":
         return Scheme("iid", params={})
+    if text.startswith("feature:"):
+        from data_prep.domains import KINDS
+        kind = text.partition(":")[2]
+        if kind not in KINDS:
+            raise DataPrepError(f"scheme {spec!r}: the domain kind must be one of "
+                                f"{', '.join(KINDS)}")
+        return Scheme("feature", domain=kind, params={"domain": kind})
     alpha = beta = shards = None
     for part in text.split("+"):
         key, sep, val = part.strip().partition(":")
@@ -208,7 +219,7 @@ def assign(y: np.ndarray, num_classes: int, ranks: int, scheme: Scheme, seed: in
     draw_rng, shuffle_rng = (np.random.default_rng(s) for s in ss.spawn(2))
     class_counts = np.bincount(y, minlength=num_classes).astype(np.int64)
 
-    if scheme.kind in ("iid", "quantity"):
+    if scheme.kind in ("iid", "quantity", "feature"):
         sizes = target_sizes(total, ranks, scheme.beta, draw_rng, min_per_rank)
         perm = shuffle_rng.permutation(total)
         bounds = np.concatenate([[0], np.cumsum(sizes)])

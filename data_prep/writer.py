@@ -9,12 +9,13 @@ from __future__ import annotations
 import queue
 import threading
 from pathlib import Path
-from typing import Iterator
+from typing import Iterator, Optional
 
 import h5py
 import numpy as np
 
-from disdl_mpi.data.layout import TEST_FILE, ContentHash, rank_file
+from data_prep.domains import Domain, apply, test_split
+from disdl_mpi.data.layout import TEST_FILE, ContentHash, domain_test_file, rank_file
 from .schemes import Scheme
 from .sources import Source
 
@@ -93,8 +94,10 @@ def _common_attrs(f: h5py.File, src: Source, scheme: Scheme, seed: int) -> None:
 
 
 def write_rank_files(src: Source, parts: list[np.ndarray], scheme: Scheme, seed: int,
-                     tmp: Path) -> list[dict]:
-    """Write ``rank_XXXXX.h5`` for every rank into ``tmp``; return their manifest entries."""
+                     tmp: Path, domains: Optional[list[Domain]] = None) -> list[dict]:
+    """Write ``rank_XXXXX.h5`` for every rank into ``tmp``; return their manifest entries.
+
+    With ``domains`` (feature shift), rank r's samples pass through its transform T_r."""
     ranks = len(parts)
     owner = np.full(src.n_train, -1, dtype=np.int32)
     for r, idx in enumerate(parts):
@@ -121,6 +124,8 @@ def write_rank_files(src: Source, parts: list[np.ndarray], scheme: Scheme, seed:
                 bounds = np.concatenate([[0], np.cumsum(counts)])
                 for j in np.flatnonzero(counts):
                     rows = x[sel[bounds[j]:bounds[j + 1]]]
+                    if domains is not None:
+                        rows = apply(rows, domains[g0 + j], seed, start + sel[bounds[j]])
                     xs[j][cursor[j]:cursor[j] + len(rows)] = rows
                     hashes[j].add_x(rows)
                     cursor[j] += len(rows)
@@ -144,10 +149,26 @@ def write_rank_files(src: Source, parts: list[np.ndarray], scheme: Scheme, seed:
     return entries
 
 
-def write_test_file(src: Source, scheme: Scheme, seed: int, tmp: Path) -> dict:
-    """Write ``test.h5``; return its manifest entry."""
+def write_test_file(src: Source, scheme: Scheme, seed: int, tmp: Path,
+                    domains: Optional[list[Domain]] = None) -> tuple[dict, list[dict]]:
+    """Write ``test.h5`` (and, with ``domains``, every rank's own-domain split
+    ``test_rank_RRRRR.h5``); return the manifest entries."""
     x, y = src.test()
-    with h5py.File(tmp / TEST_FILE, "w") as f:
+    splits: list[dict] = []
+    if domains is not None:
+        owner = test_split(len(y), len(domains), seed)
+        x = x.copy()
+        for d in domains:
+            idx = np.flatnonzero(owner == d.rank)
+            x[idx] = apply(x[idx], d, seed, 1 << 40)
+            splits.append(_write_split(tmp / domain_test_file(d.rank), x[idx], y[idx], src,
+                                       scheme, seed) | {"rank": d.rank})
+    return _write_split(tmp / TEST_FILE, x, y, src, scheme, seed), splits
+
+
+def _write_split(path: Path, x: np.ndarray, y: np.ndarray, src: Source, scheme: Scheme,
+                 seed: int) -> dict:
+    with h5py.File(path, "w") as f:
         ds = _create_x(f, len(x), src)
         if len(x):
             ds[...] = x
@@ -157,5 +178,5 @@ def write_test_file(src: Source, scheme: Scheme, seed: int, tmp: Path) -> dict:
         f.attrs["class_counts"] = counts
     h = ContentHash()
     h.add_x(x.astype(src.x_dtype, copy=False))
-    return {"file": TEST_FILE, "size": int(len(y)), "class_counts": counts.tolist(),
+    return {"file": path.name, "size": int(len(y)), "class_counts": counts.tolist(),
             "sha256": h.finish(y)}

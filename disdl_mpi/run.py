@@ -120,6 +120,9 @@ def scheme_record(cfg: RunConfig, res: SchemeResult, phases: dict, *, info, mach
         "threads_per_rank": machine["threads_per_rank"], "wall_s": wall,
         "train_s": res.train_s, "global_batch_size": cfg.global_batch_size,
         "batching": cfg.batching, "per_rank_accuracy": res.per_rank_accuracy,
+        "domain_accuracy": res.domain_accuracy,
+        "domain_accuracy_mean": (sum(res.domain_accuracy) / len(res.domain_accuracy)
+                                 if res.domain_accuracy else None),
         "epochs_log": res.epochs_log,
         "grad_bytes": sum(p.numel() * p.element_size() for p in res.model.parameters()
                           if p.requires_grad),
@@ -164,12 +167,16 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
     if mismatch:
         raise UserError(mismatch, collective=True)
     dataset = local.manifest.get("dataset", cfg.dataset)
-    x_train, x_test = standardize(local.x_train, local.x_test, comm, device)
+    domain = local.x_domain_test is not None
+    x_train, tests = standardize(local.x_train, [local.x_test] + (
+        [local.x_domain_test] if domain else []), comm, device)
+    labels = lambda y: torch.as_tensor(y, dtype=torch.long, device=device)  # noqa: E731
     data = RankData(
-        x_train=x_train, y_train=torch.as_tensor(local.y_train, dtype=torch.long, device=device),
-        x_test=x_test, y_test=torch.as_tensor(local.y_test, dtype=torch.long, device=device),
-        sizes=list(local.sizes), num_classes=int(local.num_classes),
-        sample_shape=tuple(local.sample_shape))
+        x_train=x_train, y_train=labels(local.y_train), x_test=tests[0],
+        y_test=labels(local.y_test), sizes=list(local.sizes),
+        num_classes=int(local.num_classes), sample_shape=tuple(local.sample_shape),
+        x_domain=tests[1] if domain else None,
+        y_domain=labels(local.y_domain_test) if domain else None)
     model_name = cfg.model if cfg.model != "auto" else ("cnn" if len(data.sample_shape) == 3
                                                          else "mlp")
     machine = machine_info(info, device, threads, detect_cuda_aware(cfg.cuda_aware).reason)

@@ -21,7 +21,7 @@ from disdl_mpi.comm.model_sync import broadcast_module_
 from disdl_mpi.comm.world import RankInfo
 from disdl_mpi.config import RunConfig
 from disdl_mpi.device import seed_everything
-from disdl_mpi.evaluate import evaluate_per_rank, evaluate_sharded
+from disdl_mpi.evaluate import count_correct, evaluate_per_rank, evaluate_sharded
 from disdl_mpi.files import jsonable
 from disdl_mpi.models import build_model
 from disdl_mpi.norms import get_scheme, norm_state_ids
@@ -51,6 +51,8 @@ class RankData:
     sizes: list[int]
     num_classes: int
     sample_shape: tuple[int, ...]
+    x_domain: Optional[torch.Tensor] = None   # feature shift: this rank's own-domain test split
+    y_domain: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -108,6 +110,7 @@ class SchemeResult:
     epochs_log: list[dict] = field(default_factory=list)
     skipped_steps: int = 0
     time_to_accuracy: Optional[dict] = None   # first epoch/time at --target-accuracy
+    domain_accuracy: Optional[list[float]] = None  # each rank on its own domain (feature shift)
 
 
 def total_steps(cfg: RunConfig, plan: BatchPlan) -> tuple[int, int]:
@@ -153,6 +156,7 @@ class SchemeTraining:
         self.log: list[dict] = []
         self.loss_sum = np.zeros(2, dtype=np.float64)  # [sum of sample losses, samples]
         self.reached: Optional[dict] = None   # when --target-accuracy was first met
+        self.domain_acc: Optional[list[float]] = None
 
     # ----------------------------------------------------------------- restore
     def restore(self, loaded: Loaded) -> None:
@@ -300,10 +304,16 @@ class SchemeTraining:
             data = self.data
             if self.scheme.recalibrate is not None:
                 self.scheme.recalibrate(self.model, data.x_train, self.cfg.global_batch_size)
+            if not self.scheme.per_rank_eval:
+                # Like DDP's broadcast_buffers: running statistics come from rank 0.
+                broadcast_module_(self.model, self.comm, buffers_only=True,
+                                  exclude=self.local_ids)
+            if data.x_domain is not None:  # each rank's model on its own domain's split
+                own = count_correct(self.model, data.x_domain, data.y_domain)
+                self.domain_acc = [float(a) for a in self.comm.allgather(
+                    own / max(1, len(data.y_domain)))]
             if self.scheme.per_rank_eval:
                 return evaluate_per_rank(self.model, data.x_test, data.y_test, self.comm)
-            # Like DDP's broadcast_buffers: running statistics come from rank 0.
-            broadcast_module_(self.model, self.comm, buffers_only=True, exclude=self.local_ids)
             return self.ctx.hooks.evaluate(self.model, data.x_test, data.y_test, self.comm), None
 
     def finish(self) -> SchemeResult:
@@ -320,7 +330,8 @@ class SchemeTraining:
             samples=self.samples, train_s=self.train_s, phases=self.timer.totals(),
             allreduce_path=self.reducer.path,
             cuda_awareness=awareness.reason if awareness is not None else None,
-            epochs_log=self.log, skipped_steps=self.skipped, time_to_accuracy=self.reached)
+            epochs_log=self.log, skipped_steps=self.skipped, time_to_accuracy=self.reached,
+            domain_accuracy=self.domain_acc)
 
 
 def train_scheme(ctx: TrainContext, norm_name: str) -> SchemeResult:

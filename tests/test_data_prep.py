@@ -253,3 +253,37 @@ def test_every_partition_file_honours_the_umask(tmp_path):
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "p").iterdir()}
     assert modes == {"partition.json": 0o644, "rank_00000.h5": 0o644, "rank_00001.h5": 0o644,
                      "test.h5": 0o644}
+
+
+def test_feature_shift_gives_each_rank_its_own_domain(tmp_path):
+    """feature:mixed: IID labels, rank r's images through its own transform (training and its
+    own test split); test.h5 is the union of the domain splits."""
+    m = build_partitions("digits", 4, "feature:mixed", 3, tmp_path / "f")
+    assert m["scheme"] == "feature:mixed" and len(m["domains"]) == 4
+    assert [d["rotate_quarter_turns"] for d in m["domains"]] == [0, 1, 2, 3]
+    assert m["domains"][0]["contrast"] == 1.0 and m["domains"][0]["noise"] == 0.0
+    assert m["domains"][0]["value_max"] == 16.0
+    iid = build_partitions("digits", 4, "iid", 3, tmp_path / "i")
+    with h5py.File(tmp_path / "f" / "rank_00000.h5") as f0, \
+            h5py.File(tmp_path / "i" / "rank_00000.h5") as i0:
+        assert np.array_equal(f0["x"][...], i0["x"][...])   # domain 0 is the identity
+        assert np.array_equal(f0["y"][...], i0["y"][...])
+    with h5py.File(tmp_path / "f" / "rank_00003.h5") as f3, \
+            h5py.File(tmp_path / "i" / "rank_00003.h5") as i3:
+        assert np.array_equal(f3["y"][...], i3["y"][...])   # same labels, other inputs
+        assert not np.array_equal(f3["x"][...], i3["x"][...])
+        assert f3["x"][...].max() <= 16
+    splits = m["domain_tests"]
+    assert [e["file"] for e in splits] == [f"test_rank_{r:05d}.h5" for r in range(4)]
+    assert sum(e["size"] for e in splits) == m["test"]["size"]
+    with h5py.File(tmp_path / "f" / "test.h5") as t:
+        union = sorted(map(bytes, t["x"][...]))
+    parts = []
+    for e in splits:
+        with h5py.File(tmp_path / "f" / e["file"]) as f:
+            parts += list(map(bytes, f["x"][...]))
+    assert sorted(parts) == union
+    again = build_partitions("digits", 4, "feature:mixed", 3, tmp_path / "g")
+    assert [e["sha256"] for e in again["ranks"]] == [e["sha256"] for e in m["ranks"]]
+    with pytest.raises(DataPrepError, match="domain kind must be one of"):
+        parse_scheme("feature:blur")

@@ -143,3 +143,15 @@ def test_lr_schedule_and_time_to_accuracy_are_recorded(digits_partitions, tmp_pa
         first = next(e for e in rec["epochs_log"] if e["test_accuracy"] >= 0.2)
         assert tta == {"target": 0.2, "epoch": first["epoch"], "step": first["step"],
                        "train_s": first["wall_s"]}, rec
+
+
+def test_feature_shift_records_each_ranks_own_domain_accuracy(digits_partition, tmp_path):
+    data = digits_partition(2, "feature:mixed")
+    out = tmp_path / "o"
+    run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(data), "--norm", "bn,fedbn",
+                "--epochs", "2", "--out", str(out)], timeout=180, check=True)
+    for rec in json.loads((out / "summary.json").read_text())["runs"]:
+        dom = rec["domain_accuracy"]
+        assert len(dom) == 2 and all(0.0 <= a <= 1.0 for a in dom), rec
+        assert rec["domain_accuracy_mean"] == sum(dom) / 2
+        assert rec["partition"] == "feature:mixed"

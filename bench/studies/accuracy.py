@@ -134,6 +134,7 @@ def point_row(rec: dict, skew: str, seed: int, ranks: int, pseed: int, tv: float
         "samples_per_s": float(rec.get("samples_per_s", 0.0)),
         "compute_s": float(phases.get("compute", 0.0)), "comm_s": float(phases.get("comm", 0.0)),
         "per_rank_accuracy": rec.get("per_rank_accuracy"),
+        "domain_accuracy_mean": rec.get("domain_accuracy_mean"),
         "curve": [float(e["test_accuracy"]) for e in rec.get("epochs_log", [])],
         "attempt": rec.get("attempt"),
     }

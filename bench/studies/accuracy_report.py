@@ -17,7 +17,7 @@ from disdl_mpi.files import atomic_path, comm_share, markdown_table, write_text
 
 CSV_COLUMNS = ("norm", "skew", "seed", "test_accuracy", "epochs", "wall_s", "ranks",
                "partition_seed", "label_skew_tv", "train_s", "samples_per_s", "compute_s",
-               "comm_s", "per_rank_accuracy_min", "per_rank_accuracy_max")
+               "comm_s", "per_rank_accuracy_min", "per_rank_accuracy_max", "domain_accuracy_mean")
 REFERENCE = ("bn", "iid")  # the IID-BatchNorm reference every gap is measured against
 
 
@@ -32,7 +32,9 @@ def write_csv(path: Path, rows: Sequence[dict]) -> None:
                     f"{r['wall_s']:.3f}", r["ranks"], r["partition_seed"],
                     f"{r['label_skew_tv']:.4f}", f"{r['train_s']:.3f}",
                     f"{r['samples_per_s']:.1f}", f"{r['compute_s']:.4f}", f"{r['comm_s']:.4f}",
-                    f"{min(pra):.6f}" if pra else "", f"{max(pra):.6f}" if pra else ""])
+                    f"{min(pra):.6f}" if pra else "", f"{max(pra):.6f}" if pra else "",
+                    "" if r.get("domain_accuracy_mean") is None
+                    else f"{r['domain_accuracy_mean']:.6f}"])
     write_text(path, buf.getvalue())
 
 
@@ -98,6 +100,16 @@ def markdown(rows: Sequence[dict], norms: Sequence[str], skews: Sequence[str],
     lines.append(markdown_table(["scheme", *skews], [
         [n, *(f"{100 * (stats[(n, s)][0] - ref[0]):+.1f}" if (n, s) in stats and ref[2] else "—"
               for s in skews)] for n in norms]))
+    domain = [r for r in rows if r.get("domain_accuracy_mean") is not None]
+    if domain:
+        dstats = cell_stats(domain, "domain_accuracy_mean")
+        dskews = [s for s in skews if any(r["skew"] == s for r in domain)]
+        lines += ["", "Feature shift: mean over ranks of each rank's accuracy on its OWN "
+                  "domain's test split (%, mean ± std over seeds); the tables above give the "
+                  "accuracy on the union of all domains.", ""]
+        lines.append(markdown_table(["scheme", *dskews], [
+            [n, *(f"{_pct(dstats[(n, s)][0])} ± {_pct(dstats[(n, s)][1])}"
+                  if (n, s) in dstats else "—" for s in dskews)] for n in norms]))
     lines += ["", "Time per scheme, mean over all skews and seeds: `train_s` = the training "
               "steps only (the cost of the scheme), `wall_s` = the run's whole time for the "
               "scheme (training, per-epoch evaluation, model build); `× bn` compares train_s; "

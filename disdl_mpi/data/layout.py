@@ -17,6 +17,11 @@ def rank_file(rank: int) -> str:
     return f"rank_{rank:05d}.h5"
 
 
+def domain_test_file(rank: int) -> str:
+    """Rank r's own-domain test split (feature-shift partitions only)."""
+    return f"test_rank_{rank:05d}.h5"
+
+
 class ContentHash:
     """sha256 over a partition's content: the x bytes (C order) then the y bytes (int64 LE).
 

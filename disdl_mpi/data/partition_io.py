@@ -12,12 +12,12 @@ import json
 from collections import Counter
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, Optional
 
 import h5py
 import numpy as np
 
-from disdl_mpi.data.layout import MANIFEST, TEST_FILE, ContentHash, rank_file
+from disdl_mpi.data.layout import MANIFEST, TEST_FILE, ContentHash, domain_test_file, rank_file
 
 from disdl_mpi.comm.world import UserError
 
@@ -46,6 +46,8 @@ class LocalData:
     sizes: list[int]          # every rank's training size, rank order
     manifest: dict
     manifest_sha256: str
+    x_domain_test: Optional[np.ndarray] = None   # feature shift: this rank's own-domain split
+    y_domain_test: Optional[np.ndarray] = None
 
 
 def _ranks_text(ranks: list[int]) -> str:
@@ -131,6 +133,13 @@ def _read_manifest(path: Path, world_size: int) -> tuple[dict | None, str, list[
     if not (isinstance(t, dict) and t.get("file") == TEST_FILE and is_int(t.get("size"))
             and isinstance(t.get("sha256"), str)):
         bad("test", f"must be {{file: {TEST_FILE!r}, size, sha256}}, got {t!r:.200}")
+    dom = m.get("domain_tests")
+    if dom is not None and not (isinstance(dom, list) and is_int(n, 1) and len(dom) == n and all(
+            isinstance(e, dict) and e.get("rank") == i and e.get("file") == domain_test_file(i)
+            and is_int(e.get("size")) and isinstance(e.get("sha256"), str)
+            for i, e in enumerate(dom))):
+        bad("domain_tests", f"must be {n} entries {{rank, file, size, sha256}}, got "
+                            f"{dom!r:.200}")
     return (None if probs else m), digest, probs
 
 
@@ -228,6 +237,12 @@ def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True) -> L
     xt, yt, tprobs = _read_h5(data_dir / TEST_FILE, m, m["test"]["size"], m["test"]["sha256"],
                               verify_hash, {"num_classes": m["num_classes"]}, [])
     probs += tprobs
+    xd = yd = None
+    if m.get("domain_tests") is not None:
+        e = m["domain_tests"][rank]
+        xd, yd, dprobs = _read_h5(data_dir / e["file"], m, e["size"], e["sha256"], verify_hash,
+                                  {"num_classes": m["num_classes"]}, [])
+        probs += dprobs
     # One allgather carries every rank's findings, its sample shape (the cross-rank check,
     # which does not trust the manifest) and its size.
     mine = (header[0] if header else None, None if y is None else len(y))
@@ -238,4 +253,5 @@ def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True) -> L
     _raise_if_any(data_dir, probs_all)
     return LocalData(x_train=x, y_train=y, x_test=xt, y_test=yt,
                      num_classes=int(m["num_classes"]), sample_shape=tuple(m["sample_shape"]),
-                     sizes=[n for _, (_, n) in gathered], manifest=m, manifest_sha256=digest)
+                     sizes=[n for _, (_, n) in gathered], manifest=m, manifest_sha256=digest,
+                     x_domain_test=xd, y_domain_test=yd)
