@@ -154,6 +154,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="replace a different partition already in --out")
     p.add_argument("--test-fraction", type=float, default=None,
                    help="stratified test split for sources without one (default 0.2)")
+    p.add_argument("--train-subset", type=int, default=None,
+                   help="a fixed class-stratified subset of N training samples (the test set "
+                        "stays whole)")
     g = p.add_argument_group("synthetic source")
     g.add_argument("--num-samples", type=int, help="training samples (default 10000)")
     g.add_argument("--num-test", type=int, help="test samples (default 2000)")
@@ -175,7 +178,7 @@ def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     opts = {"num_samples": args.num_samples, "num_test": args.num_test, "shape": args.shape,
             "num_classes": args.num_classes, "dtype": args.dtype,
-            "test_fraction": args.test_fraction}
+            "test_fraction": args.test_fraction, "train_subset": args.train_subset}
     try:
         manifest = build_partitions(args.dataset, args.ranks, args.partition, args.seed, args.out,
                                     source_dir=args.source_dir, min_per_rank=args.min_per_rank,

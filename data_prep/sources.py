@@ -199,12 +199,37 @@ def installed_dir(name: str) -> Path:
         f"four IDX files ({', '.join(IDX_FILES)}; raw or .gz)")
 
 
+def train_subset(src: "ArraySource", n: int) -> "ArraySource":
+    """A fixed, class-stratified subset of ``n`` training samples (the same for every seed,
+    so studies that vary the seed vary only the partition and the training); the test set
+    stays whole."""
+    total = src.n_train
+    if not 0 < n <= total:
+        raise DataPrepError(f"--train-subset must be in 1..{total}, got {n}")
+    rng = np.random.default_rng(0xF1)
+    counts = np.bincount(src.y_train, minlength=src.num_classes)
+    take = np.floor(counts * n / total).astype(np.int64)
+    take[np.argsort(-(counts * n / total - take))[:n - int(take.sum())]] += 1
+    keep = np.concatenate([rng.permutation(np.flatnonzero(src.y_train == c))[:k]
+                           for c, k in enumerate(take)])
+    keep.sort()
+    src.x_train, src.y_train = src.x_train[keep], src.y_train[keep]
+    src.options["train_subset"] = int(n)
+    return src
+
+
 def open_source(dataset: str, source_dir: str | Path | None = None, *, seed: int = 0,
                 **opts) -> Source:
     """Open a source by name; ``opts`` are source options (``python -m data_prep.partition -h``)."""
     name = (dataset or "").lower()
     opts = {k: v for k, v in opts.items() if v is not None}
     test_fraction = float(opts.pop("test_fraction", DEFAULT_TEST_FRACTION))
+    subset = opts.pop("train_subset", None)
+    if subset is not None:
+        if name == "synthetic":
+            raise DataPrepError("--train-subset: synthetic data has --num-samples instead")
+        return train_subset(open_source(dataset, source_dir, seed=seed,
+                                        test_fraction=test_fraction, **opts), int(subset))
     if name == "synthetic":
         from .synthetic import SyntheticSource
         return SyntheticSource(seed=seed, **opts)

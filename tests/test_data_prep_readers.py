@@ -220,3 +220,15 @@ def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
     text = str(err.value)
     assert "apt-get install dataset-fashion-mnist" in text and "--source-dir" in text
     assert "train-images-idx3-ubyte.gz" in text and str(tmp_path / "nowhere") in text
+
+
+def test_a_fixed_stratified_training_subset(tmp_path):
+    _fashion_mnist_or_skip()
+    m = build_partitions("fashion-mnist", 2, "iid", 0, tmp_path / "a", train_subset=6000)
+    assert m["train_size"] == 6000 and m["class_counts"] == [600] * 10
+    assert m["test"]["size"] == 10000 and m["source_options"]["train_subset"] == 6000
+    other_seed = build_partitions("fashion-mnist", 2, "iid", 1, tmp_path / "b",
+                                  train_subset=6000)
+    assert other_seed["source_sha256"] == m["source_sha256"]
+    with pytest.raises(DataPrepError, match="--train-subset must be in 1..60000"):
+        build_partitions("fashion-mnist", 2, "iid", 0, tmp_path / "c", train_subset=0)

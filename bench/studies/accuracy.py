@@ -79,6 +79,9 @@ def build_parser() -> argparse.ArgumentParser:
                         "(explicit --seeds/--epochs/--skew still win)")
     p.add_argument("--dataset", default="digits", help="source to partition (see data_prep)")
     p.add_argument("--source-dir", default=None, help="raw files of mnist/cifar/npz sources")
+    p.add_argument("--train-subset", type=int, default=None,
+                   help="a fixed class-stratified subset of N training samples for every "
+                        "partition (the test set stays whole)")
     p.add_argument("--model", default="auto", help="cnn, resnet20, mlp, auto")
     p.add_argument("--run-args", default="",
                    help="extra options for disdl_mpi.run, one string (e.g. '--lr 0.1')")
@@ -201,9 +204,11 @@ class Study:
             for skew in self.skews:
                 pseed = seed if args.partition_seed is None else args.partition_seed
                 fingerprint = {"ranks": args.ranks, "dataset": args.dataset, "skew": skew,
-                               "seed": seed, "partition_seed": pseed, "run_args": self.run_args}
+                               "seed": seed, "partition_seed": pseed, "run_args": self.run_args,
+                               "train_subset": args.train_subset}
                 job = Job(skew, seed, [], partition_dir(self.data_root, args.dataset, skew,
-                                                        args.ranks, pseed),
+                                                        args.ranks, pseed,
+                                                        train_subset=args.train_subset),
                           self.out / "runs" / f"{spec_tag(skew)}-s{seed}", fingerprint,
                           self.run_args)
                 for norm in self.norms:
@@ -338,7 +343,8 @@ def run_study(study: Study) -> int:
         try:
             manifest = ensure_partition(job.data_dir, args.dataset, args.ranks, job.partition,
                                         job.fingerprint["partition_seed"],
-                                        source_dir=args.source_dir)
+                                        source_dir=args.source_dir,
+                                        train_subset=args.train_subset)
         except Exception as exc:
             raise StudyError(f"partition {job.data_dir} ({args.dataset}, {job.partition}, "
                              f"{args.ranks} ranks, seed {job.fingerprint['partition_seed']}): "
