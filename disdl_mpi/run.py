@@ -5,6 +5,7 @@ requested normalization scheme is trained in turn from the same initial weights 
 """
 from __future__ import annotations
 
+import atexit
 import contextlib
 import io
 import os
@@ -32,6 +33,7 @@ from disdl_mpi.observe.results import format_table, write_metrics, write_summary
 from disdl_mpi.observe.timeline import TraceRecorder
 from disdl_mpi.observe.timing import detail_requested, phase_summary, timing_fields
 from disdl_mpi.reliability.checkpoint import Checkpointer, Loaded, parse_every, rng_state
+from disdl_mpi.reliability import outlock
 from disdl_mpi.reliability.guards import SignalWatch, StepGuard
 from disdl_mpi.trainer import RankData, SchemeResult, TrainContext, TrainHooks, train_scheme
 
@@ -149,10 +151,17 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
         comm = CheckedComm(comm, CollectiveChecker(comm))
     errors = config_errors(cfg, comm.Get_size())
     out = cfg.resolved_out()
+    lock_note = None
     if rank == 0 and not errors:
         err = check_output_dir(out)
+        if err is None:
+            err, lock_note = outlock.acquire(out)
+            if err is None:  # held until this process ends, however it ends
+                atexit.register(outlock.release, out)
         errors += [err] if err else []
     agree_or_raise(comm, "\n".join(errors) if errors else None)
+    if lock_note:
+        log(lock_note)
     norms = cfg.schemes()
 
     # 2. this rank: device, threads, seeds; 3. its private partition

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import shutil
 import signal
+import subprocess
 import time
 from pathlib import Path
 
@@ -205,3 +207,48 @@ def test_bad_configuration_is_refused_before_training(parts, tmp_path):
                        "mnist", "--out", str(tmp_path / "o2")], timeout=120)
     assert proc.returncode == 2
     assert proc.stderr.count("field 'dataset' is 'digits'") == 1 and "epoch" not in proc.stdout
+
+
+def test_a_second_run_into_a_busy_out_is_refused_and_a_dead_holder_is_taken_over(parts,
+                                                                                  tmp_path):
+    out = tmp_path / "out"
+    args = ["--data-dir", str(parts["n2"]), "--norm", "gn", "--global-batch-size", "64",
+            "--out", str(out)]
+    first = Job(2, [*args, "--steps", "400"], tmp_path, env={"FAULT_STEP_SLEEP": "0.05"})
+    try:
+        pids = first.rank_pids()
+        first.wait_for_step("gn", 2)
+        second = run_mpi(2, ["-m", "disdl_mpi.run", *args, "--steps", "2"], timeout=60)
+        assert second.returncode == 2, second.stderr
+        assert f"--out {out} is in use by another run" in second.stderr
+        assert f"pid {pids[0]}, started " in second.stderr and "host " in second.stderr
+        assert second.stderr.count("in use by another run") == 1
+        assert not (out / "checkpoints").exists() or not list(out.glob("checkpoints/.tmp*"))
+    finally:
+        first.kill()
+    third = run_mpi(2, ["-m", "disdl_mpi.run", *args, "--steps", "2"], timeout=120, check=True)
+    assert f"took over the lock of a run that is gone (pid {pids[0]}" in third.stdout
+    assert json.loads((out / "summary.json").read_text())["runs"][0]["steps"] == 2
+    assert not (out / ".lock").exists()  # released at the end
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_folder_and_leaves_no_partial(parts,
+                                                                                tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], check=True)
+    try:
+        proc = run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(parts["n2"]), "--norm",
+                           "gn", "--model", "resnet20", "--steps", "3", "--checkpoint-every",
+                           "1", "--global-batch-size", "32", "--out", str(disk / "out")],
+                       timeout=180)
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "checkpoint not written" in proc.stderr
+        assert f"checkpoint folder {disk / 'out' / 'checkpoints'}" in proc.stderr
+        assert "No space left on device" in proc.stderr
+        assert not list((disk / "out" / "checkpoints").glob(".tmp-ckpt-*"))
+        assert not list((disk / "out" / "checkpoints").rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)

@@ -211,3 +211,16 @@ def test_cifar_sbatch_refuses_missing_data_before_any_work(tmp_path, cifar_dir, 
                           capture_output=True, text=True, timeout=30, env=env)
     assert proc.returncode == 2 and message in proc.stderr
     assert not (tmp_path / "results").exists()
+
+
+def test_markdown_time_table_has_every_scheme_and_domain_table():
+    from bench.studies.accuracy_report import markdown
+    rows = [{"norm": n, "skew": s, "seed": 0, "test_accuracy": a, "label_skew_tv": 0.1,
+             "train_s": t, "wall_s": t + 1, "comm_s": 1.0, "compute_s": 3.0,
+             "domain_accuracy_mean": 0.5 if s == "feature:mixed" else None}
+            for n, t in (("bn", 2.0), ("fedbn", 3.0)) for s, a in (("iid", 0.9),
+                                                                   ("feature:mixed", 0.7))]
+    md = markdown(rows, ["bn", "fedbn"], ["iid", "feature:mixed"],
+                  {"ranks": 2, "dataset": "d", "model": "m"})
+    assert "| bn | 2.0 | 1.00 | 3.0 | 25 % |" in md and "| fedbn | 3.0 | 1.50 | 4.0 | 25 % |" in md
+    assert "OWN domain" in md and "| fedbn | 50.0 ± 0.0 |" in md

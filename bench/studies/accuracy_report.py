@@ -83,7 +83,7 @@ def markdown(rows: Sequence[dict], norms: Sequence[str], skews: Sequence[str],
               "scheme per skew in bold.", ""]
     best = {s: max((n for n in norms if (n, s) in stats), key=lambda n: stats[(n, s)][0],
                    default=None) for s in skews}
-    rows = []
+    table = []
     for n in norms:
         cells = []
         for s in skews:
@@ -93,8 +93,8 @@ def markdown(rows: Sequence[dict], norms: Sequence[str], skews: Sequence[str],
             m, sd, k = stats[(n, s)]
             text = f"{_pct(m)} ± {_pct(sd)} (n={k})" if k > 1 else f"{_pct(m)} (n=1)"
             cells.append(f"**{text}**" if best[s] == n else text)
-        rows.append([n, *cells])
-    lines.append(markdown_table(["scheme", *skews], rows))
+        table.append([n, *cells])
+    lines.append(markdown_table(["scheme", *skews], table))
     lines += ["", f"Gap to the IID-BatchNorm reference ({_pct(ref[0])} %, "
               f"n={ref[2]}), in accuracy points (negative = worse than the reference).", ""]
     lines.append(markdown_table(["scheme", *skews], [
@@ -114,7 +114,7 @@ def markdown(rows: Sequence[dict], norms: Sequence[str], skews: Sequence[str],
               "steps only (the cost of the scheme), `wall_s` = the run's whole time for the "
               "scheme (training, per-epoch evaluation, model build); `× bn` compares train_s; "
               "comm share = exposed communication / (compute + communication), rank means.", ""]
-    rows = []
+    table = []
     per_norm = {n: [r for r in rows if r["norm"] == n] for n in norms}
     bn_train = mean_std(r["train_s"] for r in per_norm.get("bn", []))[0]
     for n in norms:
@@ -126,17 +126,17 @@ def markdown(rows: Sequence[dict], norms: Sequence[str], skews: Sequence[str],
         comp = sum(r["compute_s"] for r in per_norm[n])
         share = f"{100 * comm_share(comp, comm):.0f} %" if comm + comp > 0 else "n/a"
         ratio = f"{t / bn_train:.2f}" if bn_train and not math.isnan(bn_train) else "n/a"
-        rows.append([n, f"{t:.1f}", ratio, f"{w:.1f}", share])
-    lines.append(markdown_table(["scheme", "train_s", "× bn", "wall_s", "comm share"], rows))
+        table.append([n, f"{t:.1f}", ratio, f"{w:.1f}", share])
+    lines.append(markdown_table(["scheme", "train_s", "× bn", "wall_s", "comm share"], table))
     lines += ["", "Label skew of each partition spec: mean over ranks (weighted by size) of the "
               "total-variation distance between a rank's label histogram and the global one "
               "(0 = IID, 1 = disjoint labels), mean over the partition seeds used.", ""]
-    rows = []
+    table = []
     for s in skews:
         vals = [v for (n, sk), v in tv.items() if sk == s]
         if vals:
-            rows.append([s, f"{vals[0][0]:.3f}"])
-    lines.append(markdown_table(["skew", "label-skew TV"], rows))
+            table.append([s, f"{vals[0][0]:.3f}"])
+    lines.append(markdown_table(["skew", "label-skew TV"], table))
     lines += ["", "Best scheme per skew and its distance to the reference:", ""]
     for s in skews:
         if best[s] is None:

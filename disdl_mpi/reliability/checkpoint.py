@@ -230,6 +230,12 @@ class Checkpointer:
                     self._prune()
                 except OSError as exc:
                     error = f"checkpoint not written: {exc}"
+            if error:
+                # A full disk (or any write error) leaves no half-written checkpoint behind.
+                shutil.rmtree(tmp, ignore_errors=True)
+                error = (f"{error} (checkpoint folder {self.root}; the partial "
+                         f"{tmp.name} was removed; the last committed checkpoint, if any, is "
+                         f"intact)")
         error, final = comm.bcast((error, final), root=0)
         if error:
             raise CheckpointError(error)
