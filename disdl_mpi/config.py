@@ -61,6 +61,7 @@ class RunConfig:
     checkpoint_every: Optional[str] = None
     resume: Optional[str] = None
     on_nan: str = "stop"
+    stall_timeout: Optional[float] = None
 
     def schemes(self) -> list[str]:
         """The schemes to train, in order (ValueError naming an unknown one)."""
@@ -173,6 +174,10 @@ def build_parser() -> argparse.ArgumentParser:
     g.add_argument("--resume", default=d.resume, help="auto, or a checkpoint path")
     g.add_argument("--on-nan", choices=["stop", "skip"], default=d.on_nan,
                    help="what to do when the loss or a gradient is NaN/Inf on any rank")
+    g.add_argument("--stall-timeout", type=float, default=d.stall_timeout, metavar="SECONDS",
+                   help="when a rank has been stuck this long (e.g. in a collective), name the "
+                        "ranks that have not arrived and where the others wait, then end the "
+                        "job with exit code 5")
     return p
 
 
@@ -208,6 +213,8 @@ def config_errors(cfg: RunConfig, world_size: int) -> list[str]:
         errors.append("--norm bn-carry: its statistics ride in the gradient allreduce as raw "
                       "sums, which --compress fp16 cannot hold; use --compress none (or list "
                       "the schemes without bn-carry: 'all' includes it)")
+    if cfg.stall_timeout is not None and not cfg.stall_timeout > 0:
+        errors.append(f"--stall-timeout must be positive, got {cfg.stall_timeout}")
     if cfg.bucket_mb < 0:
         errors.append(f"--bucket-mb must be >= 0, got {cfg.bucket_mb}")
     try:

@@ -35,6 +35,7 @@ from disdl_mpi.observe.timing import detail_requested, phase_summary, timing_fie
 from disdl_mpi.reliability.checkpoint import Checkpointer, Loaded, parse_every, rng_state
 from disdl_mpi.reliability import outlock
 from disdl_mpi.reliability.guards import SignalWatch, StepGuard
+from disdl_mpi.reliability.watchdog import StallWatchdog
 from disdl_mpi.trainer import RankData, SchemeResult, TrainContext, TrainHooks, train_scheme
 
 
@@ -223,7 +224,9 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
                        wait_comm=comm.Dup() if detail_requested(cfg.timeline) else None,
                        trace=TraceRecorder(comm) if cfg.timeline else None,
                        guard=StepGuard(comm, watch), checkpointer=ckpt,
-                       checkpoint_every=parse_every(cfg.checkpoint_every))
+                       checkpoint_every=parse_every(cfg.checkpoint_every),
+                       watchdog=(StallWatchdog(comm, cfg.stall_timeout)
+                                 if cfg.stall_timeout else None))
 
     # 5. every scheme in turn, results written after each
     for index, name in enumerate(norms):
@@ -256,6 +259,8 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
                        "run": jsonable({"scheme_index": index + 1, "records": records})},
                       {"rng": rng_state()}, label=f"after scheme {name}")
     progress.close()
+    if ctx.watchdog is not None:
+        ctx.watchdog.enter(-1, "writing results")
 
     # 6. the end: timeline, final table
     if watch.received is not None:
@@ -264,6 +269,8 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
         ctx.trace.write(comm, cfg.timeline, metadata=machine)
         log(f"timeline: {cfg.timeline} (chrome://tracing or ui.perfetto.dev)")
     comm.Barrier()
+    if ctx.watchdog is not None:
+        ctx.watchdog.close()
     log("\n" + format_table(records))
     log(f"\nresults: {out}")
     return 0

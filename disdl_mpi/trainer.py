@@ -31,6 +31,7 @@ from disdl_mpi.reliability.checkpoint import (Checkpointer, Loaded, model_parts,
                                               rng_state, set_rng_state)
 from disdl_mpi.reliability.guards import (GradFiniteProbe, NumericalError, Preempted,
                                           StepDecision, StepGuard, signal_name)
+from disdl_mpi.reliability.watchdog import StallWatchdog
 from disdl_mpi.schedule import lr_factor
 from disdl_mpi.step import LossFn, StepResult, summed_cross_entropy, sync_step
 
@@ -90,6 +91,7 @@ class TrainContext:
     scheme_index: int = 0                         # position in the run's scheme list
     run_records: list[dict] = field(default_factory=list)   # finished schemes, for checkpoints
     resume: Optional[Loaded] = None               # positioned inside this scheme
+    watchdog: Optional[StallWatchdog] = None      # --stall-timeout
 
 
 @dataclass
@@ -143,7 +145,12 @@ class SchemeTraining:
         self.plan = BatchPlan(data.sizes, comm.Get_rank(), cfg.global_batch_size, cfg.batching)
         self.epochs, self.max_steps = total_steps(cfg, self.plan)
         self.warmup_steps = round(cfg.warmup_epochs * self.plan.steps_per_epoch)
-        self.timer = PhaseTimer(ctx.device, wait_comm=ctx.wait_comm, trace=ctx.trace)
+        self.timer = PhaseTimer(ctx.device, wait_comm=ctx.wait_comm, trace=ctx.trace,
+                                on_phase=ctx.watchdog.enter if ctx.watchdog else None)
+        if ctx.watchdog is not None:
+            reducer = self.reducer
+            ctx.watchdog.detail = lambda: ("" if reducer.waiting_for is None
+                                           else f"gradient bucket {reducer.waiting_for}")
         self.probe = GradFiniteProbe(self.model) if ctx.guard is not None else None
         self.norm_comm_start = self.scheme.comm_seconds()
         self.guard_start = ctx.guard.seconds if ctx.guard is not None else 0.0

@@ -252,3 +252,24 @@ def test_a_full_disk_during_a_checkpoint_names_the_folder_and_leaves_no_partial(
         assert not list((disk / "out" / "checkpoints").rglob("*.tmp"))
     finally:
         subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_stopped_rank_is_named_by_the_stall_watchdog(parts, tmp_path):
+    """SIGSTOP one rank mid-training: with --stall-timeout the others name it and where they
+    wait, and the job ends with exit code 5 instead of hanging; nothing survives."""
+    job = Job(2, ["--data-dir", str(parts["n2"]), "--norm", "gn", "--steps", "400",
+                  "--global-batch-size", "64", "--stall-timeout", "3",
+                  "--out", str(tmp_path / "out")], tmp_path, env={"FAULT_STEP_SLEEP": "0.05"})
+    rc, _, stderr, elapsed, pids = job.signal_at_step("gn", 3, [1], signal.SIGSTOP, 60)
+    assert rc == 5, stderr
+    assert elapsed < 30, f"took {elapsed:.0f} s"
+    assert "stall: no progress for 3 s" in stderr
+    assert "rank 1: has not arrived" in stderr and "rank 0: waiting" in stderr, stderr
+    assert "step " in stderr and "phase " in stderr
+    end = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < end:
+        time.sleep(0.1)
+    for p in pids:
+        if alive(p):
+            os.kill(p, signal.SIGKILL)
+    assert not [p for p in pids if alive(p)], "a rank survived the stalled job"

@@ -136,6 +136,7 @@ class GradientAllreducer:
         self._next = 0           # next bucket index to launch
         self._oldest = 0         # oldest bucket not yet seen complete
         self.step_origin = 0.0   # perf_counter at begin_step
+        self.waiting_for: Optional[int] = None   # the bucket finish_step waits on, if any
         self.events: list[BucketEvent] = []
         self._attach_grads()
 
@@ -310,7 +311,9 @@ class GradientAllreducer:
             self._next += 1
         while self._oldest < self._next:
             b = self.buckets[self._oldest]
+            self.waiting_for = b.index   # read by the stall watchdog's thread
             b.request.Wait()
+            self.waiting_for = None
             self._complete(b)
             self._oldest += 1
         if self.buckets and self.buckets[0].device.type == "cuda":

@@ -78,8 +78,9 @@ class PhaseTimer:
     """
 
     def __init__(self, device: torch.device, *, wait_comm: Any = None,
-                 trace: Any = None) -> None:
+                 trace: Any = None, on_phase: Any = None) -> None:
         self.device = device
+        self.on_phase = on_phase    # (step, phase) at every phase start (the stall watchdog)
         self.cuda = device.type == "cuda"
         self.wait_comm = wait_comm  # a dedicated communicator for the imbalance probe, or None
         self.trace = trace
@@ -129,6 +130,8 @@ class PhaseTimer:
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        if self.on_phase is not None:
+            self.on_phase(self._step_index, name)
         if self.cuda and name in GPU_PHASES:
             ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
             ev0.record()
