@@ -1,14 +1,20 @@
-"""nccl-tests-style allreduce bandwidth table: raw MPI vs disdl_mpi's allreducer vs gloo.
+"""nccl-tests/OSU-style allreduce table: raw MPI vs disdl_mpi's allreducer vs gloo/NCCL.
 
     mpiexec -n 2 python -m bench.allreduce --min-bytes 1K --max-bytes 16M --factor 4
 
 Backends, interleaved per message size so the noisy shared machine affects all alike:
-  mpi    mpi4py ``Allreduce`` in place on a numpy array (the ceiling);
+  mpi    mpi4py ``Allreduce`` on a numpy array (in place, or ``--out-of-place``): the ceiling;
   disdl  GradientAllreducer on a one-parameter "model" of that size, through the real bucketing
          and staging path (gradient marked ready as the autograd hook would; weight 1, a sum);
-  gloo   torch.distributed ``all_reduce`` (gloo on CPU tensors).
-time_us is the mean per iteration, the max over ranks; algbw = bytes / time; busbw = algbw *
-2(n-1)/n (the bytes each link must carry in a ring allreduce, as nccl-tests defines it).
+         ``--compress fp16`` sends it as float16;
+  gloo   torch.distributed ``all_reduce`` on CPU tensors; nccl the same on CUDA (--device cuda).
+Per size: ``--iters`` timed calls, each from a barrier, the slowest rank's time per call; the
+table gives the mean (time_us, algbw, busbw = algbw * 2(n-1)/n as nccl-tests defines it) and
+min/p50/p95/p99/max and the coefficient of variation. Then every backend is checked
+(nccl-tests' -c, on by default): rank r contributes (r+1) + (i mod 7) at element i, and the
+result must be the exact sum; ``#wrong`` counts mismatching elements on any rank (for fp16 on
+the wire the maximum relative error is reported instead). ``--min-busbw G`` exits 1 when a
+size's busbw (of ``disdl``, else the first backend) is below G GB/s: a health check for jobs.
 """
 from __future__ import annotations
 
@@ -16,7 +22,6 @@ import argparse
 import os
 import re
 import sys
-from typing import Callable
 
 import numpy as np
 import torch
@@ -68,34 +73,77 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--iters", "-n", type=int, default=20)
     p.add_argument("--warmup", "-w", type=int, default=5)
     p.add_argument("--bucket-mb", type=float, default=1.0, help="allreducer bucket cap (disdl)")
+    p.add_argument("--compress", choices=["none", "fp16"], default="none",
+                   help="disdl's wire format (fp16: the check reports the max relative error)")
+    p.add_argument("--out-of-place", action="store_true",
+                   help="raw MPI with separate send and receive buffers")
+    p.add_argument("--no-check", dest="check", action="store_false",
+                   help="skip the correctness check of every reduced buffer")
+    p.add_argument("--min-busbw", type=float, default=None, metavar="GBPS",
+                   help="exit 1 when a size's busbw (disdl, else the first backend) is below "
+                        "this (GB/s): a health check for batch jobs")
     add_json(p, "write the rows as JSON (the input of bench.studies.costmodel)")
     return p
 
 
-def _mpi_op(comm: MPI.Comm, count: int, np_dtype) -> Callable[[], None]:
-    buf = np.ones(count, dtype=np_dtype)
-    return lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+class Op:
+    """One backend at one size: ``run()`` is the timed call, ``check()`` the correctness test."""
 
+    def __init__(self, backend: str, comm: MPI.Comm, count: int, np_dtype, t_dtype,
+                 device: torch.device, args: argparse.Namespace) -> None:
+        self.backend, self.comm, self.red = backend, comm, None
+        rank, n = comm.Get_rank(), comm.Get_size()
+        pattern = (rank + 1) + (np.arange(count) % 7)
+        self.expected = n * (n + 1) / 2 + n * (np.arange(count) % 7)
+        if backend == "mpi":
+            self.buf = np.ones(count, dtype=np_dtype)
+            self.out = np.empty_like(self.buf) if args.out_of_place else None
+            self._fill = lambda: self.buf.__setitem__(slice(None), pattern)
+        elif backend == "disdl":
+            model = nn.Module()
+            model.weight = nn.Parameter(torch.zeros(count, dtype=t_dtype, device=device))
+            self.red = GradientAllreducer(model, comm, bucket_mb=args.bucket_mb, overlap=True,
+                                          compress=args.compress)
+            self.param = model.weight
+            self._fill = lambda: self.param.grad.copy_(torch.from_numpy(pattern))
+        else:
+            self.tensor = torch.ones(count, dtype=t_dtype, device=device)
+            self._fill = lambda: self.tensor.copy_(torch.from_numpy(pattern))
 
-def _disdl_op(comm: MPI.Comm, count: int, dtype: torch.dtype, bucket_mb: float,
-              device: torch.device):
-    model = nn.Module()
-    model.weight = nn.Parameter(torch.zeros(count, dtype=dtype, device=device))
-    red = GradientAllreducer(model, comm, bucket_mb=bucket_mb, overlap=True)
-    p = model.weight
+    def run(self) -> None:
+        if self.backend == "mpi":
+            if self.out is None:
+                self.comm.Allreduce(MPI.IN_PLACE, self.buf, op=MPI.SUM)
+            else:
+                self.comm.Allreduce(self.buf, self.out, op=MPI.SUM)
+        elif self.backend == "disdl":
+            self.red.begin_step(1.0)
+            self.red.grad_ready(self.param)  # what the post-accumulate-grad hook does
+            self.red.finish_step()
+        else:
+            import torch.distributed as dist
+            dist.all_reduce(self.tensor)
 
-    def op() -> None:
-        red.begin_step(1.0)
-        red.grad_ready(p)  # what the post-accumulate-grad hook does after backward
-        red.finish_step()
-    return op, red
+    def result(self) -> np.ndarray:
+        if self.backend == "mpi":
+            return self.buf if self.out is None else self.out
+        t = self.param.grad if self.backend == "disdl" else self.tensor
+        return t.detach().double().cpu().numpy()
 
+    def check(self) -> tuple[int, float]:
+        """Collective: (#wrong elements summed over ranks, max relative error over ranks)."""
+        self._fill()
+        self.run()
+        got = np.array(self.result(), dtype=np.float64)
+        if os.environ.get("DISDL_ALLREDUCE_CORRUPT") == str(self.comm.Get_rank()) and len(got):
+            got[0] += 1  # a test's deliberately broken reduction
+        wrong = int(np.count_nonzero(got != self.expected))
+        rel = float(np.max(np.abs(got - self.expected) / self.expected)) if len(got) else 0.0
+        return (self.comm.allreduce(wrong, op=MPI.SUM), self.comm.allreduce(rel, op=MPI.MAX))
 
-def _torch_op(count: int, dtype: torch.dtype, device: torch.device) -> Callable[[], None]:
-    """torch.distributed's all_reduce: gloo on CPU tensors, NCCL on CUDA tensors."""
-    import torch.distributed as dist
-    t = torch.ones(count, dtype=dtype, device=device)
-    return lambda: dist.all_reduce(t)
+    def close(self) -> None:
+        if self.red is not None:
+            self.red.close()
 
 
 def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
@@ -113,40 +161,62 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
     if torch_backend is not None:
         init_torch_distributed(comm, torch_backend)
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
+    fp16_wire = args.compress == "fp16"
     rows: list[dict] = []
     if rank == 0:
         print(f"# disdl-mpi allreduce: {n} ranks, {mpi_library()}, torch {torch.__version__}, "
-              f"iters {args.iters}, warmup {args.warmup}, bucket_mb {args.bucket_mb}")
+              f"iters {args.iters}, warmup {args.warmup}, bucket_mb {args.bucket_mb}, "
+              f"{'out-of-place' if args.out_of_place else 'in place'}, device {args.device}"
+              + (", disdl with fp16 on the wire" if fp16_wire else ""))
         print(f"# {os.environ.get('DISDL_ALLREDUCE_SELECTION', 'MPI default algorithms')}")
-        print(f"# {'backend':>7} {'bytes':>12} {'count':>11} {'dtype':>8} {'time_us':>11} "
-              f"{'algbw_gbps':>11} {'busbw_gbps':>11}")
+        print(f"# {'backend':>7} {'bytes':>11} {'dtype':>8} {'time_us':>10} {'algbw':>8} "
+              f"{'busbw':>8} {'min_us':>9} {'p50_us':>9} {'p95_us':>9} {'p99_us':>9} "
+              f"{'max_us':>9} {'cv':>6} {'#wrong':>7}")
     for nbytes in sizes(args.min_bytes, args.max_bytes, args.factor, elem):
         count = nbytes // elem
         for backend in backends:  # interleaved: every backend at this size, side by side
-            red = None
-            if backend == "mpi":
-                op = _mpi_op(comm, count, np_dtype)
-            elif backend == "disdl":
-                op, red = _disdl_op(comm, count, t_dtype, args.bucket_mb, device)
-            else:
-                op = _torch_op(count, t_dtype, device if backend == "nccl" else torch.device("cpu"))
-            sec = time_variants(comm, {backend: op}, iters=args.iters, warmup=args.warmup,
-                                sync=sync).mean(backend)
-            if red is not None:
-                red.close()
+            op = Op(backend, comm, count, np_dtype, t_dtype,
+                    device if backend in ("disdl", "nccl") else torch.device("cpu"), args)
+            t = time_variants(comm, {backend: op.run}, iters=1, rounds=args.iters,
+                              warmup=args.warmup, sync=sync)
+            wrong, rel = op.check() if args.check else (None, None)
+            op.close()
+            calls = sorted(t.wall[backend])
+            sec = float(np.mean(calls))
             algbw = nbytes / sec / 1e9
-            busbw = algbw * 2 * (n - 1) / n
             row = {"backend": backend, "bytes": nbytes, "count": count, "dtype": args.dtype,
                    "device": "cpu" if backend in ("mpi", "gloo") else args.device,
-                   "ranks": n, "time_us": sec * 1e6, "algbw_gbps": algbw, "busbw_gbps": busbw,
+                   "ranks": n, "time_us": sec * 1e6, "algbw_gbps": algbw,
+                   "busbw_gbps": algbw * 2 * (n - 1) / n,
+                   "min_us": calls[0] * 1e6, "p50_us": t.percentile(backend, 50) * 1e6,
+                   "p95_us": t.percentile(backend, 95) * 1e6,
+                   "p99_us": t.percentile(backend, 99) * 1e6, "max_us": calls[-1] * 1e6,
+                   "cv": float(np.std(calls) / sec) if sec > 0 else 0.0,
+                   "in_place": not args.out_of_place or backend != "mpi",
                    "selection": os.environ.get("DISDL_ALLREDUCE_SELECTION", "MPI default")}
-            if red is not None:
-                row["path"] = red.path
+            lossy = fp16_wire and backend == "disdl"
+            if args.check:
+                row["wrong"] = None if lossy else wrong
+                row["max_rel_error"] = rel
+            if op.red is not None:
+                row["path"] = op.red.path
             rows.append(row)
             if rank == 0:
-                print(f"  {backend:>7} {nbytes:>12d} {count:>11d} {args.dtype:>8} "
-                      f"{row['time_us']:>11.1f} {algbw:>11.3f} {busbw:>11.3f}", flush=True)
+                check = ("-" if not args.check else f"{rel:.1e}" if lossy else str(wrong))
+                print(f"  {backend:>7} {nbytes:>11d} {args.dtype:>8} {row['time_us']:>10.1f} "
+                      f"{algbw:>8.3f} {row['busbw_gbps']:>8.3f} {row['min_us']:>9.1f} "
+                      f"{row['p50_us']:>9.1f} {row['p95_us']:>9.1f} {row['p99_us']:>9.1f} "
+                      f"{row['max_us']:>9.1f} {row['cv']:>6.2f} {check:>7}", flush=True)
     return rows
+
+
+def health(rows: list[dict], min_busbw: float) -> list[str]:
+    """Sizes whose busbw (disdl's, else the first backend's) is below ``min_busbw`` GB/s."""
+    names = [r["backend"] for r in rows]
+    watched = "disdl" if "disdl" in names else (names[0] if names else None)
+    return [f"{r['backend']} at {r['bytes']} bytes: busbw {r['busbw_gbps']:.3f} GB/s < "
+            f"{min_busbw} GB/s" for r in rows
+            if r["backend"] == watched and r["busbw_gbps"] < min_busbw]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -167,9 +237,19 @@ def main(argv: list[str] | None = None) -> None:
         exit_cleanly(comm, 2)
     torch.set_num_threads(1)
     rows = run(args, comm)
-    if args.json_path and comm.Get_rank() == 0:
-        write_json(args.json_path, rows)
-    exit_cleanly(comm, 0)
+    code = 0
+    if comm.Get_rank() == 0:
+        if args.json_path:
+            write_json(args.json_path, rows)
+        wrong = [r for r in rows if r.get("wrong")]
+        for r in wrong:
+            print(f"error: {r['backend']} at {r['bytes']} bytes: {r['wrong']} wrong element(s)",
+                  file=sys.stderr)
+        low = health(rows, args.min_busbw) if args.min_busbw is not None else []
+        for line in low:
+            print(f"error: --min-busbw: {line}", file=sys.stderr)
+        code = 1 if wrong or low else 0
+    exit_cleanly(comm, comm.bcast(code, root=0))
 
 
 if __name__ == "__main__":

@@ -67,3 +67,40 @@ def test_bench_peer_two_ranks_writes_json(tmp_path):
     assert 0 <= res["disdl_comm_share"] < 1
     assert proc.stdout.count("ratio disdl/ddp") == 1
     assert "terminate called" not in proc.stderr
+
+
+@pytest.mark.mpi
+def test_bench_allreduce_statistics_and_correctness_check(tmp_path):
+    out = tmp_path / "ar.json"
+    proc = run_mpi(2, ["-m", "bench.allreduce", "--min-bytes", "4K", "--max-bytes", "4K",
+                       "--backends", "mpi,disdl", "--iters", "6", "--warmup", "1",
+                       "--out-of-place", "--json", str(out)], timeout=180)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    for r in json.loads(out.read_text()):
+        assert r["min_us"] <= r["p50_us"] <= r["p95_us"] <= r["p99_us"] <= r["max_us"]
+        assert r["min_us"] <= r["time_us"] <= r["max_us"] and r["cv"] >= 0
+        assert r["wrong"] == 0 and r["max_rel_error"] == 0.0
+        assert r["in_place"] == (r["backend"] != "mpi")
+    # a deliberately corrupted reduction is caught: #wrong > 0 and a non-zero exit
+    bad = run_mpi(2, ["-m", "bench.allreduce", "--min-bytes", "4K", "--max-bytes", "4K",
+                      "--backends", "mpi,disdl", "--iters", "2", "--warmup", "0",
+                      "--json", str(out)], env={"DISDL_ALLREDUCE_CORRUPT": "1"}, timeout=180)
+    assert bad.returncode == 1
+    assert all(r["wrong"] == 1 for r in json.loads(out.read_text()))
+    assert "mpi at 4096 bytes: 1 wrong element(s)" in bad.stderr
+    # fp16 on the wire reports the relative error instead of a count
+    fp16 = run_mpi(2, ["-m", "bench.allreduce", "--min-bytes", "4K", "--max-bytes", "4K",
+                       "--backends", "disdl", "--compress", "fp16", "--iters", "2",
+                       "--json", str(out)], timeout=180)
+    assert fp16.returncode == 0, fp16.stderr[-2000:]
+    (row,) = json.loads(out.read_text())
+    assert row["wrong"] is None and row["max_rel_error"] < 1e-3
+
+
+@pytest.mark.mpi
+def test_bench_allreduce_min_busbw_is_a_health_check(tmp_path):
+    args = ["-m", "bench.allreduce", "--min-bytes", "4K", "--max-bytes", "4K", "--backends",
+            "mpi,disdl", "--iters", "2", "--warmup", "0"]
+    assert run_mpi(2, [*args, "--min-busbw", "0.000001"], timeout=120).returncode == 0
+    low = run_mpi(2, [*args, "--min-busbw", "100000"], timeout=120)
+    assert low.returncode == 1 and "--min-busbw: disdl at 4096 bytes" in low.stderr
