@@ -51,20 +51,25 @@ class CarryBatchNorm(LocalBatchNorm):
                 return F.batch_norm(x, self.global_mean, self.global_var, self.weight,
                                     self.bias, False, 0.0, self.eps)
             return super().forward(x)
-        shift = self.global_mean if bool(self.have_global) else torch.zeros_like(self.global_mean)
+        have = bool(self.have_global)
+        per_channel = x.numel() // max(1, x.shape[1])
+        if per_channel == 0:  # an empty batch contributes nothing to the sums
+            self._sums = None
+            return super().forward(x)
         with torch.no_grad():
-            xd = x.detach().to(torch.float64) - shift.to(torch.float64).view(
-                [1, -1] + [1] * (x.dim() - 2))
-            dims = _reduce_dims(xd)
-            n = torch.tensor([float(x.numel() // max(1, x.shape[1]))], dtype=torch.float64,
-                             device=x.device)
-            self._sums = torch.cat([n, xd.sum(dims), (xd * xd).sum(dims)])
-        if not bool(self.have_global) or x.numel() // max(1, x.shape[1]) <= 1:
+            # One pass for this batch's per-channel statistics: they give the payload (sums
+            # about the previous global mean, in float64 per channel) and the renormalization.
+            var_b, mean_b = torch.var_mean(x.detach(), _reduce_dims(x), unbiased=False)
+            shift = self.global_mean if have else torch.zeros_like(self.global_mean)
+            n = float(per_channel)
+            dm = mean_b.double() - shift.double()
+            self._sums = torch.cat([dm.new_tensor([n]), n * dm, n * (var_b.double() + dm * dm)])
+        if not have or per_channel <= 1:
             return super().forward(x)  # step 0 (or a 1-value batch): the local batch
         # Values normalized with the previous step's global statistics; BN's gradient through
         # this batch's statistics (see local_layers.renormalize).
         return renormalize(x, self.global_mean, self.global_var, self.weight, self.bias,
-                           self.eps)
+                           self.eps, batch_stats=(var_b, mean_b))
 
     @property
     def payload_size(self) -> int:

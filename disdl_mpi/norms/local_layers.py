@@ -69,24 +69,23 @@ def gn_groups_for(channels: int, requested: int) -> int:
 
 
 def renormalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                weight: torch.Tensor | None, bias: torch.Tensor | None,
-                eps: float) -> torch.Tensor:
+                weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
+                batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
     """Normalize with given (e.g. global) statistics, with BN's gradient through the batch's.
 
     The value is exactly ``(x - mean) / sqrt(var + eps) * weight + bias``; the gradient is that
     of batch normalization with this batch's statistics, corrected by the constants
     r = std_B / std and d = (mean_B - mean) / std (Batch Renormalization, Ioffe 2017, without
     clipping). BN's gradient keeps the layers before it scale-invariant; a plain affine with
-    fixed statistics does not.
+    fixed statistics does not. One fused native batch_norm does it: with x_B the batch-normalized
+    input, w * (x_B r + d) + b = x_B (w r) + (w d + b). ``batch_stats`` = (var_B, mean_B) when
+    the caller already has them.
     """
-    dims = _reduce_dims(x)
-    shape = [1, -1] + [1] * (x.dim() - 2)
-    mean_b = x.mean(dims)
-    std_b = (x.var(dims, unbiased=False) + eps).sqrt()
+    var_b, mean_b = batch_stats if batch_stats is not None else torch.var_mean(
+        x.detach(), _reduce_dims(x), unbiased=False)
     std = (var + eps).sqrt()
-    r = (std_b / std).detach()
+    r = ((var_b + eps).sqrt() / std).detach()
     d = ((mean_b - mean) / std).detach()
-    xhat = (x - mean_b.view(shape)) / std_b.view(shape) * r.view(shape) + d.view(shape)
-    if weight is not None:
-        xhat = xhat * weight.view(shape) + bias.view(shape)
-    return xhat
+    w = weight if weight is not None else torch.ones_like(r)
+    b = bias if bias is not None else torch.zeros_like(r)
+    return F.batch_norm(x, None, None, w * r, w * d + b, True, 0.0, eps)
