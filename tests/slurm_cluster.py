@@ -220,6 +220,24 @@ class SlurmCluster:
         """Submit ``script`` with ``sbatch --wait`` under a hard timeout; return job + output."""
         return self.submit(script, sbatch_args, script_args, env=env, cwd=cwd).wait(timeout)
 
+    def preempt_after_first_checkpoint(self, script: Path | str, sbatch_args: list[str], *,
+                                       env: dict, cwd: Path, timeout: float) -> tuple[SlurmJob, Path]:
+        """Submit, wait for the run's first committed checkpoint, send the batch shell USR1
+        (as ``--signal=B:USR1`` would near the time limit) and wait for the job to end;
+        returns the job and its results folder."""
+        import pytest
+        pending = self.submit(script, sbatch_args, env=env, cwd=cwd)
+        out_dir = Path(cwd) / "results" / str(pending.job_id)
+        deadline = time.monotonic() + timeout
+        while not list((out_dir / "checkpoints").glob("ckpt-*")):
+            if pending.proc.poll() is not None or time.monotonic() > deadline:
+                job = pending.wait(10)
+                pytest.fail(f"no checkpoint appeared before the job ended\n{job.describe()}")
+            time.sleep(0.2)
+        sig = self.run(["scancel", "--signal=USR1", "--batch", str(pending.job_id)])
+        assert sig.returncode == 0, sig.stderr
+        return pending.wait(timeout), out_dir
+
     def job_state(self, job_id: int) -> str:
         """JobState from scontrol ('' once the job has aged out of slurmctld)."""
         show = self.run(["scontrol", "show", "job", str(job_id)])

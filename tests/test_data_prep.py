@@ -263,7 +263,7 @@ def test_feature_shift_gives_each_rank_its_own_domain(tmp_path):
     assert [d["rotate_quarter_turns"] for d in m["domains"]] == [0, 1, 2, 3]
     assert m["domains"][0]["contrast"] == 1.0 and m["domains"][0]["noise"] == 0.0
     assert m["domains"][0]["value_max"] == 16.0
-    iid = build_partitions("digits", 4, "iid", 3, tmp_path / "i")
+    build_partitions("digits", 4, "iid", 3, tmp_path / "i")
     with h5py.File(tmp_path / "f" / "rank_00000.h5") as f0, \
             h5py.File(tmp_path / "i" / "rank_00000.h5") as i0:
         assert np.array_equal(f0["x"][...], i0["x"][...])   # domain 0 is the identity

@@ -226,6 +226,9 @@ def test_a_second_run_into_a_busy_out_is_refused_and_a_dead_holder_is_taken_over
         assert not (out / "checkpoints").exists() or not list(out.glob("checkpoints/.tmp*"))
     finally:
         first.kill()
+    end = time.monotonic() + 10
+    while alive(pids[0]) and time.monotonic() < end:
+        time.sleep(0.1)
     third = run_mpi(2, ["-m", "disdl_mpi.run", *args, "--steps", "2"], timeout=120, check=True)
     assert f"took over the lock of a run that is gone (pid {pids[0]}" in third.stdout
     assert json.loads((out / "summary.json").read_text())["runs"][0]["steps"] == 2

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -173,18 +172,9 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(slurm_cluster: Slurm
     start resumes from that checkpoint and finishes."""
     steps = 40
     env = _job_env(STEPS=str(steps), CHECKPOINT_EVERY="1")
-    pending = slurm_cluster.submit(SLURM_DIR / "train.sbatch", SMALL_ALLOC, env=env, cwd=tmp_path)
-    out_dir = tmp_path / "results" / str(pending.job_id)
     # signal once training runs (a committed checkpoint exists), as SLURM would near --time
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not list((out_dir / "checkpoints").glob("ckpt-*")):
-        if pending.proc.poll() is not None or time.monotonic() > deadline:
-            job = pending.wait(10)
-            pytest.fail(f"no checkpoint appeared before the job ended\n{job.describe()}")
-        time.sleep(0.2)
-    sig = slurm_cluster.run(["scancel", "--signal=USR1", "--batch", str(pending.job_id)])
-    assert sig.returncode == 0, sig.stderr
-    job = pending.wait(JOB_TIMEOUT)
+    job, out_dir = slurm_cluster.preempt_after_first_checkpoint(
+        SLURM_DIR / "train.sbatch", SMALL_ALLOC, env=env, cwd=tmp_path, timeout=JOB_TIMEOUT)
     assert job.returncode == 0, job.describe()
     out = job.output
     assert "got SIGUSR1" in out and f"requeueing job {job.job_id}" in out, job.describe()

@@ -108,16 +108,8 @@ def test_usr1_preempts_requeues_and_resumes_bitwise_across_nodes(slurm2: SlurmCl
     ref = slurm2.sbatch(SLURM_DIR / "train.sbatch", TWO_NODES, env=env, cwd=tmp_path,
                         timeout=JOB_TIMEOUT)
     assert ref.returncode == 0, ref.describe()
-    pending = slurm2.submit(SLURM_DIR / "train.sbatch", TWO_NODES, env=env, cwd=tmp_path)
-    out_dir = tmp_path / "results" / str(pending.job_id)
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not list((out_dir / "checkpoints").glob("ckpt-*")):
-        if pending.proc.poll() is not None or time.monotonic() > deadline:
-            pytest.fail(f"no checkpoint before the job ended\n{pending.wait(10).describe()}")
-        time.sleep(0.2)
-    sig = slurm2.run(["scancel", "--signal=USR1", "--batch", str(pending.job_id)])
-    assert sig.returncode == 0, sig.stderr
-    job = pending.wait(JOB_TIMEOUT)
+    job, out_dir = slurm2.preempt_after_first_checkpoint(
+        SLURM_DIR / "train.sbatch", TWO_NODES, env=env, cwd=tmp_path, timeout=JOB_TIMEOUT)
     assert job.returncode == 0, job.describe()
     assert "got SIGUSR1" in job.output and "(restart 1)" in job.output, job.describe()
     assert "resuming from" in job.output, job.describe()

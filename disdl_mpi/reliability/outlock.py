@@ -22,12 +22,17 @@ def _holder_alive(holder: dict) -> bool:
     if holder.get("host") != socket.gethostname():
         return True  # another node: it cannot be checked from here, so it is respected
     try:
-        os.kill(int(holder["pid"]), 0)
+        pid = int(holder["pid"])
+        os.kill(pid, 0)
     except (ProcessLookupError, ValueError, KeyError, TypeError):
         return False
     except PermissionError:
         return True
-    return True
+    try:  # a killed process whose parent has not reaped it yet is gone too
+        with open(f"/proc/{pid}/stat") as fh:
+            return fh.read().rsplit(")", 1)[1].split()[0] != "Z"
+    except (OSError, IndexError):
+        return True
 
 
 def acquire(out: Path) -> tuple[Optional[str], Optional[str]]:

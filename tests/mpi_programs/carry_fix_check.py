@@ -32,8 +32,6 @@ def main() -> int:
     install_abort_handler(comm)
     rank = comm.Get_rank()
     sizes = [5, 0, 9][:comm.Get_size()] + [3] * max(0, comm.Get_size() - 3)
-    torch.manual_seed(0)
-    conv = nn.Conv2d(2, 3, 3, padding=1)
     g = torch.Generator().manual_seed(10 + rank)
     x = torch.randn(sizes[rank], 2, 6, 6, generator=g) * (1 + rank)
     y = torch.randint(0, 4, (sizes[rank],), generator=g)
