@@ -16,7 +16,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from data_prep.errors import DataPrepError
-from data_prep.schemes import parse_scheme
+from data_prep.partition_spec import parse_partition
 from disdl_mpi.data.layout import MANIFEST
 
 
@@ -43,7 +43,7 @@ def partition_dir(root: str | Path, dataset: str, spec: str, ranks: int, seed: i
 def manifest_differences(manifest: dict, dataset: str, spec: str, ranks: int, seed: int,
                          min_per_rank: Optional[int] = None, **source_opts: Any) -> list[str]:
     """Fields of an existing manifest that differ from the request (empty: same partition)."""
-    want: dict[str, Any] = {"dataset": dataset, "scheme": parse_scheme(spec).name,
+    want: dict[str, Any] = {"dataset": dataset, "scheme": parse_partition(spec).name,
                             "world_size": int(ranks), "seed": int(seed)}
     if min_per_rank is not None:
         want["min_per_rank"] = int(min_per_rank)

@@ -21,7 +21,7 @@ from disdl_mpi.data.layout import FORMAT, MANIFEST, TEST_FILE
 from disdl_mpi.files import jsonable, write_json
 from disdl_mpi.options import add_partition
 from .domains import domains
-from .schemes import assign, parse_scheme
+from .partition_spec import assign, parse_partition
 from .sources import SOURCES, open_source
 from .writer import write_rank_files, write_test_file
 
@@ -50,7 +50,7 @@ def value_max(src) -> float:
     return 255.0 if src.x_dtype == np.uint8 else 1.0
 
 
-def build_partitions(dataset: str, ranks: int, scheme: str, seed: int, out: str | Path, *,
+def build_partitions(dataset: str, ranks: int, spec: str, seed: int, out: str | Path, *,
                      source_dir: str | Path | None = None, min_per_rank: int = 1,
                      force: bool = False, **source_opts) -> dict:
     """Partition ``dataset`` into ``ranks`` private files under ``out``; return the manifest.
@@ -58,7 +58,7 @@ def build_partitions(dataset: str, ranks: int, scheme: str, seed: int, out: str 
     An identical request on an existing partition is a no-op; a different one is refused
     unless ``force``. Raises ``DataPrepError`` with a readable message on bad input.
     """
-    sch = parse_scheme(scheme)
+    sch = parse_partition(spec)
     ranks, seed, min_per_rank = int(ranks), int(seed), int(min_per_rank)
     if ranks < 1:
         raise DataPrepError(f"--ranks must be at least 1, got {ranks}")

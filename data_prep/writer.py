@@ -16,7 +16,7 @@ import numpy as np
 
 from data_prep.domains import Domain, apply, test_split
 from disdl_mpi.data.layout import TEST_FILE, ContentHash, domain_test_file, rank_file
-from .schemes import Scheme
+from .partition_spec import PartitionSpec
 from .sources import Source
 
 MAX_OPEN_FILES = 256        # ranks written per pass over the source
@@ -83,9 +83,9 @@ def _create_x(f: h5py.File, n: int, src: Source) -> h5py.Dataset:
                             track_times=False)
 
 
-def _common_attrs(f: h5py.File, src: Source, scheme: Scheme, seed: int) -> None:
-    f.attrs["scheme"] = scheme.name
-    for key, value in scheme.params.items():
+def _common_attrs(f: h5py.File, src: Source, spec: PartitionSpec, seed: int) -> None:
+    f.attrs["scheme"] = spec.name  # the on-disk name of the partition spec (format 1)
+    for key, value in spec.params.items():
         f.attrs[key] = value
     f.attrs["seed"] = int(seed)
     f.attrs["source"] = src.name
@@ -93,7 +93,7 @@ def _common_attrs(f: h5py.File, src: Source, scheme: Scheme, seed: int) -> None:
     f.attrs["num_classes"] = int(src.num_classes)
 
 
-def write_rank_files(src: Source, parts: list[np.ndarray], scheme: Scheme, seed: int,
+def write_rank_files(src: Source, parts: list[np.ndarray], spec: PartitionSpec, seed: int,
                      tmp: Path, domains: Optional[list[Domain]] = None) -> list[dict]:
     """Write ``rank_XXXXX.h5`` for every rank into ``tmp``; return their manifest entries.
 
@@ -136,7 +136,7 @@ def write_rank_files(src: Source, parts: list[np.ndarray], scheme: Scheme, seed:
                 y = src.y_train[idx]
                 f.create_dataset("y", data=y, dtype=np.int64, track_times=False)
                 counts = np.bincount(y, minlength=src.num_classes).astype(np.int64)
-                _common_attrs(f, src, scheme, seed)
+                _common_attrs(f, src, spec, seed)
                 f.attrs["rank"] = r
                 f.attrs["world_size"] = ranks
                 f.attrs["class_counts"] = counts
@@ -149,7 +149,7 @@ def write_rank_files(src: Source, parts: list[np.ndarray], scheme: Scheme, seed:
     return entries
 
 
-def write_test_file(src: Source, scheme: Scheme, seed: int, tmp: Path,
+def write_test_file(src: Source, spec: PartitionSpec, seed: int, tmp: Path,
                     domains: Optional[list[Domain]] = None) -> tuple[dict, list[dict]]:
     """Write ``test.h5`` (and, with ``domains``, every rank's own-domain split
     ``test_rank_RRRRR.h5``); return the manifest entries."""
@@ -162,18 +162,18 @@ def write_test_file(src: Source, scheme: Scheme, seed: int, tmp: Path,
             idx = np.flatnonzero(owner == d.rank)
             x[idx] = apply(x[idx], d, seed, 1 << 40)
             splits.append(_write_split(tmp / domain_test_file(d.rank), x[idx], y[idx], src,
-                                       scheme, seed) | {"rank": d.rank})
-    return _write_split(tmp / TEST_FILE, x, y, src, scheme, seed), splits
+                                       spec, seed) | {"rank": d.rank})
+    return _write_split(tmp / TEST_FILE, x, y, src, spec, seed), splits
 
 
-def _write_split(path: Path, x: np.ndarray, y: np.ndarray, src: Source, scheme: Scheme,
+def _write_split(path: Path, x: np.ndarray, y: np.ndarray, src: Source, spec: PartitionSpec,
                  seed: int) -> dict:
     with h5py.File(path, "w") as f:
         ds = _create_x(f, len(x), src)
         if len(x):
             ds[...] = x
         f.create_dataset("y", data=y.astype(np.int64), dtype=np.int64, track_times=False)
-        _common_attrs(f, src, scheme, seed)
+        _common_attrs(f, src, spec, seed)
         counts = np.bincount(y, minlength=src.num_classes).astype(np.int64)
         f.attrs["class_counts"] = counts
     h = ContentHash()

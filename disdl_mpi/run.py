@@ -92,7 +92,7 @@ def ensure_data(cfg: RunConfig, comm: MPI.Comm, data_dir: Path) -> None:
 def explicit_mismatch(cfg: RunConfig, manifest: dict, argv: list[str],
                       data_dir: Path) -> Optional[str]:
     """An explicit --dataset or --partition that the partition on disk was not built with."""
-    from data_prep.schemes import parse_scheme
+    from data_prep.partition_spec import parse_partition
 
     def given(flag: str) -> bool:
         return any(a == flag or a.startswith(flag + "=") for a in argv)
@@ -101,7 +101,7 @@ def explicit_mismatch(cfg: RunConfig, manifest: dict, argv: list[str],
     if given("--dataset") and manifest.get("dataset") != cfg.dataset:
         return (f"{where}: field 'dataset' is {manifest.get('dataset')!r}, but --dataset "
                 f"{cfg.dataset} was asked for")
-    if given("--partition") and manifest.get("scheme") != parse_scheme(cfg.partition).name:
+    if given("--partition") and manifest.get("scheme") != parse_partition(cfg.partition).name:
         return (f"{where}: field 'scheme' is {manifest.get('scheme')!r}, but --partition "
                 f"{cfg.partition} was asked for")
     return None

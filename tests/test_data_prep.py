@@ -16,7 +16,7 @@ from data_prep.errors import DataPrepError
 from data_prep.inspect import main as inspect_main
 from data_prep.inspect import skew_metrics
 from data_prep.partition import build_partitions
-from data_prep.schemes import parse_scheme
+from data_prep.partition_spec import parse_partition
 from data_prep.sources import open_source
 from tests.mpi_helpers import ROOT, mpi_env
 
@@ -178,13 +178,13 @@ def test_synthetic_streams_deterministically(tmp_path, monkeypatch):
 
 
 def test_scheme_spec_errors():
-    assert parse_scheme("quantity:0.5+dirichlet:0.1").name == "dirichlet:0.1+quantity:0.5"
-    assert parse_scheme("DIRICHLET:1.0").name == "dirichlet:1"
+    assert parse_partition("quantity:0.5+dirichlet:0.1").name == "dirichlet:0.1+quantity:0.5"
+    assert parse_partition("DIRICHLET:1.0").name == "dirichlet:1"
     for bad, msg in [("dirichlet", "expected iid"), ("dirichlet:-1", "positive"),
                      ("dirichlet:abc", "not a number"), ("shards:0", "at least 1"),
                      ("shards:2+quantity:1", "expected iid"), ("zipf:2", "expected iid")]:
         with pytest.raises(DataPrepError, match=msg):
-            parse_scheme(bad)
+            parse_partition(bad)
 
 
 def test_inspect_writes_png_and_metrics(tmp_path, capsys):
@@ -286,4 +286,4 @@ def test_feature_shift_gives_each_rank_its_own_domain(tmp_path):
     again = build_partitions("digits", 4, "feature:mixed", 3, tmp_path / "g")
     assert [e["sha256"] for e in again["ranks"]] == [e["sha256"] for e in m["ranks"]]
     with pytest.raises(DataPrepError, match="domain kind must be one of"):
-        parse_scheme("feature:blur")
+        parse_partition("feature:blur")

@@ -36,7 +36,7 @@ from bench.studies.accuracy_report import bar_plot, curve_plot, markdown, strong
 from bench.studies.engine import PointStore, SweepError, launcher_command, terminate_on_sigterm
 from data_prep.ensure import ensure_partition, partition_dir, spec_tag
 from data_prep.errors import DataPrepError
-from data_prep.schemes import parse_scheme
+from data_prep.partition_spec import parse_partition
 from disdl_mpi.files import write_json, write_text
 from disdl_mpi.norms import resolve_schemes
 from disdl_mpi.observe.progress import Progress
@@ -109,7 +109,7 @@ def resolve_skews(items: list[str], option: str) -> list[str]:
     for s in items:
         s = s.strip().lower()
         try:
-            parse_scheme(s)
+            parse_partition(s)
         except DataPrepError as exc:
             raise StudyError(f"{option}: {exc}") from None
         if s not in skews:

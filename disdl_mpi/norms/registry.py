@@ -238,7 +238,7 @@ SCHEMES: dict[str, NormSpec] = {
 
 
 def available_schemes() -> list[str]:
-    """Scheme names in registry order (the order ``--norm all`` trains them)."""
+    """PartitionSpec names in registry order (the order ``--norm all`` trains them)."""
     return list(SCHEMES)
 
 

@@ -1,6 +1,6 @@
-"""Partition schemes: which rank gets which training sample.
+"""Partition specs (``--partition``): which rank gets which training sample.
 
-Every scheme returns, per rank, the sorted global indices of its samples; together they cover
+Every spec gives, per rank, the sorted global indices of its samples; together they cover
 every training sample exactly once. Randomness comes only from the seed.
 
 - ``iid``: a random permutation cut into near-equal parts.
@@ -22,8 +22,8 @@ from .errors import DataPrepError
 
 
 @dataclass(frozen=True)
-class Scheme:
-    """A parsed scheme spec; ``name`` is the canonical spelling stored in the outputs."""
+class PartitionSpec:
+    """A parsed partition spec; ``name`` is the canonical spelling stored in the outputs."""
 
     kind: str                       # iid | quantity | dirichlet | shards | feature
     alpha: float | None = None      # label skew (dirichlet)
@@ -64,21 +64,21 @@ def _positive(text: str, what: str, spec: str) -> float:
     return v
 
 
-def parse_scheme(spec: str) -> Scheme:
+def parse_partition(spec: str) -> PartitionSpec:
     """Parse ``iid``, ``dirichlet:A``, ``quantity:B``, ``dirichlet:A+quantity:B``, ``shards:K``,
     ``feature:KIND`` (IID labels, a per-rank input domain; data_prep/domains.py)."""
     usage = ("expected iid, dirichlet:ALPHA, quantity:BETA, dirichlet:ALPHA+quantity:BETA, "
              "shards:K or feature:KIND")
     text = (spec or "").strip().lower()
     if text == "iid":
-        return Scheme("iid", params={})
+        return PartitionSpec("iid", params={})
     if text.startswith("feature:"):
         from data_prep.domains import KINDS
         kind = text.partition(":")[2]
         if kind not in KINDS:
             raise DataPrepError(f"scheme {spec!r}: the domain kind must be one of "
                                 f"{', '.join(KINDS)}")
-        return Scheme("feature", domain=kind, params={"domain": kind})
+        return PartitionSpec("feature", domain=kind, params={"domain": kind})
     alpha = beta = shards = None
     for part in text.split("+"):
         key, sep, val = part.strip().partition(":")
@@ -98,13 +98,13 @@ def parse_scheme(spec: str) -> Scheme:
         else:
             raise DataPrepError(f"scheme {spec!r}: {usage}")
     if shards is not None:
-        return Scheme("shards", shards=shards, params={"shards": shards})
+        return PartitionSpec("shards", shards=shards, params={"shards": shards})
     params = {}
     if alpha is not None:
         params["alpha"] = alpha
     if beta is not None:
         params["beta"] = beta
-    return Scheme("dirichlet" if alpha is not None else "quantity", alpha=alpha, beta=beta,
+    return PartitionSpec("dirichlet" if alpha is not None else "quantity", alpha=alpha, beta=beta,
                   params=params)
 
 
@@ -204,7 +204,7 @@ def shard_classes(ranks: int, k: int, num_classes: int, present: np.ndarray,
     return [[perm[(r * k + i) % n] for i in range(k)] for r in range(ranks)]
 
 
-def assign(y: np.ndarray, num_classes: int, ranks: int, scheme: Scheme, seed: int,
+def assign(y: np.ndarray, num_classes: int, ranks: int, spec: PartitionSpec, seed: int,
            min_per_rank: int = 1) -> list[np.ndarray]:
     """Sorted global sample indices per rank; every index in exactly one rank."""
     if ranks < 1:
@@ -219,17 +219,17 @@ def assign(y: np.ndarray, num_classes: int, ranks: int, scheme: Scheme, seed: in
     draw_rng, shuffle_rng = (np.random.default_rng(s) for s in ss.spawn(2))
     class_counts = np.bincount(y, minlength=num_classes).astype(np.int64)
 
-    if scheme.kind in ("iid", "quantity", "feature"):
-        sizes = target_sizes(total, ranks, scheme.beta, draw_rng, min_per_rank)
+    if spec.kind in ("iid", "quantity", "feature"):
+        sizes = target_sizes(total, ranks, spec.beta, draw_rng, min_per_rank)
         perm = shuffle_rng.permutation(total)
         bounds = np.concatenate([[0], np.cumsum(sizes)])
         parts = [perm[bounds[r]:bounds[r + 1]] for r in range(ranks)]
     else:
-        if scheme.kind == "dirichlet":
-            sizes = target_sizes(total, ranks, scheme.beta, draw_rng, min_per_rank)
-            counts = dirichlet_counts(class_counts, sizes, scheme.alpha, draw_rng, min_per_rank)
+        if spec.kind == "dirichlet":
+            sizes = target_sizes(total, ranks, spec.beta, draw_rng, min_per_rank)
+            counts = dirichlet_counts(class_counts, sizes, spec.alpha, draw_rng, min_per_rank)
         else:
-            counts = _shard_counts(class_counts, ranks, scheme.shards, draw_rng, min_per_rank)
+            counts = _shard_counts(class_counts, ranks, spec.shards, draw_rng, min_per_rank)
         parts_by_rank: list[list[np.ndarray]] = [[] for _ in range(ranks)]
         by_class = np.argsort(y, kind="stable")
         starts = np.concatenate([[0], np.cumsum(class_counts)])
