@@ -9,6 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from data_prep.ensure import partition_dir
+from disdl_mpi.data.budget import parse_size
 from disdl_mpi.models import MODELS as MODEL_NAMES
 from disdl_mpi.norms import resolve_schemes
 from disdl_mpi.reliability.checkpoint import parse_every
@@ -62,6 +63,7 @@ class RunConfig:
     resume: Optional[str] = None
     on_nan: str = "stop"
     stall_timeout: Optional[float] = None
+    memory_budget: Optional[str] = None
 
     def schemes(self) -> list[str]:
         """The schemes to train, in order (ValueError naming an unknown one)."""
@@ -178,6 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when a rank has been stuck this long (e.g. in a collective), name the "
                         "ranks that have not arrived and where the others wait, then end the "
                         "job with exit code 5")
+    g.add_argument("--memory-budget", default=d.memory_budget, metavar="SIZE",
+                   help="most memory a rank may use for its resident data (e.g. 2G); a "
+                        "partition over it is refused before loading (default: 70%% of the "
+                        "node's, or the GPU's, available memory over the ranks sharing it)")
     return p
 
 
@@ -215,6 +221,11 @@ def config_errors(cfg: RunConfig, world_size: int) -> list[str]:
                       "the schemes without bn-carry: 'all' includes it)")
     if cfg.stall_timeout is not None and not cfg.stall_timeout > 0:
         errors.append(f"--stall-timeout must be positive, got {cfg.stall_timeout}")
+    if cfg.memory_budget is not None:
+        try:
+            parse_size(cfg.memory_budget)
+        except ValueError as exc:
+            errors.append(str(exc))
     if cfg.bucket_mb < 0:
         errors.append(f"--bucket-mb must be >= 0, got {cfg.bucket_mb}")
     try:

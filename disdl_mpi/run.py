@@ -23,6 +23,7 @@ from disdl_mpi.comm.cuda_aware import detect as detect_cuda_aware
 from disdl_mpi.comm.world import (UserError, agree_or_raise, install_abort_handler, rank_info,
                                   world)
 from disdl_mpi.config import RunConfig, build_parser, config_errors
+from disdl_mpi.data.budget import agreed_budget
 from disdl_mpi.data.partition_io import load_partition
 from disdl_mpi.data.standardize import standardize
 from disdl_mpi.device import select_device, seed_everything, set_threads
@@ -172,7 +173,8 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
     seed_everything(cfg.seed)
     data_dir = cfg.resolved_data_dir(info.world_size)
     ensure_data(cfg, comm, data_dir)
-    local = load_partition(comm, data_dir)
+    local = load_partition(comm, data_dir, budget=agreed_budget(
+        comm, device, info.hostnames, cfg.memory_budget))
     mismatch = explicit_mismatch(cfg, local.manifest, args, data_dir)
     if mismatch:
         raise UserError(mismatch, collective=True)

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional
+from typing import Callable, Optional, Union
 
 import numpy as np
 import torch
@@ -20,6 +20,7 @@ from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.comm.model_sync import broadcast_module_
 from disdl_mpi.comm.world import RankInfo
 from disdl_mpi.config import RunConfig
+from disdl_mpi.data.standardize import StandardizedInputs
 from disdl_mpi.device import seed_everything
 from disdl_mpi.evaluate import count_correct, evaluate_per_rank, evaluate_sharded
 from disdl_mpi.files import jsonable
@@ -39,20 +40,25 @@ from disdl_mpi.step import LossFn, StepResult, summed_cross_entropy, sync_step
 Evaluator = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, MPI.Comm], float]
 # on_step(step, total_steps, label), after every optimizer step (progress displays)
 StepCallback = Callable[[int, int, str], None]
+Inputs = Union[torch.Tensor, StandardizedInputs]
 
 
 @dataclass
 class RankData:
-    """This rank's resident tensors: its own training partition and the global test set."""
+    """This rank's resident data: its own training partition and the global test set.
 
-    x_train: torch.Tensor
+    Inputs are indexed, never used whole: a tensor, or ``StandardizedInputs`` that keeps the
+    stored dtype and standardizes each indexed batch.
+    """
+
+    x_train: Inputs
     y_train: torch.Tensor
-    x_test: torch.Tensor
+    x_test: Inputs
     y_test: torch.Tensor
     sizes: list[int]
     num_classes: int
     sample_shape: tuple[int, ...]
-    x_domain: Optional[torch.Tensor] = None   # feature shift: this rank's own-domain test split
+    x_domain: Optional[Inputs] = None   # feature shift: this rank's own-domain test split
     y_domain: Optional[torch.Tensor] = None
 
 

@@ -17,6 +17,7 @@ from typing import Any, Optional
 import h5py
 import numpy as np
 
+from disdl_mpi.data.budget import over_budget
 from disdl_mpi.data.layout import MANIFEST, TEST_FILE, ContentHash, domain_test_file, rank_file
 
 from disdl_mpi.comm.world import UserError
@@ -218,17 +219,24 @@ def _cross_rank(data_dir: Path, headers: list) -> dict[int, Problem]:
             for r, h in enumerate(headers) if h is not None and h != common}
 
 
-def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True) -> LocalData:
+def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True,
+                   budget: tuple[int, str] | None = None) -> LocalData:
     """Load and validate this rank's partition; raise ``PartitionError`` on every rank if bad.
 
     ``verify_hash`` re-hashes the arrays against the manifest's sha256 (one pass, cheap next
-    to reading them) to catch silent corruption that HDF5 itself cannot see.
+    to reading them) to catch silent corruption that HDF5 itself cannot see. ``budget``
+    (bytes per rank, how it was derived; the same on every rank) refuses, before any array
+    is read, a partition some rank could not hold resident.
     """
     data_dir = Path(data_dir)
     rank, world_size = comm.Get_rank(), comm.Get_size()
     manifest, digest, probs = _read_manifest(data_dir / MANIFEST, world_size)
     _agree(comm, data_dir, probs)
     m = manifest
+    if budget is not None:
+        refusal = over_budget(data_dir, m, *budget)
+        if refusal:
+            raise PartitionError(refusal, collective=True)
     entry = m["ranks"][rank]
     header: list = []
     x, y, probs = _read_h5(data_dir / entry["file"], m, entry["size"], entry["sha256"],

@@ -1,28 +1,76 @@
-"""Input standardization from allreduced sums: no rank needs anyone else's samples."""
+"""Input standardization from allreduced sums: no rank needs anyone else's samples.
+
+The inputs stay resident in their stored dtype (uint8 stays uint8) and are standardized batch
+by batch where they are indexed, so a rank's memory is its partition plus one batch, not four
+(float32) or eight (float64) copies of it.
+"""
 from __future__ import annotations
+
+from typing import Any
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
+# Rows per pass of the statistics: bounds the float64 working set (about 64 MiB at 224x224x3).
+_STATS_ROWS_BYTES = 64 << 20
+
+
+class StandardizedInputs:
+    """A rank's inputs in their stored dtype; indexing returns standardized float32 rows.
+
+    ``x[index]`` equals ``((x_stored.float() - mean) / std)[index]`` element for element (the
+    same float32 operations), so training is bitwise what it was with a standardized copy.
+    """
+
+    def __init__(self, stored: torch.Tensor, mean: torch.Tensor, std: torch.Tensor) -> None:
+        self.stored, self.mean, self.std = stored, mean, std
+
+    def __getitem__(self, index: Any) -> torch.Tensor:
+        return (self.stored[index].to(torch.float32) - self.mean) / self.std
+
+    def __len__(self) -> int:
+        return int(self.stored.shape[0])
+
+    @property
+    def shape(self) -> torch.Size:
+        return self.stored.shape
+
+    @property
+    def device(self) -> torch.device:
+        return self.stored.device
+
+    @property
+    def nbytes(self) -> int:
+        return self.stored.element_size() * self.stored.numel()
+
+
+def channel_sums(x: np.ndarray) -> np.ndarray:
+    """[count, per-channel sums, per-channel sums of squares] of ``x`` in float64, read in
+    bounded row blocks (float64 accumulators, never a float64 copy of the partition)."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    channels = x.shape[1] if x.ndim > 1 else 1
+    per_value = int(np.prod([x.shape[a] for a in axes[1:]], dtype=np.int64))
+    row_bytes = max(1, per_value * channels * 8)
+    step = max(1, _STATS_ROWS_BYTES // row_bytes)
+    s1 = np.zeros(channels, dtype=np.float64)
+    s2 = np.zeros(channels, dtype=np.float64)
+    for lo in range(0, x.shape[0], step):
+        block = torch.from_numpy(np.ascontiguousarray(x[lo:lo + step])).to(torch.float64)
+        s1 += block.sum(dim=axes).numpy()
+        s2 += (block * block).sum(dim=axes).numpy()
+    return np.concatenate([[x.shape[0] * per_value], s1, s2])
+
 
 def standardize(x_train: np.ndarray, others: list[np.ndarray], comm: MPI.Comm,
-                device: torch.device) -> tuple[torch.Tensor, list[torch.Tensor]]:
+                device: torch.device) -> tuple[StandardizedInputs, list[StandardizedInputs]]:
     """Per-channel (images) or per-feature (flat) standardization of the training split and,
     with the same statistics, of ``others`` (the test splits).
 
     Only counts, sums and sums of squares travel (one Allreduce); the statistics are those of
-    the union of all ranks' training partitions.
+    the union of all ranks' training partitions. The arrays move to ``device`` as stored.
     """
-    axes = (0,) + tuple(range(2, x_train.ndim))
-    xt = torch.from_numpy(np.ascontiguousarray(x_train)).to(device, torch.float32)
-    xs = [torch.from_numpy(np.ascontiguousarray(x)).to(device, torch.float32) for x in others]
-    per_value = int(np.prod([x_train.shape[a] for a in axes[1:]], dtype=np.int64))
-    stats = np.concatenate([
-        [x_train.shape[0] * per_value],
-        xt.double().sum(dim=axes).cpu().numpy(),
-        (xt.double() ** 2).sum(dim=axes).cpu().numpy(),
-    ])
+    stats = channel_sums(x_train)
     comm.Allreduce(MPI.IN_PLACE, stats, op=MPI.SUM)
     c = (stats.size - 1) // 2
     count = max(1.0, stats[0])
@@ -33,4 +81,8 @@ def standardize(x_train: np.ndarray, others: list[np.ndarray], comm: MPI.Comm,
     shape = (1, c) + (1,) * (x_train.ndim - 2)
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(shape)
     s = torch.tensor(std, dtype=torch.float32, device=device).view(shape)
-    return (xt - m) / s, [(x - m) / s for x in xs]
+
+    def resident(x: np.ndarray) -> StandardizedInputs:
+        return StandardizedInputs(torch.from_numpy(np.ascontiguousarray(x)).to(device), m, s)
+
+    return resident(x_train), [resident(x) for x in others]

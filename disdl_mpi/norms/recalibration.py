@@ -69,7 +69,8 @@ def recalibrate_batchnorm(model: nn.Module, x_train: Any, batch_size: int, comm:
                           timer: Optional[CommTimer] = None) -> dict:
     """Set every BN layer's running mean/var to the statistics of its inputs over all ranks.
 
-    ``x_train`` is this rank's training inputs, preprocessed as for training (tensor or numpy);
+    ``x_train`` is this rank's training inputs, preprocessed as for training (tensor, numpy or
+    ``StandardizedInputs``);
     ``batch_size`` is the batch size of the forward passes. Collective over ``comm``: every
     rank must call it. Returns {"layers", "samples", "comm_s"}.
     """
@@ -81,7 +82,8 @@ def recalibrate_batchnorm(model: nn.Module, x_train: Any, batch_size: int, comm:
         device, dtype = param.device, param.dtype
     except StopIteration:
         device, dtype = torch.device("cpu"), torch.float32
-    x = torch.as_tensor(np.asarray(x_train)) if not torch.is_tensor(x_train) else x_train
+    # A tensor, a numpy array, or StandardizedInputs (indexable, standardizes per batch).
+    x = torch.as_tensor(x_train) if isinstance(x_train, np.ndarray) else x_train
     moments = [_Moments(m.num_features, device) for m in layers]
     hooks = [m.register_forward_pre_hook(lambda mod, inp, acc=acc: acc.add(inp[0]))
              for m, acc in zip(layers, moments)]

@@ -1,0 +1,93 @@
+"""Memory that follows the data: inputs stay in their stored dtype and are standardized per
+batch; a partition over the memory budget is refused before it is read."""
+from __future__ import annotations
+
+import shutil
+
+import numpy as np
+import pytest
+import torch
+from mpi4py import MPI
+
+from disdl_mpi.data import standardize as std_mod
+from disdl_mpi.data.budget import over_budget, parse_size, resident_bytes
+from disdl_mpi.data.standardize import channel_sums, standardize
+from tests.mpi_helpers import run_mpi
+
+
+def _standardized_copy(x: np.ndarray) -> torch.Tensor:
+    """What the toolkit did before: a float32 copy standardized whole (float64 statistics)."""
+    axes = (0,) + tuple(range(2, x.ndim))
+    xt = torch.from_numpy(x).to(torch.float32)
+    n = x.shape[0] * int(np.prod([x.shape[a] for a in axes[1:]]))
+    mean = xt.double().sum(dim=axes) / n
+    std = ((xt.double() ** 2).sum(dim=axes) / n - mean ** 2).clamp_min(0).sqrt()
+    std[std < 1e-6] = 1.0
+    shape = (1, -1) + (1,) * (x.ndim - 2)
+    return (xt - mean.float().view(shape)) / std.float().view(shape)
+
+
+@pytest.mark.parametrize("dtype", ["uint8", "float32"])
+def test_batches_equal_a_standardized_copy_and_storage_keeps_its_dtype(monkeypatch, dtype):
+    # Statistics in blocks of 7 rows, so the chunked accumulation is exercised.
+    monkeypatch.setattr(std_mod, "_STATS_ROWS_BYTES", 7 * 3 * 5 * 5 * 8)
+    rng = np.random.default_rng(1)
+    x = (rng.integers(0, 256, (50, 3, 5, 5)).astype(dtype) if dtype == "uint8"
+         else (rng.random((50, 3, 5, 5)) * 16).astype(dtype))
+    x[:, 2] = 7  # a constant channel keeps std 1
+    inputs, [test] = standardize(x, [x[:9]], MPI.COMM_SELF, torch.device("cpu"))
+    assert inputs.stored.dtype == getattr(torch, dtype)
+    assert inputs.nbytes == x.nbytes and len(inputs) == 50 and inputs.shape == x.shape
+    ref = _standardized_copy(x)
+    index = torch.tensor([49, 0, 13, 13, 31])
+    assert torch.equal(inputs[index], ref[index])
+    assert torch.equal(inputs[10:20], ref[10:20])
+    assert torch.equal(test[0:9], ref[0:9])
+    assert inputs[index].dtype == torch.float32
+
+
+def test_chunked_sums_equal_whole_sums_for_flat_features(monkeypatch):
+    monkeypatch.setattr(std_mod, "_STATS_ROWS_BYTES", 3 * 64 * 8)
+    x = np.random.default_rng(2).integers(0, 17, (40, 64)).astype(np.uint8)
+    sums = channel_sums(x)
+    xd = x.astype(np.float64)
+    assert sums[0] == 40
+    assert np.array_equal(sums[1:65], xd.sum(0)) and np.array_equal(sums[65:], (xd ** 2).sum(0))
+
+
+def test_size_parsing_and_the_resident_size_of_a_rank():
+    assert parse_size("2G") == 2 << 30 and parse_size("512MiB") == 512 << 20
+    assert parse_size("1.5g") == 3 << 29 and parse_size("4096") == 4096
+    for bad in ("", "lots", "-1G", "0"):
+        with pytest.raises(ValueError, match="memory-budget"):
+            parse_size(bad)
+    manifest = {"sample_shape": [3, 4, 4], "x_dtype": "uint8", "test": {"size": 10},
+                "ranks": [{"size": 100}, {"size": 5}]}
+    assert resident_bytes(manifest, 0) == 110 * (48 + 8)
+    msg = over_budget("D", manifest, 2000, "test budget")
+    assert msg is not None and "rank(s) 0 " in msg and "--memory-budget" in msg
+    assert over_budget("D", manifest, 110 * 56, "test budget") is None
+
+
+def test_an_over_budget_partition_is_refused_on_every_rank_before_it_is_read(
+        digits_partition, tmp_path):
+    data = tmp_path / "data"
+    shutil.copytree(digits_partition(2), data)
+    # A rank file that could not be read: the refusal must come before any read of it.
+    (data / "rank_00001.h5").write_bytes(b"not hdf5")
+    proc = run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(data), "--norm", "gn",
+                       "--steps", "2", "--memory-budget", "64K", "--out", str(tmp_path / "o")],
+                   timeout=120)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    err = proc.stderr
+    assert "over the memory budget" in err
+    assert "the budget is 64 KiB per rank (--memory-budget)" in err
+    assert "rank_00001.h5" not in err  # never opened
+    assert "step" not in proc.stdout
+
+
+def test_a_budget_that_holds_trains_as_before(digits_partition, tmp_path):
+    proc = run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(digits_partition(2)),
+                       "--norm", "gn", "--steps", "2", "--memory-budget", "1G",
+                       "--out", str(tmp_path / "o")], timeout=120, check=True)
+    assert proc.returncode == 0
