@@ -1,6 +1,8 @@
 """Test-set evaluation: sharded across ranks with the counts reduced, or per rank (fedbn)."""
 from __future__ import annotations
 
+from typing import Any
+
 import numpy as np
 import torch
 from mpi4py import MPI
@@ -13,14 +15,29 @@ def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
     return start, start + base + (1 if rank < extra else 0)
 
 
+# Evaluation batches hold at most this many bytes of float32 input (and at most 1024 samples):
+# a CNN's activations are tens of times its input, and 1024 images of 224x224 would need GBs.
+EVAL_INPUT_BYTES = 16 << 20
+
+
+def eval_batch_size(sample_shape: tuple[int, ...]) -> int:
+    per_sample = 4 * int(np.prod(sample_shape, dtype=np.int64))
+    return int(max(1, min(1024, EVAL_INPUT_BYTES // max(1, per_sample))))
+
+
 @torch.no_grad()
-def count_correct(model: torch.nn.Module, x: torch.Tensor, y: torch.Tensor,
-                  batch_size: int = 1024) -> int:
+def count_correct(model: torch.nn.Module, x: Any, y: torch.Tensor,
+                  batch_size: int | None = None, lo: int = 0, hi: int | None = None) -> int:
+    """Correct predictions on rows [lo, hi) of ``x``, one bounded batch at a time (``x`` may
+    be ``StandardizedInputs``: only the batch is ever converted to float32)."""
     model.eval()
+    batch_size = batch_size or eval_batch_size(tuple(x.shape[1:]))
+    hi = x.shape[0] if hi is None else hi
     correct = 0
-    for start in range(0, x.shape[0], batch_size):
-        logits = model(x[start:start + batch_size])
-        correct += int((logits.argmax(1) == y[start:start + batch_size]).sum())
+    for start in range(lo, hi, batch_size):
+        stop = min(hi, start + batch_size)
+        logits = model(x[start:stop])
+        correct += int((logits.argmax(1) == y[start:stop]).sum())
     return correct
 
 
@@ -28,7 +45,7 @@ def evaluate_sharded(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch
                      comm: MPI.Comm) -> float:
     """Global test accuracy: every rank scores its own shard, the counts are summed."""
     lo, hi = shard_bounds(x_test.shape[0], comm.Get_rank(), comm.Get_size())
-    correct = count_correct(model, x_test[lo:hi], y_test[lo:hi])
+    correct = count_correct(model, x_test, y_test, lo=lo, hi=hi)
     counts = np.array([correct, hi - lo], dtype=np.int64)
     comm.Allreduce(MPI.IN_PLACE, counts, op=MPI.SUM)
     return float(counts[0]) / max(1, int(counts[1]))

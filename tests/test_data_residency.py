@@ -91,3 +91,21 @@ def test_a_budget_that_holds_trains_as_before(digits_partition, tmp_path):
                        "--norm", "gn", "--steps", "2", "--memory-budget", "1G",
                        "--out", str(tmp_path / "o")], timeout=120, check=True)
     assert proc.returncode == 0
+
+
+def test_evaluation_batches_are_bounded_in_bytes_and_score_the_requested_rows():
+    from disdl_mpi.evaluate import count_correct, eval_batch_size
+    assert eval_batch_size((1, 8, 8)) == 1024
+    assert eval_batch_size((3, 224, 224)) == (16 << 20) // (4 * 3 * 224 * 224)
+    seen: list[int] = []
+
+    class Probe(torch.nn.Module):
+        def forward(self, x):
+            seen.append(x.shape[0])
+            return torch.nn.functional.one_hot(x[:, 0].long(), 3).float()
+
+    x = torch.arange(10, dtype=torch.float32).remainder(3).view(10, 1)
+    y = torch.tensor([0, 1, 2, 0, 1, 2, 9, 9, 9, 0])  # rows 6-8 are wrong
+    assert count_correct(Probe(), x, y, batch_size=4) == 7 and seen == [4, 4, 2]
+    seen.clear()
+    assert count_correct(Probe(), x, y, batch_size=4, lo=3, hi=9) == 3 and seen == [4, 2]
