@@ -11,6 +11,7 @@ from typing import Optional
 from data_prep.ensure import partition_dir
 from disdl_mpi.data.budget import parse_size
 from disdl_mpi.models import MODELS as MODEL_NAMES
+from disdl_mpi.observe.profiler import parse_profile_steps
 from disdl_mpi.norms import resolve_schemes
 from disdl_mpi.reliability.checkpoint import parse_every
 from disdl_mpi.options import PARTITION_HELP, add_norm, add_progress
@@ -64,6 +65,7 @@ class RunConfig:
     on_nan: str = "stop"
     stall_timeout: Optional[float] = None
     memory_budget: Optional[str] = None
+    profile_steps: Optional[str] = None
 
     def schemes(self) -> list[str]:
         """The schemes to train, in order (ValueError naming an unknown one)."""
@@ -180,6 +182,10 @@ def build_parser() -> argparse.ArgumentParser:
                    help="when a rank has been stuck this long (e.g. in a collective), name the "
                         "ranks that have not arrived and where the others wait, then end the "
                         "job with exit code 5")
+    g.add_argument("--profile-steps", default=d.profile_steps, metavar="A:B",
+                   help="record steps A to B (from 1) of each scheme with torch.profiler on "
+                        "every rank, our phases as named ranges; one trace per rank next to "
+                        "--timeline, else in OUT/profile/")
     g.add_argument("--memory-budget", default=d.memory_budget, metavar="SIZE",
                    help="most memory a rank may use for its resident data (e.g. 2G); a "
                         "partition over it is refused before loading (default: 70%% of the "
@@ -221,6 +227,11 @@ def config_errors(cfg: RunConfig, world_size: int) -> list[str]:
                       "the schemes without bn-carry: 'all' includes it)")
     if cfg.stall_timeout is not None and not cfg.stall_timeout > 0:
         errors.append(f"--stall-timeout must be positive, got {cfg.stall_timeout}")
+    if cfg.profile_steps is not None:
+        try:
+            parse_profile_steps(cfg.profile_steps)
+        except ValueError as exc:
+            errors.append(str(exc))
     if cfg.memory_budget is not None:
         try:
             parse_size(cfg.memory_budget)

@@ -29,6 +29,7 @@ from disdl_mpi.data.standardize import standardize
 from disdl_mpi.device import select_device, seed_everything, set_threads
 from disdl_mpi.files import atomic_path, jsonable
 from disdl_mpi.machine import machine_info
+from disdl_mpi.observe.profiler import StepProfiler, parse_profile_steps, profile_path
 from disdl_mpi.observe.progress import Progress
 from disdl_mpi.observe.results import format_table, write_metrics, write_summary
 from disdl_mpi.observe.timeline import TraceRecorder
@@ -228,7 +229,11 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
                        guard=StepGuard(comm, watch), checkpointer=ckpt,
                        checkpoint_every=parse_every(cfg.checkpoint_every),
                        watchdog=(StallWatchdog(comm, cfg.stall_timeout)
-                                 if cfg.stall_timeout else None))
+                                 if cfg.stall_timeout else None),
+                       profiler=(StepProfiler(
+                           parse_profile_steps(cfg.profile_steps), device,
+                           lambda scheme: profile_path(out, cfg.timeline, scheme, rank))
+                           if cfg.profile_steps else None))
 
     # 5. every scheme in turn, results written after each
     for index, name in enumerate(norms):
@@ -270,6 +275,9 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
     if ctx.trace is not None:
         ctx.trace.write(comm, cfg.timeline, metadata=machine)
         log(f"timeline: {cfg.timeline} (chrome://tracing or ui.perfetto.dev)")
+    if ctx.profiler is not None and ctx.profiler.written:
+        log(f"profiles (one per rank and scheme, chrome://tracing or tensorboard): "
+            f"{ctx.profiler.written[0].parent}")
     comm.Barrier()
     if ctx.watchdog is not None:
         ctx.watchdog.close()

@@ -26,6 +26,7 @@ from disdl_mpi.evaluate import count_correct, evaluate_per_rank, evaluate_sharde
 from disdl_mpi.files import jsonable
 from disdl_mpi.models import build_model
 from disdl_mpi.norms import get_scheme, norm_state_ids
+from disdl_mpi.observe.profiler import StepProfiler
 from disdl_mpi.observe.timeline import TraceRecorder
 from disdl_mpi.observe.timing import PhaseTimer
 from disdl_mpi.reliability.checkpoint import (Checkpointer, Loaded, model_parts, restore_model,
@@ -98,6 +99,7 @@ class TrainContext:
     run_records: list[dict] = field(default_factory=list)   # finished schemes, for checkpoints
     resume: Optional[Loaded] = None               # positioned inside this scheme
     watchdog: Optional[StallWatchdog] = None      # --stall-timeout
+    profiler: Optional[StepProfiler] = None       # --profile-steps
 
 
 @dataclass
@@ -197,6 +199,8 @@ class SchemeTraining:
                                   self.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = rate
+        if ctx.profiler is not None:
+            ctx.profiler.before_step(self.step_no, timer)
         timer.begin_step(self.step_no)
         with timer.phase("data"):
             index = torch.as_tensor(idx, device=ctx.device, dtype=torch.long)
@@ -225,6 +229,8 @@ class SchemeTraining:
             self.loss_sum += (res.loss_sum, res.samples)
         self.step_no += 1
         self.samples += n_global
+        if ctx.profiler is not None:
+            ctx.profiler.after_step(self.step_no - 1, self.name)
         if ctx.hooks.on_step is not None:
             ctx.hooks.on_step(self.step_no, self.max_steps,
                               f"{self.name} epoch {self.epoch + 1}/{self.epochs}")
@@ -330,6 +336,8 @@ class SchemeTraining:
             return self.ctx.hooks.evaluate(self.model, data.x_test, data.y_test, self.comm), None
 
     def finish(self) -> SchemeResult:
+        if self.ctx.profiler is not None:  # a window that outlasted the scheme's steps
+            self.ctx.profiler.finish(self.name)
         if self.probe is not None:
             self.probe.close()
         self.reducer.close()

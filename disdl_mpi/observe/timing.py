@@ -40,6 +40,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from disdl_mpi.observe.profiler import named_range
+
 # The one list of phases that the run, the report, the plots and the sweeps all use.
 # The phases that partition a step's wall time, in the order a step runs them.
 DISJOINT = ("data", "forward", "backward", "imbalance_wait", "allreduce", "guard",
@@ -91,6 +93,7 @@ class PhaseTimer:
         # CUDA: (name, start_event, end_event) of this step, resolved in end_step
         self._pending: list[tuple[str, Any, Any]] = []
         self._ref_event: Any = None
+        self.ranges = False  # --profile-steps: phases become named profiler ranges
 
     @property
     def detail(self) -> bool:
@@ -130,6 +133,16 @@ class PhaseTimer:
 
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
+        """Time ``name``; while a profiler window is open (``ranges``) also name it there."""
+        if not self.ranges:
+            with self._phase(name):
+                yield
+            return
+        with named_range(name, self.cuda), self._phase(name):
+            yield
+
+    @contextmanager
+    def _phase(self, name: str) -> Iterator[None]:
         if self.on_phase is not None:
             self.on_phase(self._step_index, name)
         if self.cuda and name in GPU_PHASES:
