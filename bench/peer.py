@@ -4,18 +4,22 @@
 
 Three variants of one loop (same model, initial weights, batches, optimizer):
   local  no gradient synchronization at all: the compute-only floor;
-  ddp    torch DistributedDataParallel (gloo on CPU, nccl on CUDA), broadcast_buffers off;
-  disdl  disdl_mpi's GradientAllreducer (MPI).
+  ddp    torch DistributedDataParallel (gloo on CPU, nccl on CUDA) as a tuned user sets it up:
+         gradients as bucket views, the same bucket cap as ours, no buffer broadcast, and with
+         ``--compress fp16`` DDP's own fp16 compression hook;
+  disdl  disdl_mpi's GradientAllreducer (MPI), fp16 on the wire with ``--compress fp16``.
 The norm (default ``bn``, local batch statistics) needs no communication of its own, so only
 the gradient synchronization differs. The variants run in alternating blocks (``--rounds``) so
 the shared machine's noise hits all of them. Step time is the mean over timed steps, the max
-over ranks; comm share = (step - local step) / step; ratio = disdl / ddp.
+over ranks, with the per-step p50 and p95 (each step's slowest rank); comm share =
+(step - local step) / step; ratio = disdl / ddp.
 """
 from __future__ import annotations
 
 import argparse
 import copy
 import sys
+import time
 from typing import Callable
 
 import numpy as np
@@ -52,7 +56,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--rounds", type=int, default=4, help="alternating blocks per variant")
     p.add_argument("--lr", type=float, default=0.05)
     p.add_argument("--bucket-mb", type=float, default=DEFAULT_BUCKET_MB)
-    p.add_argument("--ddp-bucket-mb", type=float, default=25.0, help="DDP's bucket_cap_mb")
+    p.add_argument("--ddp-bucket-mb", type=float, default=None,
+                   help="DDP's bucket_cap_mb (default: the same as --bucket-mb)")
+    p.add_argument("--compress", choices=["none", "fp16"], default="none",
+                   help="fp16 gradients on the wire: ours, and DDP's fp16_compress_hook")
     p.add_argument("--no-overlap", dest="overlap", action="store_false", default=True)
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
     p.add_argument("--device", default="auto", help="auto, cpu or cuda")
@@ -96,7 +103,8 @@ def batches(x: torch.Tensor, y: torch.Tensor, bs: int, n: int, seed: int):
 def make_step(variant: str, model: nn.Module, comm: MPI.Comm, args, device,
               n_global: int) -> tuple[Callable, dict]:
     """One training step of the variant on a batch, and a dict it adds comm seconds to."""
-    stats = {"total_s": 0.0, "exposed_s": 0.0}
+    stats: dict = {"total_s": 0.0, "exposed_s": 0.0, "step_s": []}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     if variant == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         import inspect
@@ -104,18 +112,26 @@ def make_step(variant: str, model: nn.Module, comm: MPI.Comm, args, device,
         flag = ("forward_sync_buffers" if "forward_sync_buffers" in
                 inspect.signature(DDP.__init__).parameters else "broadcast_buffers")
         net = DDP(model, device_ids=[device.index] if device.type == "cuda" else None,
-                  bucket_cap_mb=args.ddp_bucket_mb, **{flag: False})
+                  bucket_cap_mb=args.ddp_bucket_mb, gradient_as_bucket_view=True,
+                  **{flag: False})
+        if args.compress == "fp16":
+            from torch.distributed.algorithms.ddp_comm_hooks import default_hooks
+            net.register_comm_hook(None, default_hooks.fp16_compress_hook)
     else:
         net = model
     opt = torch.optim.SGD(model.parameters(), lr=args.lr, momentum=0.9)
     reducer = None
     if variant == "disdl":
-        reducer = GradientAllreducer(model, comm, bucket_mb=args.bucket_mb, overlap=args.overlap)
+        reducer = GradientAllreducer(model, comm, bucket_mb=args.bucket_mb, overlap=args.overlap,
+                                     compress=args.compress)
         stats["path"] = reducer.path
 
     def step(xb: torch.Tensor, yb: torch.Tensor) -> None:
         # DDP (and the unsynchronized "local" floor) average inside the model: no reducer.
+        t0 = time.perf_counter()
         res = sync_step(net, opt, reducer, xb, yb, n_global)
+        sync()
+        stats["step_s"].append(time.perf_counter() - t0)
         if res.comm:
             stats["total_s"] += res.comm["total_s"]
             stats["exposed_s"] += res.comm["exposed_s"]
@@ -156,10 +172,16 @@ def run(args, comm: MPI.Comm) -> dict:
     for v in VARIANTS:
         for _ in range(args.warmup):
             calls[v]()
-        comm_stats[v].update(total_s=0.0, exposed_s=0.0)
+        comm_stats[v].update(total_s=0.0, exposed_s=0.0, step_s=[])
     timings = time_variants(comm, calls, iters=per_round, rounds=max(1, args.rounds), sync=sync)
     n_steps = per_round * max(1, args.rounds)
     step_s = {v: timings.mean(v) for v in VARIANTS}
+    # Per-step percentiles: each step's slowest rank (every rank ran the same steps).
+    pct = {}
+    for v in VARIANTS:
+        per_step = np.array(comm_stats[v]["step_s"], dtype=np.float64)
+        comm.Allreduce(MPI.IN_PLACE, per_step, op=MPI.MAX)
+        pct[v] = (float(np.percentile(per_step, 50)), float(np.percentile(per_step, 95)))
     # The synchronized variants must keep identical weights on every rank.
     for v in ("ddp", "disdl"):
         sums = comm.allgather(float(sum(p.detach().double().sum() for p in models[v].parameters())))
@@ -168,6 +190,9 @@ def run(args, comm: MPI.Comm) -> dict:
     share = {v: max(0.0, step_s[v] - step_s["local"]) / step_s[v] for v in ("ddp", "disdl")}
     return {
         "ddp_step_s": step_s["ddp"], "disdl_step_s": step_s["disdl"],
+        **{f"{v}_step_p50_s": pct[v][0] for v in VARIANTS},
+        **{f"{v}_step_p95_s": pct[v][1] for v in VARIANTS},
+        "compress": args.compress, "ddp_gradient_as_bucket_view": True,
         "ratio": step_s["disdl"] / step_s["ddp"], "local_step_s": step_s["local"],
         "ddp_comm_share": share["ddp"], "disdl_comm_share": share["disdl"],
         "disdl_comm_total_s_per_step": comm.allreduce(comm_stats["disdl"]["total_s"] / n_steps,
@@ -184,16 +209,23 @@ def run(args, comm: MPI.Comm) -> dict:
     }
 
 
+def pcts(res: dict, v: str) -> str:
+    return (f"p50 {res[f'{v}_step_p50_s'] * 1e3:8.3f}  p95 "
+            f"{res[f'{v}_step_p95_s'] * 1e3:8.3f} ms")
+
+
 def report(res: dict) -> str:
     return "\n".join([
         f"# bench.peer: {res['model']} ({res['params']} params), norm {res['norm']}, "
         f"{res['ranks']} ranks, batch {res['batch_size']}/rank, {res['steps']} steps x variant, "
         f"{res['device']}, {res['mpi_library']}",
-        f"  local (no sync)   {res['local_step_s'] * 1e3:9.3f} ms/step",
+        f"  (bucket cap: ours {res['bucket_mb']} MB, DDP {res['ddp_bucket_mb']} MB, DDP "
+        f"gradient_as_bucket_view; fp16 on the wire: {res['compress'] == 'fp16'})",
+        f"  local (no sync)   {res['local_step_s'] * 1e3:9.3f} ms/step   {pcts(res, 'local')}",
         f"  ddp ({res['ddp_backend']:>5})      {res['ddp_step_s'] * 1e3:9.3f} ms/step   "
-        f"comm share {res['ddp_comm_share']:6.1%}",
+        f"{pcts(res, 'ddp')}   comm share {res['ddp_comm_share']:6.1%}",
         f"  disdl ({res['allreduce_path']}) {res['disdl_step_s'] * 1e3:9.3f} ms/step   "
-        f"comm share {res['disdl_comm_share']:6.1%}   allreduce in flight "
+        f"{pcts(res, 'disdl')}   comm share {res['disdl_comm_share']:6.1%}   allreduce in flight "
         f"{res['disdl_comm_total_s_per_step'] * 1e3:.3f} ms, exposed "
         f"{res['disdl_comm_exposed_s_per_step'] * 1e3:.3f} ms",
         f"  ratio disdl/ddp   {res['ratio']:.3f}",
@@ -202,6 +234,8 @@ def report(res: dict) -> str:
 
 def main(argv: list[str] | None = None) -> None:
     args = build_parser().parse_args(argv)
+    if args.ddp_bucket_mb is None:
+        args.ddp_bucket_mb = args.bucket_mb  # like for like: the same bucket cap
     comm = MPI.COMM_WORLD
     install_abort_handler(comm)
     if args.steps < 1 or args.batch_size < 1 or args.rounds < 1 or args.warmup < 0:

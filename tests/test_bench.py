@@ -67,6 +67,21 @@ def test_bench_peer_two_ranks_writes_json(tmp_path):
     assert 0 <= res["disdl_comm_share"] < 1
     assert proc.stdout.count("ratio disdl/ddp") == 1
     assert "terminate called" not in proc.stderr
+    # like for like: DDP with our bucket cap and bucket views; per-step percentiles
+    assert res["ddp_bucket_mb"] == res["bucket_mb"] and res["ddp_gradient_as_bucket_view"]
+    for v in ("local", "ddp", "disdl"):
+        assert 0 < res[f"{v}_step_p50_s"] <= res[f"{v}_step_p95_s"]
+
+
+def test_bench_peer_compares_fp16_with_ddps_fp16_hook(tmp_path):
+    out = tmp_path / "peer.json"
+    run_mpi(2, ["-m", "bench.peer", "--model", "mlp", "--dataset", "synthetic",
+                "--sample-shape", "16", "--steps", "4", "--rounds", "2", "--warmup", "1",
+                "--batch-size", "8", "--compress", "fp16", "--json", str(out)],
+            timeout=180, check=True)
+    res = json.loads(out.read_text())
+    # the weight check inside bench.peer passed for both fp16 paths (ranks agree)
+    assert res["compress"] == "fp16" and res["ddp_step_s"] > 0 and res["disdl_step_s"] > 0
 
 
 @pytest.mark.mpi
