@@ -57,12 +57,17 @@ def sizes(min_bytes: int, max_bytes: int, factor: float, elem: int) -> list[int]
     return out
 
 
+def add_size_range(p: argparse.ArgumentParser, min_bytes: str, max_bytes: str) -> None:
+    """nccl-tests' size options: -b first size, -e last size, -f multiplication factor."""
+    p.add_argument("--min-bytes", "-b", type=parse_bytes, default=parse_bytes(min_bytes))
+    p.add_argument("--max-bytes", "-e", type=parse_bytes, default=parse_bytes(max_bytes))
+    p.add_argument("--factor", "-f", type=float, default=4.0)
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.allreduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--min-bytes", "-b", type=parse_bytes, default=parse_bytes("1K"))
-    p.add_argument("--max-bytes", "-e", type=parse_bytes, default=parse_bytes("16M"))
-    p.add_argument("--factor", "-f", type=float, default=4.0)
+    add_size_range(p, "1K", "16M")
     p.add_argument("--backends", default=None,
                    help="comma list of mpi, disdl, gloo (CPU), nccl (CUDA); default "
                         "mpi,disdl,gloo on the CPU, mpi,disdl,nccl on CUDA")

@@ -27,7 +27,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from bench.allreduce import parse_bytes, sizes
+from bench.allreduce import add_size_range, sizes
 from bench.harness import time_variants
 from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.comm.world import install_abort_handler, mpi_library
@@ -38,9 +38,7 @@ from disdl_mpi.options import add_json
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.overlap", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--min-bytes", "-b", type=parse_bytes, default=parse_bytes("64K"))
-    p.add_argument("--max-bytes", "-e", type=parse_bytes, default=parse_bytes("16M"))
-    p.add_argument("--factor", "-f", type=float, default=4.0)
+    add_size_range(p, "64K", "16M")
     p.add_argument("--slices", type=int, default=8,
                    help="pieces of compute, each followed by one bucket (default 8)")
     p.add_argument("--iters", "-n", type=int, default=20)
