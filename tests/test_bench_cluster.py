@@ -13,7 +13,7 @@ import time
 
 import pytest
 
-from tests.conftest import in_ci
+from tests.emulated_cluster import cluster_cli, require_root
 from tests.mpi_helpers import ROOT, alive, mpi_env
 
 pytestmark = [pytest.mark.cluster, pytest.mark.mpi]
@@ -23,12 +23,7 @@ RATE_GBIT = 1.0
 
 
 def cluster(*args: str, timeout: float = 120) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bench.cluster", *args, "--name", NAME]
-                          if args[0] != "exec" else
-                          [sys.executable, "-m", "bench.cluster", "exec", "--name", NAME,
-                           *args[1:]],
-                          capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=mpi_env())
+    return cluster_cli(NAME, *args, timeout=timeout)
 
 
 def namespaces() -> list[str]:
@@ -38,10 +33,7 @@ def namespaces() -> list[str]:
 
 @pytest.fixture(scope="module")
 def two_nodes():
-    if os.geteuid() != 0:
-        if in_ci():
-            pytest.fail("CI runs as root, but the cluster tests found no root")
-        pytest.skip("the emulated cluster needs root (network namespaces)")
+    require_root("cluster tests")
     cluster("down")
     up = cluster("up", "--nodes", "2", "--link", f"{int(RATE_GBIT * 1000)}mbit")
     assert up.returncode == 0, up.stderr

@@ -17,7 +17,8 @@ import pytest
 import torch
 
 from tests.conftest import in_ci
-from tests.mpi_helpers import ROOT, alive, mpi_env
+from tests.emulated_cluster import cluster_cli, require_root
+from tests.mpi_helpers import ROOT, alive
 from tests.slurm_cluster import SlurmCluster, SlurmUnavailable, ensure_installed
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slurm, pytest.mark.mpi]
@@ -32,16 +33,12 @@ TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-pe
 
 
 def _cluster(*args: str) -> subprocess.CompletedProcess:
-    return subprocess.run([sys.executable, "-m", "bench.cluster", *args, "--name", NAME],
-                          capture_output=True, text=True, timeout=120, cwd=ROOT, env=mpi_env())
+    return cluster_cli(NAME, *args)
 
 
 @pytest.fixture(scope="module")
 def slurm2():
-    if os.geteuid() != 0:
-        if in_ci():
-            pytest.fail("CI runs as root, but the multi-node SLURM tests found no root")
-        pytest.skip("the emulated cluster needs root (network namespaces)")
+    require_root("multi-node SLURM tests")
     try:
         ensure_installed()
     except SlurmUnavailable as exc:
