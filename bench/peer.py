@@ -101,10 +101,10 @@ def batches(x: torch.Tensor, y: torch.Tensor, bs: int, n: int, seed: int):
 
 
 def make_step(variant: str, model: nn.Module, comm: MPI.Comm, args, device,
-              n_global: int) -> tuple[Callable, dict]:
-    """One training step of the variant on a batch, and a dict it adds comm seconds to."""
+              n_global: int, sync: Callable[[], None]) -> tuple[Callable, dict]:
+    """One training step of the variant on a batch, and a dict it adds comm seconds and each
+    step's time to (``sync`` waits for the device before the clock is read)."""
     stats: dict = {"total_s": 0.0, "exposed_s": 0.0, "step_s": []}
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     if variant == "ddp":
         from torch.nn.parallel import DistributedDataParallel as DDP
         import inspect
@@ -158,16 +158,16 @@ def run(args, comm: MPI.Comm) -> dict:
     models = {v: copy.deepcopy(base) for v in VARIANTS}
     per_round = max(1, args.steps // max(1, args.rounds))
     steps, comm_stats, calls = {}, {}, {}
+    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     for v in VARIANTS:
         steps[v], comm_stats[v] = make_step(v, models[v], comm, args, device,
-                                            args.batch_size * size)
+                                            args.batch_size * size, sync)
         # warm-up batches, then per round fresh batches (the same for every variant)
         data = list(batches(xt, yt, args.batch_size, args.warmup, args.seed + rank))
         for r in range(max(1, args.rounds)):
             data += batches(xt, yt, args.batch_size, per_round, args.seed + 1000 * r + rank)
         feed = iter(data)
         calls[v] = (lambda s=steps[v], f=feed: s(*next(f)))
-    sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     # Warm-up (the allocator, DDP's first-iteration bucket rebuild), then count from zero.
     for v in VARIANTS:
         for _ in range(args.warmup):
