@@ -33,7 +33,7 @@ from __future__ import annotations
 import os
 import time
 from collections import defaultdict
-from contextlib import contextmanager
+from contextlib import contextmanager, nullcontext
 from typing import Any, Iterator, Optional
 
 import numpy as np
@@ -134,40 +134,33 @@ class PhaseTimer:
     @contextmanager
     def phase(self, name: str) -> Iterator[None]:
         """Time ``name``; while a profiler window is open (``ranges``) also name it there."""
-        if not self.ranges:
-            with self._phase(name):
-                yield
-            return
-        with named_range(name, self.cuda), self._phase(name):
-            yield
-
-    @contextmanager
-    def _phase(self, name: str) -> Iterator[None]:
         if self.on_phase is not None:
             self.on_phase(self._step_index, name)
-        if self.cuda and name in GPU_PHASES:
-            ev0, ev1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            ev0.record()
+        with named_range(name, self.cuda) if self.ranges else nullcontext():
+            if self.cuda and name in GPU_PHASES:
+                ev0 = torch.cuda.Event(enable_timing=True)
+                ev1 = torch.cuda.Event(enable_timing=True)
+                ev0.record()
+                try:
+                    yield
+                finally:
+                    ev1.record()
+                    if self._step_start is None:  # outside a step: resolve at once
+                        torch.cuda.synchronize(self.device)
+                        self.seconds[name] += ev0.elapsed_time(ev1) / 1e3
+                    else:
+                        self._pending.append((name, ev0, ev1))
+                return
+            self._sync()
+            start = time.perf_counter()
             try:
                 yield
             finally:
-                ev1.record()
-                if self._step_start is None:  # outside a step: resolve at once
-                    torch.cuda.synchronize(self.device)
-                    self.seconds[name] += ev0.elapsed_time(ev1) / 1e3
-                else:
-                    self._pending.append((name, ev0, ev1))
-            return
-        self._sync()
-        start = time.perf_counter()
-        try:
-            yield
-        finally:
-            self._sync()
-            dur = time.perf_counter() - start
-            self.seconds[name] += dur
-            if self.trace is not None:
-                self.trace.complete(name, start, dur, cat="cpu")
+                self._sync()
+                dur = time.perf_counter() - start
+                self.seconds[name] += dur
+                if self.trace is not None:
+                    self.trace.complete(name, start, dur, cat="cpu")
 
     def wait_for_peers(self) -> None:
         """The imbalance probe: a timed barrier right before the gradient sync (detail only)."""
