@@ -5,6 +5,7 @@ on one rank, after minutes of loading. With it, every rank refuses up front with
 """
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Optional, Sequence
@@ -48,7 +49,6 @@ def _host_available() -> int:
     except OSError:
         pass
     if avail is None:
-        import os
         avail = os.sysconf("SC_AVPHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
     try:
         limit = Path("/sys/fs/cgroup/memory.max").read_text().strip()

@@ -37,10 +37,6 @@ class StandardizedInputs:
         return self.stored.shape
 
     @property
-    def device(self) -> torch.device:
-        return self.stored.device
-
-    @property
     def nbytes(self) -> int:
         return self.stored.element_size() * self.stored.numel()
 
