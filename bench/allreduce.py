@@ -28,11 +28,13 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from bench.harness import exit_cleanly, init_torch_distributed, parse_list, time_variants
+from bench.harness import (exit_cleanly, init_torch_distributed, nccl_usable, parse_list,
+                           time_variants)
 from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.files import write_json
 from disdl_mpi.options import add_json
 from disdl_mpi.comm.world import install_abort_handler, mpi_library, rank_info
+from disdl_mpi.device import select_device
 
 BACKENDS = ("mpi", "disdl", "gloo", "nccl")
 DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
@@ -156,10 +158,13 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
     cuda = args.device == "cuda"
     default = "mpi,disdl,nccl" if cuda else "mpi,disdl,gloo"
     backends = parse_list(args.backends or default, BACKENDS)
-    device = torch.device("cuda", rank_info(comm).local_rank % max(1, torch.cuda.device_count())) \
-        if cuda else torch.device("cpu")
-    if cuda:
-        torch.cuda.set_device(device)
+    device = select_device("cuda" if cuda else "cpu", rank_info(comm))
+    skipped = ""
+    if "nccl" in backends:
+        usable, why = nccl_usable(comm)
+        if not usable:
+            backends = [b for b in backends if b != "nccl"]
+            skipped = f"# nccl: skipped ({why})"
     np_dtype, t_dtype = DTYPES[args.dtype]
     elem = np.dtype(np_dtype).itemsize
     torch_backend = next((b for b in backends if b in ("gloo", "nccl")), None)
@@ -174,6 +179,8 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
               f"{'out-of-place' if args.out_of_place else 'in place'}, device {args.device}"
               + (", disdl with fp16 on the wire" if fp16_wire else ""))
         print(f"# {os.environ.get('DISDL_ALLREDUCE_SELECTION', 'MPI default algorithms')}")
+        if skipped:
+            print(skipped)
         print(f"# {'backend':>7} {'bytes':>11} {'dtype':>8} {'time_us':>10} {'algbw':>8} "
               f"{'busbw':>8} {'min_us':>9} {'p50_us':>9} {'p95_us':>9} {'p99_us':>9} "
               f"{'max_us':>9} {'cv':>6} {'#wrong':>7}")

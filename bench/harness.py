@@ -46,6 +46,27 @@ def init_torch_distributed(comm: MPI.Comm, backend: str = "gloo", timeout_s: flo
                             timeout=datetime.timedelta(seconds=timeout_s))
 
 
+def nccl_usable(comm: MPI.Comm) -> tuple[bool, str]:
+    """Whether NCCL can join these ranks, and why not.
+
+    NCCL wants one GPU per rank: ranks sharing a GPU end in "invalid usage" (seen on a
+    1-GPU machine with 2 ranks), so the benchmarks fall back or skip with this reason.
+    """
+    import torch
+    import torch.distributed as dist
+
+    if not (torch.cuda.is_available() and dist.is_available() and dist.is_nccl_available()):
+        return False, "torch has no CUDA NCCL here"
+    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
+    ranks = local.Get_size()
+    local.Free()
+    gpus = torch.cuda.device_count()
+    if ranks > gpus:
+        return False, (f"{ranks} ranks share {gpus} GPU(s) on a node, and NCCL needs one "
+                       f"GPU per rank")
+    return True, ""
+
+
 def exit_cleanly(comm: MPI.Comm, code: int = 0) -> None:
     """Leave without gloo's 'terminate called without an active exception' abort.
 

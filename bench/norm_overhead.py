@@ -19,6 +19,7 @@ from mpi4py import MPI
 from bench.harness import time_variants
 from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.comm.world import rank_info
+from disdl_mpi.device import select_device
 from disdl_mpi.models import build_model
 from disdl_mpi.files import write_json
 from disdl_mpi.norms import get_scheme
@@ -94,8 +95,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.device == "cuda":
         if not torch.cuda.is_available():
             raise SystemExit("error: --device cuda, but torch sees no CUDA device")
-        device = torch.device("cuda", rank_info(comm).local_rank % torch.cuda.device_count())
-        torch.cuda.set_device(device)
+        device = select_device("cuda", rank_info(comm))
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name not in SHAPES:

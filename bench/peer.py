@@ -27,10 +27,11 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from bench.harness import exit_cleanly, init_torch_distributed, time_variants
+from bench.harness import exit_cleanly, init_torch_distributed, nccl_usable, time_variants
 from disdl_mpi.comm.allreducer import DEFAULT_BUCKET_MB, GradientAllreducer
 from disdl_mpi.files import write_json
-from disdl_mpi.comm.world import install_abort_handler, mpi_library
+from disdl_mpi.comm.world import install_abort_handler, mpi_library, rank_info
+from disdl_mpi.device import select_device
 from disdl_mpi.models import build_model
 from disdl_mpi.norms import get_scheme
 from disdl_mpi.options import add_json
@@ -141,14 +142,14 @@ def make_step(variant: str, model: nn.Module, comm: MPI.Comm, args, device,
 def run(args, comm: MPI.Comm) -> dict:
     rank, size = comm.Get_rank(), comm.Get_size()
     torch.set_num_threads(max(1, args.threads))
-    if args.device == "auto":
-        device = torch.device("cuda", rank % torch.cuda.device_count()) \
-            if torch.cuda.is_available() else torch.device("cpu")
-    else:
-        device = torch.device(args.device)
+    device = select_device(args.device, rank_info(comm))
+    ddp_backend, why = "gloo", "CPU tensors"
     if device.type == "cuda":
-        torch.cuda.set_device(device)
-    init_torch_distributed(comm, "nccl" if device.type == "cuda" else "gloo")
+        usable, why = nccl_usable(comm)
+        ddp_backend = "nccl" if usable else "gloo"
+    if rank == 0 and device.type == "cuda" and ddp_backend == "gloo":
+        print(f"# DDP on gloo, not NCCL: {why}", flush=True)
+    init_torch_distributed(comm, ddp_backend)
     x, y, shape, classes = load_data(args, comm)
     if len(x) == 0:
         raise ValueError(f"rank {rank}: no training samples")
@@ -199,8 +200,7 @@ def run(args, comm: MPI.Comm) -> dict:
                                                       op=MPI.MAX),
         "disdl_comm_exposed_s_per_step": comm.allreduce(
             comm_stats["disdl"]["exposed_s"] / n_steps, op=MPI.MAX),
-        "allreduce_path": comm_stats["disdl"].get("path"), "ddp_backend":
-            "nccl" if device.type == "cuda" else "gloo",
+        "allreduce_path": comm_stats["disdl"].get("path"), "ddp_backend": ddp_backend,
         "model": args.model, "norm": args.norm, "params": sum(p.numel() for p in base.parameters()),
         "ranks": size, "batch_size": args.batch_size, "steps": n_steps, "rounds": args.rounds,
         "bucket_mb": args.bucket_mb, "ddp_bucket_mb": args.ddp_bucket_mb,

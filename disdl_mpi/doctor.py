@@ -10,6 +10,7 @@ installation can run the toolkit, 1 when it cannot.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 from typing import Any, Optional
@@ -46,6 +47,19 @@ def facts(comm) -> dict[str, Any]:
     }
 
 
+# Rank counts that launchers export: MPICH's hydra and srun (PMI), Open MPI, PMIx. Not
+# SLURM_NTASKS: a batch script sees it while running a single process on purpose.
+LAUNCHER_SIZE_VARS = ("PMI_SIZE", "OMPI_COMM_WORLD_SIZE", "PMIX_SIZE")
+
+
+def launcher_size(env=os.environ) -> Optional[int]:
+    """The rank count the launcher announced, or None when no launcher said."""
+    for var in LAUNCHER_SIZE_VARS:
+        if env.get(var, "").isdigit():
+            return int(env[var])
+    return None
+
+
 def self_test(comm, device: str) -> Optional[str]:
     """Collective: an allreduce of known values on ``device`` through the gradient path;
     None when every rank got the exact sum, else what went wrong."""
@@ -73,6 +87,13 @@ def self_test(comm, device: str) -> Optional[str]:
 
 
 def verdict(f: dict[str, Any], test: Optional[str], tested: bool) -> tuple[bool, str]:
+    launched = f.get("launcher_size")
+    if launched and launched > f["world_size"]:
+        # Seen on a GPU image: the system's mpiexec (one MPI) started a Python whose mpi4py
+        # loaded another, and every process ran alone as rank 0 of 1, silently.
+        return False, (f"NO: the launcher started {launched} ranks but MPI sees a world of "
+                       f"{f['world_size']}: the mpiexec used belongs to another MPI library "
+                       f"than the one mpi4py loaded ({f['mpi_library']})")
     if test:
         return False, f"NO: the allreduce self-test failed ({test})"
     if f["cuda_available"]:
@@ -96,6 +117,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     info = rank_info(comm)
     f = facts(comm)
     f["nodes"], f["ranks_per_node"] = info.nodes, info.local_size
+    f["launcher_size"] = launcher_size()
     tested = comm.Get_size() > 1
     test = None
     if tested:

@@ -28,3 +28,13 @@ def test_doctor_alone_says_how_to_run_the_self_test():
                           text=True, timeout=120, cwd=ROOT, env=mpi_env())
     assert proc.returncode == 0, proc.stderr
     assert "run under mpiexec -n 2 for the allreduce self-test" in proc.stdout
+
+
+def test_doctor_flags_an_mpiexec_of_another_mpi():
+    # What a mismatched launcher leaves behind: it announced 2 ranks, MPI sees a world of 1.
+    proc = subprocess.run([sys.executable, "-m", "disdl_mpi.doctor"], capture_output=True,
+                          text=True, timeout=120, cwd=ROOT,
+                          env={**mpi_env(), "OMPI_COMM_WORLD_SIZE": "2"})
+    assert proc.returncode == 1, proc.stdout
+    assert proc.stdout.strip().splitlines()[-1].startswith(
+        "NO: the launcher started 2 ranks but MPI sees a world of 1")

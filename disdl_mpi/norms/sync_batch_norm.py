@@ -132,8 +132,12 @@ class _SyncBNFunction(torch.autograd.Function):
         if n_local:
             # Native kernel in inference form gives this rank's sum(dy * xhat) and sum(dy)
             # with xhat computed from the global statistics.
+            # save_mean/save_invstd: empty, not None. The CUDA kernel asserts they are defined
+            # and falls back to the running (here: global) statistics when they are empty; the
+            # CPU kernel gives the same bits either way (found on the first GPU run).
+            empty = x.new_empty(0)
             _, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                dy, x, weight, mean_x, var_x, None, None, False, ctx.eps, [False, True, True])
+                dy, x, weight, mean_x, var_x, empty, empty, False, ctx.eps, [False, True, True])
             buf = np.concatenate([_host64(gb), _host64(gw)])
         else:
             buf = np.zeros(2 * c, dtype=np.float64)
