@@ -16,6 +16,8 @@
 #   EPOCHS [3]  STEP_TIMEOUT [300] seconds per step
 # On a machine without network, bring the wheels the project needs in ./wheelhouse (pip
 # download -d wheelhouse mpi4py mpich h5py tqdm ...): they are installed from there when missing.
+# Where the image already has an mpi4py bound to another MPI, install mpi4py and mpich into a
+# prefix and set MPI4PY_LIBMPI instead: docs/benchmarks/gpu/device_run.sh did that on an H100.
 set -uo pipefail
 cd "$(dirname "$0")/.."
 ROOT=$PWD
