@@ -8,15 +8,16 @@ import subprocess
 import time
 from pathlib import Path
 
-from bench.studies.engine import ROOT, default_launcher, job_env, launcher_command
+from bench.studies.engine import ROOT, job_env, launcher_command
 
 # The run with fault injection from the environment (tests/mpi_programs/fault_driver.py).
 FAULT_DRIVER = "tests.mpi_programs.fault_driver"
 
 
 def mpi_command(n: int, args: list[str]) -> list[str]:
-    """``mpiexec -n N python ARGS`` through the one launcher lookup (the venv's mpiexec)."""
-    return launcher_command(default_launcher(), n, args)
+    """``mpiexec -n N python ARGS`` through the one launcher lookup ($DISDL_LAUNCHER, which
+    ``make test MPI=openmpi`` sets, else the venv's mpiexec)."""
+    return launcher_command(None, n, args)
 
 
 def mpi_env(extra: dict | None = None) -> dict:

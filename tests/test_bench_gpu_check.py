@@ -1,6 +1,7 @@
 """bench/gpu_check.sh runs cleanly without a GPU: the doctor runs, every GPU step is skipped."""
 from __future__ import annotations
 
+import os
 import subprocess
 
 import pytest
@@ -12,8 +13,11 @@ from tests.mpi_helpers import ROOT, mpi_env
 @pytest.mark.skipif(torch.cuda.is_available(), reason="with a GPU the script runs for real")
 def test_gpu_check_without_a_gpu_skips_cleanly(tmp_path):
     out = tmp_path / "gpu"
+    env = mpi_env()
+    if os.environ.get("DISDL_OPENMPI"):  # make test MPI=openmpi: that MPI's launcher
+        env["MPIEXEC"] = os.path.join(os.environ["DISDL_OPENMPI"], "bin", "mpiexec")
     proc = subprocess.run(["bash", str(ROOT / "bench" / "gpu_check.sh"), str(out)],
-                          capture_output=True, text=True, timeout=240, env=mpi_env(), cwd=ROOT)
+                          capture_output=True, text=True, timeout=240, env=env, cwd=ROOT)
     assert proc.returncode == 0, proc.stdout + proc.stderr
     steps = dict(line.split("\t")[:2] for line in
                  (out / "steps.tsv").read_text().splitlines()[1:])

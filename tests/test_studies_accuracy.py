@@ -85,6 +85,7 @@ def test_quick_study_writes_all_outputs(quick_study):
         assert name in md
     png_ok(out / "accuracy.png")
     png_ok(out / "curves.png")
+    png_ok(out / "gap.png")
     points = json.loads((out / "points.json").read_text())["points"]
     assert all(len(p["curve"]) == 2 for p in points)
     assert "[job 2/2]" in proc.stdout and "4/4 points done" in proc.stdout
@@ -224,3 +225,28 @@ def test_markdown_time_table_has_every_scheme_and_domain_table():
                   {"ranks": 2, "dataset": "d", "model": "m"})
     assert "| bn | 2.0 | 1.00 | 3.0 | 25 % |" in md and "| fedbn | 3.0 | 1.50 | 4.0 | 25 % |" in md
     assert "OWN domain" in md and "| fedbn | 50.0 ± 0.0 |" in md
+
+
+def test_time_to_accuracy_and_gap_heatmap(tmp_path):
+    from bench.studies.accuracy_report import gap_heatmap, markdown, time_to_accuracy
+    rows = [{"norm": n, "skew": s, "seed": seed, "test_accuracy": c[-1], "label_skew_tv": 0.1,
+             "train_s": 1.0, "wall_s": 2.0, "comm_s": 0.1, "compute_s": 0.9,
+             "curve": c, "curve_wall_s": [10.0 * (i + 1) + seed for i in range(len(c))]}
+            for n, s, c in (("bn", "iid", [0.5, 0.8, 0.9]), ("bn", "shards:2", [0.3, 0.4, 0.5]),
+                            ("gn", "iid", [0.7, 0.85, 0.88]),
+                            ("gn", "shards:2", [0.6, 0.7, 0.86]))
+            for seed in (0, 1)]
+    reach = time_to_accuracy(rows, 0.8)
+    assert reach[("bn", "iid")] == [(2, 20.0), (2, 21.0)]
+    assert reach[("bn", "shards:2")] == [None, None]
+    assert reach[("gn", "shards:2")] == [(3, 30.0), (3, 31.0)]
+    md = markdown(rows, ["bn", "gn"], ["iid", "shards:2"],
+                  {"ranks": 2, "dataset": "d", "model": "m", "target_accuracy": 0.8})
+    assert "Time to 80 % test accuracy" in md
+    assert "| bn | epoch 2.0, 20 s (2/2) | not reached (0/2) |" in md
+    gap_heatmap(tmp_path / "gap.png", rows, ["bn", "gn"], ["iid", "shards:2"], "gap")
+    png_ok(tmp_path / "gap.png")
+    # Without the IID-BN reference there is no gap to draw.
+    gap_heatmap(tmp_path / "none.png", [r for r in rows if r["norm"] == "gn"], ["gn"],
+                ["iid", "shards:2"], "gap")
+    assert not (tmp_path / "none.png").exists()

@@ -32,7 +32,8 @@ from typing import Optional
 import numpy as np
 
 from bench.studies.accuracy_jobs import Job, harvest, launch, next_attempt
-from bench.studies.accuracy_report import bar_plot, curve_plot, markdown, strongest_skew, write_csv
+from bench.studies.accuracy_report import (bar_plot, curve_plot, gap_heatmap, markdown,
+                                           strongest_skew, write_csv)
 from bench.studies.engine import PointStore, SweepError, launcher_command, terminate_on_sigterm
 from data_prep.ensure import ensure_partition, partition_dir, spec_tag
 from data_prep.errors import DataPrepError
@@ -99,6 +100,9 @@ def build_parser() -> argparse.ArgumentParser:
                    help="print the plan (points done, jobs to run) and stop")
     p.add_argument("--report-only", action="store_true",
                    help="train nothing; rewrite the outputs from the finished points")
+    p.add_argument("--target-accuracy", type=float, default=None, metavar="ACC",
+                   help="report time-to-accuracy: the first epoch, and the wall time, at which "
+                        "each run's test accuracy reached ACC (0-1), from its per-epoch log")
     add_progress(p)
     return p
 
@@ -139,6 +143,7 @@ def point_row(rec: dict, skew: str, seed: int, ranks: int, pseed: int, tv: float
         "per_rank_accuracy": rec.get("per_rank_accuracy"),
         "domain_accuracy_mean": rec.get("domain_accuracy_mean"),
         "curve": [float(e["test_accuracy"]) for e in rec.get("epochs_log", [])],
+        "curve_wall_s": [float(e.get("wall_s", math.nan)) for e in rec.get("epochs_log", [])],
         "attempt": rec.get("attempt"),
     }
 
@@ -191,7 +196,7 @@ class Study:
             "seeds": ", ".join(map(str, self.seeds)),
             "partition_seeds": ("same as the run seed" if args.partition_seed is None
                                 else f"fixed at {args.partition_seed}"),
-            "run_args": " ".join(self.run_args)}
+            "run_args": " ".join(self.run_args), "target_accuracy": args.target_accuracy}
 
     # ------------------------------------------------------------------ plan
     def plan(self) -> list[Job]:
@@ -266,6 +271,8 @@ class Study:
             title = (f"{args.dataset}, {args.ranks} ranks, {self.epochs} epochs, "
                      f"up to {done_seeds} seed(s)")
             bar_plot(out / "accuracy.png", ordered, self.norms, self.skews, title)
+            gap_heatmap(out / "gap.png", ordered, self.norms, self.skews,
+                        f"gap to IID-BN, accuracy points ({title})")
             strong = strongest_skew(ordered, self.skews)
             if strong:
                 curve_plot(out / "curves.png", ordered, self.norms, strong,
