@@ -11,7 +11,7 @@ shuffle; ``--partition-seed K`` fixes one partition for all seeds instead (then 
 the initialization and the batch order). Within one seed every scheme sees the same partition
 and the same initial weights, so scheme differences are paired.
 
-Outputs in OUT: accuracy.csv, accuracy.md, accuracy.png, curves.png, points.json, and runs/
+Outputs in OUT: accuracy.csv, accuracy.md, accuracy.png, curves.png, gap.png, points.json, runs/
 with each job's log and summary. Rerunning the same command resumes: finished points are kept
 (each job's results are harvested the moment it ends) and only missing ones are trained.
 """
@@ -62,7 +62,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m bench.studies.accuracy",
         description="Accuracy of every normalization scheme under partition skew: one MPI job "
                     "per (skew, seed), all schemes from the same initial weights; writes "
-                    "accuracy.csv/.md/.png and curves.png; a rerun resumes.",
+                    "accuracy.csv/.md/.png, curves.png and gap.png; a rerun resumes.",
         formatter_class=argparse.ArgumentDefaultsHelpFormatter)
     p.add_argument("--ranks", type=int, default=8, help="MPI ranks (= private partitions)")
     add_norm(p, default=["all"], nargs="+")

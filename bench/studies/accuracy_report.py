@@ -1,4 +1,4 @@
-"""The accuracy study's outputs: accuracy.csv, accuracy.md, accuracy.png and curves.png.
+"""The accuracy study's outputs: accuracy.csv, accuracy.md, accuracy.png, curves.png and gap.png.
 
 Input is a list of point rows (one per scheme x skew x seed) as built by ``bench.studies.accuracy``;
 every output is written atomically, so a reader (or an interrupted study) never sees half a file.
