@@ -129,6 +129,7 @@ class GradientAllreducer:
             for i, p in enumerate(b.params):
                 self._slot[id(p)] = (b, i)
         self._check_layout_agrees()
+        self._wire_bytes = sum(b.wire_bytes for b in self.buckets)
         self._handles = [p.register_post_accumulate_grad_hook(self.grad_ready)
                          for b in self.buckets for p in b.params]
         self._active = False
@@ -207,6 +208,8 @@ class GradientAllreducer:
         for b in self.buckets:
             for p, view in zip(b.params, b.views):
                 g = p.grad
+                if g is view:
+                    continue  # the usual case, checked first: it is this per-step loop's cost
                 if g is None:
                     view.zero_()
                     p.grad = view
@@ -243,7 +246,8 @@ class GradientAllreducer:
             raise RuntimeError(f"GradientAllreducer: parameter {b.names[i]} got a gradient twice "
                                f"in one step; call begin_step/finish_step around each backward")
         view = b.views[i]
-        if p.grad is not None and p.grad.data_ptr() != view.data_ptr():
+        g = p.grad
+        if g is not view and g is not None and g.data_ptr() != view.data_ptr():
             view.copy_(p.grad)  # autograd replaced the grad instead of accumulating into it
             p.grad = view
         if self._weight != 1.0:
@@ -323,7 +327,7 @@ class GradientAllreducer:
         return {"total_s": _union_seconds([(b.t_start, b.t_end) for b in self.buckets]),
                 "exposed_s": t_end - t_fin,
                 "buckets": len(self.buckets),
-                "bytes": sum(b.wire_bytes for b in self.buckets)}
+                "bytes": self._wire_bytes}
 
     def close(self) -> None:
         """Remove the gradient hooks (the .grad views stay valid tensors)."""
