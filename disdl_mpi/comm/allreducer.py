@@ -32,7 +32,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from disdl_mpi.comm import compression
+from disdl_mpi.comm import compression, mpi_ops
 from disdl_mpi.comm.cuda_aware import CudaAwareness, check_choice
 from disdl_mpi.comm.cuda_aware import detect as detect_cuda_aware
 from disdl_mpi.comm.mpi_ops import mpi_buffer, sum_op
@@ -171,12 +171,12 @@ class GradientAllreducer:
             total += p.numel()
         payload_at = total
         total += extra
-        grad_buf = torch.zeros(total, dtype=dtype, device=device)
+        grad_buf = mpi_ops.zeros(total, dtype, device)
         wdtype = compression.wire_dtype(dtype, self.compress)
         if self.path == "host-staged":
             wire = torch.zeros(total, dtype=wdtype, pin_memory=torch.cuda.is_available())
         elif wdtype != dtype:
-            wire = torch.zeros(total, dtype=wdtype, device=device)
+            wire = mpi_ops.zeros(total, wdtype, device)
         else:
             wire = grad_buf
         b = _Bucket(index=index, names=[n for n, _ in group], params=params, offsets=offsets,

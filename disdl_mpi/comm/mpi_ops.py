@@ -1,6 +1,7 @@
 """Collectives on torch tensors through mpi4py (zero-copy on CPU, staged or CUDA-aware on GPU)."""
 from __future__ import annotations
 
+import numpy as np
 import torch
 from mpi4py import MPI
 
@@ -67,3 +68,20 @@ def mpi_buffer(t: torch.Tensor, *, cuda_aware: bool = False):
         return work
     return work.numpy()
 
+
+
+_NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}
+
+
+def zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """A zeroed buffer that MPI will reduce: on the CPU allocated by numpy, not torch.
+
+    numpy asks the kernel for transparent huge pages on large arrays (``madvise``), torch's
+    allocator does not, and MPICH's shared-memory copies are faster from huge pages: a 16 MiB
+    ``Iallreduce`` on 2 ranks took 4.5-4.7 ms from a torch buffer and 2.7-3.6 ms from a numpy
+    one (bench.allreduce's gap to raw MPI at >= 4 MiB). dtypes numpy lacks and GPU buffers
+    come from torch.
+    """
+    if device.type == "cpu" and dtype in _NUMPY_OF:
+        return torch.from_numpy(np.zeros(numel, dtype=_NUMPY_OF[dtype]))
+    return torch.zeros(numel, dtype=dtype, device=device)
