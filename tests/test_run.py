@@ -120,8 +120,12 @@ def test_progress_bar_on_a_terminal_lines_in_a_log_nothing_when_quiet(digits_par
             "--epochs", "2"]
     rc, shown = _on_a_terminal(mpi_command(2, [*args, "--out", str(tmp_path / "tty")]))
     assert rc == 0, shown[-3000:]
-    assert re.search(r"\] (\d+)/\1 gn epoch 2/2", shown), shown[-3000:]  # a full bar
-    assert "gn epoch   1/2  loss" not in shown
+    if "Open MPI" in shown:
+        # Its launcher forwards whole lines only, so a bar would never show: lines instead.
+        assert "gn epoch   2/2  loss" in shown, shown[-3000:]
+    else:
+        assert re.search(r"\] (\d+)/\1 gn epoch 2/2", shown), shown[-3000:]  # a full bar
+        assert "gn epoch   1/2  loss" not in shown
     piped = run_mpi(2, [*args, "--out", str(tmp_path / "pipe")], timeout=120, check=True)
     assert "gn epoch   1/2  loss" in piped.stdout and "gn epoch   2/2  loss" in piped.stdout
     assert not re.search(r"\] \d+/\d+ gn", piped.stdout)

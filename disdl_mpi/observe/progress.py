@@ -7,6 +7,8 @@ launcher's is: under ``mpirun`` a rank's stdout is a pipe to the launcher (and H
 each rank in a session of its own, without a terminal), yet ``mpirun -n 2 python -m
 disdl_mpi.run`` typed at a prompt should show a bar, which the launcher forwards to the
 terminal; the same run in a batch job, or with the launcher's output redirected, logs lines.
+Open MPI's launcher forwards a rank's output only at line ends, so a bar redrawn with carriage
+returns would never reach the terminal: under Open MPI ``auto`` prints lines.
 
 The bar is tqdm's; only one process (rank 0, or the study driver) shows anything.
 """
@@ -24,6 +26,8 @@ BAR_FORMAT = "[{bar:24}] {n_fmt}/{total_fmt} {desc} ({elapsed}<{remaining})"
 # Processes that start MPI ranks and forward their output (MPICH Hydra, Open MPI / PRRTE).
 LAUNCHERS = frozenset({"mpiexec", "mpirun", "mpiexec.hydra", "hydra_pmi_proxy", "orterun",
                        "orted", "prterun", "prted", "mpiexec.openmpi", "mpirun.openmpi"})
+# Open MPI's: they pass a rank's output on line by line (seen with Open MPI 5.0.11), no bar.
+LINE_FORWARDING = frozenset({"orterun", "orted", "prterun", "prted"})
 
 
 def _parent(pid: int) -> tuple[int, str]:
@@ -38,22 +42,30 @@ def _parent(pid: int) -> tuple[int, str]:
     return int(stat.rsplit(")", 1)[1].split()[1]), comm
 
 
-def launcher_on_terminal(pid: Optional[int] = None) -> bool:
-    """True when an MPI launcher above this process (rank -> proxy -> mpirun) writes its
-    output to a terminal; False for a process that no launcher started."""
+def launchers_above(pid: Optional[int] = None) -> list[tuple[int, str]]:
+    """(pid, command name) of the MPI launcher processes above this one, nearest first."""
+    out: list[tuple[int, str]] = []
     pid = _parent(pid or os.getpid())[0]
     for _ in range(8):  # a few levels at most
         if pid <= 1:
-            return False
+            break
         ppid, comm = _parent(pid)
         if comm not in LAUNCHERS:
-            return False
+            break
+        out.append((pid, comm))
+        pid = ppid
+    return out
+
+
+def launcher_on_terminal(pid: Optional[int] = None) -> bool:
+    """True when an MPI launcher above this process (rank -> proxy -> mpirun) writes its
+    output to a terminal; False for a process that no launcher started."""
+    for lpid, _ in launchers_above(pid):
         try:
-            if os.readlink(f"/proc/{pid}/fd/1").startswith(("/dev/pts/", "/dev/tty")):
+            if os.readlink(f"/proc/{lpid}/fd/1").startswith(("/dev/pts/", "/dev/tty")):
                 return True
         except OSError:
             return False
-        pid = ppid
     return False
 
 
@@ -63,7 +75,11 @@ def wants_bar(mode: str, stream: Optional[TextIO] = None) -> bool:
         raise ValueError(f"progress mode must be one of {', '.join(MODES)}, got {mode!r}")
     if mode in ("lines", "none"):
         return False
-    return mode == "bar" or (stream or sys.stdout).isatty() or launcher_on_terminal()
+    if mode == "bar":
+        return True
+    if any(comm in LINE_FORWARDING for _, comm in launchers_above()):
+        return False
+    return (stream or sys.stdout).isatty() or launcher_on_terminal()
 
 
 class Progress:
