@@ -8,13 +8,6 @@ import torch
 from mpi4py import MPI
 
 
-def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
-    """Contiguous, near-equal shard of ``n`` test samples for ``rank``."""
-    base, extra = divmod(n, world)
-    start = rank * base + min(rank, extra)
-    return start, start + base + (1 if rank < extra else 0)
-
-
 # Evaluation batches hold at most this many bytes of float32 input (and at most 1024 samples):
 # a CNN's activations are tens of times its input, and 1024 images of 224x224 would need GBs.
 EVAL_INPUT_BYTES = 16 << 20
@@ -43,10 +36,10 @@ def count_correct(model: torch.nn.Module, x: Any, y: torch.Tensor,
 
 def evaluate_sharded(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor,
                      comm: MPI.Comm) -> float:
-    """Global test accuracy: every rank scores its own shard, the counts are summed."""
-    lo, hi = shard_bounds(x_test.shape[0], comm.Get_rank(), comm.Get_size())
-    correct = count_correct(model, x_test, y_test, lo=lo, hi=hi)
-    counts = np.array([correct, hi - lo], dtype=np.int64)
+    """Global test accuracy: every rank scores its own shard (``x_test``, ``y_test``: the rows
+    ``data.layout.shard_bounds`` gives it), the counts are summed."""
+    correct = count_correct(model, x_test, y_test)
+    counts = np.array([correct, len(y_test)], dtype=np.int64)
     comm.Allreduce(MPI.IN_PLACE, counts, op=MPI.SUM)
     return float(counts[0]) / max(1, int(counts[1]))
 

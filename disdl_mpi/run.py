@@ -24,11 +24,13 @@ from disdl_mpi.comm.world import (UserError, agree_or_raise, install_abort_handl
                                   world)
 from disdl_mpi.config import RunConfig, build_parser, config_errors
 from disdl_mpi.data.budget import agreed_budget
+from disdl_mpi.data.layout import shard_bounds
 from disdl_mpi.data.partition_io import load_partition
 from disdl_mpi.data.standardize import standardize
 from disdl_mpi.device import select_device, seed_everything, set_threads
 from disdl_mpi.files import atomic_path, jsonable
 from disdl_mpi.machine import machine_info
+from disdl_mpi.norms import SCHEMES
 from disdl_mpi.observe.profiler import StepProfiler, parse_profile_steps, profile_path
 from disdl_mpi.observe.progress import Progress
 from disdl_mpi.observe.results import format_table, write_metrics, write_summary
@@ -174,8 +176,11 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
     seed_everything(cfg.seed)
     data_dir = cfg.resolved_data_dir(info.world_size)
     ensure_data(cfg, comm, data_dir)
+    # Only a scheme that scores each rank's own model on the whole test set (fedbn) needs it
+    # all on every rank; otherwise a rank holds the shard it scores.
+    whole_test = any(SCHEMES[n].per_rank_eval for n in norms)
     local = load_partition(comm, data_dir, budget=agreed_budget(
-        comm, device, info.hostnames, cfg.memory_budget))
+        comm, device, info.hostnames, cfg.memory_budget), test_shard=not whole_test)
     mismatch = explicit_mismatch(cfg, local.manifest, args, data_dir)
     if mismatch:
         raise UserError(mismatch, collective=True)
@@ -184,12 +189,16 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
     x_train, tests = standardize(local.x_train, [local.x_test] + (
         [local.x_domain_test] if domain else []), comm, device)
     labels = lambda y: torch.as_tensor(y, dtype=torch.long, device=device)  # noqa: E731
+    x_test, y_test = tests[0], labels(local.y_test)
+    lo, hi = shard_bounds(local.test_total, info.rank, info.world_size)
     data = RankData(
-        x_train=x_train, y_train=labels(local.y_train), x_test=tests[0],
-        y_test=labels(local.y_test), sizes=list(local.sizes),
+        x_train=x_train, y_train=labels(local.y_train),
+        x_test=x_test.rows(lo, hi) if whole_test else x_test,
+        y_test=y_test[lo:hi] if whole_test else y_test, sizes=list(local.sizes),
         num_classes=int(local.num_classes), sample_shape=tuple(local.sample_shape),
         x_domain=tests[1] if domain else None,
-        y_domain=labels(local.y_domain_test) if domain else None)
+        y_domain=labels(local.y_domain_test) if domain else None,
+        x_test_all=x_test if whole_test else None, y_test_all=y_test if whole_test else None)
     model_name = cfg.model if cfg.model != "auto" else ("cnn" if len(data.sample_shape) == 3
                                                          else "mlp")
     machine = machine_info(info, device, threads, detect_cuda_aware(cfg.cuda_aware).reason)
@@ -202,7 +211,7 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
     log("ranks by node: " + "; ".join(f"{host}: {','.join(map(str, rs))}"
                                       for host, rs in placement.items()))
     log(f"data {data_dir}: {sum(data.sizes)} training samples over {info.world_size} ranks "
-        f"(min {min(data.sizes)}, max {max(data.sizes)}), {data.x_test.shape[0]} test samples, "
+        f"(min {min(data.sizes)}, max {max(data.sizes)}), {local.test_total} test samples, "
         f"model {model_name}, schemes: {', '.join(norms)}")
 
     # 4. checkpoints: where to resume, if anywhere

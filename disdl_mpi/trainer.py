@@ -46,21 +46,24 @@ Inputs = Union[torch.Tensor, StandardizedInputs]
 
 @dataclass
 class RankData:
-    """This rank's resident data: its own training partition and the global test set.
+    """This rank's resident data: its own training partition and its shard of the test set.
 
     Inputs are indexed, never used whole: a tensor, or ``StandardizedInputs`` that keeps the
-    stored dtype and standardizes each indexed batch.
+    stored dtype and standardizes each indexed batch. The whole test set is held only when a
+    scheme scores every rank's model on all of it (fedbn).
     """
 
     x_train: Inputs
     y_train: torch.Tensor
-    x_test: Inputs
+    x_test: Inputs            # the rows this rank scores (data.layout.shard_bounds)
     y_test: torch.Tensor
     sizes: list[int]
     num_classes: int
     sample_shape: tuple[int, ...]
     x_domain: Optional[Inputs] = None   # feature shift: this rank's own-domain test split
     y_domain: Optional[torch.Tensor] = None
+    x_test_all: Optional[Inputs] = None     # the whole test set, for per-rank evaluation
+    y_test_all: Optional[torch.Tensor] = None
 
 
 @dataclass
@@ -332,7 +335,8 @@ class SchemeTraining:
                 self.domain_acc = [float(a) for a in self.comm.allgather(
                     own / max(1, len(data.y_domain)))]
             if self.scheme.per_rank_eval:
-                return evaluate_per_rank(self.model, data.x_test, data.y_test, self.comm)
+                return evaluate_per_rank(self.model, data.x_test_all, data.y_test_all,
+                                         self.comm)
             return self.ctx.hooks.evaluate(self.model, data.x_test, data.y_test, self.comm), None
 
     def finish(self) -> SchemeResult:

@@ -218,3 +218,51 @@ def test_empty_rank_loads_when_allowed(tmp_path):
     proc, _ = load(2, d)
     assert proc.returncode == 0, proc.stderr
     assert proc.stdout.count(f"sizes={m['sizes']}") == 2
+
+
+def test_a_shard_of_the_test_set_is_checked_whole_and_kept_in_part(tmp_path, monkeypatch):
+    """_read_rows keeps rows [lo, hi) but hashes and checks every row, in bounded blocks."""
+    from disdl_mpi.data import partition_io
+    from disdl_mpi.data.layout import ContentHash
+    rng = np.random.default_rng(0)
+    x = rng.standard_normal((37, 3, 4, 4)).astype(np.float32)
+    x[2, 0, 0, 0] = np.nan  # outside the kept rows: must still be found
+    path = tmp_path / "t.h5"
+    with h5py.File(path, "w") as f:
+        f["x"] = x
+    monkeypatch.setattr(partition_io, "_READ_BLOCK_BYTES", 5 * 3 * 4 * 4 * 4)  # 5 rows a block
+    whole = ContentHash()
+    whole.add_x(x)
+    with h5py.File(path, "r") as f:
+        h = ContentHash()
+        kept, bad = partition_io._read_rows(f["x"], (11, 23), h)
+    assert np.array_equal(kept, x[11:23], equal_nan=True) and bad == 1
+    y = np.arange(37)
+    assert h.finish(y) == whole.finish(y)
+
+
+@pytest.mark.mpi
+def test_ranks_hold_their_test_shard_and_score_it_as_before(base, tmp_path):
+    """bn's accuracy is the same whether the ranks hold the whole test set (fedbn in the run
+    needs it) or only their shard; the shard is what a rank loads otherwise."""
+    from disdl_mpi.data.layout import shard_bounds
+    data = base / "u8"
+    acc = {}
+    for name, norms in (("shard", "bn"), ("whole", "bn,fedbn")):
+        out = tmp_path / name
+        run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(data), "--norm", norms,
+                    "--steps", "6", "--out", str(out)], timeout=180, check=True)
+        runs = json.loads((out / "summary.json").read_text())["runs"]
+        acc[name] = next(r["test_accuracy"] for r in runs if r["norm"] == "bn")
+    assert acc["shard"] == acc["whole"]
+    code = ("import sys; from mpi4py import MPI; from disdl_mpi.data.partition_io import "
+            "load_partition; d = load_partition(MPI.COMM_WORLD, sys.argv[1], test_shard=True); "
+            "print('rows', MPI.COMM_WORLD.Get_rank(), d.test_rows, len(d.x_test), len(d.y_test), "
+            "d.test_total, flush=True)")
+    proc = run_mpi(2, ["-c", code, str(data)], timeout=60, check=True)
+    n = json.loads((data / "partition.json").read_text())["test"]["size"]
+    held = sorted(line.split(" ", 2)[1:] for line in proc.stdout.splitlines()
+                  if line.startswith("rows "))
+    for r, (rank, rest) in enumerate(held):
+        lo, hi = shard_bounds(n, r, 2)
+        assert rank == str(r) and rest == f"({lo}, {hi}) {hi - lo} {hi - lo} {n}", held

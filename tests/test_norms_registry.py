@@ -93,3 +93,16 @@ def test_local_bn_corner_cases():
     x = torch.randn(10, 3)
     assert torch.allclose(layer(x), ref(x), atol=1e-6)
     assert torch.allclose(layer.running_var, ref.running_var)
+
+
+def test_the_registry_says_which_schemes_need_the_whole_test_set():
+    """run.py decides from the registry entry whether ranks load the whole test set or their
+    shard; the entry must agree with what the built scheme does."""
+    from disdl_mpi.norms import SCHEMES, get_scheme
+    for name, spec in SCHEMES.items():
+        scheme = get_scheme(name)
+        try:
+            assert spec.per_rank_eval == scheme.per_rank_eval, name
+        finally:
+            scheme.close()
+    assert [n for n, s in SCHEMES.items() if s.per_rank_eval] == ["fedbn"]

@@ -22,6 +22,13 @@ def domain_test_file(rank: int) -> str:
     return f"test_rank_{rank:05d}.h5"
 
 
+def shard_bounds(n: int, rank: int, world: int) -> tuple[int, int]:
+    """Rows [lo, hi) of an ``n``-row test set that ``rank`` scores: contiguous, near-equal."""
+    base, extra = divmod(n, world)
+    start = rank * base + min(rank, extra)
+    return start, start + base + (1 if rank < extra else 0)
+
+
 class ContentHash:
     """sha256 over a partition's content: the x bytes (C order) then the y bytes (int64 LE).
 

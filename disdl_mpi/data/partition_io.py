@@ -18,7 +18,8 @@ import h5py
 import numpy as np
 
 from disdl_mpi.data.budget import over_budget
-from disdl_mpi.data.layout import MANIFEST, TEST_FILE, ContentHash, domain_test_file, rank_file
+from disdl_mpi.data.layout import (MANIFEST, TEST_FILE, ContentHash, domain_test_file,
+                                   rank_file, shard_bounds)
 
 from disdl_mpi.comm.world import UserError
 
@@ -36,7 +37,7 @@ class PartitionError(UserError):
 
 @dataclass
 class LocalData:
-    """This rank's training partition plus the whole test set (the caller shards it)."""
+    """This rank's training partition and the test set: whole, or its shard (``test_rows``)."""
 
     x_train: np.ndarray
     y_train: np.ndarray
@@ -49,6 +50,8 @@ class LocalData:
     manifest_sha256: str
     x_domain_test: Optional[np.ndarray] = None   # feature shift: this rank's own-domain split
     y_domain_test: Optional[np.ndarray] = None
+    test_rows: tuple[int, int] = (0, 0)  # the rows of the global test set x_test holds
+    test_total: int = 0                  # rows in the global test set
 
 
 def _ranks_text(ranks: list[int]) -> str:
@@ -144,12 +147,45 @@ def _read_manifest(path: Path, world_size: int) -> tuple[dict | None, str, list[
     return (None if probs else m), digest, probs
 
 
+# Rows of x read (and hashed, and checked) per block: the working set beside the kept rows.
+_READ_BLOCK_BYTES = 16 << 20
+
+
+def _read_rows(dx: h5py.Dataset, rows: tuple[int, int], h: ContentHash | None
+               ) -> tuple[np.ndarray, int]:
+    """Rows [lo, hi) of ``dx``, reading the WHOLE dataset in bounded blocks so the content
+    hash (``h``) and the finiteness check still cover every row; returns (rows, non-finite
+    count). Memory: the kept rows plus one block."""
+    lo, hi = rows
+    n = dx.shape[0]
+    row_bytes = max(1, int(np.prod(dx.shape[1:], dtype=np.int64)) * dx.dtype.itemsize)
+    step = max(1, _READ_BLOCK_BYTES // row_bytes)
+    out = np.empty((hi - lo,) + tuple(dx.shape[1:]), dtype=dx.dtype)
+    bad = 0
+    for start in range(0, n, step):
+        stop = min(n, start + step)
+        if h is None and (stop <= lo or start >= hi):
+            continue  # nothing to hash, nothing kept
+        block = dx[start:stop]
+        if h is not None:
+            h.add_x(block)
+        if block.dtype.kind == "f":
+            bad += int(np.count_nonzero(~np.isfinite(block)))
+        a, b = max(start, lo), min(stop, hi)
+        if a < b:
+            out[a - lo:b - lo] = block[a - start:b - start]
+    return out, bad
+
+
 def _read_h5(path: Path, m: dict, size: int, sha: str, verify: bool, attrs: dict[str, int],
-             header: list) -> tuple[np.ndarray | None, np.ndarray | None, list[Problem]]:
+             header: list, rows: tuple[int, int] | None = None
+             ) -> tuple[np.ndarray | None, np.ndarray | None, list[Problem]]:
     """Open one partition file and check it against the manifest.
 
     ``header`` receives the file's (sample shape, dtype) when x could be found, so shapes can
-    be compared across ranks even when they also disagree with the manifest.
+    be compared across ranks even when they also disagree with the manifest. ``rows`` keeps
+    only rows [lo, hi) of x and y (a rank's shard of the test set); every row is still read,
+    hashed and checked, in bounded blocks.
     """
     f = str(path)
     if not path.is_file():
@@ -186,8 +222,10 @@ def _read_h5(path: Path, m: dict, size: int, sha: str, verify: bool, attrs: dict
             probs.append((f, "y", f"dtype {dy.dtype} shape {dy.shape}, expected int64 ({size},)"))
         if probs:
             return None, None, probs
+        h = ContentHash() if verify else None
         try:
-            x, y = dx[...], dy[...]
+            x, n_bad = _read_rows(dx, rows or (0, size), h)
+            y = dy[...]
         except Exception as exc:
             return None, None, [(f, "x/y", f"cannot be read, truncated or corrupt? "
                                            f"({str(exc)[:160]})")]
@@ -195,15 +233,13 @@ def _read_h5(path: Path, m: dict, size: int, sha: str, verify: bool, attrs: dict
         bad = y[(y < 0) | (y >= ncls)]
         probs.append((f, "y", f"{len(bad)} label(s) outside [0, {ncls}) (num_classes), "
                               f"e.g. {int(bad[0])}"))
-    if x.dtype.kind == "f" and not np.isfinite(x).all():
-        n_bad = int(np.count_nonzero(~np.isfinite(x)))
+    if n_bad:
         probs.append((f, "x", f"holds {n_bad} NaN/Inf value(s)"))
-    if verify and not probs:
-        h = ContentHash()
-        h.add_x(x)
-        if h.finish(y) != sha:
-            probs.append((f, "sha256", "content hash differs from the manifest: the file was "
-                                       "modified or corrupted after it was built"))
+    if h is not None and not probs and h.finish(y) != sha:
+        probs.append((f, "sha256", "content hash differs from the manifest: the file was "
+                                   "modified or corrupted after it was built"))
+    if rows is not None:
+        y = y[rows[0]:rows[1]]
     return x, y, probs
 
 
@@ -220,13 +256,16 @@ def _cross_rank(data_dir: Path, headers: list) -> dict[int, Problem]:
 
 
 def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True,
-                   budget: tuple[int, str] | None = None) -> LocalData:
+                   budget: tuple[int, str] | None = None,
+                   test_shard: bool = False) -> LocalData:
     """Load and validate this rank's partition; raise ``PartitionError`` on every rank if bad.
 
     ``verify_hash`` re-hashes the arrays against the manifest's sha256 (one pass, cheap next
     to reading them) to catch silent corruption that HDF5 itself cannot see. ``budget``
     (bytes per rank, how it was derived; the same on every rank) refuses, before any array
-    is read, a partition some rank could not hold resident.
+    is read, a partition some rank could not hold resident. ``test_shard`` keeps only this
+    rank's shard of the test set (``evaluate.shard_bounds``), the rows it scores; the whole
+    file is still checked.
     """
     data_dir = Path(data_dir)
     rank, world_size = comm.Get_rank(), comm.Get_size()
@@ -242,8 +281,11 @@ def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True,
     x, y, probs = _read_h5(data_dir / entry["file"], m, entry["size"], entry["sha256"],
                            verify_hash, {"rank": rank, "world_size": world_size,
                                          "num_classes": m["num_classes"]}, header)
-    xt, yt, tprobs = _read_h5(data_dir / TEST_FILE, m, m["test"]["size"], m["test"]["sha256"],
-                              verify_hash, {"num_classes": m["num_classes"]}, [])
+    n_test = m["test"]["size"]
+    test_rows = shard_bounds(n_test, rank, world_size) if test_shard else (0, n_test)
+    xt, yt, tprobs = _read_h5(data_dir / TEST_FILE, m, n_test, m["test"]["sha256"],
+                              verify_hash, {"num_classes": m["num_classes"]}, [],
+                              rows=test_rows if test_shard else None)
     probs += tprobs
     xd = yd = None
     if m.get("domain_tests") is not None:
@@ -262,4 +304,5 @@ def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True,
     return LocalData(x_train=x, y_train=y, x_test=xt, y_test=yt,
                      num_classes=int(m["num_classes"]), sample_shape=tuple(m["sample_shape"]),
                      sizes=[n for _, (_, n) in gathered], manifest=m, manifest_sha256=digest,
-                     x_domain_test=xd, y_domain_test=yd)
+                     x_domain_test=xd, y_domain_test=yd, test_rows=test_rows,
+                     test_total=n_test)

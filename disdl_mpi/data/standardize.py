@@ -36,6 +36,10 @@ class StandardizedInputs:
     def shape(self) -> torch.Size:
         return self.stored.shape
 
+    def rows(self, lo: int, hi: int) -> "StandardizedInputs":
+        """Rows [lo, hi) as inputs of their own (a view: no copy of the stored data)."""
+        return StandardizedInputs(self.stored[lo:hi], self.mean, self.std)
+
     @property
     def nbytes(self) -> int:
         return self.stored.element_size() * self.stored.numel()

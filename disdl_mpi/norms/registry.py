@@ -99,6 +99,7 @@ class NormSpec:
     summary: str
     factory: Callable[..., NormScheme]
     communicates: bool = False
+    per_rank_eval: bool = False   # every rank scores its own model on the whole test set
 
 
 def _no_opts(name: str, opts: dict) -> None:
@@ -219,7 +220,7 @@ SCHEMES: dict[str, NormSpec] = {
     "fedbn": NormSpec("fedbn", "FedBN (Li et al. ICLR 2021): BN statistics and affine "
                                "parameters stay local to each rank; targets feature shift across "
                                "ranks, not label skew; every rank evaluates with its own model",
-                      _fedbn),
+                      _fedbn, per_rank_eval=True),
     "bn-recal": NormSpec("bn-recal", "local BN in training, then precise-BN recalibration (Wu & "
                                      "Johnson 2021) of the running mean/var over ALL ranks' "
                                      "training data by allreduce of per-channel moments before "
