@@ -20,14 +20,6 @@ from .partition_spec import PartitionSpec
 from .sources import Source
 
 MAX_OPEN_FILES = 256        # ranks written per pass over the source
-H5_CHUNK_BYTES = 1 << 20    # HDF5 chunk size of x: ~1 MiB of rows
-H5_CACHE_BYTES = 2 << 20    # per-file chunk cache: holds a partly written chunk until full
-
-
-def _h5_chunks(n: int, sample_shape: tuple[int, ...], itemsize: int) -> tuple[int, ...]:
-    per = max(1, int(np.prod(sample_shape, dtype=np.int64)) * itemsize)
-    rows = max(1, min(max(n, 1), H5_CHUNK_BYTES // per))
-    return (rows, *sample_shape)
 
 
 def _prefetch(chunks: Iterator, depth: int = 1) -> Iterator:
@@ -75,11 +67,11 @@ def _prefetch(chunks: Iterator, depth: int = 1) -> Iterator:
 
 
 def _create_x(f: h5py.File, n: int, src: Source) -> h5py.Dataset:
-    # An empty rank (--min-per-rank 0) still gets a chunked x; HDF5 wants a chunk no larger
-    # than the extent, so an empty one is declared resizable.
+    # Contiguous, not chunked: a streamed batch reads 16 random rows, and from a contiguous x
+    # each row is one read at a computed offset. Measured (bench.h5_layout, 16 random rows of
+    # uint8): 0.14 ms contiguous against 3.6 ms with ~1 MiB chunks at 3x32x32, 0.37 against
+    # 115 ms at 3x224x224. Writing in row blocks is as fast either way.
     return f.create_dataset("x", shape=(n, *src.sample_shape), dtype=src.x_dtype,
-                            chunks=_h5_chunks(n, src.sample_shape, src.x_dtype.itemsize),
-                            maxshape=None if n else (None, *src.sample_shape),
                             track_times=False)
 
 
@@ -109,7 +101,7 @@ def write_rank_files(src: Source, parts: list[np.ndarray], spec: PartitionSpec, 
         cursor = np.zeros(g1 - g0, dtype=np.int64)
         try:
             for r in range(g0, g1):
-                f = h5py.File(tmp / rank_file(r), "w", rdcc_nbytes=H5_CACHE_BYTES)
+                f = h5py.File(tmp / rank_file(r), "w")
                 files.append(f)
                 xs.append(_create_x(f, len(parts[r]), src))
                 hashes.append(ContentHash())

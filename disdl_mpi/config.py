@@ -65,6 +65,7 @@ class RunConfig:
     on_nan: str = "stop"
     stall_timeout: Optional[float] = None
     memory_budget: Optional[str] = None
+    data_residency: str = "auto"
     profile_steps: Optional[str] = None
 
     def schemes(self) -> list[str]:
@@ -190,6 +191,11 @@ def build_parser() -> argparse.ArgumentParser:
                    help="most memory a rank may use for its resident data (e.g. 2G); a "
                         "partition over it is refused before loading (default: 70%% of the "
                         "node's, or the GPU's, available memory over the ranks sharing it)")
+    g.add_argument("--data-residency", choices=["auto", "device", "host", "stream"],
+                   default=d.data_residency,
+                   help="training inputs resident on the device, in host memory, or streamed "
+                        "from the rank's file by a prefetching thread; auto: device when the "
+                        "partition fits --memory-budget, else stream (same model either way)")
     return p
 
 

@@ -180,14 +180,16 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
     # all on every rank; otherwise a rank holds the shard it scores.
     whole_test = any(SCHEMES[n].per_rank_eval for n in norms)
     local = load_partition(comm, data_dir, budget=agreed_budget(
-        comm, device, info.hostnames, cfg.memory_budget), test_shard=not whole_test)
+        comm, device, info.hostnames, cfg.memory_budget), test_shard=not whole_test,
+        residency=cfg.data_residency)
     mismatch = explicit_mismatch(cfg, local.manifest, args, data_dir)
     if mismatch:
         raise UserError(mismatch, collective=True)
     dataset = local.manifest.get("dataset", cfg.dataset)
     domain = local.x_domain_test is not None
     x_train, tests = standardize(local.x_train, [local.x_test] + (
-        [local.x_domain_test] if domain else []), comm, device)
+        [local.x_domain_test] if domain else []), comm, device, local.residency,
+        local.train_path)
     labels = lambda y: torch.as_tensor(y, dtype=torch.long, device=device)  # noqa: E731
     x_test, y_test = tests[0], labels(local.y_test)
     lo, hi = shard_bounds(local.test_total, info.rank, info.world_size)
@@ -213,6 +215,9 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
     log(f"data {data_dir}: {sum(data.sizes)} training samples over {info.world_size} ranks "
         f"(min {min(data.sizes)}, max {max(data.sizes)}), {local.test_total} test samples, "
         f"model {model_name}, schemes: {', '.join(norms)}")
+    log(f"data residency: {local.residency}" + (
+        f" (--data-residency {cfg.data_residency}: the resident data would not fit the budget)"
+        if local.residency == "stream" and local.budget_refusal else ""))
 
     # 4. checkpoints: where to resume, if anywhere
     ckpt = Checkpointer(out / "checkpoints", comm, config=cfg.to_dict(),

@@ -376,6 +376,7 @@ def train_scheme(ctx: TrainContext, norm_name: str) -> SchemeResult:
         if first == 0:
             t.loss_sum = np.zeros(2, dtype=np.float64)
         batches = t.plan.epoch_indices(epoch, ctx.cfg.seed)
+        getattr(t.data.x_train, "schedule", lambda _: None)(batches[first:])  # stream: read ahead
         for i in range(first, len(batches)):
             if t.step_no >= t.max_steps:
                 break

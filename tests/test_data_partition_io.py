@@ -68,7 +68,7 @@ def rewrite(path, **arrays):
 
 def flip_data_bytes(path):
     with h5py.File(path, "r") as f:
-        offset = f["x"].id.get_chunk_info(0).byte_offset
+        offset = f["x"].id.get_offset()  # x is contiguous (data_prep.writer)
     with open(path, "r+b") as fh:
         fh.seek(offset + 10)
         b = fh.read(4)

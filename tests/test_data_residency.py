@@ -1,5 +1,6 @@
 """Memory that follows the data: inputs stay in their stored dtype and are standardized per
-batch; a partition over the memory budget is refused before it is read."""
+batch; a resident partition over the memory budget is refused before it is read, auto streams
+it instead; device, host and stream residency train the same model, bit for bit."""
 from __future__ import annotations
 
 import shutil
@@ -76,14 +77,57 @@ def test_an_over_budget_partition_is_refused_on_every_rank_before_it_is_read(
     # A rank file that could not be read: the refusal must come before any read of it.
     (data / "rank_00001.h5").write_bytes(b"not hdf5")
     proc = run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(data), "--norm", "gn",
-                       "--steps", "2", "--memory-budget", "64K", "--out", str(tmp_path / "o")],
-                   timeout=120)
+                       "--steps", "2", "--memory-budget", "64K", "--data-residency", "device",
+                       "--out", str(tmp_path / "o")], timeout=120)
     assert proc.returncode == 2, proc.stderr[-2000:]
     err = proc.stderr
-    assert "over the memory budget" in err
+    assert "over the memory budget" in err and "--data-residency stream" in err
     assert "the budget is 64 KiB per rank (--memory-budget)" in err
     assert "rank_00001.h5" not in err  # never opened
     assert "step" not in proc.stdout
+
+
+def test_auto_streams_what_would_not_fit_and_every_mode_trains_the_same_model(
+        digits_partition, tmp_path):
+    data = digits_partition(2)
+    models = {}
+    for mode, budget in (("device", "1G"), ("host", "1G"), ("stream", "1G"), ("auto", "64K")):
+        out = tmp_path / mode
+        proc = run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(data), "--norm",
+                           "bn,bn-fix", "--epochs", "2", "--data-residency", mode,
+                           "--memory-budget", budget, "--save-model", "--out", str(out)],
+                       timeout=180, check=True)
+        used = "stream" if mode == "auto" else mode
+        assert f"data residency: {used}" in proc.stdout
+        models[mode] = {s: torch.load(out / s / "model.pt", weights_only=True)
+                        for s in ("bn", "bn-fix")}
+    assert "would not fit the budget" in proc.stdout  # auto said why it streamed
+    for mode in ("host", "stream", "auto"):
+        for scheme, state in models["device"].items():
+            other = models[mode][scheme]
+            assert all(torch.equal(state[k], other[k]) for k in state), (mode, scheme)
+
+
+def test_streamed_batches_equal_resident_ones_read_ahead_or_not(tmp_path):
+    import h5py
+    from disdl_mpi.data.residency import StreamedInputs
+    rng = np.random.default_rng(3)
+    x = rng.integers(0, 256, (40, 3, 4, 4)).astype(np.uint8)
+    with h5py.File(tmp_path / "r.h5", "w") as f:
+        f["x"] = x
+    resident, _ = standardize(x, [], MPI.COMM_SELF, torch.device("cpu"))
+    streamed, _ = standardize(None, [], MPI.COMM_SELF, torch.device("cpu"), "stream",
+                              tmp_path / "r.h5")
+    assert isinstance(streamed, StreamedInputs) and len(streamed) == 40
+    batches = [rng.permutation(40)[:7] for _ in range(5)]
+    streamed.schedule(batches)
+    for b in batches:  # read ahead by the background thread
+        assert torch.equal(streamed[b], resident[b])
+    dup = np.array([5, 3, 5, 0])  # repeated and unordered rows, read on demand
+    assert torch.equal(streamed[dup], resident[dup])
+    assert torch.equal(streamed[10:17], resident[10:17])
+    assert streamed.nbytes == 0
+    streamed.close()
 
 
 def test_a_budget_that_holds_trains_as_before(digits_partition, tmp_path):

@@ -100,9 +100,9 @@ def over_budget(data_dir: Path, manifest: dict, budget: int, how: str) -> Option
     return (f"{data_dir}: rank(s) {ranks} would hold their data resident over the memory "
             f"budget: rank {worst} needs {human_size(need[worst])} (partition, test set and "
             f"labels in the stored dtype {manifest['x_dtype']}), the budget is "
-            f"{human_size(budget)} per rank ({how}). Partition the data over more ranks, or "
-            f"pass --memory-budget SIZE (e.g. {enough}G) if the memory is there. "
-            f"Streaming a partition from disk (--data-residency stream) is not implemented yet.")
+            f"{human_size(budget)} per rank ({how}). Stream it from disk instead "
+            f"(--data-residency stream, or auto), partition the data over more ranks, or "
+            f"pass --memory-budget SIZE (e.g. {enough}G) if the memory is there.")
 
 
 def agreed_budget(comm, device: torch.device, hostnames: Sequence[str],

@@ -18,6 +18,7 @@ import h5py
 import numpy as np
 
 from disdl_mpi.data.budget import over_budget
+from disdl_mpi.data.residency import choose as choose_residency
 from disdl_mpi.data.layout import (MANIFEST, TEST_FILE, ContentHash, domain_test_file,
                                    rank_file, shard_bounds)
 
@@ -39,7 +40,7 @@ class PartitionError(UserError):
 class LocalData:
     """This rank's training partition and the test set: whole, or its shard (``test_rows``)."""
 
-    x_train: np.ndarray
+    x_train: Optional[np.ndarray]   # None when streamed (residency 'stream')
     y_train: np.ndarray
     x_test: np.ndarray
     y_test: np.ndarray
@@ -52,6 +53,9 @@ class LocalData:
     y_domain_test: Optional[np.ndarray] = None
     test_rows: tuple[int, int] = (0, 0)  # the rows of the global test set x_test holds
     test_total: int = 0                  # rows in the global test set
+    residency: str = "device"            # data.residency mode in use (x_train None: stream)
+    train_path: Optional[Path] = None    # this rank's partition file
+    budget_refusal: Optional[str] = None  # why resident data would not fit (auto streamed)
 
 
 def _ranks_text(ranks: list[int]) -> str:
@@ -184,8 +188,8 @@ def _read_h5(path: Path, m: dict, size: int, sha: str, verify: bool, attrs: dict
 
     ``header`` receives the file's (sample shape, dtype) when x could be found, so shapes can
     be compared across ranks even when they also disagree with the manifest. ``rows`` keeps
-    only rows [lo, hi) of x and y (a rank's shard of the test set); every row is still read,
-    hashed and checked, in bounded blocks.
+    only rows [lo, hi) of x (a rank's shard of the test set; none when streaming); every row
+    is still read, hashed and checked, in bounded blocks. y is returned whole.
     """
     f = str(path)
     if not path.is_file():
@@ -238,8 +242,6 @@ def _read_h5(path: Path, m: dict, size: int, sha: str, verify: bool, attrs: dict
     if h is not None and not probs and h.finish(y) != sha:
         probs.append((f, "sha256", "content hash differs from the manifest: the file was "
                                    "modified or corrupted after it was built"))
-    if rows is not None:
-        y = y[rows[0]:rows[1]]
     return x, y, probs
 
 
@@ -257,35 +259,40 @@ def _cross_rank(data_dir: Path, headers: list) -> dict[int, Problem]:
 
 def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True,
                    budget: tuple[int, str] | None = None,
-                   test_shard: bool = False) -> LocalData:
+                   test_shard: bool = False, residency: str = "device") -> LocalData:
     """Load and validate this rank's partition; raise ``PartitionError`` on every rank if bad.
 
     ``verify_hash`` re-hashes the arrays against the manifest's sha256 (one pass, cheap next
     to reading them) to catch silent corruption that HDF5 itself cannot see. ``budget``
     (bytes per rank, how it was derived; the same on every rank) refuses, before any array
-    is read, a partition some rank could not hold resident. ``test_shard`` keeps only this
-    rank's shard of the test set (``evaluate.shard_bounds``), the rows it scores; the whole
-    file is still checked.
+    is read, a partition some rank could not hold resident in a resident ``residency``
+    (``auto`` streams it instead; see data.residency). ``test_shard`` keeps only this rank's
+    shard of the test set (``layout.shard_bounds``), the rows it scores. In ``stream`` mode
+    the training x is checked (every row hashed, in bounded blocks) but not kept:
+    ``x_train`` is None and ``train_path`` the file to stream from.
     """
     data_dir = Path(data_dir)
     rank, world_size = comm.Get_rank(), comm.Get_size()
     manifest, digest, probs = _read_manifest(data_dir / MANIFEST, world_size)
     _agree(comm, data_dir, probs)
     m = manifest
-    if budget is not None:
-        refusal = over_budget(data_dir, m, *budget)
-        if refusal:
-            raise PartitionError(refusal, collective=True)
+    refusal = over_budget(data_dir, m, *budget) if budget is not None else None
+    mode = choose_residency(residency, refusal is None)
+    if refusal and mode != "stream":
+        raise PartitionError(refusal, collective=True)
     entry = m["ranks"][rank]
     header: list = []
     x, y, probs = _read_h5(data_dir / entry["file"], m, entry["size"], entry["sha256"],
                            verify_hash, {"rank": rank, "world_size": world_size,
-                                         "num_classes": m["num_classes"]}, header)
+                                         "num_classes": m["num_classes"]}, header,
+                           rows=(0, 0) if mode == "stream" else None)
     n_test = m["test"]["size"]
     test_rows = shard_bounds(n_test, rank, world_size) if test_shard else (0, n_test)
     xt, yt, tprobs = _read_h5(data_dir / TEST_FILE, m, n_test, m["test"]["sha256"],
                               verify_hash, {"num_classes": m["num_classes"]}, [],
                               rows=test_rows if test_shard else None)
+    if yt is not None:
+        yt = yt[test_rows[0]:test_rows[1]]
     probs += tprobs
     xd = yd = None
     if m.get("domain_tests") is not None:
@@ -296,6 +303,8 @@ def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True,
     # One allgather carries every rank's findings, its sample shape (the cross-rank check,
     # which does not trust the manifest) and its size.
     mine = (header[0] if header else None, None if y is None else len(y))
+    if mode == "stream":
+        x = None  # read batch by batch during training
     gathered = comm.allgather((probs, mine))
     probs_all = [p for p, _ in gathered]
     for r, p in _cross_rank(data_dir, [h for _, (h, _) in gathered]).items():
@@ -305,4 +314,5 @@ def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True,
                      num_classes=int(m["num_classes"]), sample_shape=tuple(m["sample_shape"]),
                      sizes=[n for _, (_, n) in gathered], manifest=m, manifest_sha256=digest,
                      x_domain_test=xd, y_domain_test=yd, test_rows=test_rows,
-                     test_total=n_test)
+                     test_total=n_test, residency=mode,
+                     train_path=data_dir / entry["file"], budget_refusal=refusal)

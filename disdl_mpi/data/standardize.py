@@ -6,11 +6,14 @@ by batch where they are indexed, so a rank's memory is its partition plus one ba
 """
 from __future__ import annotations
 
-from typing import Any
+from pathlib import Path
+from typing import Any, Optional
 
 import numpy as np
 import torch
 from mpi4py import MPI
+
+from disdl_mpi.data.residency import StreamedInputs, standardized
 
 # Rows per pass of the statistics: bounds the float64 working set (about 64 MiB at 224x224x3).
 _STATS_ROWS_BYTES = 64 << 20
@@ -27,7 +30,7 @@ class StandardizedInputs:
         self.stored, self.mean, self.std = stored, mean, std
 
     def __getitem__(self, index: Any) -> torch.Tensor:
-        return (self.stored[index].to(torch.float32) - self.mean) / self.std
+        return standardized(self.stored[index], self.mean, self.std)
 
     def __len__(self) -> int:
         return int(self.stored.shape[0])
@@ -62,15 +65,24 @@ def channel_sums(x: np.ndarray) -> np.ndarray:
     return np.concatenate([[x.shape[0] * per_value], s1, s2])
 
 
-def standardize(x_train: np.ndarray, others: list[np.ndarray], comm: MPI.Comm,
-                device: torch.device) -> tuple[StandardizedInputs, list[StandardizedInputs]]:
+def standardize(x_train: Any, others: list[np.ndarray], comm: MPI.Comm,
+                device: torch.device, residency: str = "device",
+                stream_path: Optional[Path] = None) -> tuple[Any, list[StandardizedInputs]]:
     """Per-channel (images) or per-feature (flat) standardization of the training split and,
     with the same statistics, of ``others`` (the test splits).
 
     Only counts, sums and sums of squares travel (one Allreduce); the statistics are those of
-    the union of all ranks' training partitions. The arrays move to ``device`` as stored.
+    the union of all ranks' training partitions. The test arrays move to ``device`` as stored;
+    the training inputs stay where ``residency`` says: on ``device``, in host memory
+    (``host``), or in the file (``stream``: ``x_train`` is then
+    None, and ``stream_path`` the file, read here in bounded blocks for the statistics).
     """
-    stats = channel_sums(x_train)
+    if residency == "stream":
+        import h5py
+        with h5py.File(stream_path, "r", locking=False) as f:
+            stats, ndim = channel_sums(f["x"]), f["x"].ndim
+    else:
+        stats, ndim = channel_sums(x_train), x_train.ndim
     comm.Allreduce(MPI.IN_PLACE, stats, op=MPI.SUM)
     c = (stats.size - 1) // 2
     count = max(1.0, stats[0])
@@ -78,11 +90,15 @@ def standardize(x_train: np.ndarray, others: list[np.ndarray], comm: MPI.Comm,
     var = np.maximum(stats[1 + c:] / count - mean ** 2, 0.0)
     std = np.sqrt(var)
     std[std < 1e-6] = 1.0  # constant features (e.g. blank digit borders) stay as they are
-    shape = (1, c) + (1,) * (x_train.ndim - 2)
+    shape = (1, c) + (1,) * (ndim - 2)
     m = torch.tensor(mean, dtype=torch.float32, device=device).view(shape)
     s = torch.tensor(std, dtype=torch.float32, device=device).view(shape)
 
-    def resident(x: np.ndarray) -> StandardizedInputs:
-        return StandardizedInputs(torch.from_numpy(np.ascontiguousarray(x)).to(device), m, s)
+    def resident(x: np.ndarray, where: torch.device = device) -> StandardizedInputs:
+        return StandardizedInputs(torch.from_numpy(np.ascontiguousarray(x)).to(where), m, s)
 
-    return resident(x_train), [resident(x) for x in others]
+    if residency == "stream":
+        train: Any = StreamedInputs(stream_path, m, s)
+    else:
+        train = resident(x_train, torch.device("cpu") if residency == "host" else device)
+    return train, [resident(x) for x in others]
