@@ -296,6 +296,10 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
     if ctx.watchdog is not None:
         ctx.watchdog.close()
     log("\n" + format_table(records))
+    if local.residency == "stream":  # rank 0's view of how well the reads were hidden
+        log(f"stream: {data.x_train.prefetched} batches read ahead by the prefetcher; "
+            f"training waited {data.x_train.read_s:.2f} s for batches in all")
+        data.x_train.close()
     log(f"\nresults: {out}")
     return 0
 

@@ -121,8 +121,9 @@ def test_streamed_batches_equal_resident_ones_read_ahead_or_not(tmp_path):
     assert isinstance(streamed, StreamedInputs) and len(streamed) == 40
     batches = [rng.permutation(40)[:7] for _ in range(5)]
     streamed.schedule(batches)
-    for b in batches:  # read ahead by the background thread
-        assert torch.equal(streamed[b], resident[b])
+    for b in batches:  # read ahead by the background thread; asked for as the trainer does
+        assert torch.equal(streamed[torch.as_tensor(b)], resident[b])
+    assert streamed.prefetched == len(batches)
     dup = np.array([5, 3, 5, 0])  # repeated and unordered rows, read on demand
     assert torch.equal(streamed[dup], resident[dup])
     assert torch.equal(streamed[10:17], resident[10:17])

@@ -18,6 +18,7 @@ read at a computed offset, without chunk lookups or reading the neighbours a chu
 """
 from __future__ import annotations
 
+import time
 from concurrent.futures import Future, ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
@@ -65,6 +66,7 @@ class StreamedInputs:
         self._next = 0                                  # next planned batch to submit
         self._ahead: dict[bytes, Future] = {}
         self.read_s = 0.0                               # seconds the trainer waited on reads
+        self.prefetched = 0                             # batches that were read ahead
 
     def __len__(self) -> int:
         return int(self._x.shape[0])
@@ -97,15 +99,17 @@ class StreamedInputs:
     def _fill(self) -> None:
         while self._next < len(self._plan) and len(self._ahead) < self.depth:
             idx = self._plan[self._next]
-            self._ahead[np.asarray(idx).tobytes()] = self._pool.submit(self._read, idx)
+            self._ahead[np.asarray(idx, np.int64).tobytes()] = self._pool.submit(self._read, idx)
             self._next += 1
 
     def __getitem__(self, index: Any) -> torch.Tensor:
-        import time
         t0 = time.perf_counter()
         pending = None
+        if isinstance(index, torch.Tensor):
+            index = index.cpu().numpy()  # the trainer hands a (device) tensor of positions
         if not isinstance(index, slice):
-            pending = self._ahead.pop(np.asarray(index).tobytes(), None)
+            pending = self._ahead.pop(np.asarray(index, np.int64).tobytes(), None)
+        self.prefetched += pending is not None
         rows = pending.result() if pending is not None else self._read(index)
         self.read_s += time.perf_counter() - t0
         self._fill()
