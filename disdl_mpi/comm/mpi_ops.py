@@ -77,7 +77,8 @@ def zeros(numel: int, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
     """A zeroed buffer that MPI will reduce: on the CPU allocated by numpy, not torch.
 
     numpy asks the kernel for transparent huge pages on large arrays (``madvise``), torch's
-    allocator does not, and MPICH's shared-memory copies are faster from huge pages: a 16 MiB
+    allocator does not, and MPICH's shared-memory copies are (most likely therefore) faster
+    from numpy's buffers: a 16 MiB
     ``Iallreduce`` on 2 ranks took 4.5-4.7 ms from a torch buffer and 2.7-3.6 ms from a numpy
     one (bench.allreduce's gap to raw MPI at >= 4 MiB). dtypes numpy lacks and GPU buffers
     come from torch.
