@@ -86,6 +86,24 @@ def exit_cleanly(comm: MPI.Comm, code: int = 0) -> None:
     os._exit(code)
 
 
+def main_rows(build_parser: Callable, run: Callable, argv: Optional[list[str]] = None) -> int:
+    """The main of a benchmark that prints one table: parse the options, abort the whole job
+    if a rank fails, one torch thread per rank, ``run(args, comm)`` -> rows, and rank 0
+    writes ``{"rows": rows}`` to ``--json`` when asked."""
+    import torch
+
+    from disdl_mpi.comm.world import install_abort_handler
+    from disdl_mpi.files import write_json
+    args = build_parser().parse_args(argv)
+    comm = MPI.COMM_WORLD
+    install_abort_handler(comm)
+    torch.set_num_threads(1)
+    rows = run(args, comm)
+    if comm.Get_rank() == 0 and args.json_path:
+        write_json(args.json_path, {"rows": rows})
+    return 0
+
+
 def parse_list(text: str, allowed: Optional[tuple[str, ...]] = None) -> list[str]:
     items = [t.strip() for t in text.split(",") if t.strip()]
     if allowed:

@@ -24,10 +24,9 @@ from mpi4py import MPI
 from torch import nn
 
 from bench.allreduce import add_size_range, sizes
-from bench.harness import time_variants
+from bench.harness import main_rows, time_variants
 from disdl_mpi.comm.allreducer import GradientAllreducer
-from disdl_mpi.comm.world import install_abort_handler, mpi_library
-from disdl_mpi.files import write_json
+from disdl_mpi.comm.world import mpi_library
 from disdl_mpi.options import add_json
 
 VARIANTS = ("numpy Allreduce", "numpy Iallreduce", "torch Iallreduce", "allreducer Iallreduce")
@@ -81,14 +80,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = build_parser().parse_args(argv)
-    comm = MPI.COMM_WORLD
-    install_abort_handler(comm)
-    torch.set_num_threads(1)
-    rows = run(args, comm)
-    if comm.Get_rank() == 0 and args.json_path:
-        write_json(args.json_path, {"rows": rows})
-    return 0
+    return main_rows(build_parser, run, argv)
 
 
 if __name__ == "__main__":
