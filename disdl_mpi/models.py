@@ -34,14 +34,20 @@ class SmallCNN(nn.Module):
 
     Sized for 8x8 digits; on 28x28 / 32x32 inputs an extra 2x2 pool after the first block keeps
     the cost low, and the global average pool makes the head independent of the input size.
+    From 64 px on, the first conv has stride 2, as ImageNet stems do: at full resolution a
+    224x224 batch of 64 would keep about 1 GiB of activations for backward (each 16-channel
+    map is 205 MB), more than the partition the rank holds (issue 17).
     """
+
+    STEM_STRIDE_FROM = 64   # image size from which the first conv downsamples
 
     def __init__(self, in_channels: int, num_classes: int, norm_layer: NormFactory,
                  image_size: int = 8, widths: Sequence[int] = (16, 32, 64)):
         super().__init__()
         w1, w2, w3 = widths
-        layers: list[nn.Module] = [_conv_block(in_channels, w1, norm_layer)]
-        size = image_size
+        stride = 2 if image_size >= self.STEM_STRIDE_FROM else 1
+        layers: list[nn.Module] = [_conv_block(in_channels, w1, norm_layer, stride)]
+        size = -(-image_size // stride)
         if size >= 16:
             layers.append(nn.MaxPool2d(2))
             size //= 2
