@@ -3,6 +3,7 @@ batch; a resident partition over the memory budget is refused before it is read,
 it instead; device, host and stream residency train the same model, bit for bit."""
 from __future__ import annotations
 
+import json
 import shutil
 
 import numpy as np
@@ -98,7 +99,11 @@ def test_auto_streams_what_would_not_fit_and_every_mode_trains_the_same_model(
                            "--memory-budget", budget, "--save-model", "--out", str(out)],
                        timeout=180, check=True)
         used = "stream" if mode == "auto" else mode
-        assert f"data residency: {used}" in proc.stdout
+        assert f"data residency: {used}" in proc.stdout and "data ready in" in proc.stdout
+        rec = json.loads((out / "summary.json").read_text())["runs"][0]
+        # every rank's peak memory (a rank with torch is well over 100 MB) and the start-up
+        assert len(rec["peak_rss_bytes"]) == 2 and min(rec["peak_rss_bytes"]) > 100 << 20
+        assert rec["startup_s"] > 0
         models[mode] = {s: torch.load(out / s / "model.pt", weights_only=True)
                         for s in ("bn", "bn-fix")}
     assert "would not fit the budget" in proc.stdout  # auto said why it streamed
@@ -154,3 +159,28 @@ def test_evaluation_batches_are_bounded_in_bytes_and_score_the_requested_rows():
     assert count_correct(Probe(), x, y, batch_size=4) == 7 and seen == [4, 4, 2]
     seen.clear()
     assert count_correct(Probe(), x, y, batch_size=4, lo=3, hi=9) == 3 and seen == [4, 2]
+
+
+@pytest.mark.parametrize("mode", ["device", "stream"])
+def test_the_statistics_come_from_the_checking_pass_one_read_of_the_file(
+        digits_partition, monkeypatch, tmp_path, mode):
+    import h5py
+    from disdl_mpi.data.partition_io import load_partition
+    data = digits_partition(1, "iid")
+    local = load_partition(MPI.COMM_SELF, data, residency=mode)
+    assert local.residency == mode and (local.x_train is None) == (mode == "stream")
+    with h5py.File(data / "rank_00000.h5", "r") as f:
+        x = f["x"][...]
+    sums = local.train_sums
+    assert sums is not None and sums[0] == x.shape[0] * x[0, 0].size
+    # Every row was summed (allclose: the blocks of the pass may add in another order).
+    assert np.allclose(sums, channel_sums(x), rtol=1e-12, atol=0)
+    # With those sums, standardizing must not read the partition a second time.
+    monkeypatch.setattr(std_mod, "channel_sums", lambda *_: pytest.fail("second pass"))
+    train, _ = standardize(local.x_train, [], MPI.COMM_SELF, torch.device("cpu"), mode,
+                           local.train_path, local.train_sums)
+    assert len(train) == x.shape[0]
+    expect = (torch.from_numpy(x[:5]).float() - train.mean) / train.std
+    assert torch.equal(train[0:5], expect)
+    if mode == "stream":
+        train.close()

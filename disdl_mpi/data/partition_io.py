@@ -19,6 +19,7 @@ import numpy as np
 
 from disdl_mpi.data.budget import over_budget
 from disdl_mpi.data.residency import choose as choose_residency
+from disdl_mpi.data.standardize import ChannelSums
 from disdl_mpi.data.layout import (MANIFEST, TEST_FILE, ContentHash, domain_test_file,
                                    rank_file, shard_bounds)
 
@@ -56,6 +57,7 @@ class LocalData:
     residency: str = "device"            # data.residency mode in use (x_train None: stream)
     train_path: Optional[Path] = None    # this rank's partition file
     budget_refusal: Optional[str] = None  # why resident data would not fit (auto streamed)
+    train_sums: Optional[np.ndarray] = None  # ChannelSums of x_train, from the checking pass
 
 
 def _ranks_text(ranks: list[int]) -> str:
@@ -155,11 +157,12 @@ def _read_manifest(path: Path, world_size: int) -> tuple[dict | None, str, list[
 _READ_BLOCK_BYTES = 16 << 20
 
 
-def _read_rows(dx: h5py.Dataset, rows: tuple[int, int], h: ContentHash | None
-               ) -> tuple[np.ndarray, int]:
+def _read_rows(dx: h5py.Dataset, rows: tuple[int, int], h: ContentHash | None,
+               sums: ChannelSums | None = None) -> tuple[np.ndarray, int]:
     """Rows [lo, hi) of ``dx``, reading the WHOLE dataset in bounded blocks so the content
-    hash (``h``) and the finiteness check still cover every row; returns (rows, non-finite
-    count). Memory: the kept rows plus one block."""
+    hash (``h``), the finiteness check and the standardization sums (``sums``) still cover
+    every row, in this one pass; returns (rows, non-finite count). Memory: the kept rows plus
+    one block."""
     lo, hi = rows
     n = dx.shape[0]
     row_bytes = max(1, int(np.prod(dx.shape[1:], dtype=np.int64)) * dx.dtype.itemsize)
@@ -168,11 +171,13 @@ def _read_rows(dx: h5py.Dataset, rows: tuple[int, int], h: ContentHash | None
     bad = 0
     for start in range(0, n, step):
         stop = min(n, start + step)
-        if h is None and (stop <= lo or start >= hi):
-            continue  # nothing to hash, nothing kept
+        if h is None and sums is None and (stop <= lo or start >= hi):
+            continue  # nothing to hash, sum or keep
         block = dx[start:stop]
         if h is not None:
             h.add_x(block)
+        if sums is not None:
+            sums.add(block)
         if block.dtype.kind == "f":
             bad += int(np.count_nonzero(~np.isfinite(block)))
         a, b = max(start, lo), min(stop, hi)
@@ -182,14 +187,16 @@ def _read_rows(dx: h5py.Dataset, rows: tuple[int, int], h: ContentHash | None
 
 
 def _read_h5(path: Path, m: dict, size: int, sha: str, verify: bool, attrs: dict[str, int],
-             header: list, rows: tuple[int, int] | None = None
+             header: list, rows: tuple[int, int] | None = None,
+             sums: ChannelSums | None = None
              ) -> tuple[np.ndarray | None, np.ndarray | None, list[Problem]]:
     """Open one partition file and check it against the manifest.
 
     ``header`` receives the file's (sample shape, dtype) when x could be found, so shapes can
     be compared across ranks even when they also disagree with the manifest. ``rows`` keeps
     only rows [lo, hi) of x (a rank's shard of the test set; none when streaming); every row
-    is still read, hashed and checked, in bounded blocks. y is returned whole.
+    is still read, hashed and checked, in bounded blocks, and added to ``sums``. y is
+    returned whole.
     """
     f = str(path)
     if not path.is_file():
@@ -228,7 +235,7 @@ def _read_h5(path: Path, m: dict, size: int, sha: str, verify: bool, attrs: dict
             return None, None, probs
         h = ContentHash() if verify else None
         try:
-            x, n_bad = _read_rows(dx, rows or (0, size), h)
+            x, n_bad = _read_rows(dx, rows or (0, size), h, sums)
             y = dy[...]
         except Exception as exc:
             return None, None, [(f, "x/y", f"cannot be read, truncated or corrupt? "
@@ -282,10 +289,12 @@ def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True,
         raise PartitionError(refusal, collective=True)
     entry = m["ranks"][rank]
     header: list = []
+    # The standardization sums ride on the checking pass: one read of the file, not two.
+    sums = ChannelSums(tuple(m["sample_shape"]))
     x, y, probs = _read_h5(data_dir / entry["file"], m, entry["size"], entry["sha256"],
                            verify_hash, {"rank": rank, "world_size": world_size,
                                          "num_classes": m["num_classes"]}, header,
-                           rows=(0, 0) if mode == "stream" else None)
+                           rows=(0, 0) if mode == "stream" else None, sums=sums)
     n_test = m["test"]["size"]
     test_rows = shard_bounds(n_test, rank, world_size) if test_shard else (0, n_test)
     xt, yt, tprobs = _read_h5(data_dir / TEST_FILE, m, n_test, m["test"]["sha256"],
@@ -315,4 +324,5 @@ def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True,
                      sizes=[n for _, (_, n) in gathered], manifest=m, manifest_sha256=digest,
                      x_domain_test=xd, y_domain_test=yd, test_rows=test_rows,
                      test_total=n_test, residency=mode,
-                     train_path=data_dir / entry["file"], budget_refusal=refusal)
+                     train_path=data_dir / entry["file"], budget_refusal=refusal,
+                     train_sums=sums.values())

@@ -48,41 +48,67 @@ class StandardizedInputs:
         return self.stored.element_size() * self.stored.numel()
 
 
-def channel_sums(x: np.ndarray) -> np.ndarray:
-    """[count, per-channel sums, per-channel sums of squares] of ``x`` in float64, read in
-    bounded row blocks (float64 accumulators, never a float64 copy of the partition)."""
-    axes = (0,) + tuple(range(2, x.ndim))
-    channels = x.shape[1] if x.ndim > 1 else 1
-    per_value = int(np.prod([x.shape[a] for a in axes[1:]], dtype=np.int64))
-    row_bytes = max(1, per_value * channels * 8)
-    step = max(1, _STATS_ROWS_BYTES // row_bytes)
-    s1 = np.zeros(channels, dtype=np.float64)
-    s2 = np.zeros(channels, dtype=np.float64)
-    for lo in range(0, x.shape[0], step):
-        block = torch.from_numpy(np.ascontiguousarray(x[lo:lo + step])).to(torch.float64)
-        s1 += block.sum(dim=axes).numpy()
-        s2 += (block * block).sum(dim=axes).numpy()
-    return np.concatenate([[x.shape[0] * per_value], s1, s2])
+class ChannelSums:
+    """Running [count, per-channel sums, per-channel sums of squares] in float64.
+
+    Fed the blocks of a read pass (``add``), each summed in sub-blocks of at most
+    ``_STATS_ROWS_BYTES`` of float64: accumulators, never a float64 copy of the partition.
+    The result depends on the blocks it is fed, so every residency mode takes its statistics
+    from the same pass (partition_io's check of the file), which keeps the modes bit-identical.
+    """
+
+    def __init__(self, sample_shape: tuple[int, ...]) -> None:
+        self.channels = sample_shape[0] if sample_shape else 1
+        self.per_value = int(np.prod(sample_shape[1:], dtype=np.int64))
+        self.step = max(1, _STATS_ROWS_BYTES // max(1, self.per_value * self.channels * 8))
+        self.rows = 0
+        self.s1 = np.zeros(self.channels, dtype=np.float64)
+        self.s2 = np.zeros(self.channels, dtype=np.float64)
+
+    def add(self, block: np.ndarray) -> None:
+        axes = (0,) + tuple(range(2, block.ndim))
+        for lo in range(0, block.shape[0], self.step):
+            part = torch.from_numpy(np.ascontiguousarray(block[lo:lo + self.step]))
+            part = part.to(torch.float64)
+            self.s1 += part.sum(dim=axes).numpy()
+            self.s2 += (part * part).sum(dim=axes).numpy()
+        self.rows += block.shape[0]
+
+    def values(self) -> np.ndarray:
+        return np.concatenate([[self.rows * self.per_value], self.s1, self.s2])
+
+
+def channel_sums(x: Any) -> np.ndarray:
+    """[count, sums, sums of squares] of ``x`` (an array or HDF5 dataset), read in one block
+    per ``ChannelSums`` sub-block."""
+    sums = ChannelSums(tuple(x.shape[1:]))
+    for lo in range(0, x.shape[0], sums.step):
+        sums.add(x[lo:lo + sums.step])
+    return sums.values()
 
 
 def standardize(x_train: Any, others: list[np.ndarray], comm: MPI.Comm,
                 device: torch.device, residency: str = "device",
-                stream_path: Optional[Path] = None) -> tuple[Any, list[StandardizedInputs]]:
+                stream_path: Optional[Path] = None, sums: Optional[np.ndarray] = None
+                ) -> tuple[Any, list[StandardizedInputs]]:
     """Per-channel (images) or per-feature (flat) standardization of the training split and,
     with the same statistics, of ``others`` (the test splits).
 
     Only counts, sums and sums of squares travel (one Allreduce); the statistics are those of
     the union of all ranks' training partitions. The test arrays move to ``device`` as stored;
     the training inputs stay where ``residency`` says: on ``device``, in host memory
-    (``host``), or in the file (``stream``: ``x_train`` is then
-    None, and ``stream_path`` the file, read here in bounded blocks for the statistics).
+    (``host``), or in the file (``stream``: ``x_train`` is then None, and ``stream_path`` the
+    file). ``sums`` are this rank's ``ChannelSums`` values when the load already made them
+    (partition_io does, in its one pass over the file); else they are computed here.
     """
     if residency == "stream":
         import h5py
         with h5py.File(stream_path, "r", locking=False) as f:
-            stats, ndim = channel_sums(f["x"]), f["x"].ndim
+            ndim = f["x"].ndim
+            stats = channel_sums(f["x"]) if sums is None else sums.copy()
     else:
-        stats, ndim = channel_sums(x_train), x_train.ndim
+        ndim = x_train.ndim
+        stats = channel_sums(x_train) if sums is None else sums.copy()
     comm.Allreduce(MPI.IN_PLACE, stats, op=MPI.SUM)
     c = (stats.size - 1) // 2
     count = max(1.0, stats[0])
