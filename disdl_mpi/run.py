@@ -29,7 +29,7 @@ from disdl_mpi.data.partition_io import load_partition
 from disdl_mpi.data.standardize import standardize
 from disdl_mpi.device import select_device, seed_everything, set_threads
 from disdl_mpi.files import atomic_path, jsonable
-from disdl_mpi.machine import machine_info
+from disdl_mpi.machine import machine_info, peak_rss_bytes
 from disdl_mpi.norms import SCHEMES
 from disdl_mpi.observe.profiler import StepProfiler, parse_profile_steps, profile_path
 from disdl_mpi.observe.progress import Progress
@@ -142,6 +142,7 @@ def scheme_record(cfg: RunConfig, res: SchemeResult, phases: dict, *, info, mach
 
 def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> int:
     """The whole job on this rank; ``hooks`` are the training loop's seams (tests use them)."""
+    started = time.perf_counter()
     comm = world()
     install_abort_handler(comm)
     # SIGTERM/SIGUSR1 only set a flag; the step loop checkpoints and stops at a step boundary.
@@ -189,7 +190,7 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
     domain = local.x_domain_test is not None
     x_train, tests = standardize(local.x_train, [local.x_test] + (
         [local.x_domain_test] if domain else []), comm, device, local.residency,
-        local.train_path)
+        local.train_path, local.train_sums)
     labels = lambda y: torch.as_tensor(y, dtype=torch.long, device=device)  # noqa: E731
     x_test, y_test = tests[0], labels(local.y_test)
     lo, hi = shard_bounds(local.test_total, info.rank, info.world_size)
@@ -201,6 +202,8 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
         x_domain=tests[1] if domain else None,
         y_domain=labels(local.y_domain_test) if domain else None,
         x_test_all=x_test if whole_test else None, y_test_all=y_test if whole_test else None)
+    # Reading, checking and standardizing, on the slowest rank (Python's start is before this).
+    startup_s = comm.allreduce(time.perf_counter() - started, op=MPI.MAX)
     model_name = cfg.model if cfg.model != "auto" else ("cnn" if len(data.sample_shape) == 3
                                                          else "mlp")
     machine = machine_info(info, device, threads, detect_cuda_aware(cfg.cuda_aware).reason)
@@ -217,7 +220,8 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
         f"model {model_name}, schemes: {', '.join(norms)}")
     log(f"data residency: {local.residency}" + (
         f" (--data-residency {cfg.data_residency}: the resident data would not fit the budget)"
-        if local.residency == "stream" and local.budget_refusal else ""))
+        if local.residency == "stream" and local.budget_refusal else "")
+        + f"; data ready in {startup_s:.1f} s")
 
     # 4. checkpoints: where to resume, if anywhere
     ckpt = Checkpointer(out / "checkpoints", comm, config=cfg.to_dict(),
@@ -263,6 +267,8 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
             model_name=model_name, dataset=dataset,
             partition=local.manifest.get("scheme", cfg.partition), data_dir=data_dir,
             wall=wall, measured_wait=ctx.wait_comm is not None, cuda=device.type == "cuda")
+        record["startup_s"] = startup_s
+        record["peak_rss_bytes"] = comm.allgather(peak_rss_bytes())  # every rank's, so far
         records.append(record)
         scheme_dir = out / name
         if rank == 0:
