@@ -1,0 +1,24 @@
+"""bench.data_scale: a real sweep over two tiny partitions and two residency modes."""
+from __future__ import annotations
+
+import json
+
+from bench.data_scale import main, markdown
+
+
+def test_the_sweep_measures_every_size_and_mode_and_cleans_up(tmp_path):
+    out = tmp_path / "rows.json"
+    assert main(["--shape", "3,8,8", "--per-rank", "40,90", "--modes", "device,stream",
+                 "--steps", "2", "--test", "20", "--work", str(tmp_path / "w"),
+                 "--json", str(out), "--timeout", "180"]) == 0
+    rows = json.loads(out.read_text())["rows"]
+    assert [(r["per_rank"], r["mode"]) for r in rows] == [
+        (40, "device"), (40, "stream"), (90, "device"), (90, "stream")]
+    for r in rows:
+        # launch-to-ready includes starting Python, so it is at least the run's own load time
+        assert r["startup_s"] >= r["load_s"] > 0
+        assert 0.1 < r["peak_rss_gib"] < 4 and r["samples_per_s"] > 0
+        assert r["stored_gib"] > 0
+    assert not (tmp_path / "w" / "p40").exists() and not (tmp_path / "w" / "p90").exists()
+    table = markdown(rows, ["device", "stream"])
+    assert table.count("\n") == 3 and "stream: peak RSS" in table and "| 90 |" in table
