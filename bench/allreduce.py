@@ -20,7 +20,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import re
 import sys
 
 import numpy as np
@@ -32,7 +31,7 @@ from bench.harness import (exit_cleanly, init_torch_distributed, nccl_usable, pa
                            time_variants)
 from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.files import write_json
-from disdl_mpi.options import add_json
+from disdl_mpi.options import add_json, parse_size
 from disdl_mpi.comm.world import install_abort_handler, mpi_library, rank_info
 from disdl_mpi.device import select_device
 
@@ -42,11 +41,11 @@ DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.
 
 
 def parse_bytes(text: str) -> int:
-    """'64', '4K', '1M', '1G' (powers of 1024) -> bytes."""
-    m = re.fullmatch(r"\s*(\d+)\s*([kKmMgG]?)[bB]?\s*", text)
-    if not m:
-        raise argparse.ArgumentTypeError(f"not a byte size: {text!r} (e.g. 4096, 4K, 1M)")
-    return int(m.group(1)) * {"": 1, "k": 2**10, "m": 2**20, "g": 2**30}[m.group(2).lower()]
+    """'64', '4K', '1M', '1G' (powers of 1024) -> bytes, as argparse wants its errors."""
+    try:
+        return parse_size(text, "byte size")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
 
 
 def sizes(min_bytes: int, max_bytes: int, factor: float, elem: int) -> list[int]:

@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from data_prep.ensure import partition_dir
-from disdl_mpi.data.budget import parse_size
+from disdl_mpi.options import parse_size
 from disdl_mpi.models import MODELS as MODEL_NAMES
 from disdl_mpi.observe.profiler import parse_profile_steps
 from disdl_mpi.norms import resolve_schemes
@@ -240,7 +240,7 @@ def config_errors(cfg: RunConfig, world_size: int) -> list[str]:
             errors.append(str(exc))
     if cfg.memory_budget is not None:
         try:
-            parse_size(cfg.memory_budget)
+            parse_size(cfg.memory_budget, "--memory-budget")
         except ValueError as exc:
             errors.append(str(exc))
     if cfg.bucket_mb < 0:

@@ -12,7 +12,8 @@ import torch
 from mpi4py import MPI
 
 from disdl_mpi.data import standardize as std_mod
-from disdl_mpi.data.budget import over_budget, parse_size, resident_bytes
+from disdl_mpi.data.budget import over_budget, resident_bytes
+from disdl_mpi.options import parse_size
 from disdl_mpi.data.standardize import channel_sums, standardize
 from tests.mpi_helpers import run_mpi
 
@@ -62,7 +63,7 @@ def test_size_parsing_and_the_resident_size_of_a_rank():
     assert parse_size("1.5g") == 3 << 29 and parse_size("4096") == 4096
     for bad in ("", "lots", "-1G", "0"):
         with pytest.raises(ValueError, match="memory-budget"):
-            parse_size(bad)
+            parse_size(bad, "--memory-budget")
     manifest = {"sample_shape": [3, 4, 4], "x_dtype": "uint8", "test": {"size": 10},
                 "ranks": [{"size": 100}, {"size": 5}]}
     assert resident_bytes(manifest, 0) == 110 * (48 + 8)

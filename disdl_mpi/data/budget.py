@@ -6,29 +6,17 @@ on one rank, after minutes of loading. With it, every rank refuses up front with
 from __future__ import annotations
 
 import os
-import re
 from pathlib import Path
 from typing import Optional, Sequence
 
 import numpy as np
 import torch
 
+from disdl_mpi.options import parse_size
+
 # A resident run may use this share of the memory available to the ranks of a node (or GPU):
 # the rest is the interpreter, torch, MPI buffers, activations and the batch being converted.
 SAFE_SHARE = 0.7
-
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str) -> int:
-    """Bytes from '123', '512M', '1.5G', '2GiB', '16gb' (binary units)."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"--memory-budget: cannot read {text!r} as a size (e.g. 2G, 512M)")
-    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value <= 0:
-        raise ValueError(f"--memory-budget must be positive, got {text!r}")
-    return int(value)
 
 
 def human_size(n: float) -> str:
@@ -110,7 +98,7 @@ def agreed_budget(comm, device: torch.device, hostnames: Sequence[str],
     """The per-rank budget every rank applies: ``--memory-budget`` when given, else the
     smallest default over the ranks (nodes differ), so all ranks decide alike."""
     if explicit is not None:
-        return parse_size(explicit), "--memory-budget"
+        return parse_size(explicit, "--memory-budget"), "--memory-budget"
     sharing = hostnames.count(hostnames[comm.Get_rank()])
     if device.type == "cuda":
         sharing = -(-sharing // max(1, torch.cuda.device_count()))
