@@ -3,9 +3,12 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Callable, Iterator
+from typing import TYPE_CHECKING, Callable, Iterator
 
 import pytest
+
+if TYPE_CHECKING:
+    from tests.slurm_cluster import SlurmCluster
 
 
 def in_ci() -> bool:
