@@ -287,3 +287,17 @@ def test_feature_shift_gives_each_rank_its_own_domain(tmp_path):
     assert [e["sha256"] for e in again["ranks"]] == [e["sha256"] for e in m["ranks"]]
     with pytest.raises(DataPrepError, match="domain kind must be one of"):
         parse_partition("feature:blur")
+
+
+def test_synthetic_pieces_are_the_block_drawn_whole(monkeypatch):
+    """Bounded pieces (memory) must not change the data: the same bytes as one whole draw."""
+    from data_prep import synthetic
+    kw = dict(num_samples=70, num_test=9, shape=(3, 5, 7), num_classes=4)  # 105 B per row
+    whole = synthetic.SyntheticSource(seed=3, **kw)
+    ref = list(whole.train_chunks())
+    assert len(ref) == 1 and ref[0][1].shape == (70, 3, 5, 7)
+    monkeypatch.setattr(synthetic, "PIECE_BYTES", 4 * 105 + 3)  # 4 rows, not word-aligned
+    pieces = list(synthetic.SyntheticSource(seed=3, **kw).train_chunks())
+    assert [s for s, _ in pieces] == list(range(0, 70, 4))
+    assert np.array_equal(np.concatenate([x for _, x in pieces]), ref[0][1])
+    assert np.array_equal(synthetic.SyntheticSource(seed=3, **kw).test()[0], whole.test()[0])
