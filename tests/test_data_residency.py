@@ -185,3 +185,16 @@ def test_the_statistics_come_from_the_checking_pass_one_read_of_the_file(
     assert torch.equal(train[0:5], expect)
     if mode == "stream":
         train.close()
+
+
+def test_uint8_image_sums_are_exact_and_do_not_depend_on_the_blocks():
+    from disdl_mpi.data.standardize import ChannelSums
+    x = np.random.default_rng(5).integers(0, 256, (37, 3, 16, 16)).astype(np.uint8)
+    xd = x.astype(np.float64)
+    want = np.concatenate([[37 * 256], xd.sum((0, 2, 3)), (xd ** 2).sum((0, 2, 3))])
+    for cuts in ([37], [1, 36], [10, 10, 17]):
+        sums, lo = ChannelSums((3, 16, 16)), 0
+        for n in cuts:
+            sums.add(x[lo:lo + n])
+            lo += n
+        assert np.array_equal(sums.values(), want), cuts  # exact, in any blocks

@@ -51,10 +51,13 @@ class StandardizedInputs:
 class ChannelSums:
     """Running [count, per-channel sums, per-channel sums of squares] in float64.
 
-    Fed the blocks of a read pass (``add``), each summed in sub-blocks of at most
-    ``_STATS_ROWS_BYTES`` of float64: accumulators, never a float64 copy of the partition.
-    The result depends on the blocks it is fed, so every residency mode takes its statistics
-    from the same pass (partition_io's check of the file), which keeps the modes bit-identical.
+    Fed the blocks of a read pass (``add``). uint8 images are counted in a 256-bin histogram
+    per channel, and the sums come from the histogram: exact integers, whatever the blocks,
+    and about 7x faster than float64 arithmetic (the start-up's costliest step otherwise).
+    Other inputs are summed in float64 sub-blocks of at most ``_STATS_ROWS_BYTES``:
+    accumulators, never a float64 copy of the partition. Every residency mode takes its
+    statistics from the same pass (partition_io's check of the file), so the modes agree bit
+    for bit either way.
     """
 
     def __init__(self, sample_shape: tuple[int, ...]) -> None:
@@ -64,18 +67,28 @@ class ChannelSums:
         self.rows = 0
         self.s1 = np.zeros(self.channels, dtype=np.float64)
         self.s2 = np.zeros(self.channels, dtype=np.float64)
+        self.hist = np.zeros((self.channels, 256), dtype=np.int64)
 
     def add(self, block: np.ndarray) -> None:
+        self.rows += block.shape[0]
+        if block.dtype == np.uint8 and self.per_value >= 256:  # images: a histogram each
+            t = torch.from_numpy(np.ascontiguousarray(block)).reshape(
+                block.shape[0], self.channels, self.per_value)
+            for c in range(self.channels):
+                self.hist[c] += torch.bincount(t[:, c].reshape(-1), minlength=256).numpy()
+            return
         axes = (0,) + tuple(range(2, block.ndim))
         for lo in range(0, block.shape[0], self.step):
             part = torch.from_numpy(np.ascontiguousarray(block[lo:lo + self.step]))
             part = part.to(torch.float64)
             self.s1 += part.sum(dim=axes).numpy()
             self.s2 += (part * part).sum(dim=axes).numpy()
-        self.rows += block.shape[0]
 
     def values(self) -> np.ndarray:
-        return np.concatenate([[self.rows * self.per_value], self.s1, self.s2])
+        v = np.arange(256, dtype=np.int64)
+        s1 = self.s1 + (self.hist @ v).astype(np.float64)
+        s2 = self.s2 + (self.hist @ (v * v)).astype(np.float64)
+        return np.concatenate([[self.rows * self.per_value], s1, s2])
 
 
 def channel_sums(x: Any) -> np.ndarray:
