@@ -21,13 +21,13 @@ import argparse
 import json
 import shutil
 import subprocess
-import sys
 import time
 from pathlib import Path
 from typing import Any, Optional
 
 from bench.harness import parse_list
-from bench.studies.engine import job_env, launcher_command, run_job
+from bench.studies.engine import launcher_command, run_job
+from data_prep.ensure import ensure_partition
 from disdl_mpi.data.residency import MODES
 from disdl_mpi.files import write_json
 from disdl_mpi.options import add_json
@@ -37,12 +37,10 @@ READY = "data residency:"
 
 
 def build_partition(out: Path, shape: str, per_rank: int, ranks: int, test: int) -> float:
-    """A synthetic IID partition in ``out``; returns the seconds it took."""
+    """A synthetic IID partition in ``out`` (data_prep.ensure); returns the seconds it took."""
     t0 = time.perf_counter()
-    subprocess.run([sys.executable, "-m", "data_prep.partition", "--dataset", "synthetic",
-                    "--num-samples", str(per_rank * ranks), "--num-test", str(test),
-                    "--shape", shape, "--ranks", str(ranks), "--partition", "iid",
-                    "--out", str(out)], check=True, env=job_env(), stdout=subprocess.DEVNULL)
+    ensure_partition(out, "synthetic", ranks, "iid", 0, num_samples=per_rank * ranks,
+                     num_test=test, shape=tuple(int(v) for v in shape.split(",")))
     return time.perf_counter() - t0
 
 
