@@ -113,7 +113,8 @@ def explicit_mismatch(cfg: RunConfig, manifest: dict, argv: list[str],
 
 def scheme_record(cfg: RunConfig, res: SchemeResult, phases: dict, *, info, machine: dict,
                   model_name: str, dataset: str, partition: str, data_dir: Path,
-                  wall: float, measured_wait: bool, cuda: bool) -> dict:
+                  wall: float, measured_wait: bool, cuda: bool, startup_s: float,
+                  peak_rss: list[int]) -> dict:
     """One scheme's entry of summary.json (docs/CONTRACTS.md)."""
     record = {
         "world_size": info.world_size, "norm": res.norm, "model": model_name,
@@ -135,6 +136,7 @@ def scheme_record(cfg: RunConfig, res: SchemeResult, phases: dict, *, info, mach
                           if p.requires_grad),
         "skipped_steps": res.skipped_steps, "lr_schedule": cfg.lr_schedule,
         "warmup_epochs": cfg.warmup_epochs, "time_to_accuracy": res.time_to_accuracy,
+        "startup_s": startup_s, "peak_rss_bytes": peak_rss,
     }
     record.update(timing_fields(phases, measured_wait=measured_wait, cuda=cuda))
     return record
@@ -266,9 +268,8 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
             cfg, res, phase_summary(comm, res.phases), info=info, machine=machine,
             model_name=model_name, dataset=dataset,
             partition=local.manifest.get("scheme", cfg.partition), data_dir=data_dir,
-            wall=wall, measured_wait=ctx.wait_comm is not None, cuda=device.type == "cuda")
-        record["startup_s"] = startup_s
-        record["peak_rss_bytes"] = comm.allgather(peak_rss_bytes())  # every rank's, so far
+            wall=wall, measured_wait=ctx.wait_comm is not None, cuda=device.type == "cuda",
+            startup_s=startup_s, peak_rss=comm.allgather(peak_rss_bytes()))  # every rank's
         records.append(record)
         scheme_dir = out / name
         if rank == 0:
