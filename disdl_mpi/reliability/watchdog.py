@@ -20,6 +20,8 @@ from typing import Any, Callable, Optional
 
 from mpi4py import MPI
 
+from disdl_mpi.comm.world import abort_job
+
 EXIT_STALL = 5
 TAG = 0x57A1
 
@@ -37,7 +39,7 @@ class StallWatchdog:
         self.timeout = float(timeout)
         self.interval = max(0.05, self.timeout / 8)
         self.detail = detail          # e.g. the bucket the allreducer waits on
-        self.abort = abort or (lambda code: MPI.COMM_WORLD.Abort(code))
+        self.abort = abort or (lambda code: abort_job(MPI.COMM_WORLD, code))
         # Not watching until the first phase: start-up (model build, first collectives) may
         # legitimately take longer than the timeout.
         self.state = {"step": -1, "phase": "start", "since": None}
