@@ -102,15 +102,16 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
 def markdown(rows: list[dict[str, Any]], modes: list[str]) -> str:
     """One line per size: start-up and peak memory of every mode side by side."""
     head = ["training images per rank", "rank file"]
-    for m in modes:
-        head += [f"{m}: start-up", f"{m}: peak RSS"]
+    for i, m in enumerate(modes):
+        # a mode named twice (--modes device,host,device) gets a column per run, in run order
+        label = m if modes.count(m) == 1 else f"{m} #{modes[:i + 1].count(m)}"
+        head += [f"{label}: start-up", f"{label}: peak RSS"]
     lines = ["| " + " | ".join(head) + " |", "|" + "---:|" * len(head)]
     for n in dict.fromkeys(r["per_rank"] for r in rows):
-        by_mode = {r["mode"]: r for r in rows if r["per_rank"] == n}
-        first = next(iter(by_mode.values()))
-        cells = [f"{n:,}".replace(",", " "), f"{first['stored_gib']:.2f} GiB"]
-        for m in modes:
-            r = by_mode.get(m)
+        runs = [r for r in rows if r["per_rank"] == n]   # in the order of ``modes``
+        cells = [f"{n:,}".replace(",", " "), f"{runs[0]['stored_gib']:.2f} GiB"]
+        for i in range(len(modes)):
+            r = runs[i] if i < len(runs) else None
             cells += (["-", "-"] if r is None else
                       [f"{r['startup_s']:.1f} s", f"{r['peak_rss_gib']:.2f} GiB "
                        f"({r['peak_rss_gib'] - r['stored_gib']:+.2f})"])

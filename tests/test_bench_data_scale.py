@@ -22,3 +22,13 @@ def test_the_sweep_measures_every_size_and_mode_and_cleans_up(tmp_path):
     assert not (tmp_path / "w" / "p40").exists() and not (tmp_path / "w" / "p90").exists()
     table = markdown(rows, ["device", "stream"])
     assert table.count("\n") == 3 and "stream: peak RSS" in table and "| 90 |" in table
+
+
+def test_a_mode_named_twice_gets_a_column_per_run():
+    rows = [dict(per_rank=10, mode=m, stored_gib=1.0, startup_s=s, peak_rss_gib=1.5)
+            for m, s in (("device", 21.0), ("host", 13.6), ("device", 12.4))]
+    table = markdown(rows, ["device", "host", "device"])
+    head, _, line = table.splitlines()
+    assert "device #1: start-up" in head and "device #2: start-up" in head
+    assert "host: start-up" in head
+    assert line.index("21.0 s") < line.index("13.6 s") < line.index("12.4 s")
