@@ -3,15 +3,20 @@
     mpiexec -n 2 python -m bench.mpi_buffers -b 256K -e 16M
 
 For each size, side by side in one job (time_variants: interleaved rounds, max over ranks), an
-in-place float32 sum from four buffers of equal length, all written before the first call:
+in-place float32 sum of equal length, five ways, every buffer written before the first call:
 
 - ``numpy``: ``np.zeros`` (numpy asks the kernel for transparent huge pages on large arrays);
 - ``torch``: ``torch.zeros(...).numpy()`` (torch's CPU allocator: no huge-page advice);
 - ``allreducer``: the bucket buffer of ``GradientAllreducer`` (what training reduces);
-- blocking ``Allreduce`` and nonblocking ``Iallreduce`` + ``Wait`` on the numpy buffer.
+- blocking ``Allreduce`` and nonblocking ``Iallreduce`` + ``Wait`` on the numpy buffer;
+- ``allreducer step``: the allreducer's whole step on its bucket (``begin_step``, the hook's
+  ``grad_ready``, ``finish_step``), i.e. ``allreducer Iallreduce`` plus the Python around it.
 
 This is the probe behind the allreducer's numpy-allocated buckets (docs/BENCHMARKS.md, issue 16):
-it separates the MPI call (blocking or not) from the memory it reads.
+it separates the MPI call (blocking or not) from the memory it reads, and the allreducer's fixed
+cost from both. ``--block K`` times K calls back to back per sample (OSU's and nccl-tests' way)
+instead of one call after a barrier: the per-call mean then carries no barrier skew, which is
+what a few-µs difference needs. Buffers hold zeros, so repeated sums stay finite.
 """
 from __future__ import annotations
 
@@ -29,7 +34,18 @@ from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.comm.world import mpi_library
 from disdl_mpi.options import add_json
 
-VARIANTS = ("numpy Allreduce", "numpy Iallreduce", "torch Iallreduce", "allreducer Iallreduce")
+VARIANTS = ("numpy Allreduce", "numpy Iallreduce", "torch Iallreduce", "allreducer Iallreduce",
+            "allreducer step")
+
+
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -38,12 +54,14 @@ def build_parser() -> argparse.ArgumentParser:
     add_size_range(p, "256K", "16M")
     p.add_argument("--iters", "-n", type=int, default=30)
     p.add_argument("--warmup", "-w", type=int, default=5)
+    p.add_argument("--block", type=_positive, default=1,
+                   help="calls per timed sample (1: one call after a barrier)")
     add_json(p, "write the rows as JSON")
     return p
 
 
 def calls(comm: MPI.Comm, count: int) -> tuple[dict[str, Callable[[], None]], GradientAllreducer]:
-    """The four variants at ``count`` float32 elements (every buffer written once)."""
+    """The variants at ``count`` float32 elements (every buffer written once)."""
     a = np.zeros(count, np.float32)
     t = torch.zeros(count).numpy()
     model = nn.Module()
@@ -51,22 +69,29 @@ def calls(comm: MPI.Comm, count: int) -> tuple[dict[str, Callable[[], None]], Gr
     red = GradientAllreducer(model, comm)
     b = red.buckets[0].mpi_buf
     for buf in (a, t, b):
-        buf[:] = 1.0
+        buf[:] = 0.0   # a write faults every page in; zeros keep repeated sums finite
+
+    def step() -> None:
+        red.begin_step(1.0)
+        red.grad_ready(model.weight)  # what the post-accumulate-grad hook does
+        red.finish_step()
     return {"numpy Allreduce": lambda: comm.Allreduce(MPI.IN_PLACE, a),
             "numpy Iallreduce": lambda: comm.Iallreduce(MPI.IN_PLACE, a).Wait(),
             "torch Iallreduce": lambda: comm.Iallreduce(MPI.IN_PLACE, t).Wait(),
-            "allreducer Iallreduce": lambda: comm.Iallreduce(MPI.IN_PLACE, b).Wait()}, red
+            "allreducer Iallreduce": lambda: comm.Iallreduce(MPI.IN_PLACE, b).Wait(),
+            "allreducer step": step}, red
 
 
 def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
     rows = []
     if comm.Get_rank() == 0:
         print(f"# bench.mpi_buffers: {comm.Get_size()} ranks, {mpi_library()}; "
-              f"mean µs per in-place float32 sum (p50 in brackets)")
+              f"mean µs per in-place float32 sum (p50 in brackets), {args.block} call(s) "
+              f"per sample")
         print("# " + " ".join(f"{v:>24}" for v in ("bytes", *VARIANTS)))
     for nbytes in sizes(args.min_bytes, args.max_bytes, args.factor, 4):
         fns, red = calls(comm, nbytes // 4)
-        t = time_variants(comm, fns, iters=1, rounds=args.iters, warmup=args.warmup)
+        t = time_variants(comm, fns, iters=args.block, rounds=args.iters, warmup=args.warmup)
         red.close()
         row = {"bytes": nbytes, "ranks": comm.Get_size()}
         for v in VARIANTS:

@@ -26,7 +26,7 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, Optional, Protocol
+from typing import Callable, NamedTuple, Optional, Protocol
 
 import torch
 from mpi4py import MPI
@@ -51,10 +51,10 @@ class Payload(Protocol):
     def consume(self, summed: torch.Tensor) -> None: ...
 
 
-@dataclass(frozen=True)
-class BucketEvent:
+class BucketEvent(NamedTuple):
     """One bucket's communication in the last step; times in seconds since ``begin_step``
-    (add :attr:`GradientAllreducer.step_origin` for ``time.perf_counter`` values)."""
+    (add :attr:`GradientAllreducer.step_origin` for ``time.perf_counter`` values). A named
+    tuple, not a dataclass: one is built per bucket per step, on the critical path."""
     bucket: int
     bytes: int
     t_start: float
@@ -74,6 +74,7 @@ class _Bucket:
     wire: torch.Tensor              # what MPI reduces: grad_buf itself, or a cast/host copy
     mpi_buf: object                 # numpy view (CPU/host) or the CUDA tensor (CUDA-aware)
     op: MPI.Op                      # the sum for the wire dtype (mpi_ops.sum_op)
+    wire_bytes: int
     views: list[torch.Tensor] = field(default_factory=list)
     ready: list[bool] = field(default_factory=list)
     pending: int = 0
@@ -81,10 +82,9 @@ class _Bucket:
     payload: Optional[torch.Tensor] = None   # trailing elements past the gradients (last bucket)
     t_start: float = 0.0
     t_end: float = 0.0
-
-    @property
-    def wire_bytes(self) -> int:
-        return self.wire.numel() * self.wire.element_size()
+    # Fixed at build time and read every step: plain flags, not torch attribute lookups.
+    staged: bool = False            # wire is a separate buffer (cast and/or host copy)
+    on_cuda: bool = False
 
 
 class GradientAllreducer:
@@ -182,7 +182,8 @@ class GradientAllreducer:
         b = _Bucket(index=index, names=[n for n, _ in group], params=params, offsets=offsets,
                     numel=total, device=device, dtype=dtype, grad_buf=grad_buf, wire=wire,
                     mpi_buf=mpi_buffer(wire, cuda_aware=self.path == "cuda-aware"),
-                    op=sum_op(wdtype))
+                    op=sum_op(wdtype), wire_bytes=wire.numel() * wire.element_size(),
+                    staged=wire is not grad_buf, on_cuda=device.type == "cuda")
         b.views = [grad_buf[o:o + p.numel()].view_as(p) for o, p in zip(offsets, params)]
         b.payload = grad_buf[payload_at:] if extra else None
         b.ready = [False] * len(params)
@@ -273,9 +274,9 @@ class GradientAllreducer:
         b.t_start = time.perf_counter()
         if b.payload is not None:
             self.payload.fill(b.payload)  # unweighted: summed as they are
-        if b.wire is not b.grad_buf:
+        if b.staged:
             b.wire.copy_(b.grad_buf)  # cast (fp16/bf16) and/or device-to-host staging
-        if b.device.type == "cuda":
+        if b.on_cuda:
             # MPI reads the buffer outside CUDA's stream order: the writes must be finished.
             torch.cuda.current_stream(b.device).synchronize()
         if self._hook_launch:
@@ -289,7 +290,7 @@ class GradientAllreducer:
 
     def _complete(self, b: _Bucket) -> None:
         b.t_end = time.perf_counter()
-        if b.wire is not b.grad_buf:
+        if b.staged:
             b.grad_buf.copy_(b.wire)  # back to the gradient dtype / device
         if b.payload is not None:
             self.payload.consume(b.payload)
@@ -320,7 +321,7 @@ class GradientAllreducer:
             self.waiting_for = None
             self._complete(b)
             self._oldest += 1
-        if self.buckets and self.buckets[0].device.type == "cuda":
+        if self.buckets and self.buckets[0].on_cuda:
             torch.cuda.current_stream(self.buckets[0].device).synchronize()
         t_end = time.perf_counter()
         self._active = False
@@ -338,6 +339,8 @@ class GradientAllreducer:
 
 def _union_seconds(intervals: list[tuple[float, float]]) -> float:
     """Wall time covered by at least one interval (communication in flight)."""
+    if len(intervals) == 1:
+        return intervals[0][1] - intervals[0][0]
     total, end = 0.0, -math.inf
     for s, e in sorted(intervals):
         if e <= end:
