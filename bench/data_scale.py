@@ -13,7 +13,8 @@ For each size, builds a synthetic IID partition of that many training images per
 - peak resident memory of the largest rank (summary.json ``peak_rss_bytes``, getrusage);
 - training throughput (samples/s of those few steps, a sanity figure only).
 
-Each partition is removed after its runs unless ``--keep``.
+Each partition is removed after its runs unless ``--keep`` (which also reuses a partition an
+earlier ``--keep`` sweep left, so its first run does not follow a fresh write).
 """
 from __future__ import annotations
 
@@ -79,7 +80,10 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
     work = Path(args.work)
     for n in args.per_rank:
         data = work / f"p{n}"
-        shutil.rmtree(data, ignore_errors=True)
+        if not args.keep:
+            shutil.rmtree(data, ignore_errors=True)
+        # with --keep a partition left by an earlier sweep is reused (ensure_partition checks
+        # its manifest against the request): build_s is then ~0
         build_s = build_partition(data, args.shape, n, args.ranks, args.test)
         stored = (data / "rank_00000.h5").stat().st_size / GIB
         test_shard = (data / "test.h5").stat().st_size / GIB / args.ranks
@@ -134,7 +138,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--work", required=True, help="folder for the partitions and run outputs")
     p.add_argument("--cold", action="store_true",
                    help="drop the page cache before each run (root): start-up from the disk")
-    p.add_argument("--keep", action="store_true", help="keep the partitions")
+    p.add_argument("--keep", action="store_true",
+                   help="keep the partitions, and reuse those an earlier --keep sweep left")
     p.add_argument("--launcher", default=None, help="launcher template, e.g. 'mpiexec -n {n}'")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     add_json(p)

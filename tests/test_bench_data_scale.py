@@ -32,3 +32,14 @@ def test_a_mode_named_twice_gets_a_column_per_run():
     assert "device #1: start-up" in head and "device #2: start-up" in head
     assert "host: start-up" in head
     assert line.index("21.0 s") < line.index("13.6 s") < line.index("12.4 s")
+
+
+def test_keep_reuses_the_partition_an_earlier_sweep_left(tmp_path):
+    args = ["--shape", "3,8,8", "--per-rank", "30", "--modes", "stream", "--steps", "1",
+            "--test", "10", "--work", str(tmp_path / "w"), "--keep", "--timeout", "180"]
+    assert main(args) == 0
+    rank_file = tmp_path / "w" / "p30" / "rank_00000.h5"
+    first = rank_file.stat()
+    assert main(args) == 0
+    again = rank_file.stat()
+    assert (again.st_ino, again.st_mtime_ns) == (first.st_ino, first.st_mtime_ns)
