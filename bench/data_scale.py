@@ -87,6 +87,11 @@ def sweep(args: argparse.Namespace) -> list[dict[str, Any]]:
         build_s = build_partition(data, args.shape, n, args.ranks, args.test)
         stored = (data / "rank_00000.h5").stat().st_size / GIB
         test_shard = (data / "test.h5").stat().st_size / GIB / args.ranks
+        if args.warmup_run:
+            # untimed: on a VM that hands freed memory back to its host, the first large run
+            # after a pause pays to fault that memory in again (docs/benchmarks/data.md)
+            run_mode(data, work / f"run-{n}-warmup", args.modes[0], args.ranks, args.steps,
+                     args.launcher, args.timeout)
         for mode in args.modes:
             if args.cold:
                 drop_page_cache()
@@ -140,6 +145,8 @@ def build_parser() -> argparse.ArgumentParser:
                    help="drop the page cache before each run (root): start-up from the disk")
     p.add_argument("--keep", action="store_true",
                    help="keep the partitions, and reuse those an earlier --keep sweep left")
+    p.add_argument("--warmup-run", action="store_true",
+                   help="one untimed run of the first mode per size before the timed ones")
     p.add_argument("--launcher", default=None, help="launcher template, e.g. 'mpiexec -n {n}'")
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     add_json(p)

@@ -34,10 +34,14 @@ def test_a_mode_named_twice_gets_a_column_per_run():
     assert line.index("21.0 s") < line.index("13.6 s") < line.index("12.4 s")
 
 
-def test_keep_reuses_the_partition_an_earlier_sweep_left(tmp_path):
+def test_keep_reuses_the_partition_an_earlier_sweep_left_and_warmup_is_untimed(tmp_path):
     args = ["--shape", "3,8,8", "--per-rank", "30", "--modes", "stream", "--steps", "1",
             "--test", "10", "--work", str(tmp_path / "w"), "--keep", "--timeout", "180"]
-    assert main(args) == 0
+    out = tmp_path / "rows.json"
+    assert main(args + ["--warmup-run", "--json", str(out)]) == 0
+    # the untimed warm-up ran, and is not among the rows
+    assert (tmp_path / "w" / "run-30-warmup" / "summary.json").exists()
+    assert [r["mode"] for r in json.loads(out.read_text())["rows"]] == ["stream"]
     rank_file = tmp_path / "w" / "p30" / "rank_00000.h5"
     first = rank_file.stat()
     assert main(args) == 0
