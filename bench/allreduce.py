@@ -8,9 +8,10 @@ Backends, interleaved per message size so the noisy shared machine affects all a
          and staging path (gradient marked ready as the autograd hook would; weight 1, a sum);
          ``--compress fp16`` sends it as float16;
   gloo   torch.distributed ``all_reduce`` on CPU tensors; nccl the same on CUDA (--device cuda).
-Per size: ``--iters`` timed calls, each from a barrier, the slowest rank's time per call; the
-table gives the mean (time_us, algbw, busbw = algbw * 2(n-1)/n as nccl-tests defines it) and
-min/p50/p95/p99/max and the coefficient of variation. Then every backend is checked
+Per size: ``--iters`` timed samples, each from a barrier: one call, or ``--block K`` calls back
+to back (then a sample is their mean, free of the barrier's skew); the slowest rank's time per
+call; the table gives the mean (time_us, algbw, busbw = algbw * 2(n-1)/n as nccl-tests defines
+it) and min/p50/p95/p99/max and the coefficient of variation. Then every backend is checked
 (nccl-tests' -c, on by default): rank r contributes (r+1) + (i mod 7) at element i, and the
 result must be the exact sum; ``#wrong`` counts mismatching elements on any rank (for fp16 on
 the wire the maximum relative error is reported instead). ``--min-busbw G`` exits 1 when a
@@ -65,6 +66,24 @@ def add_size_range(p: argparse.ArgumentParser, min_bytes: str, max_bytes: str) -
     p.add_argument("--factor", "-f", type=float, default=4.0)
 
 
+def _positive(text: str) -> int:
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
+    return value
+
+
+def add_block(p: argparse.ArgumentParser) -> None:
+    """--block K: calls timed back to back per sample (OSU's and nccl-tests' way); 1 times
+    each call alone after a barrier, which gives per-call percentiles but carries the
+    barrier's skew between ranks (a few µs)."""
+    p.add_argument("--block", type=_positive, default=1,
+                   help="calls per timed sample (default 1: one call after a barrier)")
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.allreduce", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -78,6 +97,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--iters", "-n", type=int, default=20)
     p.add_argument("--warmup", "-w", type=int, default=5)
+    add_block(p)
     p.add_argument("--bucket-mb", type=float, default=1.0, help="allreducer bucket cap (disdl)")
     p.add_argument("--compress", choices=["none", "fp16"], default="none",
                    help="disdl's wire format (fp16: the check reports the max relative error)")
@@ -174,7 +194,8 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
     rows: list[dict] = []
     if rank == 0:
         print(f"# disdl-mpi allreduce: {n} ranks, {mpi_library()}, torch {torch.__version__}, "
-              f"iters {args.iters}, warmup {args.warmup}, bucket_mb {args.bucket_mb}, "
+              f"iters {args.iters} x {args.block} call(s), warmup {args.warmup}, "
+              f"bucket_mb {args.bucket_mb}, "
               f"{'out-of-place' if args.out_of_place else 'in place'}, device {args.device}"
               + (", disdl with fp16 on the wire" if fp16_wire else ""))
         print(f"# {os.environ.get('DISDL_ALLREDUCE_SELECTION', 'MPI default algorithms')}")
@@ -188,7 +209,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
         for backend in backends:  # interleaved: every backend at this size, side by side
             op = Op(backend, comm, count, np_dtype, t_dtype,
                     device if backend in ("disdl", "nccl") else torch.device("cpu"), args)
-            t = time_variants(comm, {backend: op.run}, iters=1, rounds=args.iters,
+            t = time_variants(comm, {backend: op.run}, iters=args.block, rounds=args.iters,
                               warmup=args.warmup, sync=sync)
             wrong, rel = op.check() if args.check else (None, None)
             op.close()
@@ -197,7 +218,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
             algbw = nbytes / sec / 1e9
             row = {"backend": backend, "bytes": nbytes, "count": count, "dtype": args.dtype,
                    "device": "cpu" if backend in ("mpi", "gloo") else args.device,
-                   "ranks": n, "time_us": sec * 1e6, "algbw_gbps": algbw,
+                   "ranks": n, "block": args.block, "time_us": sec * 1e6, "algbw_gbps": algbw,
                    "busbw_gbps": algbw * 2 * (n - 1) / n,
                    "min_us": calls[0] * 1e6, "p50_us": t.percentile(backend, 50) * 1e6,
                    "p95_us": t.percentile(backend, 95) * 1e6,

@@ -28,7 +28,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from bench.allreduce import add_size_range, sizes
+from bench.allreduce import add_block, add_size_range, sizes
 from bench.harness import main_rows, time_variants
 from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.comm.world import mpi_library
@@ -38,24 +38,13 @@ VARIANTS = ("numpy Allreduce", "numpy Iallreduce", "torch Iallreduce", "allreduc
             "allreducer step")
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="python -m bench.mpi_buffers", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     add_size_range(p, "256K", "16M")
     p.add_argument("--iters", "-n", type=int, default=30)
     p.add_argument("--warmup", "-w", type=int, default=5)
-    p.add_argument("--block", type=_positive, default=1,
-                   help="calls per timed sample (1: one call after a barrier)")
+    add_block(p)
     add_json(p, "write the rows as JSON")
     return p
 

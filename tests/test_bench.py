@@ -89,13 +89,13 @@ def test_bench_allreduce_statistics_and_correctness_check(tmp_path):
     out = tmp_path / "ar.json"
     proc = run_mpi(2, ["-m", "bench.allreduce", "--min-bytes", "4K", "--max-bytes", "4K",
                        "--backends", "mpi,disdl", "--iters", "6", "--warmup", "1",
-                       "--out-of-place", "--json", str(out)], timeout=180)
+                       "--block", "3", "--out-of-place", "--json", str(out)], timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
     for r in json.loads(out.read_text()):
         assert r["min_us"] <= r["p50_us"] <= r["p95_us"] <= r["p99_us"] <= r["max_us"]
         assert r["min_us"] <= r["time_us"] <= r["max_us"] and r["cv"] >= 0
         assert r["wrong"] == 0 and r["max_rel_error"] == 0.0
-        assert r["in_place"] == (r["backend"] != "mpi")
+        assert r["in_place"] == (r["backend"] != "mpi") and r["block"] == 3
     # a deliberately corrupted reduction is caught: #wrong > 0 and a non-zero exit
     bad = run_mpi(2, ["-m", "bench.allreduce", "--min-bytes", "4K", "--max-bytes", "4K",
                       "--backends", "mpi,disdl", "--iters", "2", "--warmup", "0",
