@@ -40,7 +40,8 @@ from disdl_mpi.reliability.checkpoint import Checkpointer, Loaded, parse_every, 
 from disdl_mpi.reliability import outlock
 from disdl_mpi.reliability.guards import SignalWatch, StepGuard
 from disdl_mpi.reliability.watchdog import StallWatchdog
-from disdl_mpi.trainer import RankData, SchemeResult, TrainContext, TrainHooks, train_scheme
+from disdl_mpi.train_context import RankData, SchemeResult, TrainContext, TrainHooks
+from disdl_mpi.trainer import train_scheme
 
 
 def parse_args(argv: list[str] | None, rank: int) -> RunConfig:

@@ -25,7 +25,7 @@ from mpi4py import MPI
 import disdl_mpi.run as run
 from disdl_mpi.evaluate import evaluate_sharded
 from disdl_mpi.step import summed_cross_entropy
-from disdl_mpi.trainer import TrainHooks
+from disdl_mpi.train_context import TrainHooks
 
 RANK = MPI.COMM_WORLD.Get_rank()
 
