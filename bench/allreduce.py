@@ -32,7 +32,7 @@ from bench.harness import (exit_cleanly, init_torch_distributed, nccl_usable, pa
                            time_variants)
 from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.files import write_json
-from disdl_mpi.options import add_json, parse_size
+from disdl_mpi.options import add_json, parse_size, positive_int
 from disdl_mpi.comm.world import install_abort_handler, mpi_library, rank_info
 from disdl_mpi.device import select_device
 
@@ -66,21 +66,11 @@ def add_size_range(p: argparse.ArgumentParser, min_bytes: str, max_bytes: str) -
     p.add_argument("--factor", "-f", type=float, default=4.0)
 
 
-def _positive(text: str) -> int:
-    try:
-        value = int(text)
-    except ValueError:
-        value = 0
-    if value < 1:
-        raise argparse.ArgumentTypeError(f"expected a whole number >= 1, got {text!r}")
-    return value
-
-
 def add_block(p: argparse.ArgumentParser) -> None:
     """--block K: calls timed back to back per sample (OSU's and nccl-tests' way); 1 times
     each call alone after a barrier, which gives per-call percentiles but carries the
     barrier's skew between ranks (a few µs)."""
-    p.add_argument("--block", type=_positive, default=1,
+    p.add_argument("--block", type=positive_int, default=1,
                    help="calls per timed sample (default 1: one call after a barrier)")
 
 

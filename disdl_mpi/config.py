@@ -9,7 +9,7 @@ from pathlib import Path
 from typing import Optional
 
 from data_prep.ensure import partition_dir
-from disdl_mpi.options import parse_size
+from disdl_mpi.options import parse_size, positive_int
 from disdl_mpi.models import MODELS as MODEL_NAMES
 from disdl_mpi.observe.profiler import parse_profile_steps
 from disdl_mpi.norms import resolve_schemes
@@ -87,13 +87,6 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
-def _positive_int(text: str) -> int:
-    value = int(text)
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text}")
-    return value
-
-
 def build_parser() -> argparse.ArgumentParser:
     """The CLI; every option maps one-to-one to a RunConfig field."""
     d = RunConfig()
@@ -122,7 +115,7 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model and normalization")
     add_norm(g, d.norm)
     g.add_argument("--model", default=d.model, help="cnn, resnet20, mlp, or auto")
-    g.add_argument("--gn-groups", type=_positive_int, default=d.gn_groups,
+    g.add_argument("--gn-groups", type=positive_int, default=d.gn_groups,
                    help="groups for GroupNorm (capped by the channel count)")
     g.add_argument("--fix-at", type=int, default=d.fix_at,
                    help="bn-fix: optimizer step at which the BN statistics are recalibrated "

@@ -32,6 +32,17 @@ def parse_size(text: str, flag: str = "size") -> int:
     return int(value)
 
 
+def positive_int(text: str) -> int:
+    """argparse type for a whole number >= 1 (a count of groups, calls, ...)."""
+    try:
+        value = int(text)
+    except ValueError:
+        value = 0
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+    return value
+
+
 PARTITION_HELP = ("partition spec: iid, dirichlet:ALPHA, shards:K, quantity:BETA, "
                   "dirichlet:A+quantity:B")
 
