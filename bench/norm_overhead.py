@@ -22,7 +22,7 @@ from disdl_mpi.comm.world import rank_info
 from disdl_mpi.device import select_device
 from disdl_mpi.models import build_model
 from disdl_mpi.files import write_json
-from disdl_mpi.norms import get_scheme
+from disdl_mpi.norms import SCHEMES, get_scheme
 from disdl_mpi.options import add_json
 from disdl_mpi.step import sync_step
 
@@ -38,7 +38,7 @@ def measure(comm, model_name: str, steps: int, local_batch: int, warmup: int,
     y = torch.randint(0, 10, (local_batch,), generator=g).to(device)
     setups, calls = {}, {}
     for name in ("bn", "syncbn"):
-        scheme = get_scheme(name, comm=comm.Dup() if name == "syncbn" else None)
+        scheme = get_scheme(name, comm=comm.Dup() if SCHEMES[name].communicates else None)
         torch.manual_seed(0)
         model = build_model(model_name, shape, 10, scheme.layer).to(device)
         model.train()

@@ -12,7 +12,7 @@ from data_prep.ensure import partition_dir
 from disdl_mpi.options import parse_size, positive_int
 from disdl_mpi.models import MODELS as MODEL_NAMES
 from disdl_mpi.observe.profiler import parse_profile_steps
-from disdl_mpi.norms import resolve_schemes
+from disdl_mpi.norms import resolve_schemes, scheme_config_errors
 from disdl_mpi.reliability.checkpoint import parse_every
 from disdl_mpi.options import PARTITION_HELP, add_norm, add_progress
 from disdl_mpi.schedule import SCHEDULES
@@ -220,10 +220,7 @@ def config_errors(cfg: RunConfig, world_size: int) -> list[str]:
         errors.append(f"--target-accuracy must be in (0, 1], got {cfg.target_accuracy}")
     if cfg.fix_at is not None and cfg.fix_at < 0:
         errors.append(f"--fix-at must be >= 0, got {cfg.fix_at}")
-    if cfg.compress != "none" and "bn-carry" in schemes:
-        errors.append("--norm bn-carry: its statistics ride in the gradient allreduce as raw "
-                      "sums, which --compress fp16 cannot hold; use --compress none (or list "
-                      "the schemes without bn-carry: 'all' includes it)")
+    errors += scheme_config_errors(schemes, cfg)
     if cfg.stall_timeout is not None and not cfg.stall_timeout > 0:
         errors.append(f"--stall-timeout must be positive, got {cfg.stall_timeout}")
     if cfg.profile_steps is not None:

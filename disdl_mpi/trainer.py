@@ -23,7 +23,7 @@ from disdl_mpi.device import seed_everything
 from disdl_mpi.evaluate import count_correct, evaluate_per_rank
 from disdl_mpi.files import jsonable
 from disdl_mpi.models import build_model
-from disdl_mpi.norms import get_scheme, norm_state_ids
+from disdl_mpi.norms import build_for_run, norm_state_ids
 from disdl_mpi.observe.timing import PhaseTimer
 from disdl_mpi.reliability.checkpoint import (Loaded, model_parts, restore_model, rng_state,
                                               set_rng_state)
@@ -47,8 +47,7 @@ class SchemeTraining:
     def __init__(self, ctx: TrainContext, norm_name: str) -> None:
         cfg, comm, data = ctx.cfg, ctx.comm, ctx.data
         self.ctx, self.cfg, self.comm, self.data, self.name = ctx, cfg, comm, data, norm_name
-        opts = {"fix_at": cfg.fix_at} if norm_name == "bn-fix" else {}
-        self.scheme = get_scheme(norm_name, comm=ctx.norm_comm, gn_groups=cfg.gn_groups, **opts)
+        self.scheme = build_for_run(norm_name, cfg, ctx.norm_comm)
         seed_everything(cfg.seed)  # the same initial weights for every scheme
         self.model = build_model(ctx.model_name, data.sample_shape, data.num_classes,
                                  self.scheme.layer).to(ctx.device)
@@ -60,7 +59,7 @@ class SchemeTraining:
             self.model, comm, bucket_mb=cfg.bucket_mb, overlap=cfg.overlap,
             compress=cfg.compress, cuda_aware=cfg.cuda_aware,
             skip=lambda name, p: id(p) in self.local_ids,
-            payload=self.scheme.payload(self.model) if self.scheme.payload else None)
+            payload=self.scheme.payload(self.model))
         self.plan = BatchPlan(data.sizes, comm.Get_rank(), cfg.global_batch_size, cfg.batching)
         self.epochs, self.max_steps = total_steps(cfg, self.plan)
         self.warmup_steps = round(cfg.warmup_epochs * self.plan.steps_per_epoch)
@@ -102,10 +101,8 @@ class SchemeTraining:
     def step(self, idx: np.ndarray, n_global: int) -> tuple[StepResult, Optional[StepDecision]]:
         """One optimizer step on this rank's batch ``idx``; returns it and the guard's verdict."""
         timer, ctx, cfg = self.timer, self.ctx, self.cfg
-        self.scheme.on_step(self.step_no)
-        if self.scheme.before_step is not None:  # bn-fix: recalibrate and freeze at T*
-            self.scheme.before_step(self.model, self.data.x_train, cfg.global_batch_size,
-                                    self.step_no, self.max_steps)
+        self.scheme.before_step(self.model, self.data.x_train, cfg.global_batch_size,
+                                self.step_no, self.max_steps)
         rate = cfg.lr * lr_factor(cfg.lr_schedule, self.step_no, self.max_steps,
                                   self.warmup_steps)
         for group in self.optimizer.param_groups:
@@ -136,6 +133,7 @@ class SchemeTraining:
                         forward_when_empty=self.scheme.collective_forward,
                         before_sync=timer.wait_for_peers, before_update=before_update)
         timer.end_step()
+        self.scheme.after_step(self.model, self.step_no)
         if res.loss_sum is not None and not (verdict[0] and verdict[0].nonfinite):
             self.loss_sum += (res.loss_sum, res.samples)
         self.step_no += 1
@@ -232,8 +230,7 @@ class SchemeTraining:
         """Collective: this scheme's test accuracy (per rank too, for rank-local models)."""
         with self.timer.phase("eval"):
             data = self.data
-            if self.scheme.recalibrate is not None:
-                self.scheme.recalibrate(self.model, data.x_train, self.cfg.global_batch_size)
+            self.scheme.recalibrate(self.model, data.x_train, self.cfg.global_batch_size)
             if not self.scheme.per_rank_eval:
                 # Like DDP's broadcast_buffers: running statistics come from rank 0.
                 broadcast_module_(self.model, self.comm, buffers_only=True,

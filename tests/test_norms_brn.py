@@ -4,6 +4,7 @@ from __future__ import annotations
 import pytest
 import torch
 import torch.nn.functional as F
+from torch import nn
 
 from disdl_mpi.norms import get_scheme
 from disdl_mpi.norms.batch_renorm import BatchRenorm, RenormSchedule
@@ -23,10 +24,10 @@ def test_schedule_values():
     assert (RenormSchedule(0).r_max, RenormSchedule(0).d_max) == (3.0, 5.0)
 
 
-def test_on_step_drives_every_layer_and_options():
+def test_before_step_drives_every_layer_and_options():
     scheme = get_scheme("brn", brn_warmup_steps=10, r_max=2.0, d_max=1.0)
     a, b = scheme.layer(4), scheme.layer(8)
-    scheme.on_step(5)
+    scheme.before_step(nn.Sequential(a, b), None, 1, 5, 100)
     assert a.schedule is b.schedule
     assert a.schedule.r_max == pytest.approx(1.5) and b.schedule.d_max == pytest.approx(0.5)
     with pytest.raises(ValueError, match="r_max >= 1"):

@@ -36,17 +36,31 @@ def test_every_scheme_forward_backward(name, shape):
             assert abs(y.mean().item()) < 0.5 and y.std().item() < 2.0
         layer.eval()
         assert torch.isfinite(layer(x.detach())).all()
-        scheme.on_step(10)
+        scheme.before_step(nn.Sequential(layer), x.detach(), 6, 3, 20)  # step 3 of 20: no freeze
+        scheme.after_step(nn.Sequential(layer), 3)
         assert scheme.comm_seconds() >= 0.0
     finally:
         scheme.close()
 
 
+def _recalibration_changes(scheme) -> bool:
+    """Whether the scheme's recalibrate hook moves a BN layer's running statistics."""
+    layer = scheme.layer(3)
+    before = layer.running_mean.clone()
+    scheme.recalibrate(nn.Sequential(layer), torch.randn(16, 3) + 5.0, 8)
+    return not torch.equal(layer.running_mean, before)
+
+
 def test_flags():
     fed = get_scheme("fedbn")
-    assert fed.local_params and fed.per_rank_eval and fed.recalibrate is None
+    assert fed.local_params and fed.per_rank_eval and not _recalibration_changes(fed)
     bn = get_scheme("bn")
-    assert not bn.local_params and not bn.per_rank_eval and bn.recalibrate is None
+    assert not bn.local_params and not bn.per_rank_eval and not _recalibration_changes(bn)
+    recal = get_scheme("bn-recal")
+    try:  # the check above can fail: a scheme that recalibrates moves the statistics
+        assert _recalibration_changes(recal)
+    finally:
+        recal.close()
 
 
 def test_unknown_scheme_and_options_are_named():

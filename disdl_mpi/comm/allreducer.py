@@ -105,8 +105,8 @@ class GradientAllreducer:
         self.compress = compression.check(compress)
         self.bucket_mb = float(bucket_mb)
         if payload is not None and payload.numel and self.compress != "none":
-            raise ValueError("a statistics payload (bn-carry) rides in the gradient buffers as "
-                             "raw sums, which float16 cannot hold: use --compress none")
+            raise ValueError("a statistics payload rides in the gradient buffers as raw sums, "
+                             "which float16 cannot hold: use --compress none")
         self.payload = payload if payload is not None and payload.numel else None
         named = [(n, p) for n, p in model.named_parameters()
                  if p.requires_grad and not skip(n, p)]

@@ -3,7 +3,12 @@ from __future__ import annotations
 
 import torch
 
+from typing import Any
+
+from torch import nn
+
 from disdl_mpi.norms.local_layers import LocalBatchNorm, _reduce_dims
+from disdl_mpi.norms.scheme import NormScheme
 
 
 class RenormSchedule:
@@ -11,7 +16,7 @@ class RenormSchedule:
 
     At r_max=1, d_max=0 Batch Renorm is plain BN; Ioffe (2017) starts there because the
     running statistics are meaningless early on, then relaxes the clipping. One schedule object
-    is shared by all layers of a model; ``NormScheme.on_step(step)`` drives it.
+    is shared by all layers of a model; ``BRN.before_step`` drives it.
     """
 
     def __init__(self, warmup_steps: int = 100, r_max_final: float = 3.0,
@@ -74,3 +79,28 @@ class BatchRenorm(LocalBatchNorm):
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", r_max={self.schedule.r_max:.3g}, "
                                        f"d_max={self.schedule.d_max:.3g}")
+
+
+class BRN(NormScheme):
+    """brn: BatchRenorm layers sharing one r/d warm-up schedule, advanced before every step."""
+
+    name = "brn"
+    summary = (
+        "Batch Renormalization (Ioffe 2017): local batch statistics corrected towards the "
+        "running ones (r/d clipping, warm-up r_max 1->3, d_max 0->5); for small or non-i.i.d. "
+        "local batches"
+    )
+
+    def __init__(
+        self, comm: Any = None, *, brn_warmup_steps: int = 100, r_max: float = 3.0, d_max: float = 5.0
+    ) -> None:
+        super().__init__(comm)
+        self.schedule = RenormSchedule(brn_warmup_steps, r_max, d_max)
+
+    def make_layer(self, num_features: int) -> nn.Module:
+        return BatchRenorm(num_features, self.schedule)
+
+    def before_step(
+        self, model: nn.Module, x_train: Any, batch_size: int, step: int, total_steps: int
+    ) -> None:
+        self.schedule.set_step(step)

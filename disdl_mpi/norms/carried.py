@@ -25,13 +25,14 @@ can hold raw sums (--compress none).
 """
 from __future__ import annotations
 
-from typing import Optional
+from typing import Any, Optional
 
 import torch
 import torch.nn.functional as F
 from torch import nn
 
 from disdl_mpi.norms.local_layers import LocalBatchNorm, _reduce_dims, renormalize
+from disdl_mpi.norms.scheme import NormScheme
 
 
 class CarryBatchNorm(LocalBatchNorm):
@@ -124,3 +125,30 @@ class StatsPayload:
         for m in self.layers:
             m.set_global(summed[off:off + m.payload_size])
             off += m.payload_size
+
+
+class BNCarry(NormScheme):
+    """bn-carry: CarryBatchNorm layers whose sums are the gradient allreduce's payload."""
+
+    name = "bn-carry"
+    summary = (
+        "BN with global statistics carried in the gradient allreduce: each layer normalizes with "
+        "the previous step's global batch statistics, whose sums ride in the last gradient "
+        "bucket; no collective of its own"
+    )
+
+    @classmethod
+    def config_errors(cls, cfg: Any) -> list[str]:
+        if cfg.compress != "none":
+            return [
+                "--norm bn-carry: its statistics ride in the gradient allreduce as raw sums, which "
+                "--compress fp16 cannot hold; use --compress none (or list the schemes without "
+                "bn-carry: 'all' includes it)"
+            ]
+        return []
+
+    def make_layer(self, num_features: int) -> nn.Module:
+        return CarryBatchNorm(num_features)
+
+    def payload(self, model: nn.Module) -> StatsPayload:
+        return StatsPayload(model)

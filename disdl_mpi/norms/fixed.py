@@ -18,7 +18,7 @@ from torch import nn
 
 from disdl_mpi.norms.local_layers import LocalBatchNorm, renormalize
 from disdl_mpi.norms.recalibration import recalibrate_batchnorm
-from disdl_mpi.norms.registry import CommTimer
+from disdl_mpi.norms.scheme import CommTimer, NormScheme
 
 
 class FixBatchNorm(LocalBatchNorm):
@@ -66,3 +66,31 @@ class FixSchedule:
         recalibrate_batchnorm(model, x_train, batch_size, self.comm, self.timer)
         for m in layers:
             m.fixed.fill_(True)
+
+
+class BNFix(NormScheme):
+    """bn-fix: FixBatchNorm layers, frozen once at T* by :class:`FixSchedule`."""
+
+    name = "bn-fix"
+    summary = (
+        "FixBN (Zhong, Chen & Chao 2023): local BN until step T* (--fix-at, default half the "
+        "run), then statistics recalibrated over all ranks once and frozen, used in training and "
+        "evaluation; no per-step collective"
+    )
+    communicates = True  # the one recalibration at T*
+
+    def __init__(self, comm: Any = None, *, fix_at: Optional[int] = None) -> None:
+        super().__init__(comm)
+        self.schedule = FixSchedule(self.comm, self.timer, fix_at)
+
+    @classmethod
+    def options(cls, cfg: Any) -> dict[str, Any]:
+        return {"fix_at": cfg.fix_at}
+
+    def make_layer(self, num_features: int) -> nn.Module:
+        return FixBatchNorm(num_features)
+
+    def before_step(
+        self, model: nn.Module, x_train: Any, batch_size: int, step: int, total_steps: int
+    ) -> None:
+        self.schedule(model, x_train, batch_size, step, total_steps)

@@ -21,7 +21,7 @@ from torch import nn
 
 from disdl_mpi.comm.mpi_ops import allreduce_
 from disdl_mpi.norms.local_layers import LocalBatchNorm, _reduce_dims
-from disdl_mpi.norms.registry import CommTimer
+from disdl_mpi.norms.scheme import CommTimer, NormScheme
 
 
 class RecalBatchNorm(LocalBatchNorm):
@@ -134,3 +134,21 @@ def recalibrate_batchnorm(model: nn.Module, x_train: Any, batch_size: int, comm:
                 off += c
     samples = int(first[0].item()) if layers else 0
     return {"layers": len(layers), "samples": samples, "comm_s": comm_s}
+
+
+class BNRecal(NormScheme):
+    """bn-recal: local BN layers, recalibrated over all ranks before every evaluation."""
+
+    name = "bn-recal"
+    summary = (
+        "local BN in training, then precise-BN recalibration (Wu & Johnson 2021) of the running "
+        "mean/var over ALL ranks' training data by allreduce of per-channel moments before every "
+        "evaluation"
+    )
+    communicates = True
+
+    def make_layer(self, num_features: int) -> nn.Module:
+        return RecalBatchNorm(num_features)
+
+    def recalibrate(self, model: nn.Module, x_train: Any, batch_size: int) -> None:
+        recalibrate_batchnorm(model, x_train, batch_size, self.comm, self.timer)

@@ -28,7 +28,7 @@ import torch.nn.functional as F
 from mpi4py import MPI
 from torch import nn
 
-from disdl_mpi.norms.registry import CommTimer
+from disdl_mpi.norms.scheme import CommTimer, NormScheme
 
 CONVENTIONS = ("local_mean", "global")
 
@@ -216,3 +216,27 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", convention={self.convention}"
+
+
+class SyncBN(NormScheme):
+    """syncbn: every layer a :class:`SyncBatchNorm` on the scheme's own communicator."""
+
+    name = "syncbn"
+    summary = (
+        "synchronized BatchNorm: statistics of the whole global batch via MPI allreduce (exact "
+        "for unequal/empty local batches); what one machine would compute, at one small "
+        "allreduce per layer per pass"
+    )
+    communicates = True
+    collective_forward = True
+
+    def __init__(self, comm: Any = None, *, grad_convention: str = "local_mean") -> None:
+        if grad_convention not in CONVENTIONS:
+            raise ValueError(
+                f"syncbn: grad_convention must be one of {CONVENTIONS}, got {grad_convention!r}"
+            )
+        super().__init__(comm)
+        self.grad_convention = grad_convention
+
+    def make_layer(self, num_features: int) -> nn.Module:
+        return SyncBatchNorm(num_features, self.comm, self.timer, convention=self.grad_convention)
