@@ -75,8 +75,8 @@ def load_data(args, comm: MPI.Comm) -> tuple[np.ndarray, np.ndarray, tuple[int, 
     if args.data_dir:
         from disdl_mpi.data.partition_io import load_partition
         d = load_partition(comm, args.data_dir)
-        x = d.x_train.astype(np.float32)
-        return x, d.y_train.astype(np.int64), tuple(d.sample_shape), d.num_classes
+        x = d.train.x.astype(np.float32)
+        return x, d.train.y.astype(np.int64), tuple(d.sample_shape), d.num_classes
     if args.dataset == "digits":
         from sklearn.datasets import load_digits
         ds = load_digits()

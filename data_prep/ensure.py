@@ -1,43 +1,19 @@
-"""Where a partition lives, and "build it unless it is already there" -- the one rule and the one
-function that the run, the sweeps and the studies share.
+"""Build a partition unless it is already there: the one function that the run, the sweeps and
+the studies share.
 
-A folder's name carries every setting that shapes the partition (dataset, partition spec, ranks,
-seed, and the source options of generated data), so two requests that differ never share a
-folder. A folder found on disk is still checked against its manifest before it is used: a
-partition built with other settings is refused with the field that differs, never silently
-reused.
+Where a partition lives is the format's rule (:func:`disdl_mpi.data.layout.partition_dir`). A
+folder found on disk is still checked against its manifest before it is used: a partition built
+with other settings is refused with the field that differs, never silently reused.
 """
 from __future__ import annotations
 
-import hashlib
 import json
-import re
 from pathlib import Path
 from typing import Any, Optional
 
 from data_prep.errors import DataPrepError
 from data_prep.partition_spec import parse_partition
-from disdl_mpi.data.layout import MANIFEST
-
-
-def spec_tag(spec: str) -> str:
-    """A file-name-safe spelling of a partition spec: ``dirichlet:0.1`` -> ``dirichlet-0.1``."""
-    return re.sub(r"[^A-Za-z0-9.]+", "-", spec).strip("-")
-
-
-def _options(source_opts: dict[str, Any]) -> dict[str, Any]:
-    return {k: v for k, v in sorted(source_opts.items()) if v is not None}
-
-
-def partition_dir(root: str | Path, dataset: str, spec: str, ranks: int, seed: int,
-                  **source_opts: Any) -> Path:
-    """``ROOT/<dataset>-<spec>-n<ranks>-s<seed>[-o<hash of source options>]``."""
-    name = f"{dataset}-{spec_tag(spec)}-n{int(ranks)}-s{int(seed)}"
-    opts = _options(source_opts)
-    if opts:
-        digest = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode())
-        name += f"-o{digest.hexdigest()[:8]}"
-    return Path(root) / name
+from disdl_mpi.data.layout import MANIFEST, source_options
 
 
 def manifest_differences(manifest: dict, dataset: str, spec: str, ranks: int, seed: int,
@@ -50,7 +26,7 @@ def manifest_differences(manifest: dict, dataset: str, spec: str, ranks: int, se
     out = [f"field '{k}' is {manifest.get(k)!r}, the request has {v!r}"
            for k, v in want.items() if manifest.get(k) != v]
     have = manifest.get("source_options") or {}
-    for k, v in _options(source_opts).items():
+    for k, v in source_options(source_opts).items():
         if k in have and have[k] != (list(v) if isinstance(v, tuple) else v):
             out.append(f"field 'source_options.{k}' is {have[k]!r}, the request has {v!r}")
     return out
@@ -78,6 +54,19 @@ def ensure_partition(data_dir: str | Path, dataset: str, ranks: int, spec: str, 
                                 + "; ".join(diff) + "; remove the folder or choose another one")
         return manifest
     from data_prep.partition import build_partitions
-    opts = _options(source_opts)
+    opts = source_options(source_opts)
     return build_partitions(dataset, ranks, spec, seed, data_dir, source_dir=source_dir,
                             min_per_rank=min_per_rank, **opts)
+
+
+def explicit_mismatch(manifest: dict, where: Path, *, dataset: Optional[str] = None,
+                      spec: Optional[str] = None) -> Optional[str]:
+    """A ``--dataset`` or ``--partition`` given explicitly (None: not given) that the partition
+    whose manifest is ``where`` was not built with; None when both agree."""
+    if dataset is not None and manifest.get("dataset") != dataset:
+        return (f"{where}: field 'dataset' is {manifest.get('dataset')!r}, but --dataset "
+                f"{dataset} was asked for")
+    if spec is not None and manifest.get("scheme") != parse_partition(spec).name:
+        return (f"{where}: field 'scheme' is {manifest.get('scheme')!r}, but --partition "
+                f"{spec} was asked for")
+    return None

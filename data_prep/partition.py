@@ -16,14 +16,14 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataPrepError
+from data_prep.errors import DataPrepError
 from disdl_mpi.data.layout import FORMAT, MANIFEST, TEST_FILE
 from disdl_mpi.files import jsonable, write_json
 from disdl_mpi.options import add_partition
-from .domains import domains
-from .partition_spec import assign, parse_partition
-from .sources import SOURCES, open_source
-from .writer import write_rank_files, write_test_file
+from data_prep.domains import domains
+from data_prep.partition_spec import assign, parse_partition
+from data_prep.sources import SOURCES, open_source
+from data_prep.writer import write_rank_files, write_test_file
 
 
 def _existing_files(out: Path) -> list[Path]:

@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from .errors import DataPrepError
+from data_prep.errors import DataPrepError
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import numpy as np
 
-from .errors import DataPrepError
-from .sources import ArraySource, sha256_files
+from data_prep.errors import DataPrepError
+from data_prep.source_base import ArraySource, sha256_files
 
 # ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
 

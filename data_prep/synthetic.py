@@ -12,8 +12,8 @@ from typing import Iterator
 
 import numpy as np
 
-from .errors import DataPrepError
-from .sources import Source, sha256_arrays
+from data_prep.errors import DataPrepError
+from data_prep.source_base import Source, sha256_arrays
 
 GEN_BLOCK = 16384  # samples per random stream; fixed, so the data does not depend on chunking
 PIECE_BYTES = 64 << 20  # at most this much of a block is in memory at once

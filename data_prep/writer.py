@@ -16,8 +16,8 @@ import numpy as np
 
 from data_prep.domains import Domain, apply, test_split
 from disdl_mpi.data.layout import TEST_FILE, ContentHash, domain_test_file, rank_file
-from .partition_spec import PartitionSpec
-from .sources import Source
+from data_prep.partition_spec import PartitionSpec
+from data_prep.source_base import Source
 
 MAX_OPEN_FILES = 256        # ranks written per pass over the source
 

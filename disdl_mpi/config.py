@@ -2,13 +2,15 @@
 from __future__ import annotations
 
 import argparse
+import contextlib
 import dataclasses
+import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Optional
 
-from data_prep.ensure import partition_dir
+from disdl_mpi.data.layout import partition_dir
 from disdl_mpi.options import parse_size, positive_int
 from disdl_mpi.models import MODELS as MODEL_NAMES
 from disdl_mpi.observe.profiler import parse_profile_steps
@@ -242,3 +244,14 @@ def config_errors(cfg: RunConfig, world_size: int) -> list[str]:
     if cfg.resume is not None and not cfg.resume.strip():
         errors.append("--resume must be 'auto' or a checkpoint folder")
     return errors
+
+
+def parse_config(argv: list[str] | None, rank: int) -> RunConfig:
+    """Parse on every rank (same argv), but let only rank 0 print usage, help or errors."""
+    parser = build_parser()
+    sink = io.StringIO()
+    quiet = contextlib.redirect_stdout(sink) if rank else contextlib.nullcontext()
+    quiet_err = contextlib.redirect_stderr(sink) if rank else contextlib.nullcontext()
+    with quiet, quiet_err:
+        ns = parser.parse_args(argv)
+    return RunConfig(**vars(ns))

@@ -12,6 +12,7 @@ from mpi4py import MPI
 
 from disdl_mpi.comm.world import RankInfo
 from disdl_mpi.config import RunConfig
+from disdl_mpi.data.residency import StreamedInputs
 from disdl_mpi.data.standardize import StandardizedInputs
 from disdl_mpi.evaluate import evaluate_sharded
 from disdl_mpi.observe.profiler import StepProfiler
@@ -25,7 +26,7 @@ from disdl_mpi.step import LossFn, summed_cross_entropy
 Evaluator = Callable[[torch.nn.Module, torch.Tensor, torch.Tensor, MPI.Comm], float]
 # on_step(step, total_steps, label), after every optimizer step (progress displays)
 StepCallback = Callable[[int, int, str], None]
-Inputs = Union[torch.Tensor, StandardizedInputs]
+Inputs = Union[torch.Tensor, StandardizedInputs, StreamedInputs]
 
 
 @dataclass
@@ -48,6 +49,14 @@ class RankData:
     y_domain: Optional[torch.Tensor] = None
     x_test_all: Optional[Inputs] = None     # the whole test set, for per-rank evaluation
     y_test_all: Optional[torch.Tensor] = None
+
+    def close_stream(self) -> Optional[str]:
+        """Stop a streamed input's prefetcher; how well it hid the reads (None: not streamed)."""
+        if not isinstance(self.x_train, StreamedInputs):
+            return None
+        report = self.x_train.report()
+        self.x_train.close()
+        return report
 
 
 @dataclass

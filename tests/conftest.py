@@ -42,7 +42,8 @@ def digits_partition(tmp_path_factory: pytest.TempPathFactory) -> Callable[..., 
     """``digits_partition(ranks, spec="dirichlet:0.1", seed=0, min_per_rank=1)``: a digits
     partition built once per session (data_prep's naming rule, so every distinct request gets
     its own folder). Shared between tests: read it, never modify it (copy it first)."""
-    from data_prep.ensure import ensure_partition, partition_dir
+    from data_prep.ensure import ensure_partition
+    from disdl_mpi.data.layout import partition_dir
     root = tmp_path_factory.mktemp("digits")
 
     def get(ranks: int, spec: str = "dirichlet:0.1", seed: int = 0,

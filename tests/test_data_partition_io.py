@@ -257,8 +257,8 @@ def test_ranks_hold_their_test_shard_and_score_it_as_before(base, tmp_path):
     assert acc["shard"] == acc["whole"]
     code = ("import sys; from mpi4py import MPI; from disdl_mpi.data.partition_io import "
             "load_partition; d = load_partition(MPI.COMM_WORLD, sys.argv[1], test_shard=True); "
-            "print('rows', MPI.COMM_WORLD.Get_rank(), d.test_rows, len(d.x_test), len(d.y_test), "
-            "d.test_total, flush=True)")
+            "print('rows', MPI.COMM_WORLD.Get_rank(), d.test.rows, len(d.test.x), len(d.test.y), "
+            "d.test.total, flush=True)")
     proc = run_mpi(2, ["-c", code, str(data)], timeout=60, check=True)
     n = json.loads((data / "partition.json").read_text())["test"]["size"]
     held = sorted(line.split(" ", 2)[1:] for line in proc.stdout.splitlines()

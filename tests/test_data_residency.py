@@ -13,6 +13,7 @@ from mpi4py import MPI
 
 from disdl_mpi.data import standardize as std_mod
 from disdl_mpi.data.budget import over_budget, resident_bytes
+from disdl_mpi.data.local_data import TrainRows
 from disdl_mpi.options import parse_size
 from disdl_mpi.data.standardize import channel_sums, standardize
 from tests.mpi_helpers import run_mpi
@@ -38,7 +39,7 @@ def test_batches_equal_a_standardized_copy_and_storage_keeps_its_dtype(monkeypat
     x = (rng.integers(0, 256, (50, 3, 5, 5)).astype(dtype) if dtype == "uint8"
          else (rng.random((50, 3, 5, 5)) * 16).astype(dtype))
     x[:, 2] = 7  # a constant channel keeps std 1
-    inputs, [test] = standardize(x, [x[:9]], MPI.COMM_SELF, torch.device("cpu"))
+    inputs, [test] = standardize(TrainRows(x), [x[:9]], MPI.COMM_SELF, torch.device("cpu"))
     assert inputs.stored.dtype == getattr(torch, dtype)
     assert inputs.nbytes == x.nbytes and len(inputs) == 50 and inputs.shape == x.shape
     ref = _standardized_copy(x)
@@ -121,9 +122,9 @@ def test_streamed_batches_equal_resident_ones_read_ahead_or_not(tmp_path):
     x = rng.integers(0, 256, (40, 3, 4, 4)).astype(np.uint8)
     with h5py.File(tmp_path / "r.h5", "w") as f:
         f["x"] = x
-    resident, _ = standardize(x, [], MPI.COMM_SELF, torch.device("cpu"))
-    streamed, _ = standardize(None, [], MPI.COMM_SELF, torch.device("cpu"), "stream",
-                              tmp_path / "r.h5")
+    resident, _ = standardize(TrainRows(x), [], MPI.COMM_SELF, torch.device("cpu"))
+    streamed, _ = standardize(TrainRows(None, path=tmp_path / "r.h5", residency="stream"), [],
+                              MPI.COMM_SELF, torch.device("cpu"))
     assert isinstance(streamed, StreamedInputs) and len(streamed) == 40
     batches = [rng.permutation(40)[:7] for _ in range(5)]
     streamed.schedule(batches)
@@ -169,17 +170,16 @@ def test_the_statistics_come_from_the_checking_pass_one_read_of_the_file(
     from disdl_mpi.data.partition_io import load_partition
     data = digits_partition(1, "iid")
     local = load_partition(MPI.COMM_SELF, data, residency=mode)
-    assert local.residency == mode and (local.x_train is None) == (mode == "stream")
+    assert local.train.residency == mode and (local.train.x is None) == (mode == "stream")
     with h5py.File(data / "rank_00000.h5", "r") as f:
         x = f["x"][...]
-    sums = local.train_sums
+    sums = local.train.sums
     assert sums is not None and sums[0] == x.shape[0] * x[0, 0].size
     # Every row was summed (allclose: the blocks of the pass may add in another order).
     assert np.allclose(sums, channel_sums(x), rtol=1e-12, atol=0)
     # With those sums, standardizing must not read the partition a second time.
     monkeypatch.setattr(std_mod, "channel_sums", lambda *_: pytest.fail("second pass"))
-    train, _ = standardize(local.x_train, [], MPI.COMM_SELF, torch.device("cpu"), mode,
-                           local.train_path, local.train_sums)
+    train, _ = standardize(local.train, [], MPI.COMM_SELF, torch.device("cpu"))
     assert len(train) == x.shape[0]
     expect = (torch.from_numpy(x[:5]).float() - train.mean) / train.std
     assert torch.equal(train[0:5], expect)

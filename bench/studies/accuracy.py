@@ -35,7 +35,8 @@ from bench.studies.accuracy_jobs import Job, harvest, launch, next_attempt
 from bench.studies.accuracy_report import (bar_plot, curve_plot, gap_heatmap, markdown,
                                            strongest_skew, write_csv)
 from bench.studies.engine import PointStore, SweepError, launcher_command, terminate_on_sigterm
-from data_prep.ensure import ensure_partition, partition_dir, spec_tag
+from data_prep.ensure import ensure_partition
+from disdl_mpi.data.layout import partition_dir, spec_tag
 from data_prep.errors import DataPrepError
 from data_prep.partition_spec import parse_partition
 from disdl_mpi.files import write_json, write_text

@@ -17,7 +17,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 from bench.studies.engine import JobResult, code_version, launcher_command, run_job
-from data_prep.ensure import spec_tag
+from disdl_mpi.data.layout import spec_tag
 from disdl_mpi.files import write_json
 
 # The run prints one such line per scheme and epoch under ``--progress lines``; it only drives

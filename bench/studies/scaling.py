@@ -22,7 +22,8 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench.studies.engine import JobResult, Point, PointStore, SweepError, run_sweep
-from data_prep.ensure import ensure_partition, partition_dir
+from data_prep.ensure import ensure_partition
+from disdl_mpi.data.layout import partition_dir
 from data_prep.errors import DataPrepError
 from disdl_mpi.device import node_cores
 from disdl_mpi.files import comm_share, markdown_table, write_json, write_text

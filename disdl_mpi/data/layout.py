@@ -1,10 +1,17 @@
-"""The on-disk partition format shared by the writer (data_prep) and the reader (partition_io).
+"""The on-disk partition format shared by the writer (data_prep) and the reader (partition_io):
+file names, the folder-naming rule, content hashes, and the test-set shard a rank scores.
 
-See docs/CONTRACTS.md, "Partition on disk".
+See docs/CONTRACTS.md, "Partition on disk". A folder's name carries every setting that shapes
+the partition (dataset, partition spec, ranks, seed, and the source options of generated data),
+so two requests that differ never share a folder.
 """
 from __future__ import annotations
 
 import hashlib
+import json
+import re
+from pathlib import Path
+from typing import Any
 
 import numpy as np
 
@@ -53,3 +60,24 @@ def content_sha256(x: np.ndarray, y: np.ndarray) -> str:
     h = ContentHash()
     h.add_x(x)
     return h.finish(y)
+
+
+def spec_tag(spec: str) -> str:
+    """A file-name-safe spelling of a partition spec: ``dirichlet:0.1`` -> ``dirichlet-0.1``."""
+    return re.sub(r"[^A-Za-z0-9.]+", "-", spec).strip("-")
+
+
+def source_options(source_opts: dict[str, Any]) -> dict[str, Any]:
+    """The source options that shape a partition: the given ones, sorted, without the unset."""
+    return {k: v for k, v in sorted(source_opts.items()) if v is not None}
+
+
+def partition_dir(root: str | Path, dataset: str, spec: str, ranks: int, seed: int,
+                  **source_opts: Any) -> Path:
+    """``ROOT/<dataset>-<spec>-n<ranks>-s<seed>[-o<hash of source options>]``."""
+    name = f"{dataset}-{spec_tag(spec)}-n{int(ranks)}-s{int(seed)}"
+    opts = source_options(source_opts)
+    if opts:
+        digest = hashlib.sha256(json.dumps(opts, sort_keys=True, default=str).encode())
+        name += f"-o{digest.hexdigest()[:8]}"
+    return Path(root) / name

@@ -10,7 +10,6 @@ from __future__ import annotations
 import hashlib
 import json
 from collections import Counter
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -18,6 +17,7 @@ import h5py
 import numpy as np
 
 from disdl_mpi.data.budget import over_budget
+from disdl_mpi.data.local_data import LocalData, TestRows, TrainRows
 from disdl_mpi.data.residency import choose as choose_residency
 from disdl_mpi.data.standardize import ChannelSums
 from disdl_mpi.data.layout import (MANIFEST, TEST_FILE, ContentHash, domain_test_file,
@@ -35,29 +35,6 @@ class PartitionError(UserError):
 
     def __init__(self, message: str, *, collective: bool = True, exit_code: int = 2):
         super().__init__(message, collective=collective, exit_code=exit_code)
-
-
-@dataclass
-class LocalData:
-    """This rank's training partition and the test set: whole, or its shard (``test_rows``)."""
-
-    x_train: Optional[np.ndarray]   # None when streamed (residency 'stream')
-    y_train: np.ndarray
-    x_test: np.ndarray
-    y_test: np.ndarray
-    num_classes: int
-    sample_shape: tuple[int, ...]
-    sizes: list[int]          # every rank's training size, rank order
-    manifest: dict
-    manifest_sha256: str
-    x_domain_test: Optional[np.ndarray] = None   # feature shift: this rank's own-domain split
-    y_domain_test: Optional[np.ndarray] = None
-    test_rows: tuple[int, int] = (0, 0)  # the rows of the global test set x_test holds
-    test_total: int = 0                  # rows in the global test set
-    residency: str = "device"            # data.residency mode in use (x_train None: stream)
-    train_path: Optional[Path] = None    # this rank's partition file
-    budget_refusal: Optional[str] = None  # why resident data would not fit (auto streamed)
-    train_sums: Optional[np.ndarray] = None  # ChannelSums of x_train, from the checking pass
 
 
 def _ranks_text(ranks: list[int]) -> str:
@@ -276,7 +253,7 @@ def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True,
     (``auto`` streams it instead; see data.residency). ``test_shard`` keeps only this rank's
     shard of the test set (``layout.shard_bounds``), the rows it scores. In ``stream`` mode
     the training x is checked (every row hashed, in bounded blocks) but not kept:
-    ``x_train`` is None and ``train_path`` the file to stream from.
+    ``train.x`` is None and ``train.path`` the file to stream from.
     """
     data_dir = Path(data_dir)
     rank, world_size = comm.Get_rank(), comm.Get_size()
@@ -319,10 +296,10 @@ def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True,
     for r, p in _cross_rank(data_dir, [h for _, (h, _) in gathered]).items():
         probs_all[r] = probs_all[r] + [p]
     _raise_if_any(data_dir, probs_all)
-    return LocalData(x_train=x, y_train=y, x_test=xt, y_test=yt,
-                     num_classes=int(m["num_classes"]), sample_shape=tuple(m["sample_shape"]),
-                     sizes=[n for _, (_, n) in gathered], manifest=m, manifest_sha256=digest,
-                     x_domain_test=xd, y_domain_test=yd, test_rows=test_rows,
-                     test_total=n_test, residency=mode,
-                     train_path=data_dir / entry["file"], budget_refusal=refusal,
-                     train_sums=sums.values())
+    return LocalData(
+        train=TrainRows(x, y, path=data_dir / entry["file"], residency=mode,
+                        sums=sums.values(), budget_refusal=refusal),
+        test=TestRows(xt, yt, rows=test_rows, total=n_test),
+        num_classes=int(m["num_classes"]), sample_shape=tuple(m["sample_shape"]),
+        sizes=[n for _, (_, n) in gathered], manifest=m, manifest_sha256=digest,
+        domain_test=TestRows(xd, yd, rows=(0, len(yd)), total=len(yd)) if xd is not None else None)

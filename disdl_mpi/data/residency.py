@@ -115,6 +115,11 @@ class StreamedInputs:
         self._fill()
         return standardized(rows, self.mean, self.std)
 
+    def report(self) -> str:
+        """How well the reads were hidden: batches read ahead, and the time training waited."""
+        return (f"{self.prefetched} batches read ahead by the prefetcher; training waited "
+                f"{self.read_s:.2f} s for batches in all")
+
     def close(self) -> None:
         self._pool.shutdown(wait=True)
         self._file.close()

@@ -6,13 +6,13 @@ by batch where they are indexed, so a rank's memory is its partition plus one ba
 """
 from __future__ import annotations
 
-from pathlib import Path
-from typing import Any, Optional
+from typing import Any
 
 import numpy as np
 import torch
 from mpi4py import MPI
 
+from disdl_mpi.data.local_data import TrainRows
 from disdl_mpi.data.residency import StreamedInputs, standardized
 
 # Rows per pass of the statistics: bounds the float64 working set (about 64 MiB at 224x224x3).
@@ -100,20 +100,19 @@ def channel_sums(x: Any) -> np.ndarray:
     return sums.values()
 
 
-def standardize(x_train: Any, others: list[np.ndarray], comm: MPI.Comm,
-                device: torch.device, residency: str = "device",
-                stream_path: Optional[Path] = None, sums: Optional[np.ndarray] = None
-                ) -> tuple[Any, list[StandardizedInputs]]:
-    """Per-channel (images) or per-feature (flat) standardization of the training split and,
+def standardize(train: TrainRows, others: list[np.ndarray], comm: MPI.Comm,
+                device: torch.device) -> tuple[Any, list[StandardizedInputs]]:
+    """Per-channel (images) or per-feature (flat) standardization of the training rows and,
     with the same statistics, of ``others`` (the test splits).
 
     Only counts, sums and sums of squares travel (one Allreduce); the statistics are those of
     the union of all ranks' training partitions. The test arrays move to ``device`` as stored;
-    the training inputs stay where ``residency`` says: on ``device``, in host memory
-    (``host``), or in the file (``stream``: ``x_train`` is then None, and ``stream_path`` the
-    file). ``sums`` are this rank's ``ChannelSums`` values when the load already made them
-    (partition_io does, in its one pass over the file); else they are computed here.
+    the training inputs stay where ``train.residency`` says: on ``device``, in host memory
+    (``host``), or in the file (``stream``: ``train.x`` is then None, and ``train.path`` the
+    file). ``train.sums`` are this rank's ``ChannelSums`` values when the load already made
+    them (partition_io does, in its one pass over the file); else they are computed here.
     """
+    residency, stream_path, sums, x_train = train.residency, train.path, train.sums, train.x
     if residency == "stream":
         import h5py
         with h5py.File(stream_path, "r", locking=False) as f:

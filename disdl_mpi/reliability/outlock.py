@@ -35,6 +35,18 @@ def _holder_alive(holder: dict) -> bool:
         return True
 
 
+def check_writable(out: Path) -> Optional[str]:
+    """Prove the results folder is writable before any training starts (None: it is)."""
+    try:
+        out.mkdir(parents=True, exist_ok=True)
+        probe = out / f".write-test-{os.getpid()}"
+        probe.write_text("ok")
+        probe.unlink()
+    except OSError as exc:
+        return f"--out {out}: results folder is not writable ({exc.strerror or exc})"
+    return None
+
+
 def acquire(out: Path) -> tuple[Optional[str], Optional[str]]:
     """Take ``out``'s lock; returns (error, note): an error names the live holder, a note says
     that a dead holder's lock was taken over."""

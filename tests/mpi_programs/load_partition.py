@@ -9,8 +9,8 @@ install_abort_handler(comm)
 d = load_partition(comm, sys.argv[1])
 # Test output only: every rank reports what it loaded so the test can check each one. Ranks
 # take turns and write each line in one call, so the launcher never interleaves two lines.
-line = (f"LOADED rank={comm.Get_rank()} sha={content_sha256(d.x_train, d.y_train)} "
-        f"sizes={d.sizes} test={len(d.y_test)} shape={d.sample_shape} "
+line = (f"LOADED rank={comm.Get_rank()} sha={content_sha256(d.train.x, d.train.y)} "
+        f"sizes={d.sizes} test={len(d.test.y)} shape={d.sample_shape} "
         f"manifest={d.manifest_sha256}\n")
 for turn in range(comm.Get_size()):
     if turn == comm.Get_rank():
