@@ -28,50 +28,16 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from bench.harness import (exit_cleanly, init_torch_distributed, nccl_usable, parse_list,
-                           time_variants)
+from bench.harness import (add_block, add_size_range, exit_cleanly, init_torch_distributed,
+                           nccl_usable, parse_list, sizes, time_variants, write_rows)
 from disdl_mpi.comm.allreducer import GradientAllreducer
-from disdl_mpi.files import write_json
-from disdl_mpi.options import add_json, parse_size, positive_int
+from disdl_mpi.options import add_json
 from disdl_mpi.comm.world import install_abort_handler, mpi_library, rank_info
 from disdl_mpi.device import select_device
 
 BACKENDS = ("mpi", "disdl", "gloo", "nccl")
 DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
           "float64": (np.float64, torch.float64)}
-
-
-def parse_bytes(text: str) -> int:
-    """'64', '4K', '1M', '1G' (powers of 1024) -> bytes, as argparse wants its errors."""
-    try:
-        return parse_size(text, "byte size")
-    except ValueError as exc:
-        raise argparse.ArgumentTypeError(str(exc)) from None
-
-
-def sizes(min_bytes: int, max_bytes: int, factor: float, elem: int) -> list[int]:
-    out, b = [], max(min_bytes, elem)
-    while b <= max_bytes:
-        nb = max(elem, (b // elem) * elem)
-        if not out or nb != out[-1]:
-            out.append(nb)
-        b = int(b * factor) if factor > 1 else max_bytes + 1
-    return out
-
-
-def add_size_range(p: argparse.ArgumentParser, min_bytes: str, max_bytes: str) -> None:
-    """nccl-tests' size options: -b first size, -e last size, -f multiplication factor."""
-    p.add_argument("--min-bytes", "-b", type=parse_bytes, default=parse_bytes(min_bytes))
-    p.add_argument("--max-bytes", "-e", type=parse_bytes, default=parse_bytes(max_bytes))
-    p.add_argument("--factor", "-f", type=float, default=4.0)
-
-
-def add_block(p: argparse.ArgumentParser) -> None:
-    """--block K: calls timed back to back per sample (OSU's and nccl-tests' way); 1 times
-    each call alone after a barrier, which gives per-call percentiles but carries the
-    barrier's skew between ranks (a few µs)."""
-    p.add_argument("--block", type=positive_int, default=1,
-                   help="calls per timed sample (default 1: one call after a barrier)")
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -262,7 +228,7 @@ def main(argv: list[str] | None = None) -> None:
     code = 0
     if comm.Get_rank() == 0:
         if args.json_path:
-            write_json(args.json_path, rows)
+            write_rows(args.json_path, "bench.allreduce", rows)
         wrong = [r for r in rows if r.get("wrong")]
         for r in wrong:
             print(f"error: {r['backend']} at {r['bytes']} bytes: {r['wrong']} wrong element(s)",

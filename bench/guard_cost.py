@@ -1,6 +1,6 @@
 """Side-by-side cost of the reliability machinery: ``mpiexec -n N python -m bench.guard_cost``.
 
-Prints rank 0's JSON: the per-step agreement (one Allreduce of 3 int64) next to a bare
+Prints rank 0's row as JSON (and writes it to ``--json FILE``): the per-step agreement (one Allreduce of 3 int64) next to a bare
 Barrier, a 4 KiB Allreduce raw vs through --check-collectives' CheckedComm, and one CNN
 forward+backward with and without the local NaN/Inf gradient probe. Medians of 5 interleaved
 rounds, max over ranks.
@@ -17,10 +17,11 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from bench.harness import time_variants
+from bench.harness import time_variants, write_rows
 from disdl_mpi.comm.collective_check import CheckedComm, CollectiveChecker
 from disdl_mpi.models import build_model
 from disdl_mpi.norms import get_scheme
+from disdl_mpi.options import add_json
 from disdl_mpi.reliability.guards import GradFiniteProbe, StepGuard
 
 
@@ -28,6 +29,7 @@ def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(prog="python -m bench.guard_cost", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("reps", nargs="?", type=int, default=2000, help="calls per timed block")
+    add_json(p)
     args = p.parse_args(argv)
     comm = MPI.COMM_WORLD
     guard = StepGuard(comm, None)
@@ -59,8 +61,11 @@ def main(argv: list[str] | None = None) -> int:
     if comm.Get_rank() == 0:
         out = {k: round(coll.median(k) * 1e6, 1) for k in coll.wall}
         out |= {k: round(comp.median(k) * 1e6, 1) for k in comp.wall}
-        print(json.dumps(out | {"unit": "us per call (median of 5)", "ranks": comm.Get_size(),
-                                "torch_threads": torch.get_num_threads()}))
+        row = out | {"unit": "us per call (median of 5)", "ranks": comm.Get_size(),
+                     "torch_threads": torch.get_num_threads()}
+        print(json.dumps(row))
+        if args.json_path:
+            write_rows(args.json_path, "bench.guard_cost", [row])
     return 0
 
 

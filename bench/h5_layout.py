@@ -18,7 +18,7 @@ from pathlib import Path
 import h5py
 import numpy as np
 
-from disdl_mpi.files import write_json
+from bench.harness import write_rows
 from disdl_mpi.options import add_json
 
 LAYOUTS = ("contiguous", "chunks-1MiB", "chunk-per-row")
@@ -68,7 +68,7 @@ def main(argv: list[str] | None = None) -> int:
     for layout in LAYOUTS:
         print(f"  {layout:>14} {res[f'{layout}_ms']:9.3f}")
     if args.json_path:
-        write_json(args.json_path, res)
+        write_rows(args.json_path, "bench.h5_layout", [res])
     return 0
 
 

@@ -1,17 +1,23 @@
-"""What every in-job benchmark shares: one timing harness (:func:`time_variants`), starting
-torch.distributed (gloo/nccl) next to MPI, and leaving it without gloo's abort at exit."""
+"""What every in-job benchmark shares: one timing harness (:func:`time_variants`), the size
+ladder and its options, the one JSON shape (:func:`write_rows`), starting torch.distributed
+(gloo/nccl) next to MPI, and leaving it without gloo's abort at exit."""
 from __future__ import annotations
 
+import argparse
+import json
 import os
 import socket
 import statistics
 import sys
 import time
 from dataclasses import dataclass
-from typing import Callable, Optional
+from pathlib import Path
+from typing import Any, Callable, Optional
 
 import numpy as np
 from mpi4py import MPI
+
+from disdl_mpi.options import parse_size, positive_int
 
 
 def free_port() -> int:
@@ -89,19 +95,37 @@ def exit_cleanly(comm: MPI.Comm, code: int = 0) -> None:
 def main_rows(build_parser: Callable, run: Callable, argv: Optional[list[str]] = None) -> int:
     """The main of a benchmark that prints one table: parse the options, abort the whole job
     if a rank fails, one torch thread per rank, ``run(args, comm)`` -> rows, and rank 0
-    writes ``{"rows": rows}`` to ``--json`` when asked."""
+    writes them to ``--json`` when asked (:func:`write_rows`)."""
     import torch
 
     from disdl_mpi.comm.world import install_abort_handler
-    from disdl_mpi.files import write_json
     args = build_parser().parse_args(argv)
     comm = MPI.COMM_WORLD
     install_abort_handler(comm)
     torch.set_num_threads(1)
     rows = run(args, comm)
     if comm.Get_rank() == 0 and args.json_path:
-        write_json(args.json_path, {"rows": rows})
+        write_rows(args.json_path, build_parser().prog.split()[-1], rows)
     return 0
+
+
+def write_rows(path: str | Path, program: str, rows: list[dict], **meta: Any) -> None:
+    """The one JSON shape every in-job benchmark writes with ``--json FILE``:
+    ``{"program": "bench.X", "rows": [...], ...meta}`` (atomically)."""
+    from disdl_mpi.files import write_json
+
+    write_json(path, {"program": program, "rows": rows, **meta})
+
+
+def read_rows(path: str | Path) -> list[dict]:
+    """The rows of a benchmark's ``--json`` file (also the bare row list that bench.allreduce
+    wrote before 2026-12-03, as in docs/benchmarks/)."""
+    data = json.loads(Path(path).read_text())
+    rows = data.get("rows") if isinstance(data, dict) else data
+    if not isinstance(rows, list):
+        raise ValueError(f"{path}: expected a benchmark's JSON ({{'rows': [...]}}), found "
+                         f"{type(data).__name__}")
+    return rows
 
 
 def parse_list(text: str, allowed: Optional[tuple[str, ...]] = None) -> list[str]:
@@ -170,3 +194,38 @@ def time_variants(comm: MPI.Comm, variants: dict[str, Callable[[], None]], *, it
         out_cpu[n] = flat[i + rounds:i + 2 * rounds].tolist()
         i += 2 * rounds
     return Timings(out_wall, out_cpu)
+
+
+# ---- the size ladder and its options (nccl-tests' -b/-e/-f), shared by every sweep ----
+
+def parse_bytes(text: str) -> int:
+    """'64', '4K', '1M', '1G' (powers of 1024) -> bytes, as argparse wants its errors."""
+    try:
+        return parse_size(text, "byte size")
+    except ValueError as exc:
+        raise argparse.ArgumentTypeError(str(exc)) from None
+
+
+def sizes(min_bytes: int, max_bytes: int, factor: float, elem: int) -> list[int]:
+    out, b = [], max(min_bytes, elem)
+    while b <= max_bytes:
+        nb = max(elem, (b // elem) * elem)
+        if not out or nb != out[-1]:
+            out.append(nb)
+        b = int(b * factor) if factor > 1 else max_bytes + 1
+    return out
+
+
+def add_size_range(p: argparse.ArgumentParser, min_bytes: str, max_bytes: str) -> None:
+    """nccl-tests' size options: -b first size, -e last size, -f multiplication factor."""
+    p.add_argument("--min-bytes", "-b", type=parse_bytes, default=parse_bytes(min_bytes))
+    p.add_argument("--max-bytes", "-e", type=parse_bytes, default=parse_bytes(max_bytes))
+    p.add_argument("--factor", "-f", type=float, default=4.0)
+
+
+def add_block(p: argparse.ArgumentParser) -> None:
+    """--block K: calls timed back to back per sample (OSU's and nccl-tests' way); 1 times
+    each call alone after a barrier, which gives per-call percentiles but carries the
+    barrier's skew between ranks (a few µs)."""
+    p.add_argument("--block", type=positive_int, default=1,
+                   help="calls per timed sample (default 1: one call after a barrier)")

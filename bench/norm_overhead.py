@@ -11,17 +11,15 @@ seconds syncbn spent in its own collectives. Only rank 0 prints; ``--json`` writ
 from __future__ import annotations
 
 import argparse
-from pathlib import Path
 
 import torch
 from mpi4py import MPI
 
-from bench.harness import time_variants
+from bench.harness import time_variants, write_rows
 from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.comm.world import rank_info
 from disdl_mpi.device import select_device
 from disdl_mpi.models import build_model
-from disdl_mpi.files import write_json
 from disdl_mpi.norms import SCHEMES, get_scheme
 from disdl_mpi.options import add_json
 from disdl_mpi.step import sync_step
@@ -114,9 +112,8 @@ def main(argv: list[str] | None = None) -> int:
                   f"{r['cpu_overhead_pct']:7.1f}% {r['syncbn_comm_ms_per_step']:9.3f}")
         print("(times in ms)")
         if args.json_path:
-            write_json(Path(args.json_path), {"results": rows, "threads": args.threads,
-                                          "mpi": MPI.Get_library_version().splitlines()[0],
-                                          "torch": torch.__version__})
+            write_rows(args.json_path, "bench.norm_overhead", rows, threads=args.threads,
+                       mpi=MPI.Get_library_version().splitlines()[0], torch=torch.__version__)
     return 0
 
 

@@ -27,8 +27,7 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from bench.allreduce import add_size_range, sizes
-from bench.harness import main_rows, time_variants
+from bench.harness import add_size_range, main_rows, sizes, time_variants
 from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.comm.world import mpi_library
 from disdl_mpi.options import add_json

@@ -27,9 +27,9 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from bench.harness import exit_cleanly, init_torch_distributed, nccl_usable, time_variants
+from bench.harness import (exit_cleanly, init_torch_distributed, nccl_usable, time_variants,
+                           write_rows)
 from disdl_mpi.comm.allreducer import DEFAULT_BUCKET_MB, GradientAllreducer
-from disdl_mpi.files import write_json
 from disdl_mpi.comm.world import install_abort_handler, mpi_library, rank_info
 from disdl_mpi.device import select_device
 from disdl_mpi.models import build_model
@@ -247,7 +247,7 @@ def main(argv: list[str] | None = None) -> None:
     if comm.Get_rank() == 0:
         print(report(res), flush=True)
         if args.json_path:
-            write_json(args.json_path, res)
+            write_rows(args.json_path, "bench.peer", [res])
     exit_cleanly(comm, 0)
 
 

@@ -3,4 +3,4 @@ from __future__ import annotations
 
 
 class DataPrepError(ValueError):
-    """Bad source files, a bad scheme spec or an unsafe output folder; the message says which."""
+    """Bad source files, a bad partition spec or an unsafe output folder; the message says which."""

@@ -19,10 +19,10 @@ import numpy as np
 from data_prep.errors import DataPrepError
 from disdl_mpi.data.layout import FORMAT, MANIFEST, TEST_FILE
 from disdl_mpi.files import jsonable, write_json
-from disdl_mpi.options import add_partition
+from disdl_mpi.options import add_dataset, add_partition
 from data_prep.domains import domains
 from data_prep.partition_spec import assign, parse_partition
-from data_prep.sources import SOURCES, open_source
+from data_prep.sources import open_source
 from data_prep.writer import write_rank_files, write_test_file
 
 
@@ -140,9 +140,7 @@ def build_parser() -> argparse.ArgumentParser:
         prog="python -m data_prep.partition",
         description="Split a dataset into private per-rank HDF5 partitions with controlled "
                     "label and size skew (rank_XXXXX.h5, test.h5, partition.json).")
-    p.add_argument("--dataset", required=True, choices=SOURCES,
-                   help="digits (embedded), mnist / fashion-mnist (IDX files), cifar10 / "
-                        "cifar100 (python batches, folder or .tar.gz), npz, synthetic")
+    add_dataset(p, required=True)
     p.add_argument("--ranks", type=int, required=True, help="number of partitions (MPI ranks)")
     add_partition(p, "iid", old="--scheme")
     p.add_argument("--seed", type=int, default=0)

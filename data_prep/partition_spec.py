@@ -58,9 +58,9 @@ def _positive(text: str, what: str, spec: str) -> float:
     try:
         v = float(text)
     except ValueError:
-        raise DataPrepError(f"scheme {spec!r}: {what} {text!r} is not a number") from None
+        raise DataPrepError(f"partition {spec!r}: {what} {text!r} is not a number") from None
     if not math.isfinite(v) or v <= 0:
-        raise DataPrepError(f"scheme {spec!r}: {what} must be a positive finite number, got {text}")
+        raise DataPrepError(f"partition {spec!r}: {what} must be a positive finite number, got {text}")
     return v
 
 
@@ -76,14 +76,14 @@ def parse_partition(spec: str) -> PartitionSpec:
         from data_prep.domains import KINDS
         kind = text.partition(":")[2]
         if kind not in KINDS:
-            raise DataPrepError(f"scheme {spec!r}: the domain kind must be one of "
+            raise DataPrepError(f"partition {spec!r}: the domain kind must be one of "
                                 f"{', '.join(KINDS)}")
         return PartitionSpec("feature", domain=kind, params={"domain": kind})
     alpha = beta = shards = None
     for part in text.split("+"):
         key, sep, val = part.strip().partition(":")
         if not sep or not val:
-            raise DataPrepError(f"scheme {spec!r}: {usage}")
+            raise DataPrepError(f"partition {spec!r}: {usage}")
         if key == "dirichlet" and alpha is None:
             alpha = _positive(val, "ALPHA", spec)
         elif key == "quantity" and beta is None:
@@ -92,11 +92,11 @@ def parse_partition(spec: str) -> PartitionSpec:
             try:
                 shards = int(val)
             except ValueError:
-                raise DataPrepError(f"scheme {spec!r}: K must be an integer, got {val!r}") from None
+                raise DataPrepError(f"partition {spec!r}: K must be an integer, got {val!r}") from None
             if shards < 1:
-                raise DataPrepError(f"scheme {spec!r}: K must be at least 1, got {shards}")
+                raise DataPrepError(f"partition {spec!r}: K must be at least 1, got {shards}")
         else:
-            raise DataPrepError(f"scheme {spec!r}: {usage}")
+            raise DataPrepError(f"partition {spec!r}: {usage}")
     if shards is not None:
         return PartitionSpec("shards", shards=shards, params={"shards": shards})
     params = {}
@@ -191,11 +191,11 @@ def shard_classes(ranks: int, k: int, num_classes: int, present: np.ndarray,
     classes = [c for c in range(num_classes) if present[c]]
     n = len(classes)
     if k > n:
-        raise DataPrepError(f"scheme shards:{k}: each rank must hold {k} distinct classes, but "
+        raise DataPrepError(f"partition shards:{k}: each rank must hold {k} distinct classes, but "
                             f"the training set has only {n} classes")
     if ranks * k < n:
         raise DataPrepError(
-            f"scheme shards:{k} with {ranks} ranks gives {ranks * k} class slots, fewer than the "
+            f"partition shards:{k} with {ranks} ranks gives {ranks * k} class slots, fewer than the "
             f"{n} classes in the training set, so some classes would be dropped; use more ranks "
             f"or a larger K (at least {math.ceil(n / ranks)})")
     perm = [classes[i] for i in rng.permutation(n)]
@@ -257,13 +257,13 @@ def _shard_counts(class_counts: np.ndarray, ranks: int, k: int, rng: np.random.G
         share = split_counts(int(class_counts[c]), np.ones(len(holders)))
         if share.min() == 0:
             raise DataPrepError(
-                f"scheme shards:{k}: class {c} has {class_counts[c]} samples but is shared by "
+                f"partition shards:{k}: class {c} has {class_counts[c]} samples but is shared by "
                 f"{len(holders)} ranks, so some rank would not hold exactly {k} classes; "
                 f"use fewer ranks or a smaller K")
         counts[holders, c] = share
     small = np.flatnonzero(counts.sum(axis=1) < min_per_rank)
     if len(small):
         r = int(small[0])
-        raise DataPrepError(f"scheme shards:{k}: rank {r} gets only {counts[r].sum()} samples, "
+        raise DataPrepError(f"partition shards:{k}: rank {r} gets only {counts[r].sum()} samples, "
                             f"below --min-per-rank {min_per_rank}")
     return counts

@@ -15,7 +15,7 @@ import numpy as np
 from data_prep.errors import DataPrepError
 
 # The stratified test split of sources without their own test set uses this fixed seed, so
-# every partition of a source (any scheme, size or seed) is evaluated on the same test set.
+# every partition of a source (any partition spec, size or seed) is evaluated on the same test set.
 TEST_SPLIT_SEED = 20210
 DEFAULT_TEST_FRACTION = 0.2
 CHUNK_BYTES = 32 << 20  # the images streamed per step of the writer

@@ -10,9 +10,10 @@ from pathlib import Path
 import numpy as np
 
 from data_prep.errors import DataPrepError
+from disdl_mpi.data.layout import DATASETS
 from data_prep.source_base import DEFAULT_TEST_FRACTION, ArraySource, Source, sha256_arrays
 
-SOURCES = ("digits", "mnist", "fashion-mnist", "cifar10", "cifar100", "npz", "synthetic")
+SOURCES = tuple(DATASETS)  # every name open_source opens
 
 
 def load_digits_source(test_fraction: float = DEFAULT_TEST_FRACTION) -> ArraySource:

@@ -16,7 +16,8 @@ from disdl_mpi.models import MODELS as MODEL_NAMES
 from disdl_mpi.observe.profiler import parse_profile_steps
 from disdl_mpi.norms import resolve_schemes, scheme_config_errors
 from disdl_mpi.reliability.checkpoint import parse_every
-from disdl_mpi.options import PARTITION_HELP, add_norm, add_progress
+from disdl_mpi.options import (DefaultsHelpFormatter, add_dataset, add_norm, add_partition,
+                               add_progress)
 from disdl_mpi.schedule import SCHEDULES
 
 
@@ -98,14 +99,11 @@ def build_parser() -> argparse.ArgumentParser:
                     "private partition, gradients are allreduced each step, and each "
                     "normalization scheme is trained and measured in turn. "
                     "Launch with: mpirun -n N python -m disdl_mpi.run [options]",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+        formatter_class=DefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
-    g.add_argument("--dataset", default=d.dataset,
-                   help="source to partition when --data-dir is missing: digits (embedded), "
-                        "mnist, fashion-mnist, cifar10, cifar100, npz, synthetic")
-    g.add_argument("--partition", default=d.partition,
-                   help=f"used when the partition must be built: {PARTITION_HELP}")
+    add_dataset(g, default=d.dataset, when="source to partition when --data-dir is missing")
+    add_partition(g, d.partition, when="used when the partition must be built")
     g.add_argument("--data-dir", default=d.data_dir,
                    help="folder of per-rank partitions (rank_00000.h5 ...); built by rank 0 if "
                         "missing (default: data/<dataset>-<partition>-n<N>-s<seed>)")

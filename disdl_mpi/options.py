@@ -3,6 +3,7 @@
 - ``--norm``: normalization schemes ('all', names, comma lists), validated by
   :func:`disdl_mpi.norms.resolve_schemes`;
 - ``--partition``: a partition spec (``iid``, ``dirichlet:A``, ``shards:K``, ...);
+- ``--dataset``: a data source by name (the names of :data:`disdl_mpi.data.layout.DATASETS`);
 - ``--progress``: auto | bar | lines | none (none = quiet);
 - ``--json``: always a file path.
 
@@ -15,6 +16,7 @@ import re
 import sys
 from typing import Any, Optional, Sequence
 
+from disdl_mpi.data.layout import DATASETS
 from disdl_mpi.observe.progress import MODES as PROGRESS_MODES
 
 _UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
@@ -44,7 +46,18 @@ def positive_int(text: str) -> int:
 
 
 PARTITION_HELP = ("partition spec: iid, dirichlet:ALPHA, shards:K, quantity:BETA, "
-                  "dirichlet:A+quantity:B")
+                  "dirichlet:A+quantity:B, feature:KIND (rotate, contrast, noise, mixed)")
+
+
+class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
+    """Adds "(default: X)" to an option's help, unless the help names its own default or the
+    option has none worth printing (None, False)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        text = action.help or ""
+        if "(default" in text or action.default is None or action.default is False:
+            return text
+        return super()._get_help_string(action) or text
 
 
 class DeprecatedAlias(argparse.Action):
@@ -74,11 +87,20 @@ def add_norm(parser: argparse.ArgumentParser, default: str = "all", **kwargs: An
 
 
 def add_partition(parser: argparse.ArgumentParser, default: Any, *, old: Optional[str] = None,
-                  **kwargs: Any) -> None:
-    """``--partition`` (and ``old`` as a deprecated alias, e.g. ``--scheme`` or ``--skew``)."""
-    parser.add_argument("--partition", default=default, help=PARTITION_HELP, **kwargs)
+                  when: str = "", **kwargs: Any) -> None:
+    """``--partition`` (and ``old`` as a deprecated alias, e.g. ``--scheme`` or ``--skew``);
+    ``when`` says when the option applies (e.g. "used when the partition must be built")."""
+    parser.add_argument("--partition", default=default,
+                        help=f"{when}: {PARTITION_HELP}" if when else PARTITION_HELP, **kwargs)
     if old:
         add_deprecated(parser, old, "--partition", "partition", **kwargs)
+
+
+def add_dataset(parser: argparse.ArgumentParser, *, when: str = "", **kwargs: Any) -> None:
+    """``--dataset``, its choices and help derived from :data:`disdl_mpi.data.layout.DATASETS`."""
+    names = ", ".join(f"{name} ({what})" if what else name for name, what in DATASETS.items())
+    parser.add_argument("--dataset", choices=tuple(DATASETS),
+                        help=f"{when}: {names}" if when else names, **kwargs)
 
 
 def add_progress(parser: argparse.ArgumentParser, default: str = "auto") -> None:

@@ -1,11 +1,10 @@
 """bench.allreduce and bench.peer under a real ``mpiexec -n 2`` with tiny settings."""
 from __future__ import annotations
 
-import json
 
 import pytest
 
-from bench.allreduce import parse_bytes, sizes
+from bench.harness import parse_bytes, read_rows, sizes
 from tests.mpi_helpers import run_mpi
 
 ROW_KEYS = {"backend", "bytes", "count", "dtype", "ranks", "time_us", "algbw_gbps", "busbw_gbps"}
@@ -26,7 +25,7 @@ def test_bench_allreduce_two_ranks_writes_rows(tmp_path):
                        "--factor", "8", "--iters", "3", "--warmup", "1", "--json", str(out)],
                    timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    rows = json.loads(out.read_text())
+    rows = read_rows(out)
     assert [(r["backend"], r["bytes"]) for r in rows] == [
         (b, n) for n in (1024, 8192, 65536) for b in ("mpi", "disdl", "gloo")]
     for r in rows:
@@ -57,7 +56,7 @@ def test_bench_peer_two_ranks_writes_json(tmp_path):
                        "--sample-shape", "16", "--steps", "4", "--rounds", "2", "--warmup", "1",
                        "--batch-size", "8", "--json", str(out)], timeout=180)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    res = json.loads(out.read_text())
+    (res,) = read_rows(out)
     for key in ("ddp_step_s", "disdl_step_s", "ratio", "local_step_s", "ddp_comm_share",
                 "disdl_comm_share", "allreduce_path"):
         assert key in res, key
@@ -79,7 +78,7 @@ def test_bench_peer_compares_fp16_with_ddps_fp16_hook(tmp_path):
                 "--sample-shape", "16", "--steps", "4", "--rounds", "2", "--warmup", "1",
                 "--batch-size", "8", "--compress", "fp16", "--json", str(out)],
             timeout=180, check=True)
-    res = json.loads(out.read_text())
+    (res,) = read_rows(out)
     # the weight check inside bench.peer passed for both fp16 paths (ranks agree)
     assert res["compress"] == "fp16" and res["ddp_step_s"] > 0 and res["disdl_step_s"] > 0
 
@@ -91,7 +90,7 @@ def test_bench_allreduce_statistics_and_correctness_check(tmp_path):
                        "--backends", "mpi,disdl", "--iters", "6", "--warmup", "1",
                        "--block", "3", "--out-of-place", "--json", str(out)], timeout=180)
     assert proc.returncode == 0, proc.stderr[-2000:]
-    for r in json.loads(out.read_text()):
+    for r in read_rows(out):
         assert r["min_us"] <= r["p50_us"] <= r["p95_us"] <= r["p99_us"] <= r["max_us"]
         assert r["min_us"] <= r["time_us"] <= r["max_us"] and r["cv"] >= 0
         assert r["wrong"] == 0 and r["max_rel_error"] == 0.0
@@ -101,14 +100,14 @@ def test_bench_allreduce_statistics_and_correctness_check(tmp_path):
                       "--backends", "mpi,disdl", "--iters", "2", "--warmup", "0",
                       "--json", str(out)], env={"DISDL_ALLREDUCE_CORRUPT": "1"}, timeout=180)
     assert bad.returncode == 1
-    assert all(r["wrong"] == 1 for r in json.loads(out.read_text()))
+    assert all(r["wrong"] == 1 for r in read_rows(out))
     assert "mpi at 4096 bytes: 1 wrong element(s)" in bad.stderr
     # fp16 on the wire reports the relative error instead of a count
     fp16 = run_mpi(2, ["-m", "bench.allreduce", "--min-bytes", "4K", "--max-bytes", "4K",
                        "--backends", "disdl", "--compress", "fp16", "--iters", "2",
                        "--json", str(out)], timeout=180)
     assert fp16.returncode == 0, fp16.stderr[-2000:]
-    (row,) = json.loads(out.read_text())
+    (row,) = read_rows(out)
     assert row["wrong"] is None and row["max_rel_error"] < 1e-3
 
 

@@ -13,6 +13,7 @@ import time
 
 import pytest
 
+from bench.harness import read_rows
 from tests.emulated_cluster import cluster_cli, require_root
 from tests.mpi_helpers import ROOT, alive, mpi_env
 
@@ -60,7 +61,7 @@ def test_a_two_rank_job_crosses_the_shaped_link_over_tcp(two_nodes, tmp_path):
                    "--min-bytes", "8M", "--max-bytes", "8M", "--backends", "mpi",
                    "--iters", "4", "--warmup", "1", "--json", str(out), timeout=180)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    (row,) = json.loads(out.read_text())
+    (row,) = read_rows(out)
     gbit = row["busbw_gbps"] * 8
     assert RATE_GBIT * 0.5 < gbit < RATE_GBIT * 1.1, row
     hosts = cluster("exec", "-n", "2", "--", sys.executable, "-c",

@@ -1,10 +1,11 @@
 """bench.mpi_buffers: the same allreduce from differently allocated buffers, side by side."""
 from __future__ import annotations
 
-import json
+
 
 import pytest
 
+from bench.harness import read_rows
 from tests.mpi_helpers import run_mpi
 
 
@@ -14,7 +15,7 @@ def test_two_ranks_time_every_buffer_at_every_size(tmp_path):
     proc = run_mpi(2, ["-m", "bench.mpi_buffers", "-b", "64K", "-e", "256K", "-f", "4",
                        "--iters", "3", "--warmup", "1", "--block", "2", "--json", str(out)], timeout=120)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = json.loads(out.read_text())["rows"]
+    rows = read_rows(out)
     assert [r["bytes"] for r in rows] == [65536, 262144]
     for r in rows:
         for v in ("numpy Allreduce", "numpy Iallreduce", "torch Iallreduce",

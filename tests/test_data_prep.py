@@ -225,7 +225,7 @@ def test_cli_success_and_clear_error(tmp_path):
     assert all(np.count_nonzero(e["class_counts"]) == 4 for e in m["ranks"])
     bad = subprocess.run(cmd + ["--scheme", "shards:3", "--out", str(tmp_path / "q")],
                          capture_output=True, text=True, env=mpi_env(), cwd=ROOT, timeout=60)
-    assert bad.returncode == 2 and "error: scheme shards:3 with 3 ranks" in bad.stderr
+    assert bad.returncode == 2 and "error: partition shards:3 with 3 ranks" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "q").exists()
 
 

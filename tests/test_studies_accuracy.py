@@ -56,7 +56,7 @@ def png_ok(path) -> tuple[int, ...]:
 def quick_study(tmp_path_factory):
     """One --quick study: 2 schemes x 2 skews x 1 seed = 2 MPI jobs."""
     out = tmp_path_factory.mktemp("acc") / "study"
-    proc = study(out, "--quick", "--norm", "bn,gn", "--skew", "iid", "dirichlet:0.1",
+    proc = study(out, "--quick", "--norm", "bn,gn", "--partition", "iid", "dirichlet:0.1",
                  "--seeds", "1")
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     return out, proc
@@ -97,14 +97,14 @@ def test_rerun_skips_done_points(quick_study, tmp_path, capsys):
     out = tmp_path / "study"
     shutil.copytree(src, out)
     before = (out / "accuracy.csv").read_text()
-    rc, stdout, stderr = study_here(capsys, out, "--quick", "--norm", "bn,gn", "--skew", "iid",
+    rc, stdout, stderr = study_here(capsys, out, "--quick", "--norm", "bn,gn", "--partition", "iid",
                                     "dirichlet:0.1", "--seeds", "1")
     assert rc == 0, stderr
     assert "4 already done, 0 job(s) to run" in stdout
     assert not list(out.glob("runs/*/a1")), "a done point was launched again"
     assert (out / "accuracy.csv").read_text() == before
     # Other settings (more epochs) make the old points stale: all would be retrained.
-    rc, stdout, _ = study_here(capsys, out, "--quick", "--norm", "bn,gn", "--skew", "iid",
+    rc, stdout, _ = study_here(capsys, out, "--quick", "--norm", "bn,gn", "--partition", "iid",
                                "dirichlet:0.1", "--seeds", "1", "--epochs", "3", "--dry-run")
     assert "0 already done, 2 job(s) to run" in stdout
 
@@ -125,7 +125,7 @@ def test_interrupted_job_resumes_its_missing_scheme_with_identical_result(quick_
     summary_path.write_text(json.dumps(summary))
     # ... and the study's store holds no point for the scheme the killed job never finished.
     (out / "points" / "gn@dirichlet-0.1-s0.json").unlink()
-    rc, stdout, stderr = study_here(capsys, out, "--quick", "--norm", "bn,gn", "--skew", "iid",
+    rc, stdout, stderr = study_here(capsys, out, "--quick", "--norm", "bn,gn", "--partition", "iid",
                                     "dirichlet:0.1", "--seeds", "1")
     assert rc == 0, stdout[-2000:] + stderr[-2000:]
     assert "3 already done, 1 job(s) to run" in stdout
@@ -156,10 +156,11 @@ def test_dry_run_plans_quick_defaults(tmp_path, capsys):
 
 @pytest.mark.parametrize("extra, message", [
     (["--norm", "bn,bogus"], "unknown scheme 'bogus'"),
-    (["--skew", "dirichlet:-1"], "--skew"),
+    (["--partition", "dirichlet:-1"], "--partition"),
+    (["--skew", "dirichlet:-1"], "--skew"),  # the deprecated spelling is named as typed
     (["--launcher", "mpiexec -np 2"], "has no '{n}'"),
     (["--run-args", "--seed 3"], "must not set --seed"),
-    (["--skew", "shards:2"], "shards:2"),  # 2 ranks x 2 classes cannot cover 10 classes
+    (["--partition", "shards:2"], "shards:2"),  # 2 ranks x 2 classes cannot cover 10 classes
 ])
 def test_bad_input_fails_before_any_job(tmp_path, capsys, extra, message):
     rc, _, stderr = study_here(capsys, tmp_path / "s", *extra)
@@ -171,12 +172,12 @@ def test_bad_input_fails_before_any_job(tmp_path, capsys, extra, message):
 def test_failed_and_hung_jobs_are_reported_not_waited_for(tmp_path, capsys):
     # A launcher that exits 1 and one that hangs (killed by --timeout): the study goes on,
     # reports each job with its log, and exits non-zero.
-    rc, _, err = study_here(capsys, tmp_path / "f", "--norm", "gn", "--skew", "iid",
+    rc, _, err = study_here(capsys, tmp_path / "f", "--norm", "gn", "--partition", "iid",
                             "--seeds", "1", "--launcher", "false {n}")
     assert rc == 1 and "exit code 1" in err
     assert (tmp_path / "f" / "runs" / "iid-s0" / "a0" / "log.txt").exists()
     start = time.monotonic()
-    rc, _, err = study_here(capsys, tmp_path / "h", "--norm", "gn", "--skew", "iid",
+    rc, _, err = study_here(capsys, tmp_path / "h", "--norm", "gn", "--partition", "iid",
                             "--seeds", "1", "--launcher", "bash -c 'sleep 60' {n}",
                             "--timeout", "2")
     assert rc == 1 and "timed out after 2 s" in err

@@ -1,7 +1,7 @@
 """The accuracy study: every normalization scheme x partition skew x seed, one table and plots.
 
     python -m bench.studies.accuracy --ranks 8 --norm all \\
-        --skew iid dirichlet:1.0 dirichlet:0.1 shards:2 --seeds 3 --out results/accuracy
+        --partition iid dirichlet:1.0 dirichlet:0.1 shards:2 --seeds 3 --out results/accuracy
 
 One MPI job per (skew, seed) trains all its schemes in turn from the same initial weights
 (``disdl_mpi.run --norm LIST``), so start-up is paid once per job. Partitions: by default the
@@ -34,7 +34,8 @@ import numpy as np
 from bench.studies.accuracy_jobs import Job, harvest, launch, next_attempt
 from bench.studies.accuracy_report import (bar_plot, curve_plot, gap_heatmap, markdown,
                                            strongest_skew, write_csv)
-from bench.studies.engine import PointStore, SweepError, launcher_command, terminate_on_sigterm
+from bench.studies.engine import (PointStore, SweepError, add_launch_options, launcher_command,
+                                  terminate_on_sigterm)
 from data_prep.ensure import ensure_partition
 from disdl_mpi.data.layout import partition_dir, spec_tag
 from data_prep.errors import DataPrepError
@@ -42,7 +43,8 @@ from data_prep.partition_spec import parse_partition
 from disdl_mpi.files import write_json, write_text
 from disdl_mpi.norms import resolve_schemes
 from disdl_mpi.observe.progress import Progress
-from disdl_mpi.options import add_norm, add_partition, add_progress, spelling
+from disdl_mpi.options import (DefaultsHelpFormatter, add_dataset, add_norm, add_partition,
+                               add_progress, spelling)
 
 
 class StudyError(RuntimeError):
@@ -64,7 +66,7 @@ def build_parser() -> argparse.ArgumentParser:
         description="Accuracy of every normalization scheme under partition skew: one MPI job "
                     "per (skew, seed), all schemes from the same initial weights; writes "
                     "accuracy.csv/.md/.png, curves.png and gap.png; a rerun resumes.",
-        formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+        formatter_class=DefaultsHelpFormatter)
     p.add_argument("--ranks", type=int, default=8, help="MPI ranks (= private partitions)")
     add_norm(p, default=["all"], nargs="+")
     add_partition(p, None, old="--skew", nargs="+")
@@ -78,19 +80,14 @@ def build_parser() -> argparse.ArgumentParser:
                    help=f"epochs per scheme (default {DEFAULT_EPOCHS}; --quick: {QUICK_EPOCHS})")
     p.add_argument("--quick", action="store_true",
                    help="a reduced study in a few minutes: 1 seed, fewer epochs, 2 skews "
-                        "(explicit --seeds/--epochs/--skew still win)")
-    p.add_argument("--dataset", default="digits", help="source to partition (see data_prep)")
+                        "(explicit --seeds/--epochs/--partition still win)")
+    add_dataset(p, default="digits", when="source to partition")
     p.add_argument("--source-dir", default=None, help="raw files of mnist/cifar/npz sources")
     p.add_argument("--train-subset", type=int, default=None,
                    help="a fixed class-stratified subset of N training samples for every "
                         "partition (the test set stays whole)")
     p.add_argument("--model", default="auto", help="cnn, resnet20, mlp, auto")
-    p.add_argument("--run-args", default="",
-                   help="extra options for disdl_mpi.run, one string (e.g. '--lr 0.1')")
-    p.add_argument("--launcher", default=None,
-                   help="launch template with {n} (and optionally {python}); default "
-                        "$DISDL_LAUNCHER or the venv's 'mpiexec -n {n}' (SLURM: "
-                        "'srun --mpi=pmi2 -n {n}')")
+    add_launch_options(p)
     p.add_argument("--timeout", type=float, default=DEFAULT_TIMEOUT,
                    help="seconds one job may run before it is killed")
     p.add_argument("--data-root", default=None,

@@ -32,6 +32,7 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 from scipy.optimize import nnls
 
+from bench.harness import read_rows
 from disdl_mpi.files import markdown_table, write_json, write_text
 
 MODELS = ("ring", "rabenseifner")
@@ -119,16 +120,13 @@ ROW_FIELDS = ("backend", "ranks", "bytes", "time_us")  # what bench.allreduce --
 
 
 def load_allreduce(paths: list[Path]) -> list[Sample]:
-    """The rows of ``bench.allreduce --json`` files (a list of row objects each)."""
+    """The rows of ``bench.allreduce --json`` files (``bench.harness.read_rows``)."""
     out: list[Sample] = []
     for path in paths:
         try:
-            rows = json.loads(Path(path).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
+            rows = read_rows(path)
+        except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
             raise CostModelError(f"{path}: cannot read allreduce results ({exc})") from exc
-        if not isinstance(rows, list):
-            raise CostModelError(f"{path}: expected the list of rows that bench.allreduce "
-                                 f"--json writes, found a {type(rows).__name__}")
         for i, row in enumerate(rows):
             if not isinstance(row, dict):
                 raise CostModelError(f"{path}: row {i} is not an object")
@@ -303,8 +301,17 @@ def fit_and_project(allreduce: Sequence[Path], out: Path, *, scaling: Optional[P
     write_json(out / "costmodel.json", result)
     write_text(out / "costmodel.md", markdown(result))
     from bench.studies.plots import plot_costmodel  # matplotlib only when writing
-    plot_costmodel(result, out / "costmodel.png")
+    plot_costmodel(result, fitted_curves(chosen, fits), out / "costmodel.png")
     return result
+
+
+def fitted_curves(samples: list[Sample], fits: dict[str, Fit]) -> dict[str, dict[int, list]]:
+    """model -> ranks -> [(bytes, seconds)] of the fit at every measured size: what the plot
+    draws next to the measurements (it needs no cost model of its own)."""
+    sizes = {p: sorted({float(s.bytes) for s in samples if s.ranks == p})
+             for p in sorted({s.ranks for s in samples})}
+    return {m: {p: [(n, f.predict(p, n)) for n in grid] for p, grid in sizes.items()}
+            for m, f in fits.items()}
 
 
 def markdown(result: dict[str, Any]) -> str:

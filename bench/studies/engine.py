@@ -19,6 +19,7 @@ store themselves; the tests launch their jobs through :func:`launcher_command` t
 """
 from __future__ import annotations
 
+import argparse
 import json
 import os
 import shlex
@@ -56,6 +57,18 @@ def named_launcher(template: str) -> str:
         name = template.partition(":")[2] or "disdl"
         return f"{{python}} -m bench.cluster exec --name {shlex.quote(name)} -n {{n}} -- {{python}}"
     return template
+
+
+def add_launch_options(p: argparse.ArgumentParser, *, run_args: bool = True) -> None:
+    """``--launcher`` (and ``--run-args``), spelled and documented once for every study."""
+    p.add_argument("--launcher", default=None,
+                   help="launch template with {n} (and optionally {python}); default "
+                        f"${LAUNCHER_ENV} or the venv's 'mpiexec -n {{n}}' (SLURM: "
+                        "'srun --mpi=pmi2 -n {n}'; the emulated cluster: 'cluster')")
+    if run_args:
+        p.add_argument("--run-args", default="",
+                       help="extra options for disdl_mpi.run, one quoted string (e.g. "
+                            "'--lr 0.1')")
 
 
 def launcher_command(template: Optional[str], n: int, args: list[str]) -> list[str]:

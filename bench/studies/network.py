@@ -29,6 +29,7 @@ from pathlib import Path
 from typing import Any, Callable, Optional
 
 from bench.cluster.netns import rate_bits
+from bench.harness import read_rows
 from bench.studies.costmodel import Sample, fit, predict
 from disdl_mpi.files import markdown_table, write_json, write_text
 
@@ -61,7 +62,7 @@ def allreduce(ranks: int, out: Path, sizes: tuple[str, str], *, backends: str = 
     cluster("exec", "-n", str(ranks), *flags, "--", PY, "-m", "bench.allreduce",
             "--min-bytes", sizes[0], "--max-bytes", sizes[1], "--factor", "4",
             "--backends", backends, "--iters", str(iters), "--warmup", "2", "--json", str(out))
-    return json.loads(out.read_text())
+    return read_rows(out)
 
 
 def part(out: Path, name: str, run: Callable[[], Any]) -> Any:

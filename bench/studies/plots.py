@@ -132,23 +132,20 @@ def plot_breakdown(rows: list[dict], path: str | Path, *, cores: int) -> Path:
 
 # ---------------------------------------------------------------------------- cost model
 
-def plot_costmodel(result: dict, path: str | Path) -> Path:
-    """Left: measured allreduce times with the fitted models; right: projected efficiency."""
-    from bench.studies.costmodel import predict  # local: plots must not need the cost model to import
+def plot_costmodel(result: dict, curves: dict[str, dict[int, list]], path: str | Path) -> Path:
+    """Left: measured allreduce times with the fitted models (``curves``: model -> ranks ->
+    [(bytes, seconds)], from the fit); right: projected efficiency."""
     fig, (ax_f, ax_p) = new_figure(2)
     meas = result["measured"]
-    fits = result["fits"]
     colors = plt.rcParams["axes.prop_cycle"].by_key()["color"]
     for i, p in enumerate(sorted({m["ranks"] for m in meas})):
         pts = sorted((m for m in meas if m["ranks"] == p), key=lambda m: m["bytes"])
         c = colors[i % len(colors)]
         xs = [m["bytes"] for m in pts]
         ax_f.plot(xs, [m["time_s"] * 1e6 for m in pts], "o", color=c, label=f"measured p={p}")
-        grid = [float(x) for x in sorted(set(xs))]
         for model, ls in (("ring", "-"), ("rabenseifner", "--")):
-            f = fits[model]
-            ax_f.plot(grid, [predict(model, p, n, f["alpha_s"], f["beta_s_per_byte"],
-                                     f["gamma_s_per_byte"]) * 1e6 for n in grid],
+            line = curves[model][p]
+            ax_f.plot([n for n, _ in line], [t * 1e6 for _, t in line],
                       ls=ls, color=c, lw=1, label=f"{model} fit p={p}")
     ax_f.set_xscale("log", base=2)
     ax_f.set_yscale("log")

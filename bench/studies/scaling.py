@@ -21,7 +21,8 @@ import time
 from pathlib import Path
 from typing import Any, Optional
 
-from bench.studies.engine import JobResult, Point, PointStore, SweepError, run_sweep
+from bench.studies.engine import (JobResult, Point, PointStore, SweepError, add_launch_options,
+                                  run_sweep)
 from data_prep.ensure import ensure_partition
 from disdl_mpi.data.layout import partition_dir
 from data_prep.errors import DataPrepError
@@ -61,15 +62,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--batch-per-rank", type=int, help="weak: per-rank batch (overrides "
                    "--global-batch-size)")
     p.add_argument("--seed", type=int, default=0)
-    p.add_argument("--launcher", help="launcher template with {n} (default: $DISDL_LAUNCHER, "
-                   "else 'mpiexec -n {n}'); e.g. 'srun --mpi=pmi2 -n {n}'")
+    add_launch_options(p)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per job")
     p.add_argument("--cores", type=int, default=node_cores(),
                    help="cores per node, to flag oversubscribed rank counts")
     p.add_argument("--no-timing-detail", dest="timing_detail", action="store_false",
                    help="skip the per-step imbalance probe (one Barrier per step)")
-    p.add_argument("--run-args", default="",
-                   help="extra options for disdl_mpi.run, one quoted string")
     p.add_argument("--with-allreduce", action="store_true",
                    help="also run bench.allreduce at each rank count >= 2 and fit the cost "
                         "model (DIR/allreduce, DIR/costmodel)")

@@ -16,6 +16,17 @@ from typing import Any
 import numpy as np
 
 FORMAT = "disdl-partition/1"
+# The names a manifest's "dataset" field takes (data_prep.sources opens each), with how each
+# comes in; --dataset's choices and help are derived from this.
+DATASETS = {
+    "digits": "embedded",
+    "mnist": "IDX files",
+    "fashion-mnist": "IDX files",
+    "cifar10": "python batches, folder or .tar.gz",
+    "cifar100": "python batches, folder or .tar.gz",
+    "npz": "",
+    "synthetic": "",
+}
 MANIFEST = "partition.json"
 TEST_FILE = "test.h5"
 

@@ -1,9 +1,9 @@
-"""bench.data_scale: a real sweep over two tiny partitions and two residency modes."""
+"""bench.studies.data_scale: a real sweep over two tiny partitions and two residency modes."""
 from __future__ import annotations
 
 import json
 
-from bench.data_scale import main, markdown
+from bench.studies.data_scale import main, markdown
 
 
 def test_the_sweep_measures_every_size_and_mode_and_cleans_up(tmp_path):

@@ -1,6 +1,6 @@
 """Memory and start-up against partition size, for each data residency mode (issue 17).
 
-    python -m bench.data_scale --shape 3,224,224 --per-rank 400,1600,6400,25600 \\
+    python -m bench.studies.data_scale --shape 3,224,224 --per-rank 400,1600,6400,25600 \\
         --modes device,host,stream --ranks 2 --work /work/scale --cold
 
 For each size, builds a synthetic IID partition of that many training images per rank
@@ -27,7 +27,7 @@ from pathlib import Path
 from typing import Any, Optional
 
 from bench.harness import parse_list
-from bench.studies.engine import launcher_command, run_job
+from bench.studies.engine import add_launch_options, launcher_command, run_job
 from data_prep.ensure import ensure_partition
 from disdl_mpi.data.residency import MODES
 from disdl_mpi.files import write_json
@@ -129,7 +129,7 @@ def markdown(rows: list[dict[str, Any]], modes: list[str]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.data_scale", description=__doc__,
+    p = argparse.ArgumentParser(prog="python -m bench.studies.data_scale", description=__doc__,
                                 formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument("--shape", default="3,224,224", help="sample shape, e.g. 3,224,224")
     p.add_argument("--per-rank", default="400,1600,6400",
@@ -147,7 +147,7 @@ def build_parser() -> argparse.ArgumentParser:
                    help="keep the partitions, and reuse those an earlier --keep sweep left")
     p.add_argument("--warmup-run", action="store_true",
                    help="one untimed run of the first mode per size before the timed ones")
-    p.add_argument("--launcher", default=None, help="launcher template, e.g. 'mpiexec -n {n}'")
+    add_launch_options(p, run_args=False)
     p.add_argument("--timeout", type=float, default=1800.0, help="seconds per run")
     add_json(p)
     return p
