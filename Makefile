@@ -10,7 +10,7 @@ TORCH_PIN ?= torch==2.13.0
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.disdl-installed
 
-.PHONY: demo test install clean fashion-mnist
+.PHONY: demo test lint install clean fashion-mnist
 
 $(BIN)/python:
 	$(PYTHON) -m venv $(VENV)
@@ -50,7 +50,14 @@ install: $(STAMP) $(MPI_DEPS)
 demo: $(STAMP) $(MPI_DEPS)
 	$(MPI_ENV) $(MPIRUN) -n $(RANKS) $(BIN)/python -m disdl_mpi.run --out results/demo
 
-test: $(STAMP) $(MPI_DEPS)
+# The house's checks: ruff (lint and format) and the import contract of pyproject.toml
+# (layers bench -> data_prep -> disdl_mpi, no circles); `make test` runs them first.
+lint: $(STAMP)
+	$(BIN)/ruff check .
+	$(BIN)/ruff format --check .
+	$(BIN)/lint-imports
+
+test: lint $(MPI_DEPS)
 	$(MPI_ENV) $(BIN)/python -m pytest -q $(TEST_MARKS) tests
 
 # Fashion-MNIST (70,000 real 28x28 images) from Debian's archive, where apt is available.

@@ -17,6 +17,7 @@ result must be the exact sum; ``#wrong`` counts mismatching elements on any rank
 the wire the maximum relative error is reported instead). ``--min-busbw G`` exits 1 when a
 size's busbw (of ``disdl``, else the first backend) is below G GB/s: a health check for jobs.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,42 +29,78 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from bench.harness import (add_block, add_size_range, exit_cleanly, init_torch_distributed,
-                           nccl_usable, parse_list, sizes, time_variants, write_rows)
+from bench.harness import (
+    add_block,
+    add_size_range,
+    exit_cleanly,
+    init_torch_distributed,
+    nccl_usable,
+    parse_list,
+    sizes,
+    time_variants,
+    write_rows,
+)
 from disdl_mpi.comm.allreducer import GradientAllreducer
-from disdl_mpi.options import add_json
 from disdl_mpi.comm.world import install_abort_handler, mpi_library, rank_info
 from disdl_mpi.device import select_device
+from disdl_mpi.options import add_json
 
 BACKENDS = ("mpi", "disdl", "gloo", "nccl")
-DTYPES = {"float32": (np.float32, torch.float32), "float16": (np.float16, torch.float16),
-          "float64": (np.float64, torch.float64)}
+DTYPES = {
+    "float32": (np.float32, torch.float32),
+    "float16": (np.float16, torch.float16),
+    "float64": (np.float64, torch.float64),
+}
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.allreduce", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.allreduce",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_size_range(p, "1K", "16M")
-    p.add_argument("--backends", default=None,
-                   help="comma list of mpi, disdl, gloo (CPU), nccl (CUDA); default "
-                        "mpi,disdl,gloo on the CPU, mpi,disdl,nccl on CUDA")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="where the disdl and nccl buffers live (cuda: the allreducer's real "
-                        "CUDA-aware or host-staged path)")
+    p.add_argument(
+        "--backends",
+        default=None,
+        help="comma list of mpi, disdl, gloo (CPU), nccl (CUDA); default "
+        "mpi,disdl,gloo on the CPU, mpi,disdl,nccl on CUDA",
+    )
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="where the disdl and nccl buffers live (cuda: the allreducer's real "
+        "CUDA-aware or host-staged path)",
+    )
     p.add_argument("--dtype", choices=sorted(DTYPES), default="float32")
     p.add_argument("--iters", "-n", type=int, default=20)
     p.add_argument("--warmup", "-w", type=int, default=5)
     add_block(p)
     p.add_argument("--bucket-mb", type=float, default=1.0, help="allreducer bucket cap (disdl)")
-    p.add_argument("--compress", choices=["none", "fp16"], default="none",
-                   help="disdl's wire format (fp16: the check reports the max relative error)")
-    p.add_argument("--out-of-place", action="store_true",
-                   help="raw MPI with separate send and receive buffers")
-    p.add_argument("--no-check", dest="check", action="store_false",
-                   help="skip the correctness check of every reduced buffer")
-    p.add_argument("--min-busbw", type=float, default=None, metavar="GBPS",
-                   help="exit 1 when a size's busbw (disdl, else the first backend) is below "
-                        "this (GB/s): a health check for batch jobs")
+    p.add_argument(
+        "--compress",
+        choices=["none", "fp16"],
+        default="none",
+        help="disdl's wire format (fp16: the check reports the max relative error)",
+    )
+    p.add_argument(
+        "--out-of-place", action="store_true", help="raw MPI with separate send and receive buffers"
+    )
+    p.add_argument(
+        "--no-check",
+        dest="check",
+        action="store_false",
+        help="skip the correctness check of every reduced buffer",
+    )
+    p.add_argument(
+        "--min-busbw",
+        type=float,
+        default=None,
+        metavar="GBPS",
+        help="exit 1 when a size's busbw (disdl, else the first backend) is below "
+        "this (GB/s): a health check for batch jobs",
+    )
     add_json(p, "write the rows as JSON (the input of bench.studies.costmodel)")
     return p
 
@@ -71,8 +108,16 @@ def build_parser() -> argparse.ArgumentParser:
 class Op:
     """One backend at one size: ``run()`` is the timed call, ``check()`` the correctness test."""
 
-    def __init__(self, backend: str, comm: MPI.Comm, count: int, np_dtype, t_dtype,
-                 device: torch.device, args: argparse.Namespace) -> None:
+    def __init__(
+        self,
+        backend: str,
+        comm: MPI.Comm,
+        count: int,
+        np_dtype,
+        t_dtype,
+        device: torch.device,
+        args: argparse.Namespace,
+    ) -> None:
         self.backend, self.comm, self.red = backend, comm, None
         rank, n = comm.Get_rank(), comm.Get_size()
         pattern = (rank + 1) + (np.arange(count) % 7)
@@ -84,8 +129,9 @@ class Op:
         elif backend == "disdl":
             model = nn.Module()
             model.weight = nn.Parameter(torch.zeros(count, dtype=t_dtype, device=device))
-            self.red = GradientAllreducer(model, comm, bucket_mb=args.bucket_mb, overlap=True,
-                                          compress=args.compress)
+            self.red = GradientAllreducer(
+                model, comm, bucket_mb=args.bucket_mb, overlap=True, compress=args.compress
+            )
             self.param = model.weight
             self._fill = lambda: self.param.grad.copy_(torch.from_numpy(pattern))
         else:
@@ -104,6 +150,7 @@ class Op:
             self.red.finish_step()
         else:
             import torch.distributed as dist
+
             dist.all_reduce(self.tensor)
 
     def result(self) -> np.ndarray:
@@ -149,39 +196,61 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
     fp16_wire = args.compress == "fp16"
     rows: list[dict] = []
     if rank == 0:
-        print(f"# disdl-mpi allreduce: {n} ranks, {mpi_library()}, torch {torch.__version__}, "
-              f"iters {args.iters} x {args.block} call(s), warmup {args.warmup}, "
-              f"bucket_mb {args.bucket_mb}, "
-              f"{'out-of-place' if args.out_of_place else 'in place'}, device {args.device}"
-              + (", disdl with fp16 on the wire" if fp16_wire else ""))
+        print(
+            f"# disdl-mpi allreduce: {n} ranks, {mpi_library()}, torch {torch.__version__}, "
+            f"iters {args.iters} x {args.block} call(s), warmup {args.warmup}, "
+            f"bucket_mb {args.bucket_mb}, "
+            f"{'out-of-place' if args.out_of_place else 'in place'}, device {args.device}"
+            + (", disdl with fp16 on the wire" if fp16_wire else "")
+        )
         print(f"# {os.environ.get('DISDL_ALLREDUCE_SELECTION', 'MPI default algorithms')}")
         if skipped:
             print(skipped)
-        print(f"# {'backend':>7} {'bytes':>11} {'dtype':>8} {'time_us':>10} {'algbw':>8} "
-              f"{'busbw':>8} {'min_us':>9} {'p50_us':>9} {'p95_us':>9} {'p99_us':>9} "
-              f"{'max_us':>9} {'cv':>6} {'#wrong':>7}")
+        print(
+            f"# {'backend':>7} {'bytes':>11} {'dtype':>8} {'time_us':>10} {'algbw':>8} "
+            f"{'busbw':>8} {'min_us':>9} {'p50_us':>9} {'p95_us':>9} {'p99_us':>9} "
+            f"{'max_us':>9} {'cv':>6} {'#wrong':>7}"
+        )
     for nbytes in sizes(args.min_bytes, args.max_bytes, args.factor, elem):
         count = nbytes // elem
         for backend in backends:  # interleaved: every backend at this size, side by side
-            op = Op(backend, comm, count, np_dtype, t_dtype,
-                    device if backend in ("disdl", "nccl") else torch.device("cpu"), args)
-            t = time_variants(comm, {backend: op.run}, iters=args.block, rounds=args.iters,
-                              warmup=args.warmup, sync=sync)
+            op = Op(
+                backend,
+                comm,
+                count,
+                np_dtype,
+                t_dtype,
+                device if backend in ("disdl", "nccl") else torch.device("cpu"),
+                args,
+            )
+            t = time_variants(
+                comm, {backend: op.run}, iters=args.block, rounds=args.iters, warmup=args.warmup, sync=sync
+            )
             wrong, rel = op.check() if args.check else (None, None)
             op.close()
             calls = sorted(t.wall[backend])
             sec = float(np.mean(calls))
             algbw = nbytes / sec / 1e9
-            row = {"backend": backend, "bytes": nbytes, "count": count, "dtype": args.dtype,
-                   "device": "cpu" if backend in ("mpi", "gloo") else args.device,
-                   "ranks": n, "block": args.block, "time_us": sec * 1e6, "algbw_gbps": algbw,
-                   "busbw_gbps": algbw * 2 * (n - 1) / n,
-                   "min_us": calls[0] * 1e6, "p50_us": t.percentile(backend, 50) * 1e6,
-                   "p95_us": t.percentile(backend, 95) * 1e6,
-                   "p99_us": t.percentile(backend, 99) * 1e6, "max_us": calls[-1] * 1e6,
-                   "cv": float(np.std(calls) / sec) if sec > 0 else 0.0,
-                   "in_place": not args.out_of_place or backend != "mpi",
-                   "selection": os.environ.get("DISDL_ALLREDUCE_SELECTION", "MPI default")}
+            row = {
+                "backend": backend,
+                "bytes": nbytes,
+                "count": count,
+                "dtype": args.dtype,
+                "device": "cpu" if backend in ("mpi", "gloo") else args.device,
+                "ranks": n,
+                "block": args.block,
+                "time_us": sec * 1e6,
+                "algbw_gbps": algbw,
+                "busbw_gbps": algbw * 2 * (n - 1) / n,
+                "min_us": calls[0] * 1e6,
+                "p50_us": t.percentile(backend, 50) * 1e6,
+                "p95_us": t.percentile(backend, 95) * 1e6,
+                "p99_us": t.percentile(backend, 99) * 1e6,
+                "max_us": calls[-1] * 1e6,
+                "cv": float(np.std(calls) / sec) if sec > 0 else 0.0,
+                "in_place": not args.out_of_place or backend != "mpi",
+                "selection": os.environ.get("DISDL_ALLREDUCE_SELECTION", "MPI default"),
+            }
             lossy = fp16_wire and backend == "disdl"
             if args.check:
                 row["wrong"] = None if lossy else wrong
@@ -190,11 +259,14 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
                 row["path"] = op.red.path
             rows.append(row)
             if rank == 0:
-                check = ("-" if not args.check else f"{rel:.1e}" if lossy else str(wrong))
-                print(f"  {backend:>7} {nbytes:>11d} {args.dtype:>8} {row['time_us']:>10.1f} "
-                      f"{algbw:>8.3f} {row['busbw_gbps']:>8.3f} {row['min_us']:>9.1f} "
-                      f"{row['p50_us']:>9.1f} {row['p95_us']:>9.1f} {row['p99_us']:>9.1f} "
-                      f"{row['max_us']:>9.1f} {row['cv']:>6.2f} {check:>7}", flush=True)
+                check = "-" if not args.check else f"{rel:.1e}" if lossy else str(wrong)
+                print(
+                    f"  {backend:>7} {nbytes:>11d} {args.dtype:>8} {row['time_us']:>10.1f} "
+                    f"{algbw:>8.3f} {row['busbw_gbps']:>8.3f} {row['min_us']:>9.1f} "
+                    f"{row['p50_us']:>9.1f} {row['p95_us']:>9.1f} {row['p99_us']:>9.1f} "
+                    f"{row['max_us']:>9.1f} {row['cv']:>6.2f} {check:>7}",
+                    flush=True,
+                )
     return rows
 
 
@@ -202,9 +274,11 @@ def health(rows: list[dict], min_busbw: float) -> list[str]:
     """Sizes whose busbw (disdl's, else the first backend's) is below ``min_busbw`` GB/s."""
     names = [r["backend"] for r in rows]
     watched = "disdl" if "disdl" in names else (names[0] if names else None)
-    return [f"{r['backend']} at {r['bytes']} bytes: busbw {r['busbw_gbps']:.3f} GB/s < "
-            f"{min_busbw} GB/s" for r in rows
-            if r["backend"] == watched and r["busbw_gbps"] < min_busbw]
+    return [
+        f"{r['backend']} at {r['bytes']} bytes: busbw {r['busbw_gbps']:.3f} GB/s < {min_busbw} GB/s"
+        for r in rows
+        if r["backend"] == watched and r["busbw_gbps"] < min_busbw
+    ]
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -213,8 +287,7 @@ def main(argv: list[str] | None = None) -> None:
     install_abort_handler(comm)
     problem = None
     if args.iters < 1 or args.warmup < 0 or args.factor < 1 or args.min_bytes > args.max_bytes:
-        problem = ("need --iters >= 1, --warmup >= 0, --factor >= 1, --min-bytes <= "
-                   "--max-bytes")
+        problem = "need --iters >= 1, --warmup >= 0, --factor >= 1, --min-bytes <= --max-bytes"
     elif args.device == "cuda" and not torch.cuda.is_available():
         problem = "--device cuda, but torch sees no CUDA device"
     elif args.backends and "nccl" in args.backends and args.device != "cuda":
@@ -231,8 +304,9 @@ def main(argv: list[str] | None = None) -> None:
             write_rows(args.json_path, "bench.allreduce", rows)
         wrong = [r for r in rows if r.get("wrong")]
         for r in wrong:
-            print(f"error: {r['backend']} at {r['bytes']} bytes: {r['wrong']} wrong element(s)",
-                  file=sys.stderr)
+            print(
+                f"error: {r['backend']} at {r['bytes']} bytes: {r['wrong']} wrong element(s)", file=sys.stderr
+            )
         low = health(rows, args.min_busbw) if args.min_busbw is not None else []
         for line in low:
             print(f"error: --min-busbw: {line}", file=sys.stderr)

@@ -1,10 +1,11 @@
 """Side-by-side cost of the reliability machinery: ``mpiexec -n N python -m bench.guard_cost``.
 
-Prints rank 0's row as JSON (and writes it to ``--json FILE``): the per-step agreement (one Allreduce of 3 int64) next to a bare
-Barrier, a 4 KiB Allreduce raw vs through --check-collectives' CheckedComm, and one CNN
-forward+backward with and without the local NaN/Inf gradient probe. Medians of 5 interleaved
-rounds, max over ranks.
+Prints rank 0's row as JSON (and writes it to ``--json FILE``): the per-step agreement (one
+Allreduce of 3 int64) next to a bare Barrier, a 4 KiB Allreduce raw vs through
+--check-collectives' CheckedComm, and one CNN forward+backward with and without the local
+NaN/Inf gradient probe. Medians of 5 interleaved rounds, max over ranks.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -26,8 +27,11 @@ from disdl_mpi.reliability.guards import GradFiniteProbe, StepGuard
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.guard_cost", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.guard_cost",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("reps", nargs="?", type=int, default=2000, help="calls per timed block")
     add_json(p)
     args = p.parse_args(argv)
@@ -35,12 +39,17 @@ def main(argv: list[str] | None = None) -> int:
     guard = StepGuard(comm, None)
     checked = CheckedComm(comm, CollectiveChecker(comm))
     buf = np.zeros(1024, dtype=np.float32)
-    coll = time_variants(comm, {
-        "barrier": comm.Barrier,
-        "guard": lambda: guard.decide(False, False),
-        "allreduce_4k": lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM),
-        "allreduce_4k_checked": lambda: checked.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM),
-    }, iters=args.reps, rounds=5)
+    coll = time_variants(
+        comm,
+        {
+            "barrier": comm.Barrier,
+            "guard": lambda: guard.decide(False, False),
+            "allreduce_4k": lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM),
+            "allreduce_4k_checked": lambda: checked.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM),
+        },
+        iters=args.reps,
+        rounds=5,
+    )
     torch.manual_seed(0)
     model = build_model("cnn", (1, 8, 8), 10, get_scheme("gn").layer)
     probed = copy.deepcopy(model)  # the same network, with the probe's hooks on it
@@ -56,13 +65,15 @@ def main(argv: list[str] | None = None) -> int:
         F.cross_entropy(probed(x), y).backward()
         probe.take()
 
-    comp = time_variants(comm, {"fwd_bwd": fwd_bwd, "fwd_bwd_probe": fwd_bwd_probe},
-                         iters=200, rounds=5)
+    comp = time_variants(comm, {"fwd_bwd": fwd_bwd, "fwd_bwd_probe": fwd_bwd_probe}, iters=200, rounds=5)
     if comm.Get_rank() == 0:
         out = {k: round(coll.median(k) * 1e6, 1) for k in coll.wall}
         out |= {k: round(comp.median(k) * 1e6, 1) for k in comp.wall}
-        row = out | {"unit": "us per call (median of 5)", "ranks": comm.Get_size(),
-                     "torch_threads": torch.get_num_threads()}
+        row = out | {
+            "unit": "us per call (median of 5)",
+            "ranks": comm.Get_size(),
+            "torch_threads": torch.get_num_threads(),
+        }
         print(json.dumps(row))
         if args.json_path:
             write_rows(args.json_path, "bench.guard_cost", [row])

@@ -8,6 +8,7 @@ a temporary folder, then times what ``stream`` residency does per step: one read
 random rows, in file order. The files are small enough to sit in the page cache, so this
 measures HDF5's work per read, not the disk. The result chose data_prep.writer's layout.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -53,8 +54,11 @@ def measure(shape: tuple[int, ...], rows: int, batch: int, reads: int, seed: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.h5_layout", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.h5_layout",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--shape", default="3,32,32", help="sample shape, e.g. 3,224,224")
     p.add_argument("--rows", type=int, default=50000)
     p.add_argument("--batch", type=int, default=16, help="random rows per read (one step)")
@@ -63,8 +67,10 @@ def main(argv: list[str] | None = None) -> int:
     args = p.parse_args(argv)
     shape = tuple(int(v) for v in args.shape.split(","))
     res = measure(shape, args.rows, args.batch, args.reads)
-    print(f"# bench.h5_layout: {args.rows} rows of {args.shape} uint8, {args.reads} reads of "
-          f"{args.batch} random rows (ms per read)")
+    print(
+        f"# bench.h5_layout: {args.rows} rows of {args.shape} uint8, {args.reads} reads of "
+        f"{args.batch} random rows (ms per read)"
+    )
     for layout in LAYOUTS:
         print(f"  {layout:>14} {res[f'{layout}_ms']:9.3f}")
     if args.json_path:

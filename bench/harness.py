@@ -1,6 +1,7 @@
 """What every in-job benchmark shares: one timing harness (:func:`time_variants`), the size
 ladder and its options, the one JSON shape (:func:`write_rows`), starting torch.distributed
 (gloo/nccl) next to MPI, and leaving it without gloo's abort at exit."""
+
 from __future__ import annotations
 
 import argparse
@@ -17,7 +18,8 @@ from typing import Any, Callable, Optional
 import numpy as np
 from mpi4py import MPI
 
-from disdl_mpi.options import parse_size, positive_int
+from disdl_mpi.options import positive_int
+from disdl_mpi.units import parse_size
 
 
 def free_port() -> int:
@@ -47,9 +49,13 @@ def init_torch_distributed(comm: MPI.Comm, backend: str = "gloo", timeout_s: flo
     else:
         info = None
     addr, port = comm.bcast(info, root=0)
-    dist.init_process_group(backend, init_method=f"tcp://{addr}:{port}", rank=comm.Get_rank(),
-                            world_size=comm.Get_size(),
-                            timeout=datetime.timedelta(seconds=timeout_s))
+    dist.init_process_group(
+        backend,
+        init_method=f"tcp://{addr}:{port}",
+        rank=comm.Get_rank(),
+        world_size=comm.Get_size(),
+        timeout=datetime.timedelta(seconds=timeout_s),
+    )
 
 
 def nccl_usable(comm: MPI.Comm) -> tuple[bool, str]:
@@ -68,8 +74,7 @@ def nccl_usable(comm: MPI.Comm) -> tuple[bool, str]:
     local.Free()
     gpus = torch.cuda.device_count()
     if ranks > gpus:
-        return False, (f"{ranks} ranks share {gpus} GPU(s) on a node, and NCCL needs one "
-                       f"GPU per rank")
+        return False, (f"{ranks} ranks share {gpus} GPU(s) on a node, and NCCL needs one GPU per rank")
     return True, ""
 
 
@@ -99,6 +104,7 @@ def main_rows(build_parser: Callable, run: Callable, argv: Optional[list[str]] =
     import torch
 
     from disdl_mpi.comm.world import install_abort_handler
+
     args = build_parser().parse_args(argv)
     comm = MPI.COMM_WORLD
     install_abort_handler(comm)
@@ -123,8 +129,9 @@ def read_rows(path: str | Path) -> list[dict]:
     data = json.loads(Path(path).read_text())
     rows = data.get("rows") if isinstance(data, dict) else data
     if not isinstance(rows, list):
-        raise ValueError(f"{path}: expected a benchmark's JSON ({{'rows': [...]}}), found "
-                         f"{type(data).__name__}")
+        raise ValueError(
+            f"{path}: expected a benchmark's JSON ({{'rows': [...]}}), found {type(data).__name__}"
+        )
     return rows
 
 
@@ -142,7 +149,7 @@ class Timings:
     """Seconds per call of each variant, one value per timed round, max over ranks."""
 
     wall: dict[str, list[float]]
-    cpu: dict[str, list[float]]   # this thread's CPU time (robust to a busy machine)
+    cpu: dict[str, list[float]]  # this thread's CPU time (robust to a busy machine)
 
     def median(self, name: str, clock: str = "wall") -> float:
         return statistics.median(getattr(self, clock)[name])
@@ -155,9 +162,15 @@ class Timings:
         return s[min(len(s) - 1, int(round(p / 100 * (len(s) - 1))))]
 
 
-def time_variants(comm: MPI.Comm, variants: dict[str, Callable[[], None]], *, iters: int = 1,
-                  warmup: int = 0, rounds: int = 1,
-                  sync: Callable[[], None] = lambda: None) -> Timings:
+def time_variants(
+    comm: MPI.Comm,
+    variants: dict[str, Callable[[], None]],
+    *,
+    iters: int = 1,
+    warmup: int = 0,
+    rounds: int = 1,
+    sync: Callable[[], None] = lambda: None,
+) -> Timings:
     """The one timing loop of the in-job benchmarks (nccl-tests' harness, in spirit).
 
     1. warm-up: every variant runs ``warmup`` untimed calls;
@@ -176,7 +189,7 @@ def time_variants(comm: MPI.Comm, variants: dict[str, Callable[[], None]], *, it
     wall = {n: [] for n in names}
     cpu = {n: [] for n in names}
     for r in range(rounds):
-        for name in (names if r % 2 == 0 else names[::-1]):
+        for name in names if r % 2 == 0 else names[::-1]:
             sync()
             comm.Barrier()
             t0, c0 = time.perf_counter(), time.thread_time()
@@ -190,13 +203,14 @@ def time_variants(comm: MPI.Comm, variants: dict[str, Callable[[], None]], *, it
         comm.Allreduce(MPI.IN_PLACE, flat, op=MPI.MAX)
     out_wall, out_cpu, i = {}, {}, 0
     for n in names:
-        out_wall[n] = flat[i:i + rounds].tolist()
-        out_cpu[n] = flat[i + rounds:i + 2 * rounds].tolist()
+        out_wall[n] = flat[i : i + rounds].tolist()
+        out_cpu[n] = flat[i + rounds : i + 2 * rounds].tolist()
         i += 2 * rounds
     return Timings(out_wall, out_cpu)
 
 
 # ---- the size ladder and its options (nccl-tests' -b/-e/-f), shared by every sweep ----
+
 
 def parse_bytes(text: str) -> int:
     """'64', '4K', '1M', '1G' (powers of 1024) -> bytes, as argparse wants its errors."""
@@ -227,5 +241,9 @@ def add_block(p: argparse.ArgumentParser) -> None:
     """--block K: calls timed back to back per sample (OSU's and nccl-tests' way); 1 times
     each call alone after a barrier, which gives per-call percentiles but carries the
     barrier's skew between ranks (a few µs)."""
-    p.add_argument("--block", type=positive_int, default=1,
-                   help="calls per timed sample (default 1: one call after a barrier)")
+    p.add_argument(
+        "--block",
+        type=positive_int,
+        default=1,
+        help="calls per timed sample (default 1: one call after a barrier)",
+    )

@@ -18,6 +18,7 @@ cost from both. ``--block K`` times K calls back to back per sample (OSU's and n
 instead of one call after a barrier: the per-call mean then carries no barrier skew, which is
 what a few-µs difference needs. Buffers hold zeros, so repeated sums stay finite.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -33,13 +34,21 @@ from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.comm.world import mpi_library
 from disdl_mpi.options import add_json
 
-VARIANTS = ("numpy Allreduce", "numpy Iallreduce", "torch Iallreduce", "allreducer Iallreduce",
-            "allreducer step")
+VARIANTS = (
+    "numpy Allreduce",
+    "numpy Iallreduce",
+    "torch Iallreduce",
+    "allreducer Iallreduce",
+    "allreducer step",
+)
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.mpi_buffers", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.mpi_buffers",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_size_range(p, "256K", "16M")
     p.add_argument("--iters", "-n", type=int, default=30)
     p.add_argument("--warmup", "-w", type=int, default=5)
@@ -57,7 +66,7 @@ def calls(comm: MPI.Comm, count: int) -> tuple[dict[str, Callable[[], None]], Gr
     red = GradientAllreducer(model, comm)
     b = red.buckets[0].mpi_buf
     for buf in (a, t, b):
-        buf[:] = 0.0   # a write faults every page in; zeros keep repeated sums finite
+        buf[:] = 0.0  # a write faults every page in; zeros keep repeated sums finite
 
     param = model.weight  # looked up once: nn.Module's __getattr__ costs ~0.5 µs a call
 
@@ -65,19 +74,24 @@ def calls(comm: MPI.Comm, count: int) -> tuple[dict[str, Callable[[], None]], Gr
         red.begin_step(1.0)
         red.grad_ready(param)  # what the post-accumulate-grad hook does
         red.finish_step()
-    return {"numpy Allreduce": lambda: comm.Allreduce(MPI.IN_PLACE, a),
-            "numpy Iallreduce": lambda: comm.Iallreduce(MPI.IN_PLACE, a).Wait(),
-            "torch Iallreduce": lambda: comm.Iallreduce(MPI.IN_PLACE, t).Wait(),
-            "allreducer Iallreduce": lambda: comm.Iallreduce(MPI.IN_PLACE, b).Wait(),
-            "allreducer step": step}, red
+
+    return {
+        "numpy Allreduce": lambda: comm.Allreduce(MPI.IN_PLACE, a),
+        "numpy Iallreduce": lambda: comm.Iallreduce(MPI.IN_PLACE, a).Wait(),
+        "torch Iallreduce": lambda: comm.Iallreduce(MPI.IN_PLACE, t).Wait(),
+        "allreducer Iallreduce": lambda: comm.Iallreduce(MPI.IN_PLACE, b).Wait(),
+        "allreducer step": step,
+    }, red
 
 
 def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
     rows = []
     if comm.Get_rank() == 0:
-        print(f"# bench.mpi_buffers: {comm.Get_size()} ranks, {mpi_library()}; "
-              f"mean µs per in-place float32 sum (p50 in brackets), {args.block} call(s) "
-              f"per sample")
+        print(
+            f"# bench.mpi_buffers: {comm.Get_size()} ranks, {mpi_library()}; "
+            f"mean µs per in-place float32 sum (p50 in brackets), {args.block} call(s) "
+            f"per sample"
+        )
         print("# " + " ".join(f"{v:>24}" for v in ("bytes", *VARIANTS)))
     for nbytes in sizes(args.min_bytes, args.max_bytes, args.factor, 4):
         fns, red = calls(comm, nbytes // 4)

@@ -8,6 +8,7 @@ trainer does: forward, local-mean cross-entropy, backward with the gradient allr
 (weighted, overlapped), optimizer step. Reports median step times, the overhead, and the
 seconds syncbn spent in its own collectives. Only rank 0 prints; ``--json`` writes atomically.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -24,11 +25,13 @@ from disdl_mpi.norms import SCHEMES, get_scheme
 from disdl_mpi.options import add_json
 from disdl_mpi.step import sync_step
 
+CPU = torch.device("cpu")
 SHAPES = {"cnn": (1, 8, 8), "resnet20": (3, 32, 32), "mlp": (64,)}
 
 
-def measure(comm, model_name: str, steps: int, local_batch: int, warmup: int,
-            device: torch.device = torch.device("cpu")) -> dict:
+def measure(
+    comm, model_name: str, steps: int, local_batch: int, warmup: int, device: torch.device = CPU
+) -> dict:
     world = comm.Get_size()
     shape = SHAPES[model_name]
     g = torch.Generator().manual_seed(100 + comm.Get_rank())
@@ -44,8 +47,7 @@ def measure(comm, model_name: str, steps: int, local_batch: int, warmup: int,
         reducer = GradientAllreducer(model, comm)
         setups[name] = (scheme, model, reducer)
         # What the trainer does: one sync_step (weighted, overlapped allreduce) per call.
-        calls[name] = (lambda m=model, o=opt, r=reducer:
-                       sync_step(m, o, r, x, y, local_batch * world))
+        calls[name] = lambda m=model, o=opt, r=reducer: sync_step(m, o, r, x, y, local_batch * world)
     for name in calls:
         for _ in range(warmup):
             calls[name]()
@@ -60,31 +62,44 @@ def measure(comm, model_name: str, steps: int, local_batch: int, warmup: int,
             scheme.comm.Free()
     bn_med, sb_med = t.median("bn"), t.median("syncbn")
     bn_cpu, sb_cpu = t.median("bn", "cpu"), t.median("syncbn", "cpu")
-    n_norm = sum(1 for m in setups["bn"][1].modules()
-                 if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
-    return {"model": model_name, "sample_shape": list(shape), "ranks": world,
-            "device": str(device),
-            "local_batch": local_batch, "steps": steps, "norm_layers": n_norm,
-            "bn_step_ms": 1e3 * bn_med, "syncbn_step_ms": 1e3 * sb_med,
-            "overhead_pct": 100.0 * (sb_med / bn_med - 1.0),
-            "bn_cpu_ms": 1e3 * bn_cpu, "syncbn_cpu_ms": 1e3 * sb_cpu,
-            "cpu_overhead_pct": 100.0 * (sb_cpu / bn_cpu - 1.0),
-            "syncbn_comm_ms_per_step": 1e3 * sync_comm / steps,
-            "bn_step_ms_p10_p90": [1e3 * t.percentile("bn", 10), 1e3 * t.percentile("bn", 90)],
-            "syncbn_step_ms_p10_p90": [1e3 * t.percentile("syncbn", 10),
-                                       1e3 * t.percentile("syncbn", 90)]}
+    n_norm = sum(1 for m in setups["bn"][1].modules() if isinstance(m, torch.nn.modules.batchnorm._BatchNorm))
+    return {
+        "model": model_name,
+        "sample_shape": list(shape),
+        "ranks": world,
+        "device": str(device),
+        "local_batch": local_batch,
+        "steps": steps,
+        "norm_layers": n_norm,
+        "bn_step_ms": 1e3 * bn_med,
+        "syncbn_step_ms": 1e3 * sb_med,
+        "overhead_pct": 100.0 * (sb_med / bn_med - 1.0),
+        "bn_cpu_ms": 1e3 * bn_cpu,
+        "syncbn_cpu_ms": 1e3 * sb_cpu,
+        "cpu_overhead_pct": 100.0 * (sb_cpu / bn_cpu - 1.0),
+        "syncbn_comm_ms_per_step": 1e3 * sync_comm / steps,
+        "bn_step_ms_p10_p90": [1e3 * t.percentile("bn", 10), 1e3 * t.percentile("bn", 90)],
+        "syncbn_step_ms_p10_p90": [1e3 * t.percentile("syncbn", 10), 1e3 * t.percentile("syncbn", 90)],
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.norm_overhead", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.norm_overhead",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--models", default="cnn,resnet20", help="comma list: cnn, resnet20, mlp")
     p.add_argument("--steps", type=int, default=40, help="timed steps per scheme")
     p.add_argument("--warmup", type=int, default=5)
     p.add_argument("--local-batch", type=int, default=64, help="samples per rank per step")
     p.add_argument("--threads", type=int, default=1, help="torch threads per rank")
-    p.add_argument("--device", choices=["cpu", "cuda"], default="cpu",
-                   help="cuda: every rank on the GPU of its node-local rank")
+    p.add_argument(
+        "--device",
+        choices=["cpu", "cuda"],
+        default="cpu",
+        help="cuda: every rank on the GPU of its node-local rank",
+    )
     add_json(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -100,20 +115,32 @@ def main(argv: list[str] | None = None) -> int:
             raise SystemExit(f"error: unknown model '{name}'; choose from {', '.join(SHAPES)}")
         rows.append(measure(comm, name, args.steps, args.local_batch, args.warmup, device))
     if comm.Get_rank() == 0:
-        print("median per step over ranks' max; wall = elapsed, cpu = this thread's CPU time "
-              "(robust to a busy machine; MPICH's polling waits count as CPU)")
-        print(f"{'model':>9} {'ranks':>5} {'batch/rank':>10} {'bn wall':>8} {'sync wall':>9} "
-              f"{'overhead':>8} {'bn cpu':>8} {'sync cpu':>8} {'overhead':>8} "
-              f"{'sync comm':>9}")
+        print(
+            "median per step over ranks' max; wall = elapsed, cpu = this thread's CPU time "
+            "(robust to a busy machine; MPICH's polling waits count as CPU)"
+        )
+        print(
+            f"{'model':>9} {'ranks':>5} {'batch/rank':>10} {'bn wall':>8} {'sync wall':>9} "
+            f"{'overhead':>8} {'bn cpu':>8} {'sync cpu':>8} {'overhead':>8} "
+            f"{'sync comm':>9}"
+        )
         for r in rows:
-            print(f"{r['model']:>9} {r['ranks']:>5} {r['local_batch']:>10} "
-                  f"{r['bn_step_ms']:8.2f} {r['syncbn_step_ms']:9.2f} "
-                  f"{r['overhead_pct']:7.1f}% {r['bn_cpu_ms']:8.2f} {r['syncbn_cpu_ms']:8.2f} "
-                  f"{r['cpu_overhead_pct']:7.1f}% {r['syncbn_comm_ms_per_step']:9.3f}")
+            print(
+                f"{r['model']:>9} {r['ranks']:>5} {r['local_batch']:>10} "
+                f"{r['bn_step_ms']:8.2f} {r['syncbn_step_ms']:9.2f} "
+                f"{r['overhead_pct']:7.1f}% {r['bn_cpu_ms']:8.2f} {r['syncbn_cpu_ms']:8.2f} "
+                f"{r['cpu_overhead_pct']:7.1f}% {r['syncbn_comm_ms_per_step']:9.3f}"
+            )
         print("(times in ms)")
         if args.json_path:
-            write_rows(args.json_path, "bench.norm_overhead", rows, threads=args.threads,
-                       mpi=MPI.Get_library_version().splitlines()[0], torch=torch.__version__)
+            write_rows(
+                args.json_path,
+                "bench.norm_overhead",
+                rows,
+                threads=args.threads,
+                mpi=MPI.Get_library_version().splitlines()[0],
+                torch=torch.__version__,
+            )
     return 0
 
 

@@ -17,6 +17,7 @@ Two engines: ``disdl`` is ``GradientAllreducer`` with one bucket per slice, fed 
 Without an asynchronous progress thread MPICH advances a request only inside MPI calls, which
 is why where the tests fall matters.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -34,11 +35,15 @@ from disdl_mpi.options import add_json
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m bench.overlap", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.overlap",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     add_size_range(p, "64K", "16M")
-    p.add_argument("--slices", type=int, default=8,
-                   help="pieces of compute, each followed by one bucket (default 8)")
+    p.add_argument(
+        "--slices", type=int, default=8, help="pieces of compute, each followed by one bucket (default 8)"
+    )
     p.add_argument("--iters", "-n", type=int, default=20)
     p.add_argument("--warmup", "-w", type=int, default=3)
     add_json(p, "write the rows as JSON")
@@ -87,8 +92,7 @@ class Engines:
             self.model.register_parameter(f"p{i}", p)
             self.params.append(p)
         # One bucket per slice: the cap is one slice's bytes (buckets fill in reverse order).
-        self.red = GradientAllreducer(self.model, comm, bucket_mb=(per * 4 + 1) / 2 ** 20,
-                                      overlap=True)
+        self.red = GradientAllreducer(self.model, comm, bucket_mb=(per * 4 + 1) / 2**20, overlap=True)
         self.buf = np.ones(count, dtype=np.float32)
 
     def disdl(self, compute: bool) -> None:
@@ -122,29 +126,44 @@ def overlap_pct(overall: float, compute: float, pure: float) -> float:
 def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
     rows = []
     if comm.Get_rank() == 0:
-        print(f"# disdl-mpi overlap (osu_iallreduce style): {comm.Get_size()} ranks, "
-              f"{mpi_library()}, {args.slices} slices, iters {args.iters}")
-        print(f"# {'engine':>6} {'bytes':>10} {'overall_us':>11} {'compute_us':>11} "
-              f"{'pure_us':>9} {'overlap_%':>9}")
+        print(
+            f"# disdl-mpi overlap (osu_iallreduce style): {comm.Get_size()} ranks, "
+            f"{mpi_library()}, {args.slices} slices, iters {args.iters}"
+        )
+        print(
+            f"# {'engine':>6} {'bytes':>10} {'overall_us':>11} {'compute_us':>11} "
+            f"{'pure_us':>9} {'overlap_%':>9}"
+        )
     for nbytes in sizes(args.min_bytes, args.max_bytes, args.factor, 4):
         e = Engines(comm, nbytes, args.slices)
         for engine in ("disdl", "mpi"):
             step = getattr(e, engine)
-            pure = time_variants(comm, {"pure": lambda: step(False)}, rounds=args.iters,
-                                 warmup=args.warmup)
+            # the closures run inside this iteration, with this engine's step
+            pure = time_variants(comm, {"pure": lambda: step(False)}, rounds=args.iters, warmup=args.warmup)  # noqa: B023
             e.work.calibrate(pure.median("pure"), args.slices, comm)
-            t = time_variants(comm, {"pure": lambda: step(False), "compute": e.compute,
-                                     "overall": lambda: step(True)},
-                              rounds=args.iters, warmup=args.warmup)
+            t = time_variants(
+                comm,
+                {"pure": lambda: step(False), "compute": e.compute, "overall": lambda: step(True)},  # noqa: B023
+                rounds=args.iters,
+                warmup=args.warmup,
+            )
             med = {k: t.median(k) for k in ("overall", "compute", "pure")}
-            row = {"engine": engine, "bytes": nbytes, "ranks": comm.Get_size(),
-                   "slices": args.slices, **{f"{k}_us": v * 1e6 for k, v in med.items()},
-                   "overlap_pct": overlap_pct(med["overall"], med["compute"], med["pure"])}
+            row = {
+                "engine": engine,
+                "bytes": nbytes,
+                "ranks": comm.Get_size(),
+                "slices": args.slices,
+                **{f"{k}_us": v * 1e6 for k, v in med.items()},
+                "overlap_pct": overlap_pct(med["overall"], med["compute"], med["pure"]),
+            }
             rows.append(row)
             if comm.Get_rank() == 0:
-                print(f"  {engine:>6} {nbytes:>10} {row['overall_us']:>11.1f} "
-                      f"{row['compute_us']:>11.1f} {row['pure_us']:>9.1f} "
-                      f"{row['overlap_pct']:>9.1f}", flush=True)
+                print(
+                    f"  {engine:>6} {nbytes:>10} {row['overall_us']:>11.1f} "
+                    f"{row['compute_us']:>11.1f} {row['pure_us']:>9.1f} "
+                    f"{row['overlap_pct']:>9.1f}",
+                    flush=True,
+                )
         e.red.close()
     return rows
 

@@ -14,6 +14,7 @@ exactly one rank's domain), so the global accuracy covers every domain; each ran
 own split (``test_rank_RRRRR.h5``) to measure the accuracy on its own domain -- the case FedBN
 (Li et al. 2021) is designed for. Transforms are deterministic in (seed, rank, sample).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass
@@ -28,14 +29,19 @@ KINDS = ("rotate", "contrast", "noise", "mixed")
 @dataclass(frozen=True)
 class Domain:
     rank: int
-    rotate: int        # quarter turns
+    rotate: int  # quarter turns
     contrast: float
-    noise: float       # sigma as a fraction of the value range
-    top: float         # the top of the data's value range (digits 16, 8-bit images 255)
+    noise: float  # sigma as a fraction of the value range
+    top: float  # the top of the data's value range (digits 16, 8-bit images 255)
 
     def as_dict(self) -> dict:
-        return {"rank": self.rank, "rotate_quarter_turns": self.rotate,
-                "contrast": self.contrast, "noise": self.noise, "value_max": self.top}
+        return {
+            "rank": self.rank,
+            "rotate_quarter_turns": self.rotate,
+            "contrast": self.contrast,
+            "noise": self.noise,
+            "value_max": self.top,
+        }
 
 
 def domains(kind: str, ranks: int, top: float) -> list[Domain]:
@@ -44,9 +50,15 @@ def domains(kind: str, ranks: int, top: float) -> list[Domain]:
     out = []
     for r in range(ranks):
         t = r / max(1, ranks - 1)
-        out.append(Domain(r, r % 4 if kind in ("rotate", "mixed") else 0,
-                          1.0 - 0.7 * t if kind in ("contrast", "mixed") else 1.0,
-                          0.15 * t if kind in ("noise", "mixed") else 0.0, float(top)))
+        out.append(
+            Domain(
+                r,
+                r % 4 if kind in ("rotate", "mixed") else 0,
+                1.0 - 0.7 * t if kind in ("contrast", "mixed") else 1.0,
+                0.15 * t if kind in ("noise", "mixed") else 0.0,
+                float(top),
+            )
+        )
     return out
 
 

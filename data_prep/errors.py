@@ -1,4 +1,5 @@
 """The error type of data preparation: bad input reported without a traceback."""
+
 from __future__ import annotations
 
 

@@ -3,6 +3,7 @@
 ``python -m data_prep.inspect DIR`` reads only ``DIR/partition.json`` (which holds every
 rank's class histogram) and writes ``DIR/partition.png`` (ranks x classes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -60,21 +61,25 @@ def load_counts(data_dir: Path) -> tuple[dict, np.ndarray]:
 
 def format_report(manifest: dict, counts: np.ndarray, metrics: dict, max_cols: int = 20) -> str:
     n, c = counts.shape
-    lines = [f"{manifest['dataset']} {manifest['scheme']} seed {manifest['seed']}: "
-             f"{int(counts.sum())} training samples, {n} ranks, {c} classes, "
-             f"{manifest['test']['size']} test samples",
-             f"global label entropy {metrics['global_entropy_bits']:.3f} bits; mean TV "
-             f"{metrics['mean_tv']:.3f}, max TV {metrics['max_tv']:.3f}; largest rank / mean "
-             f"size {metrics['size_max_over_mean']:.2f}; empty ranks {metrics['empty_ranks']}"]
+    lines = [
+        f"{manifest['dataset']} {manifest['scheme']} seed {manifest['seed']}: "
+        f"{int(counts.sum())} training samples, {n} ranks, {c} classes, "
+        f"{manifest['test']['size']} test samples",
+        f"global label entropy {metrics['global_entropy_bits']:.3f} bits; mean TV "
+        f"{metrics['mean_tv']:.3f}, max TV {metrics['max_tv']:.3f}; largest rank / mean "
+        f"size {metrics['size_max_over_mean']:.2f}; empty ranks {metrics['empty_ranks']}",
+    ]
     show = c <= max_cols
     head = f"{'rank':>5} {'size':>8} {'cls':>4} {'H(bits)':>8} {'TV':>6} {'JS':>6}"
     if show:
         head += " | " + " ".join(f"{k:>5}" for k in range(c))
     lines.append(head)
     for r in range(n):
-        row = (f"{r:>5} {metrics['sizes'][r]:>8} {metrics['classes_per_rank'][r]:>4} "
-               f"{metrics['entropy_bits'][r]:>8.3f} {metrics['tv_distance'][r]:>6.3f} "
-               f"{metrics['js_divergence_bits'][r]:>6.3f}")
+        row = (
+            f"{r:>5} {metrics['sizes'][r]:>8} {metrics['classes_per_rank'][r]:>4} "
+            f"{metrics['entropy_bits'][r]:>8.3f} {metrics['tv_distance'][r]:>6.3f} "
+            f"{metrics['js_divergence_bits'][r]:>6.3f}"
+        )
         if show:
             row += " | " + " ".join(f"{v:>5}" for v in counts[r])
         lines.append(row)
@@ -86,6 +91,7 @@ def format_report(manifest: dict, counts: np.ndarray, metrics: dict, max_cols: i
 def plot_heatmap(manifest: dict, counts: np.ndarray, path: Path) -> None:
     """Ranks x classes heatmap of sample counts, written atomically as PNG."""
     import matplotlib
+
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
@@ -94,8 +100,7 @@ def plot_heatmap(manifest: dict, counts: np.ndarray, path: Path) -> None:
     im = ax.imshow(counts, aspect="auto", interpolation="nearest", cmap="viridis")
     ax.set_xlabel("class")
     ax.set_ylabel("rank")
-    ax.set_title(f"{manifest['dataset']} {manifest['scheme']} ({n} ranks, seed "
-                 f"{manifest['seed']})")
+    ax.set_title(f"{manifest['dataset']} {manifest['scheme']} ({n} ranks, seed {manifest['seed']})")
     if c <= 30:
         ax.set_xticks(range(c))
     if n <= 40:
@@ -110,9 +115,10 @@ def plot_heatmap(manifest: dict, counts: np.ndarray, path: Path) -> None:
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m data_prep.inspect",
-                                description="Sizes, class histograms and skew metrics of a "
-                                            "partition; writes DIR/partition.png")
+    p = argparse.ArgumentParser(
+        prog="python -m data_prep.inspect",
+        description="Sizes, class histograms and skew metrics of a partition; writes DIR/partition.png",
+    )
     p.add_argument("dir", type=Path, help="partition folder (with partition.json)")
     p.add_argument("--png", type=Path, help="heatmap path (default DIR/partition.png)")
     add_json(p, "also write the metrics to this JSON file")
@@ -120,8 +126,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         manifest, counts = load_counts(args.dir)
     except (OSError, ValueError, KeyError, TypeError) as exc:
-        print(f"error: {args.dir / MANIFEST}: not a readable partition manifest ({exc})",
-              file=sys.stderr)
+        print(f"error: {args.dir / MANIFEST}: not a readable partition manifest ({exc})", file=sys.stderr)
         return 2
     metrics = skew_metrics(counts)
     png = args.png or args.dir / "partition.png"

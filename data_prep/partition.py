@@ -4,6 +4,7 @@ Writes ``OUT/rank_00000.h5`` .. ``rank_{N-1:05d}.h5``, ``OUT/test.h5`` and, last
 ``OUT/partition.json`` (the manifest). Every file is written under a temporary name and
 renamed into place; a reader that finds the manifest finds a complete partition.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -16,21 +17,22 @@ from pathlib import Path
 
 import numpy as np
 
-from data_prep.errors import DataPrepError
-from disdl_mpi.data.layout import FORMAT, MANIFEST, TEST_FILE
-from disdl_mpi.files import jsonable, write_json
-from disdl_mpi.options import add_dataset, add_partition
 from data_prep.domains import domains
+from data_prep.errors import DataPrepError
 from data_prep.partition_spec import assign, parse_partition
 from data_prep.sources import open_source
 from data_prep.writer import write_rank_files, write_test_file
+from disdl_mpi.data.layout import FORMAT, MANIFEST, TEST_FILE
+from disdl_mpi.files import jsonable, write_json
+from disdl_mpi.options import add_dataset, add_partition
 
 
 def _existing_files(out: Path) -> list[Path]:
     if not out.is_dir():
         return []
-    return sorted(p for p in out.glob("rank_*.h5")) + \
-        [p for p in (out / TEST_FILE, out / MANIFEST) if p.exists()]
+    return sorted(p for p in out.glob("rank_*.h5")) + [
+        p for p in (out / TEST_FILE, out / MANIFEST) if p.exists()
+    ]
 
 
 def _read_manifest(out: Path) -> dict | None:
@@ -50,9 +52,18 @@ def value_max(src) -> float:
     return 255.0 if src.x_dtype == np.uint8 else 1.0
 
 
-def build_partitions(dataset: str, ranks: int, spec: str, seed: int, out: str | Path, *,
-                     source_dir: str | Path | None = None, min_per_rank: int = 1,
-                     force: bool = False, **source_opts) -> dict:
+def build_partitions(
+    dataset: str,
+    ranks: int,
+    spec: str,
+    seed: int,
+    out: str | Path,
+    *,
+    source_dir: str | Path | None = None,
+    min_per_rank: int = 1,
+    force: bool = False,
+    **source_opts,
+) -> dict:
     """Partition ``dataset`` into ``ranks`` private files under ``out``; return the manifest.
 
     An identical request on an existing partition is a no-op; a different one is refused
@@ -68,24 +79,41 @@ def build_partitions(dataset: str, ranks: int, spec: str, seed: int, out: str | 
     if out.exists() and not out.is_dir():
         raise DataPrepError(f"--out {out} exists and is not a folder")
     src = open_source(dataset, source_dir, seed=seed, **source_opts)
-    request = jsonable({"dataset": src.name, "ranks": ranks, "scheme": sch.name, "seed": seed,
-                         "min_per_rank": min_per_rank, "source_sha256": src.sha256,
-                         "source_options": src.options})
+    request = jsonable(
+        {
+            "dataset": src.name,
+            "ranks": ranks,
+            "scheme": sch.name,
+            "seed": seed,
+            "min_per_rank": min_per_rank,
+            "source_sha256": src.sha256,
+            "source_options": src.options,
+        }
+    )
 
     old = _existing_files(out)
     if old:
         manifest = _read_manifest(out)
-        if manifest is not None and manifest.get("request") == request and \
-                all((out / e["file"]).is_file() for e in manifest.get("ranks", [])) and \
-                (out / TEST_FILE).is_file():
+        if (
+            manifest is not None
+            and manifest.get("request") == request
+            and all((out / e["file"]).is_file() for e in manifest.get("ranks", []))
+            and (out / TEST_FILE).is_file()
+        ):
             return manifest
         if not force:
-            what = (f"a different partition ({manifest.get('dataset')}, "
+            what = (
+                (
+                    f"a different partition ({manifest.get('dataset')}, "
                     f"{manifest.get('scheme')}, {manifest.get('world_size')} ranks, seed "
-                    f"{manifest.get('seed')})") if manifest else \
-                "partition files without a valid manifest"
-            raise DataPrepError(f"--out {out} already holds {what}; refusing to overwrite it "
-                                f"(use --force, or another --out)")
+                    f"{manifest.get('seed')})"
+                )
+                if manifest
+                else "partition files without a valid manifest"
+            )
+            raise DataPrepError(
+                f"--out {out} already holds {what}; refusing to overwrite it (use --force, or another --out)"
+            )
 
     parts = assign(src.y_train, src.num_classes, ranks, sch, seed, min_per_rank)
     doms = domains(sch.domain, ranks, value_max(src)) if sch.kind == "feature" else None
@@ -95,14 +123,25 @@ def build_partitions(dataset: str, ranks: int, spec: str, seed: int, out: str | 
         entries = write_rank_files(src, parts, sch, seed, tmp, doms)
         test_entry, domain_tests = write_test_file(src, sch, seed, tmp, doms)
         manifest = {
-            "format": FORMAT, "dataset": src.name, "scheme": sch.name,
-            "scheme_params": sch.params, "world_size": ranks, "num_classes": src.num_classes,
-            "sample_shape": list(src.sample_shape), "x_dtype": src.x_dtype.name, "seed": seed,
-            "min_per_rank": min_per_rank, "source": src.name, "source_sha256": src.sha256,
-            "source_options": src.options, "train_size": int(src.n_train),
+            "format": FORMAT,
+            "dataset": src.name,
+            "scheme": sch.name,
+            "scheme_params": sch.params,
+            "world_size": ranks,
+            "num_classes": src.num_classes,
+            "sample_shape": list(src.sample_shape),
+            "x_dtype": src.x_dtype.name,
+            "seed": seed,
+            "min_per_rank": min_per_rank,
+            "source": src.name,
+            "source_sha256": src.sha256,
+            "source_options": src.options,
+            "train_size": int(src.n_train),
             "sizes": [e["size"] for e in entries],
             "class_counts": np.bincount(src.y_train, minlength=src.num_classes).tolist(),
-            "ranks": entries, "test": test_entry, "request": request,
+            "ranks": entries,
+            "test": test_entry,
+            "request": request,
         }
         if doms is not None:
             manifest["domains"] = [d.as_dict() for d in doms]
@@ -139,22 +178,30 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m data_prep.partition",
         description="Split a dataset into private per-rank HDF5 partitions with controlled "
-                    "label and size skew (rank_XXXXX.h5, test.h5, partition.json).")
+        "label and size skew (rank_XXXXX.h5, test.h5, partition.json).",
+    )
     add_dataset(p, required=True)
     p.add_argument("--ranks", type=int, required=True, help="number of partitions (MPI ranks)")
     add_partition(p, "iid", old="--scheme")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--out", required=True, help="output folder")
     p.add_argument("--source-dir", help="folder (or .npz / .tar.gz file) holding the source")
-    p.add_argument("--min-per-rank", type=int, default=1,
-                   help="minimum training samples per rank (0 allows empty ranks)")
-    p.add_argument("--force", action="store_true",
-                   help="replace a different partition already in --out")
-    p.add_argument("--test-fraction", type=float, default=None,
-                   help="stratified test split for sources without one (default 0.2)")
-    p.add_argument("--train-subset", type=int, default=None,
-                   help="a fixed class-stratified subset of N training samples (the test set "
-                        "stays whole)")
+    p.add_argument(
+        "--min-per-rank", type=int, default=1, help="minimum training samples per rank (0 allows empty ranks)"
+    )
+    p.add_argument("--force", action="store_true", help="replace a different partition already in --out")
+    p.add_argument(
+        "--test-fraction",
+        type=float,
+        default=None,
+        help="stratified test split for sources without one (default 0.2)",
+    )
+    p.add_argument(
+        "--train-subset",
+        type=int,
+        default=None,
+        help="a fixed class-stratified subset of N training samples (the test set stays whole)",
+    )
     g = p.add_argument_group("synthetic source")
     g.add_argument("--num-samples", type=int, help="training samples (default 10000)")
     g.add_argument("--num-test", type=int, help="test samples (default 2000)")
@@ -166,21 +213,37 @@ def build_parser() -> argparse.ArgumentParser:
 
 def summary(manifest: dict) -> str:
     sizes = manifest["sizes"]
-    return (f"{manifest['dataset']} {manifest['scheme']}: {manifest['train_size']} training "
-            f"samples over {manifest['world_size']} ranks (min {min(sizes)}, max {max(sizes)}), "
-            f"{manifest['test']['size']} test samples, sample shape "
-            f"{tuple(manifest['sample_shape'])} {manifest['x_dtype']}")
+    return (
+        f"{manifest['dataset']} {manifest['scheme']}: {manifest['train_size']} training "
+        f"samples over {manifest['world_size']} ranks (min {min(sizes)}, max {max(sizes)}), "
+        f"{manifest['test']['size']} test samples, sample shape "
+        f"{tuple(manifest['sample_shape'])} {manifest['x_dtype']}"
+    )
 
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    opts = {"num_samples": args.num_samples, "num_test": args.num_test, "shape": args.shape,
-            "num_classes": args.num_classes, "dtype": args.dtype,
-            "test_fraction": args.test_fraction, "train_subset": args.train_subset}
+    opts = {
+        "num_samples": args.num_samples,
+        "num_test": args.num_test,
+        "shape": args.shape,
+        "num_classes": args.num_classes,
+        "dtype": args.dtype,
+        "test_fraction": args.test_fraction,
+        "train_subset": args.train_subset,
+    }
     try:
-        manifest = build_partitions(args.dataset, args.ranks, args.partition, args.seed, args.out,
-                                    source_dir=args.source_dir, min_per_rank=args.min_per_rank,
-                                    force=args.force, **opts)
+        manifest = build_partitions(
+            args.dataset,
+            args.ranks,
+            args.partition,
+            args.seed,
+            args.out,
+            source_dir=args.source_dir,
+            min_per_rank=args.min_per_rank,
+            force=args.force,
+            **opts,
+        )
     except DataPrepError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2

@@ -11,6 +11,7 @@ every training sample exactly once. Randomness comes only from the seed.
 - ``shards:K``: each rank holds exactly K classes; every class is held by at least one rank;
   a class held by several ranks is split evenly among them.
 """
+
 from __future__ import annotations
 
 import math
@@ -25,11 +26,11 @@ from data_prep.errors import DataPrepError
 class PartitionSpec:
     """A parsed partition spec; ``name`` is the canonical spelling stored in the outputs."""
 
-    kind: str                       # iid | quantity | dirichlet | shards | feature
-    alpha: float | None = None      # label skew (dirichlet)
-    beta: float | None = None       # size skew (quantity)
-    shards: int | None = None       # classes per rank (shards)
-    domain: str | None = None       # feature shift: rotate | contrast | noise | mixed
+    kind: str  # iid | quantity | dirichlet | shards | feature
+    alpha: float | None = None  # label skew (dirichlet)
+    beta: float | None = None  # size skew (quantity)
+    shards: int | None = None  # classes per rank (shards)
+    domain: str | None = None  # feature shift: rotate | contrast | noise | mixed
     params: dict = field(default_factory=dict)
 
     @property
@@ -67,17 +68,19 @@ def _positive(text: str, what: str, spec: str) -> float:
 def parse_partition(spec: str) -> PartitionSpec:
     """Parse ``iid``, ``dirichlet:A``, ``quantity:B``, ``dirichlet:A+quantity:B``, ``shards:K``,
     ``feature:KIND`` (IID labels, a per-rank input domain; data_prep/domains.py)."""
-    usage = ("expected iid, dirichlet:ALPHA, quantity:BETA, dirichlet:ALPHA+quantity:BETA, "
-             "shards:K or feature:KIND")
+    usage = (
+        "expected iid, dirichlet:ALPHA, quantity:BETA, dirichlet:ALPHA+quantity:BETA, "
+        "shards:K or feature:KIND"
+    )
     text = (spec or "").strip().lower()
     if text == "iid":
         return PartitionSpec("iid", params={})
     if text.startswith("feature:"):
         from data_prep.domains import KINDS
+
         kind = text.partition(":")[2]
         if kind not in KINDS:
-            raise DataPrepError(f"partition {spec!r}: the domain kind must be one of "
-                                f"{', '.join(KINDS)}")
+            raise DataPrepError(f"partition {spec!r}: the domain kind must be one of {', '.join(KINDS)}")
         return PartitionSpec("feature", domain=kind, params={"domain": kind})
     alpha = beta = shards = None
     for part in text.split("+"):
@@ -104,8 +107,9 @@ def parse_partition(spec: str) -> PartitionSpec:
         params["alpha"] = alpha
     if beta is not None:
         params["beta"] = beta
-    return PartitionSpec("dirichlet" if alpha is not None else "quantity", alpha=alpha, beta=beta,
-                  params=params)
+    return PartitionSpec(
+        "dirichlet" if alpha is not None else "quantity", alpha=alpha, beta=beta, params=params
+    )
 
 
 def split_counts(total: int, weights: np.ndarray) -> np.ndarray:
@@ -139,8 +143,9 @@ def _enforce_min_sizes(sizes: np.ndarray, min_per_rank: int) -> np.ndarray:
     return sizes
 
 
-def target_sizes(total: int, ranks: int, beta: float | None, rng: np.random.Generator,
-                 min_per_rank: int) -> np.ndarray:
+def target_sizes(
+    total: int, ranks: int, beta: float | None, rng: np.random.Generator, min_per_rank: int
+) -> np.ndarray:
     """Per-rank sample counts: equal, or Dirichlet(beta)-skewed, honouring the minimum."""
     if beta is None:
         weights = np.ones(ranks)
@@ -162,16 +167,16 @@ def _ipf(q: np.ndarray, rows: np.ndarray, cols: np.ndarray, iters: int = 5000) -
     return a
 
 
-def dirichlet_counts(class_counts: np.ndarray, sizes: np.ndarray, alpha: float,
-                     rng: np.random.Generator, min_per_rank: int) -> np.ndarray:
+def dirichlet_counts(
+    class_counts: np.ndarray, sizes: np.ndarray, alpha: float, rng: np.random.Generator, min_per_rank: int
+) -> np.ndarray:
     """Integer matrix (ranks x classes): rank mixes ~ Dirichlet(alpha), exact class totals."""
     ranks, ncls = len(sizes), len(class_counts)
     q = rng.dirichlet(np.full(ncls, alpha), size=ranks)
     # A tiny floor keeps IPF well defined when alpha is small and a mix is numerically one-hot.
     q = np.maximum(q, 1e-12) * (class_counts > 0)[None, :]
     fitted = _ipf(q, sizes.astype(np.float64), class_counts.astype(np.float64))
-    counts = np.stack([split_counts(int(class_counts[c]), fitted[:, c]) for c in range(ncls)],
-                      axis=1)
+    counts = np.stack([split_counts(int(class_counts[c]), fitted[:, c]) for c in range(ncls)], axis=1)
     # Rounding can leave a rank a little short of the minimum: move single samples over,
     # choosing the class the receiving rank likes best among those the donor holds.
     for r in range(ranks):
@@ -185,27 +190,32 @@ def dirichlet_counts(class_counts: np.ndarray, sizes: np.ndarray, alpha: float,
     return counts
 
 
-def shard_classes(ranks: int, k: int, num_classes: int, present: np.ndarray,
-                  rng: np.random.Generator) -> list[list[int]]:
+def shard_classes(
+    ranks: int, k: int, num_classes: int, present: np.ndarray, rng: np.random.Generator
+) -> list[list[int]]:
     """K distinct classes per rank, every present class held by at least one rank."""
     classes = [c for c in range(num_classes) if present[c]]
     n = len(classes)
     if k > n:
-        raise DataPrepError(f"partition shards:{k}: each rank must hold {k} distinct classes, but "
-                            f"the training set has only {n} classes")
+        raise DataPrepError(
+            f"partition shards:{k}: each rank must hold {k} distinct classes, but "
+            f"the training set has only {n} classes"
+        )
     if ranks * k < n:
         raise DataPrepError(
             f"partition shards:{k} with {ranks} ranks gives {ranks * k} class slots, fewer than the "
             f"{n} classes in the training set, so some classes would be dropped; use more ranks "
-            f"or a larger K (at least {math.ceil(n / ranks)})")
+            f"or a larger K (at least {math.ceil(n / ranks)})"
+        )
     perm = [classes[i] for i in rng.permutation(n)]
     # Walking the permuted class list cyclically gives K consecutive (hence distinct, as K<=n)
     # classes per rank and spreads the holders of each class as evenly as possible.
     return [[perm[(r * k + i) % n] for i in range(k)] for r in range(ranks)]
 
 
-def assign(y: np.ndarray, num_classes: int, ranks: int, spec: PartitionSpec, seed: int,
-           min_per_rank: int = 1) -> list[np.ndarray]:
+def assign(
+    y: np.ndarray, num_classes: int, ranks: int, spec: PartitionSpec, seed: int, min_per_rank: int = 1
+) -> list[np.ndarray]:
     """Sorted global sample indices per rank; every index in exactly one rank."""
     if ranks < 1:
         raise DataPrepError(f"--ranks must be at least 1, got {ranks}")
@@ -213,8 +223,10 @@ def assign(y: np.ndarray, num_classes: int, ranks: int, spec: PartitionSpec, see
         raise DataPrepError(f"--min-per-rank must be >= 0, got {min_per_rank}")
     total = len(y)
     if total < ranks * min_per_rank:
-        raise DataPrepError(f"{total} training samples cannot give {ranks} ranks at least "
-                            f"{min_per_rank} each (--min-per-rank 0 allows empty ranks)")
+        raise DataPrepError(
+            f"{total} training samples cannot give {ranks} ranks at least "
+            f"{min_per_rank} each (--min-per-rank 0 allows empty ranks)"
+        )
     ss = np.random.SeedSequence([int(seed), 0x5EED])
     draw_rng, shuffle_rng = (np.random.default_rng(s) for s in ss.spawn(2))
     class_counts = np.bincount(y, minlength=num_classes).astype(np.int64)
@@ -223,7 +235,7 @@ def assign(y: np.ndarray, num_classes: int, ranks: int, spec: PartitionSpec, see
         sizes = target_sizes(total, ranks, spec.beta, draw_rng, min_per_rank)
         perm = shuffle_rng.permutation(total)
         bounds = np.concatenate([[0], np.cumsum(sizes)])
-        parts = [perm[bounds[r]:bounds[r + 1]] for r in range(ranks)]
+        parts = [perm[bounds[r] : bounds[r + 1]] for r in range(ranks)]
     else:
         if spec.kind == "dirichlet":
             sizes = target_sizes(total, ranks, spec.beta, draw_rng, min_per_rank)
@@ -234,11 +246,11 @@ def assign(y: np.ndarray, num_classes: int, ranks: int, spec: PartitionSpec, see
         by_class = np.argsort(y, kind="stable")
         starts = np.concatenate([[0], np.cumsum(class_counts)])
         for c in range(num_classes):
-            members = by_class[starts[c]:starts[c + 1]]
+            members = by_class[starts[c] : starts[c + 1]]
             members = members[shuffle_rng.permutation(len(members))]
             cut = np.concatenate([[0], np.cumsum(counts[:, c])])
             for r in range(ranks):
-                parts_by_rank[r].append(members[cut[r]:cut[r + 1]])
+                parts_by_rank[r].append(members[cut[r] : cut[r + 1]])
         parts = [np.concatenate(p) if p else np.zeros(0, np.int64) for p in parts_by_rank]
     out = [np.sort(p).astype(np.int64) for p in parts]
     if sum(len(p) for p in out) != total:  # a bug, never bad input
@@ -246,8 +258,9 @@ def assign(y: np.ndarray, num_classes: int, ranks: int, spec: PartitionSpec, see
     return out
 
 
-def _shard_counts(class_counts: np.ndarray, ranks: int, k: int, rng: np.random.Generator,
-                  min_per_rank: int) -> np.ndarray:
+def _shard_counts(
+    class_counts: np.ndarray, ranks: int, k: int, rng: np.random.Generator, min_per_rank: int
+) -> np.ndarray:
     held = shard_classes(ranks, k, len(class_counts), class_counts > 0, rng)
     counts = np.zeros((ranks, len(class_counts)), dtype=np.int64)
     for c in range(len(class_counts)):
@@ -259,11 +272,14 @@ def _shard_counts(class_counts: np.ndarray, ranks: int, k: int, rng: np.random.G
             raise DataPrepError(
                 f"partition shards:{k}: class {c} has {class_counts[c]} samples but is shared by "
                 f"{len(holders)} ranks, so some rank would not hold exactly {k} classes; "
-                f"use fewer ranks or a smaller K")
+                f"use fewer ranks or a smaller K"
+            )
         counts[holders, c] = share
     small = np.flatnonzero(counts.sum(axis=1) < min_per_rank)
     if len(small):
         r = int(small[0])
-        raise DataPrepError(f"partition shards:{k}: rank {r} gets only {counts[r].sum()} samples, "
-                            f"below --min-per-rank {min_per_rank}")
+        raise DataPrepError(
+            f"partition shards:{k}: rank {r} gets only {counts[r].sum()} samples, "
+            f"below --min-per-rank {min_per_rank}"
+        )
     return counts

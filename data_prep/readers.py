@@ -2,6 +2,7 @@
 
 Nothing is downloaded: the user points ``--source-dir`` at the files. Errors name the file.
 """
+
 from __future__ import annotations
 
 import gzip
@@ -18,12 +19,16 @@ from data_prep.source_base import ArraySource, sha256_files
 # ---------------------------------------------------------------- IDX (MNIST, Fashion-MNIST)
 
 IDX_NAMES = {
-    "train_x": "train-images-idx3-ubyte", "train_y": "train-labels-idx1-ubyte",
-    "test_x": "t10k-images-idx3-ubyte", "test_y": "t10k-labels-idx1-ubyte",
+    "train_x": "train-images-idx3-ubyte",
+    "train_y": "train-labels-idx1-ubyte",
+    "test_x": "t10k-images-idx3-ubyte",
+    "test_y": "t10k-labels-idx1-ubyte",
 }
 # torchvision keeps the same files under <root>/<Name>/raw.
-IDX_SUBDIRS = {"mnist": ("", "MNIST/raw", "mnist"),
-               "fashion-mnist": ("", "FashionMNIST/raw", "fashion-mnist", "fashion_mnist")}
+IDX_SUBDIRS = {
+    "mnist": ("", "MNIST/raw", "mnist"),
+    "fashion-mnist": ("", "FashionMNIST/raw", "fashion-mnist", "fashion_mnist"),
+}
 
 
 def _find_idx(root: Path, dataset: str, stem: str) -> Path:
@@ -34,9 +39,11 @@ def _find_idx(root: Path, dataset: str, stem: str) -> Path:
                 p = root / sub / name
                 if p.is_file():
                     return p
-    raise DataPrepError(f"{dataset}: {stem}[.gz] not found in {root} (expected the standard "
-                        f"IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
-                        f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, raw or .gz)")
+    raise DataPrepError(
+        f"{dataset}: {stem}[.gz] not found in {root} (expected the standard "
+        f"IDX files train-images-idx3-ubyte, train-labels-idx1-ubyte, "
+        f"t10k-images-idx3-ubyte, t10k-labels-idx1-ubyte, raw or .gz)"
+    )
 
 
 def read_idx(path: Path, ndim: int) -> np.ndarray:
@@ -50,18 +57,21 @@ def read_idx(path: Path, ndim: int) -> np.ndarray:
     if len(raw) < 4 or raw[0] != 0 or raw[1] != 0:
         raise DataPrepError(f"{path}: not an IDX file (bad magic number)")
     if raw[2] != 0x08:
-        raise DataPrepError(f"{path}: IDX element type 0x{raw[2]:02x}, only unsigned bytes "
-                            f"(0x08) are supported")
+        raise DataPrepError(
+            f"{path}: IDX element type 0x{raw[2]:02x}, only unsigned bytes (0x08) are supported"
+        )
     if raw[3] != ndim:
         raise DataPrepError(f"{path}: IDX file has {raw[3]} dimensions, expected {ndim}")
     head = 4 + 4 * ndim
     if len(raw) < head:
         raise DataPrepError(f"{path}: truncated IDX header")
-    dims = tuple(int.from_bytes(raw[4 + 4 * i: 8 + 4 * i], "big") for i in range(ndim))
+    dims = tuple(int.from_bytes(raw[4 + 4 * i : 8 + 4 * i], "big") for i in range(ndim))
     need = int(np.prod(dims, dtype=np.int64))
     if len(raw) - head != need:
-        raise DataPrepError(f"{path}: IDX header says {dims} ({need} bytes) but the file holds "
-                            f"{len(raw) - head} bytes of data (truncated?)")
+        raise DataPrepError(
+            f"{path}: IDX header says {dims} ({need} bytes) but the file holds "
+            f"{len(raw) - head} bytes of data (truncated?)"
+        )
     return np.frombuffer(raw, np.uint8, offset=head).reshape(dims)
 
 
@@ -73,25 +83,48 @@ def open_idx(dataset: str, root: Path, test_fraction: float) -> ArraySource:
     for split in ("train", "test"):
         nx, ny = len(arrays[f"{split}_x"]), len(arrays[f"{split}_y"])
         if nx != ny:
-            raise DataPrepError(f"{paths[split + '_y']}: {ny} labels for {nx} images in "
-                                f"{paths[split + '_x']}")
-    return ArraySource(dataset, arrays["train_x"], arrays["train_y"], arrays["test_x"],
-                       arrays["test_y"], sha256=sha256_files(list(paths.values())),
-                       origin=str(root), num_classes=10, test_fraction=test_fraction)
+            raise DataPrepError(
+                f"{paths[split + '_y']}: {ny} labels for {nx} images in {paths[split + '_x']}"
+            )
+    return ArraySource(
+        dataset,
+        arrays["train_x"],
+        arrays["train_y"],
+        arrays["test_x"],
+        arrays["test_y"],
+        sha256=sha256_files(list(paths.values())),
+        origin=str(root),
+        num_classes=10,
+        test_fraction=test_fraction,
+    )
 
 
 # ---------------------------------------------------------------- CIFAR python pickles
 
 CIFAR = {
-    "cifar10": {"folder": "cifar-10-batches-py", "archive": "cifar-10-python.tar.gz",
-                "train": [f"data_batch_{i}" for i in range(1, 6)], "test": ["test_batch"],
-                "label": "labels", "classes": 10},
-    "cifar100": {"folder": "cifar-100-python", "archive": "cifar-100-python.tar.gz",
-                 "train": ["train"], "test": ["test"], "label": "fine_labels", "classes": 100},
+    "cifar10": {
+        "folder": "cifar-10-batches-py",
+        "archive": "cifar-10-python.tar.gz",
+        "train": [f"data_batch_{i}" for i in range(1, 6)],
+        "test": ["test_batch"],
+        "label": "labels",
+        "classes": 10,
+    },
+    "cifar100": {
+        "folder": "cifar-100-python",
+        "archive": "cifar-100-python.tar.gz",
+        "train": ["train"],
+        "test": ["test"],
+        "label": "fine_labels",
+        "classes": 100,
+    },
 }
 _NUMPY_GLOBALS = {
-    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
-    ("numpy", "ndarray"), ("numpy", "dtype"), ("numpy.core.multiarray", "scalar"),
+    ("numpy.core.multiarray", "_reconstruct"),
+    ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy", "ndarray"),
+    ("numpy", "dtype"),
+    ("numpy.core.multiarray", "scalar"),
     ("numpy._core.multiarray", "scalar"),
     ("_codecs", "encode"),  # how Python 3 writes bytes at pickle protocol 2; harmless
 }
@@ -123,11 +156,11 @@ def _batch_arrays(d: dict, label_key: str, origin: str) -> tuple[np.ndarray, np.
     x = np.asarray(d["data"])
     y = np.asarray(d[label_key], dtype=np.int64)
     if x.dtype != np.uint8 or x.ndim != 2 or x.shape[1] != 3072:
-        raise DataPrepError(f"{origin}: field 'data' has dtype {x.dtype} shape {x.shape}; "
-                            f"expected uint8 (N, 3072)")
+        raise DataPrepError(
+            f"{origin}: field 'data' has dtype {x.dtype} shape {x.shape}; expected uint8 (N, 3072)"
+        )
     if len(y) != len(x):
-        raise DataPrepError(f"{origin}: field '{label_key}' has {len(y)} labels for "
-                            f"{len(x)} images")
+        raise DataPrepError(f"{origin}: field '{label_key}' has {len(y)} labels for {len(x)} images")
     return x.reshape(-1, 3, 32, 32), y
 
 
@@ -137,15 +170,21 @@ def open_cifar(dataset: str, root: Path, test_fraction: float) -> ArraySource:
     archive = None
     if root.is_file():
         archive = root
-    elif (root / spec["archive"]).is_file() and not (root / spec["folder"]).is_dir() \
-            and not (root / names[0]).is_file():
+    elif (
+        (root / spec["archive"]).is_file()
+        and not (root / spec["folder"]).is_dir()
+        and not (root / names[0]).is_file()
+    ):
         archive = root / spec["archive"]
     blobs: dict[str, bytes] = {}
     if archive is not None:
         try:
             with tarfile.open(archive, "r:*") as tar:
-                members = {Path(m.name).name: m for m in tar.getmembers() if m.isfile()
-                           and Path(m.name).name in names}
+                members = {
+                    Path(m.name).name: m
+                    for m in tar.getmembers()
+                    if m.isfile() and Path(m.name).name in names
+                }
                 for n in names:
                     if n not in members:
                         raise DataPrepError(f"{archive}: member {spec['folder']}/{n} missing")
@@ -159,30 +198,41 @@ def open_cifar(dataset: str, root: Path, test_fraction: float) -> ArraySource:
         paths = [folder / n for n in names]
         for p in paths:
             if not p.is_file():
-                raise DataPrepError(f"{dataset}: {p} not found (point --source-dir at "
-                                    f"{spec['folder']}/, its parent, or {spec['archive']})")
+                raise DataPrepError(
+                    f"{dataset}: {p} not found (point --source-dir at "
+                    f"{spec['folder']}/, its parent, or {spec['archive']})"
+                )
             blobs[p.name] = p.read_bytes()
         sha = sha256_files(paths)
         origin = lambda n: str(folder / n)  # noqa: E731
     split = {}
     for part in ("train", "test"):
-        xs, ys = zip(*(_batch_arrays(_unpickle(blobs[n], origin(n)), spec["label"], origin(n))
-                       for n in spec[part]))
+        xs, ys = zip(
+            *(_batch_arrays(_unpickle(blobs[n], origin(n)), spec["label"], origin(n)) for n in spec[part])
+        )
         split[part] = (np.concatenate(xs), np.concatenate(ys))
-    return ArraySource(dataset, *split["train"], *split["test"], sha256=sha,
-                       origin=str(archive or root), num_classes=spec["classes"],
-                       test_fraction=test_fraction)
+    return ArraySource(
+        dataset,
+        *split["train"],
+        *split["test"],
+        sha256=sha,
+        origin=str(archive or root),
+        num_classes=spec["classes"],
+        test_fraction=test_fraction,
+    )
 
 
 # ---------------------------------------------------------------- NPZ
+
 
 def open_npz(root: Path, test_fraction: float, num_classes: int | None = None) -> ArraySource:
     path = root
     if root.is_dir():
         found = sorted(root.glob("*.npz"))
         if len(found) != 1:
-            raise DataPrepError(f"npz: --source-dir {root} holds {len(found)} .npz files; "
-                                f"point it at exactly one file")
+            raise DataPrepError(
+                f"npz: --source-dir {root} holds {len(found)} .npz files; point it at exactly one file"
+            )
         path = found[0]
     if not path.is_file():
         raise DataPrepError(f"npz: {path} not found")
@@ -193,12 +243,19 @@ def open_npz(root: Path, test_fraction: float, num_classes: int | None = None) -
         raise DataPrepError(f"{path}: cannot be read as .npz ({exc})") from None
     for key in ("x", "y"):
         if key not in arrays:
-            raise DataPrepError(f"{path}: field '{key}' missing (need x, y; optional x_test, "
-                                f"y_test)")
-    return ArraySource("npz", arrays["x"], arrays["y"], arrays.get("x_test"),
-                       arrays.get("y_test"), sha256=sha256_files([path]), origin=str(path),
-                       num_classes=num_classes, test_fraction=test_fraction,
-                       options={"num_classes": num_classes} if num_classes else None)
+            raise DataPrepError(f"{path}: field '{key}' missing (need x, y; optional x_test, y_test)")
+    return ArraySource(
+        "npz",
+        arrays["x"],
+        arrays["y"],
+        arrays.get("x_test"),
+        arrays.get("y_test"),
+        sha256=sha256_files([path]),
+        origin=str(path),
+        num_classes=num_classes,
+        test_fraction=test_fraction,
+        options={"num_classes": num_classes} if num_classes else None,
+    )
 
 
 def open_file_source(name: str, root: Path, *, test_fraction: float, **opts) -> ArraySource:

@@ -4,6 +4,7 @@ images and labels, the stratified test split and the content hashes that name a 
 The sources themselves (embedded digits, file readers, synthetic data) build on this module;
 ``data_prep.sources.open_source`` picks one by name.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -19,6 +20,7 @@ from data_prep.errors import DataPrepError
 TEST_SPLIT_SEED = 20210
 DEFAULT_TEST_FRACTION = 0.2
 CHUNK_BYTES = 32 << 20  # the images streamed per step of the writer
+
 
 class Source:
     """What the partitioner needs to know about a dataset."""
@@ -50,10 +52,20 @@ class Source:
 class ArraySource(Source):
     """A source held in memory (digits, MNIST, CIFAR, NPZ: all a few hundred MB at most)."""
 
-    def __init__(self, name: str, x_train: np.ndarray, y_train: np.ndarray,
-                 x_test: np.ndarray | None, y_test: np.ndarray | None, *, sha256: str,
-                 origin: str, num_classes: int | None = None, options: dict | None = None,
-                 test_fraction: float = DEFAULT_TEST_FRACTION):
+    def __init__(
+        self,
+        name: str,
+        x_train: np.ndarray,
+        y_train: np.ndarray,
+        x_test: np.ndarray | None,
+        y_test: np.ndarray | None,
+        *,
+        sha256: str,
+        origin: str,
+        num_classes: int | None = None,
+        options: dict | None = None,
+        test_fraction: float = DEFAULT_TEST_FRACTION,
+    ):
         self.name = name
         self.sha256 = sha256
         self.options = dict(options or {})
@@ -70,14 +82,18 @@ class ArraySource(Source):
             x_test = _as_images(x_test, origin, "x_test")
             y_test = _as_labels(y_test, len(x_test), origin, "y_test")
             if x_test.shape[1:] != x_train.shape[1:]:
-                raise DataPrepError(f"{origin}: field 'x_test' has sample shape "
-                                    f"{x_test.shape[1:]}, but 'x' has {x_train.shape[1:]}")
+                raise DataPrepError(
+                    f"{origin}: field 'x_test' has sample shape "
+                    f"{x_test.shape[1:]}, but 'x' has {x_train.shape[1:]}"
+                )
         top = int(max(y_train.max(initial=-1), y_test.max(initial=-1))) + 1
         if num_classes is None:
             num_classes = top
         elif top > num_classes:
-            raise DataPrepError(f"{origin}: labels go up to {top - 1}, outside "
-                                f"[0, {num_classes}) of --num-classes {num_classes}")
+            raise DataPrepError(
+                f"{origin}: labels go up to {top - 1}, outside "
+                f"[0, {num_classes}) of --num-classes {num_classes}"
+            )
         if len(x_train) == 0:
             raise DataPrepError(f"{origin}: the training set is empty")
         dtype = np.dtype(np.uint8) if x_train.dtype == np.uint8 else np.dtype(np.float32)
@@ -91,7 +107,7 @@ class ArraySource(Source):
     def train_chunks(self) -> Iterator[tuple[int, np.ndarray]]:
         step = self.rows_per_chunk()
         for start in range(0, self.n_train, step):
-            yield start, self.x_train[start:start + step]
+            yield start, self.x_train[start : start + step]
 
     def test(self) -> tuple[np.ndarray, np.ndarray]:
         return self.x_test, self.y_test
@@ -103,12 +119,13 @@ def _as_images(x: np.ndarray, origin: str, field: str) -> np.ndarray:
     if x.ndim == 3:
         x = x[:, None]
     if x.ndim not in (2, 4):
-        raise DataPrepError(f"{origin}: field '{field}' has shape {x.shape}; expected images "
-                            f"(N,C,H,W) or (N,H,W), or flat features (N,D)")
+        raise DataPrepError(
+            f"{origin}: field '{field}' has shape {x.shape}; expected images "
+            f"(N,C,H,W) or (N,H,W), or flat features (N,D)"
+        )
     if x.dtype == np.uint8:
         return x
-    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer)
-            or x.dtype == np.bool_):
+    if not (np.issubdtype(x.dtype, np.floating) or np.issubdtype(x.dtype, np.integer) or x.dtype == np.bool_):
         raise DataPrepError(f"{origin}: field '{field}' has dtype {x.dtype}; expected numbers")
     x = x.astype(np.float32, copy=False)
     if not np.isfinite(x).all():
@@ -119,15 +136,16 @@ def _as_images(x: np.ndarray, origin: str, field: str) -> np.ndarray:
 def _as_labels(y: np.ndarray, n: int, origin: str, field: str) -> np.ndarray:
     y = np.asarray(y)
     if y.ndim != 1 or len(y) != n:
-        raise DataPrepError(f"{origin}: field '{field}' has shape {y.shape}; expected ({n},), "
-                            f"one label per sample")
+        raise DataPrepError(
+            f"{origin}: field '{field}' has shape {y.shape}; expected ({n},), one label per sample"
+        )
     if not np.issubdtype(y.dtype, np.integer):
-        if np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and \
-                (y == np.round(y)).all():
+        if np.issubdtype(y.dtype, np.floating) and np.isfinite(y).all() and (y == np.round(y)).all():
             y = y.astype(np.int64)
         else:
-            raise DataPrepError(f"{origin}: field '{field}' has dtype {y.dtype}; expected "
-                                f"integer class labels")
+            raise DataPrepError(
+                f"{origin}: field '{field}' has dtype {y.dtype}; expected integer class labels"
+            )
     y = y.astype(np.int64, copy=False)
     if len(y) and y.min() < 0:
         raise DataPrepError(f"{origin}: field '{field}' holds a negative label {y.min()}")

@@ -4,6 +4,7 @@ The writer walks the training set once per group of ranks, chunk by chunk, and a
 chunk's rows to the files of the ranks that own them, so memory stays bounded by one chunk
 however large the dataset is, and no rank's data is ever gathered in memory.
 """
+
 from __future__ import annotations
 
 import queue
@@ -15,11 +16,11 @@ import h5py
 import numpy as np
 
 from data_prep.domains import Domain, apply, test_split
-from disdl_mpi.data.layout import TEST_FILE, ContentHash, domain_test_file, rank_file
 from data_prep.partition_spec import PartitionSpec
 from data_prep.source_base import Source
+from disdl_mpi.data.layout import TEST_FILE, ContentHash, domain_test_file, rank_file
 
-MAX_OPEN_FILES = 256        # ranks written per pass over the source
+MAX_OPEN_FILES = 256  # ranks written per pass over the source
 
 
 def _prefetch(chunks: Iterator, depth: int = 1) -> Iterator:
@@ -71,8 +72,7 @@ def _create_x(f: h5py.File, n: int, src: Source) -> h5py.Dataset:
     # each row is one read at a computed offset. Measured (bench.h5_layout, 16 random rows of
     # uint8): 0.14 ms contiguous against 3.6 ms with ~1 MiB chunks at 3x32x32, 0.37 against
     # 115 ms at 3x224x224. Writing in row blocks is as fast either way.
-    return f.create_dataset("x", shape=(n, *src.sample_shape), dtype=src.x_dtype,
-                            track_times=False)
+    return f.create_dataset("x", shape=(n, *src.sample_shape), dtype=src.x_dtype, track_times=False)
 
 
 def _common_attrs(f: h5py.File, src: Source, spec: PartitionSpec, seed: int) -> None:
@@ -85,8 +85,14 @@ def _common_attrs(f: h5py.File, src: Source, spec: PartitionSpec, seed: int) -> 
     f.attrs["num_classes"] = int(src.num_classes)
 
 
-def write_rank_files(src: Source, parts: list[np.ndarray], spec: PartitionSpec, seed: int,
-                     tmp: Path, domains: Optional[list[Domain]] = None) -> list[dict]:
+def write_rank_files(
+    src: Source,
+    parts: list[np.ndarray],
+    spec: PartitionSpec,
+    seed: int,
+    tmp: Path,
+    domains: Optional[list[Domain]] = None,
+) -> list[dict]:
     """Write ``rank_XXXXX.h5`` for every rank into ``tmp``; return their manifest entries.
 
     With ``domains`` (feature shift), rank r's samples pass through its transform T_r."""
@@ -106,7 +112,7 @@ def write_rank_files(src: Source, parts: list[np.ndarray], spec: PartitionSpec, 
                 xs.append(_create_x(f, len(parts[r]), src))
                 hashes.append(ContentHash())
             for start, x in _prefetch(src.train_chunks()):
-                own = owner[start:start + len(x)]
+                own = owner[start : start + len(x)]
                 sel = np.flatnonzero((own >= g0) & (own < g1))
                 if not len(sel):
                     continue
@@ -115,10 +121,10 @@ def write_rank_files(src: Source, parts: list[np.ndarray], spec: PartitionSpec, 
                 counts = np.bincount(own[sel] - g0, minlength=g1 - g0)
                 bounds = np.concatenate([[0], np.cumsum(counts)])
                 for j in np.flatnonzero(counts):
-                    rows = x[sel[bounds[j]:bounds[j + 1]]]
+                    rows = x[sel[bounds[j] : bounds[j + 1]]]
                     if domains is not None:
                         rows = apply(rows, domains[g0 + j], seed, start + sel[bounds[j]])
-                    xs[j][cursor[j]:cursor[j] + len(rows)] = rows
+                    xs[j][cursor[j] : cursor[j] + len(rows)] = rows
                     hashes[j].add_x(rows)
                     cursor[j] += len(rows)
             for j, r in enumerate(range(g0, g1)):
@@ -132,17 +138,24 @@ def write_rank_files(src: Source, parts: list[np.ndarray], spec: PartitionSpec, 
                 f.attrs["rank"] = r
                 f.attrs["world_size"] = ranks
                 f.attrs["class_counts"] = counts
-                entries.append({"rank": r, "file": rank_file(r), "size": int(len(idx)),
-                                "class_counts": counts.tolist(),
-                                "sha256": hashes[j].finish(y)})
+                entries.append(
+                    {
+                        "rank": r,
+                        "file": rank_file(r),
+                        "size": int(len(idx)),
+                        "class_counts": counts.tolist(),
+                        "sha256": hashes[j].finish(y),
+                    }
+                )
         finally:
             for f in files:
                 f.close()
     return entries
 
 
-def write_test_file(src: Source, spec: PartitionSpec, seed: int, tmp: Path,
-                    domains: Optional[list[Domain]] = None) -> tuple[dict, list[dict]]:
+def write_test_file(
+    src: Source, spec: PartitionSpec, seed: int, tmp: Path, domains: Optional[list[Domain]] = None
+) -> tuple[dict, list[dict]]:
     """Write ``test.h5`` (and, with ``domains``, every rank's own-domain split
     ``test_rank_RRRRR.h5``); return the manifest entries."""
     x, y = src.test()
@@ -153,13 +166,16 @@ def write_test_file(src: Source, spec: PartitionSpec, seed: int, tmp: Path,
         for d in domains:
             idx = np.flatnonzero(owner == d.rank)
             x[idx] = apply(x[idx], d, seed, 1 << 40)
-            splits.append(_write_split(tmp / domain_test_file(d.rank), x[idx], y[idx], src,
-                                       spec, seed) | {"rank": d.rank})
+            splits.append(
+                _write_split(tmp / domain_test_file(d.rank), x[idx], y[idx], src, spec, seed)
+                | {"rank": d.rank}
+            )
     return _write_split(tmp / TEST_FILE, x, y, src, spec, seed), splits
 
 
-def _write_split(path: Path, x: np.ndarray, y: np.ndarray, src: Source, spec: PartitionSpec,
-                 seed: int) -> dict:
+def _write_split(
+    path: Path, x: np.ndarray, y: np.ndarray, src: Source, spec: PartitionSpec, seed: int
+) -> dict:
     with h5py.File(path, "w") as f:
         ds = _create_x(f, len(x), src)
         if len(x):
@@ -170,5 +186,4 @@ def _write_split(path: Path, x: np.ndarray, y: np.ndarray, src: Source, spec: Pa
         f.attrs["class_counts"] = counts
     h = ContentHash()
     h.add_x(x.astype(src.x_dtype, copy=False))
-    return {"file": path.name, "size": int(len(y)), "class_counts": counts.tolist(),
-            "sha256": h.finish(y)}
+    return {"file": path.name, "size": int(len(y)), "class_counts": counts.tolist(), "sha256": h.finish(y)}

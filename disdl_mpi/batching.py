@@ -4,6 +4,7 @@ Every rank knows every rank's partition size (one allgather at start), so each r
 the global sample count of any step locally; that count is what makes the weighted gradient
 average exact for unequal per-rank batches.
 """
+
 from __future__ import annotations
 
 import math
@@ -56,6 +57,6 @@ class BatchPlan:
         out, start = [], 0
         for step in range(self.steps_per_epoch):
             size = self._chunk_size(n, step)
-            out.append(order[start:start + size])
+            out.append(order[start : start + size])
             start += size
         return out

@@ -1,4 +1,5 @@
 """The run configuration: one dataclass, filled by the command line."""
+
 from __future__ import annotations
 
 import argparse
@@ -11,14 +12,20 @@ from pathlib import Path
 from typing import Optional
 
 from disdl_mpi.data.layout import partition_dir
-from disdl_mpi.options import parse_size, positive_int
 from disdl_mpi.models import MODELS as MODEL_NAMES
-from disdl_mpi.observe.profiler import parse_profile_steps
 from disdl_mpi.norms import resolve_schemes, scheme_config_errors
+from disdl_mpi.observe.profiler import parse_profile_steps
+from disdl_mpi.options import (
+    DefaultsHelpFormatter,
+    add_dataset,
+    add_norm,
+    add_partition,
+    add_progress,
+    positive_int,
+)
 from disdl_mpi.reliability.checkpoint import parse_every
-from disdl_mpi.options import (DefaultsHelpFormatter, add_dataset, add_norm, add_partition,
-                               add_progress)
 from disdl_mpi.schedule import SCHEDULES
+from disdl_mpi.units import parse_size
 
 
 @dataclass
@@ -35,7 +42,7 @@ class RunConfig:
     norm: str = "all"
     model: str = "auto"
     gn_groups: int = 8
-    fix_at: Optional[int] = None      # bn-fix: the step T* where statistics freeze
+    fix_at: Optional[int] = None  # bn-fix: the step T* where statistics freeze
     # optimisation
     epochs: int = 12
     steps: Optional[int] = None
@@ -96,99 +103,186 @@ def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m disdl_mpi.run",
         description="Data-isolated synchronous SGD over MPI: every rank trains on its own "
-                    "private partition, gradients are allreduced each step, and each "
-                    "normalization scheme is trained and measured in turn. "
-                    "Launch with: mpirun -n N python -m disdl_mpi.run [options]",
+        "private partition, gradients are allreduced each step, and each "
+        "normalization scheme is trained and measured in turn. "
+        "Launch with: mpirun -n N python -m disdl_mpi.run [options]",
         formatter_class=DefaultsHelpFormatter,
     )
     g = p.add_argument_group("data")
     add_dataset(g, default=d.dataset, when="source to partition when --data-dir is missing")
     add_partition(g, d.partition, when="used when the partition must be built")
-    g.add_argument("--data-dir", default=d.data_dir,
-                   help="folder of per-rank partitions (rank_00000.h5 ...); built by rank 0 if "
-                        "missing (default: data/<dataset>-<partition>-n<N>-s<seed>)")
-    g.add_argument("--source-dir", default=d.source_dir,
-                   help="where the raw files of mnist/cifar/npz sources are")
-    g.add_argument("--min-per-rank", type=int, default=d.min_per_rank,
-                   help="minimum training samples per rank when building a partition (0 allows "
-                        "empty ranks)")
+    g.add_argument(
+        "--data-dir",
+        default=d.data_dir,
+        help="folder of per-rank partitions (rank_00000.h5 ...); built by rank 0 if "
+        "missing (default: data/<dataset>-<partition>-n<N>-s<seed>)",
+    )
+    g.add_argument(
+        "--source-dir", default=d.source_dir, help="where the raw files of mnist/cifar/npz sources are"
+    )
+    g.add_argument(
+        "--min-per-rank",
+        type=int,
+        default=d.min_per_rank,
+        help="minimum training samples per rank when building a partition (0 allows empty ranks)",
+    )
     g = p.add_argument_group("model and normalization")
     add_norm(g, d.norm)
     g.add_argument("--model", default=d.model, help="cnn, resnet20, mlp, or auto")
-    g.add_argument("--gn-groups", type=positive_int, default=d.gn_groups,
-                   help="groups for GroupNorm (capped by the channel count)")
-    g.add_argument("--fix-at", type=int, default=d.fix_at,
-                   help="bn-fix: optimizer step at which the BN statistics are recalibrated "
-                        "over all ranks and frozen (default: half of the training steps)")
+    g.add_argument(
+        "--gn-groups",
+        type=positive_int,
+        default=d.gn_groups,
+        help="groups for GroupNorm (capped by the channel count)",
+    )
+    g.add_argument(
+        "--fix-at",
+        type=int,
+        default=d.fix_at,
+        help="bn-fix: optimizer step at which the BN statistics are recalibrated "
+        "over all ranks and frozen (default: half of the training steps)",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument("--steps", type=int, default=d.steps,
-                   help="stop after this many optimizer steps (overrides --epochs)")
-    g.add_argument("--global-batch-size", type=int, default=d.global_batch_size,
-                   help="samples per step summed over all ranks")
-    g.add_argument("--batching", choices=["proportional", "equal"], default=d.batching,
-                   help="proportional: the global batch is split in proportion to partition "
-                        "sizes, so all ranks finish an epoch together; equal: every rank takes "
-                        "B/N per step and a rank that runs out joins with empty batches")
+    g.add_argument(
+        "--steps", type=int, default=d.steps, help="stop after this many optimizer steps (overrides --epochs)"
+    )
+    g.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=d.global_batch_size,
+        help="samples per step summed over all ranks",
+    )
+    g.add_argument(
+        "--batching",
+        choices=["proportional", "equal"],
+        default=d.batching,
+        help="proportional: the global batch is split in proportion to partition "
+        "sizes, so all ranks finish an epoch together; equal: every rank takes "
+        "B/N per step and a rank that runs out joins with empty batches",
+    )
     g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument("--lr-schedule", choices=SCHEDULES, default=d.lr_schedule,
-                   help="constant, cosine (to 0 over the run) or step (x0.1 at 50 and 75 %%)")
-    g.add_argument("--warmup-epochs", type=float, default=d.warmup_epochs,
-                   help="linear learning-rate warm-up over this many epochs")
-    g.add_argument("--target-accuracy", type=float, default=d.target_accuracy,
-                   help="record the first epoch and training time at which the test accuracy "
-                        "reaches this (0..1)")
+    g.add_argument(
+        "--lr-schedule",
+        choices=SCHEDULES,
+        default=d.lr_schedule,
+        help="constant, cosine (to 0 over the run) or step (x0.1 at 50 and 75 %%)",
+    )
+    g.add_argument(
+        "--warmup-epochs",
+        type=float,
+        default=d.warmup_epochs,
+        help="linear learning-rate warm-up over this many epochs",
+    )
+    g.add_argument(
+        "--target-accuracy",
+        type=float,
+        default=d.target_accuracy,
+        help="record the first epoch and training time at which the test accuracy reaches this (0..1)",
+    )
     g.add_argument("--momentum", type=float, default=d.momentum)
     g.add_argument("--weight-decay", type=float, default=d.weight_decay)
     g.add_argument("--seed", type=int, default=d.seed)
     g = p.add_argument_group("communication")
-    g.add_argument("--bucket-mb", type=float, default=d.bucket_mb,
-                   help="gradient fusion bucket size in MiB; 0 = one buffer per tensor")
-    g.add_argument("--overlap", dest="overlap", action="store_true", default=d.overlap,
-                   help="start bucket allreduces from the gradient hooks during backward")
+    g.add_argument(
+        "--bucket-mb",
+        type=float,
+        default=d.bucket_mb,
+        help="gradient fusion bucket size in MiB; 0 = one buffer per tensor",
+    )
+    g.add_argument(
+        "--overlap",
+        dest="overlap",
+        action="store_true",
+        default=d.overlap,
+        help="start bucket allreduces from the gradient hooks during backward",
+    )
     g.add_argument("--no-overlap", dest="overlap", action="store_false")
-    g.add_argument("--compress", choices=["none", "fp16"], default=d.compress,
-                   help="wire format of gradients")
-    g.add_argument("--cuda-aware", choices=["auto", "yes", "no"], default=d.cuda_aware,
-                   help="pass GPU buffers to MPI directly (auto: detect)")
+    g.add_argument(
+        "--compress", choices=["none", "fp16"], default=d.compress, help="wire format of gradients"
+    )
+    g.add_argument(
+        "--cuda-aware",
+        choices=["auto", "yes", "no"],
+        default=d.cuda_aware,
+        help="pass GPU buffers to MPI directly (auto: detect)",
+    )
     g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    g.add_argument("--threads", type=int, default=d.threads,
-                   help="torch threads per rank (default: cores on the node / local ranks)")
+    g.add_argument(
+        "--threads",
+        type=int,
+        default=d.threads,
+        help="torch threads per rank (default: cores on the node / local ranks)",
+    )
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=d.out,
-                   help="results folder (default: results/run-<timestamp>)")
-    g.add_argument("--save-model", action="store_true", default=d.save_model,
-                   help="write OUT/<norm>/model.pt")
-    g.add_argument("--timeline", default=d.timeline,
-                   help="write a Chrome trace (chrome://tracing, Perfetto) to this file")
-    g.add_argument("--eval-every", type=int, default=d.eval_every,
-                   help="evaluate on the test set every N epochs (and always at the end)")
+    g.add_argument("--out", default=d.out, help="results folder (default: results/run-<timestamp>)")
+    g.add_argument(
+        "--save-model", action="store_true", default=d.save_model, help="write OUT/<norm>/model.pt"
+    )
+    g.add_argument(
+        "--timeline",
+        default=d.timeline,
+        help="write a Chrome trace (chrome://tracing, Perfetto) to this file",
+    )
+    g.add_argument(
+        "--eval-every",
+        type=int,
+        default=d.eval_every,
+        help="evaluate on the test set every N epochs (and always at the end)",
+    )
     add_progress(g, d.progress)
     g = p.add_argument_group("reliability")
-    g.add_argument("--check-collectives", action="store_true", default=d.check_collectives,
-                   help="debug: all ranks compare each collective's signature before it runs")
-    g.add_argument("--checkpoint-every", default=d.checkpoint_every,
-                   help="checkpoint every N steps, or every Ne epochs (e.g. 50 or 2e)")
+    g.add_argument(
+        "--check-collectives",
+        action="store_true",
+        default=d.check_collectives,
+        help="debug: all ranks compare each collective's signature before it runs",
+    )
+    g.add_argument(
+        "--checkpoint-every",
+        default=d.checkpoint_every,
+        help="checkpoint every N steps, or every Ne epochs (e.g. 50 or 2e)",
+    )
     g.add_argument("--resume", default=d.resume, help="auto, or a checkpoint path")
-    g.add_argument("--on-nan", choices=["stop", "skip"], default=d.on_nan,
-                   help="what to do when the loss or a gradient is NaN/Inf on any rank")
-    g.add_argument("--stall-timeout", type=float, default=d.stall_timeout, metavar="SECONDS",
-                   help="when a rank has been stuck this long (e.g. in a collective), name the "
-                        "ranks that have not arrived and where the others wait, then end the "
-                        "job with exit code 5")
-    g.add_argument("--profile-steps", default=d.profile_steps, metavar="A:B",
-                   help="record steps A to B (from 1) of each scheme with torch.profiler on "
-                        "every rank, our phases as named ranges; one trace per rank next to "
-                        "--timeline, else in OUT/profile/")
-    g.add_argument("--memory-budget", default=d.memory_budget, metavar="SIZE",
-                   help="most memory a rank may use for its resident data (e.g. 2G); a "
-                        "partition over it is refused before loading (default: 70%% of the "
-                        "node's, or the GPU's, available memory over the ranks sharing it)")
-    g.add_argument("--data-residency", choices=["auto", "device", "host", "stream"],
-                   default=d.data_residency,
-                   help="training inputs resident on the device, in host memory, or streamed "
-                        "from the rank's file by a prefetching thread; auto: device when the "
-                        "partition fits --memory-budget, else stream (same model either way)")
+    g.add_argument(
+        "--on-nan",
+        choices=["stop", "skip"],
+        default=d.on_nan,
+        help="what to do when the loss or a gradient is NaN/Inf on any rank",
+    )
+    g.add_argument(
+        "--stall-timeout",
+        type=float,
+        default=d.stall_timeout,
+        metavar="SECONDS",
+        help="when a rank has been stuck this long (e.g. in a collective), name the "
+        "ranks that have not arrived and where the others wait, then end the "
+        "job with exit code 5",
+    )
+    g.add_argument(
+        "--profile-steps",
+        default=d.profile_steps,
+        metavar="A:B",
+        help="record steps A to B (from 1) of each scheme with torch.profiler on "
+        "every rank, our phases as named ranges; one trace per rank next to "
+        "--timeline, else in OUT/profile/",
+    )
+    g.add_argument(
+        "--memory-budget",
+        default=d.memory_budget,
+        metavar="SIZE",
+        help="most memory a rank may use for its resident data (e.g. 2G); a "
+        "partition over it is refused before loading (default: 70%% of the "
+        "node's, or the GPU's, available memory over the ranks sharing it)",
+    )
+    g.add_argument(
+        "--data-residency",
+        choices=["auto", "device", "host", "stream"],
+        default=d.data_residency,
+        help="training inputs resident on the device, in host memory, or streamed "
+        "from the rank's file by a prefetching thread; auto: device when the "
+        "partition fits --memory-budget, else stream (same model either way)",
+    )
     return p
 
 
@@ -201,15 +295,16 @@ def config_errors(cfg: RunConfig, world_size: int) -> list[str]:
         errors.append(str(exc))
         schemes = []
     if cfg.model != "auto" and cfg.model not in MODEL_NAMES:
-        errors.append(f"--model: unknown model {cfg.model!r}; known: auto, "
-                      f"{', '.join(MODEL_NAMES)}")
+        errors.append(f"--model: unknown model {cfg.model!r}; known: auto, {', '.join(MODEL_NAMES)}")
     if not cfg.lr > 0:
         errors.append(f"--lr must be positive, got {cfg.lr}")
     if cfg.momentum < 0 or cfg.weight_decay < 0:
         errors.append("--momentum and --weight-decay must not be negative")
     if cfg.global_batch_size < world_size:
-        errors.append(f"--global-batch-size {cfg.global_batch_size} is smaller than the "
-                      f"{world_size} ranks: every rank needs at least one sample per step")
+        errors.append(
+            f"--global-batch-size {cfg.global_batch_size} is smaller than the "
+            f"{world_size} ranks: every rank needs at least one sample per step"
+        )
     if cfg.steps is None and cfg.epochs <= 0:
         errors.append(f"--epochs must be positive, got {cfg.epochs}")
     if cfg.steps is not None and cfg.steps <= 0:

@@ -1,4 +1,5 @@
 """Per-rank device, thread count and seeds."""
+
 from __future__ import annotations
 
 import os
@@ -16,8 +17,11 @@ def select_device(requested: str, info: RankInfo) -> torch.device:
         return torch.device("cpu")
     has_cuda = torch.cuda.is_available()
     if requested.startswith("cuda") and not has_cuda:
-        raise UserError(f"--device {requested} asked for, but torch sees no CUDA device "
-                        f"(rank {info.rank} on {info.hostname})", collective=True)
+        raise UserError(
+            f"--device {requested} asked for, but torch sees no CUDA device "
+            f"(rank {info.rank} on {info.hostname})",
+            collective=True,
+        )
     if has_cuda and requested in ("auto", "cuda"):
         index = info.local_rank % torch.cuda.device_count()
         torch.cuda.set_device(index)

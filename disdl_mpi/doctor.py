@@ -7,6 +7,7 @@ with one line: whether the toolkit can run here and on which path (CPU, CUDA-awa
 host-staged). Only rank 0 prints; ``--json FILE`` writes the same facts. Exit code 0 when the
 installation can run the toolkit, 1 when it cannot.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -27,22 +28,33 @@ def facts(comm) -> dict[str, Any]:
     from disdl_mpi.comm.cuda_aware import detect
     from disdl_mpi.comm.world import mpi_library
 
-    levels = {MPI.THREAD_SINGLE: "single", MPI.THREAD_FUNNELED: "funneled",
-              MPI.THREAD_SERIALIZED: "serialized", MPI.THREAD_MULTIPLE: "multiple"}
+    levels = {
+        MPI.THREAD_SINGLE: "single",
+        MPI.THREAD_FUNNELED: "funneled",
+        MPI.THREAD_SERIALIZED: "serialized",
+        MPI.THREAD_MULTIPLE: "multiple",
+    }
     aware = detect("auto")
     cuda = torch.cuda.is_available()
     return {
-        "disdl_mpi": __version__, "python": platform.python_version(),
-        "mpi_library": mpi_library(), "mpi_version": "%d.%d" % MPI.Get_version(),
-        "mpi4py": mpi4py.__version__, "thread_level": levels.get(MPI.Query_thread(), "?"),
-        "cuda_aware": aware.aware, "cuda_aware_reason": aware.reason,
-        "torch": torch.__version__, "torch_cuda": torch.version.cuda,
-        "cuda_available": cuda, "gpus": torch.cuda.device_count() if cuda else 0,
+        "disdl_mpi": __version__,
+        "python": platform.python_version(),
+        "mpi_library": mpi_library(),
+        "mpi_version": "%d.%d" % MPI.Get_version(),
+        "mpi4py": mpi4py.__version__,
+        "thread_level": levels.get(MPI.Query_thread(), "?"),
+        "cuda_aware": aware.aware,
+        "cuda_aware_reason": aware.reason,
+        "torch": torch.__version__,
+        "torch_cuda": torch.version.cuda,
+        "cuda_available": cuda,
+        "gpus": torch.cuda.device_count() if cuda else 0,
         "gpu_names": [torch.cuda.get_device_name(i) for i in range(torch.cuda.device_count())]
-        if cuda else [],
-        "nccl": bool(cuda and torch.distributed.is_available()
-                     and torch.distributed.is_nccl_available()),
-        "h5py": h5py.__version__, "hdf5": h5py.version.hdf5_version,
+        if cuda
+        else [],
+        "nccl": bool(cuda and torch.distributed.is_available() and torch.distributed.is_nccl_available()),
+        "h5py": h5py.__version__,
+        "hdf5": h5py.version.hdf5_version,
         "world_size": comm.Get_size(),
     }
 
@@ -79,8 +91,11 @@ def self_test(comm, device: str) -> Optional[str]:
     reducer.finish_step()
     reducer.close()
     want = [sum(k + 1 + i for k in range(n)) for i, _ in enumerate(model.parameters())]
-    bad = [i for i, p in enumerate(model.parameters())
-           if not torch.equal(p.grad, torch.full_like(p, float(want[i])))]
+    bad = [
+        i
+        for i, p in enumerate(model.parameters())
+        if not torch.equal(p.grad, torch.full_like(p, float(want[i])))
+    ]
     errors = comm.allgather(f"rank {r}: wrong sum in parameter(s) {bad}" if bad else None)
     problems = [e for e in errors if e]
     return "; ".join(problems) if problems else None
@@ -91,27 +106,36 @@ def verdict(f: dict[str, Any], test: Optional[str], tested: bool) -> tuple[bool,
     if launched and launched > f["world_size"]:
         # Seen on a GPU image: the system's mpiexec (one MPI) started a Python whose mpi4py
         # loaded another, and every process ran alone as rank 0 of 1, silently.
-        return False, (f"NO: the launcher started {launched} ranks but MPI sees a world of "
-                       f"{f['world_size']}: the mpiexec used belongs to another MPI library "
-                       f"than the one mpi4py loaded ({f['mpi_library']})")
+        return False, (
+            f"NO: the launcher started {launched} ranks but MPI sees a world of "
+            f"{f['world_size']}: the mpiexec used belongs to another MPI library "
+            f"than the one mpi4py loaded ({f['mpi_library']})"
+        )
     if test:
         return False, f"NO: the allreduce self-test failed ({test})"
     if f["cuda_available"]:
         path = "CUDA, CUDA-aware MPI" if f["cuda_aware"] else "CUDA, host-staged allreduce"
     else:
         path = "CPU"
-    scope = (f"self-test passed on {f['world_size']} ranks" if tested else
-             "single process: run under mpiexec -n 2 for the allreduce self-test")
+    scope = (
+        f"self-test passed on {f['world_size']} ranks"
+        if tested
+        else "single process: run under mpiexec -n 2 for the allreduce self-test"
+    )
     return True, f"YES: this installation can run disdl-mpi ({path}; {scope})"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m disdl_mpi.doctor", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m disdl_mpi.doctor",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--json", dest="json_path", metavar="FILE", help="also write the facts here")
     args = p.parse_args(argv)
     from disdl_mpi.comm.world import install_abort_handler, rank_info, world
     from disdl_mpi.files import write_json
+
     comm = world()
     install_abort_handler(comm)
     info = rank_info(comm)
@@ -125,6 +149,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         test = self_test(comm, device)
         if f["gpus"]:
             import torch
+
             torch.cuda.set_device(device)
     ok, line = verdict(f, test, tested)
     f["self_test"] = "passed" if tested and not test else (test or "not run (1 rank)")

@@ -1,4 +1,5 @@
 """Test-set evaluation: sharded across ranks with the counts reduced, or per rank (fedbn)."""
+
 from __future__ import annotations
 
 from typing import Any
@@ -6,7 +7,6 @@ from typing import Any
 import numpy as np
 import torch
 from mpi4py import MPI
-
 
 # Evaluation batches hold at most this many bytes of float32 input (and at most 1024 samples):
 # a CNN's activations are tens of times its input, and 1024 images of 224x224 would need GBs.
@@ -19,8 +19,14 @@ def eval_batch_size(sample_shape: tuple[int, ...]) -> int:
 
 
 @torch.no_grad()
-def count_correct(model: torch.nn.Module, x: Any, y: torch.Tensor,
-                  batch_size: int | None = None, lo: int = 0, hi: int | None = None) -> int:
+def count_correct(
+    model: torch.nn.Module,
+    x: Any,
+    y: torch.Tensor,
+    batch_size: int | None = None,
+    lo: int = 0,
+    hi: int | None = None,
+) -> int:
     """Correct predictions on rows [lo, hi) of ``x``, one bounded batch at a time (``x`` may
     be ``StandardizedInputs``: only the batch is ever converted to float32)."""
     model.eval()
@@ -34,8 +40,9 @@ def count_correct(model: torch.nn.Module, x: Any, y: torch.Tensor,
     return correct
 
 
-def evaluate_sharded(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor,
-                     comm: MPI.Comm) -> float:
+def evaluate_sharded(
+    model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, comm: MPI.Comm
+) -> float:
     """Global test accuracy: every rank scores its own shard (``x_test``, ``y_test``: the rows
     ``data.layout.shard_bounds`` gives it), the counts are summed."""
     correct = count_correct(model, x_test, y_test)
@@ -44,8 +51,9 @@ def evaluate_sharded(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch
     return float(counts[0]) / max(1, int(counts[1]))
 
 
-def evaluate_per_rank(model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor,
-                      comm: MPI.Comm) -> tuple[float, list[float]]:
+def evaluate_per_rank(
+    model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, comm: MPI.Comm
+) -> tuple[float, list[float]]:
     """Each rank scores the whole test set with its own model; returns (mean, per-rank)."""
     acc = count_correct(model, x_test, y_test) / max(1, x_test.shape[0])
     per_rank = [float(a) for a in comm.allgather(acc)]

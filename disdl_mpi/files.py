@@ -4,6 +4,7 @@ Every file the toolkit writes goes through :func:`atomic_path`: the content is w
 temporary file beside the target and renamed over it only on success, so a reader (or a job
 killed mid-write) never sees half a file, and a failed write leaves nothing behind.
 """
+
 from __future__ import annotations
 
 import json
@@ -74,15 +75,15 @@ def _plain(o: Any) -> Any:
     return str(o)
 
 
-def markdown_table(header: Sequence[str], rows: Sequence[Sequence[Any]], *,
-                   align: str | Sequence[str] = "r") -> str:
+def markdown_table(
+    header: Sequence[str], rows: Sequence[Sequence[Any]], *, align: str | Sequence[str] = "r"
+) -> str:
     """A pipe table; ``align`` is one of l/r/c per column (or one letter for all but the first,
     which is left-aligned). Cells are written with ``str``."""
     if isinstance(align, str):
         align = ["l"] + [align] * (len(header) - 1)
     marks = {"l": "---", "r": "---:", "c": ":---:"}
-    lines = ["| " + " | ".join(str(h) for h in header) + " |",
-             "|" + "|".join(marks[a] for a in align) + "|"]
+    lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
 

@@ -1,4 +1,5 @@
 """The machine a result was measured on, as recorded in summary.json's ``machine``."""
+
 from __future__ import annotations
 
 import os
@@ -33,18 +34,24 @@ def peak_rss_bytes() -> int:
     return int(peak if sys.platform == "darwin" else peak * 1024)
 
 
-def machine_info(info: RankInfo, device: torch.device, threads: int,
-                 cuda_awareness: str) -> dict[str, Any]:
+def machine_info(info: RankInfo, device: torch.device, threads: int, cuda_awareness: str) -> dict[str, Any]:
     """The machine dict of summary.json (every rank's hostname included)."""
     return {
-        "world_size": info.world_size, "ranks_per_node": info.local_size,
-        "nodes": info.nodes, "hostname": info.hostname, "hostnames": list(info.hostnames),
-        "cpu": platform.processor() or platform.machine(), "cores_per_node": os.cpu_count(),
+        "world_size": info.world_size,
+        "ranks_per_node": info.local_size,
+        "nodes": info.nodes,
+        "hostname": info.hostname,
+        "hostnames": list(info.hostnames),
+        "cpu": platform.processor() or platform.machine(),
+        "cores_per_node": os.cpu_count(),
         "cpu_model": cpu_model(),
-        "device": describe_device(device), "mpi_library": mpi_library(),
+        "device": describe_device(device),
+        "mpi_library": mpi_library(),
         "cuda_aware_mpi": cuda_awareness,
-        "mpi4py": mpi4py.__version__, "torch": torch.__version__,
-        "python": platform.python_version(), "threads_per_rank": threads,
+        "mpi4py": mpi4py.__version__,
+        "torch": torch.__version__,
+        "python": platform.python_version(),
+        "threads_per_rank": threads,
         # an MPICH allreduce algorithm selection, when one was given (bench.cluster does)
         "allreduce_selection": os.environ.get("DISDL_ALLREDUCE_SELECTION", "MPI default"),
         "cluster": os.environ.get("DISDL_CLUSTER"),

@@ -4,6 +4,7 @@ Inputs arrive standardized float32: (N,C,H,W) images or (N,D) flat features. Ini
 uses only torch's global RNG, so ``torch.manual_seed(s)`` before ``build_model`` gives the
 same weights on every rank.
 """
+
 from __future__ import annotations
 
 import math
@@ -39,10 +40,16 @@ class SmallCNN(nn.Module):
     map is 205 MB), more than the partition the rank holds (issue 17).
     """
 
-    STEM_STRIDE_FROM = 64   # image size from which the first conv downsamples
+    STEM_STRIDE_FROM = 64  # image size from which the first conv downsamples
 
-    def __init__(self, in_channels: int, num_classes: int, norm_layer: NormFactory,
-                 image_size: int = 8, widths: Sequence[int] = (16, 32, 64)):
+    def __init__(
+        self,
+        in_channels: int,
+        num_classes: int,
+        norm_layer: NormFactory,
+        image_size: int = 8,
+        widths: Sequence[int] = (16, 32, 64),
+    ):
         super().__init__()
         w1, w2, w3 = widths
         stride = 2 if image_size >= self.STEM_STRIDE_FROM else 1
@@ -67,8 +74,9 @@ class SmallCNN(nn.Module):
 class MLP(nn.Module):
     """Flatten, then hidden linear layers each followed by norm + ReLU, then a linear head."""
 
-    def __init__(self, in_features: int, num_classes: int, norm_layer: NormFactory,
-                 hidden: Sequence[int] = (128, 64)):
+    def __init__(
+        self, in_features: int, num_classes: int, norm_layer: NormFactory, hidden: Sequence[int] = (128, 64)
+    ):
         super().__init__()
         layers: list[nn.Module] = [nn.Flatten()]
         d = in_features
@@ -90,8 +98,7 @@ class BasicBlock(nn.Module):
     def __init__(self, cin: int, cout: int, stride: int, norm_layer: NormFactory):
         super().__init__()
         self.norm1 = norm_layer(cout)
-        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1,
-                               bias=not _has_stats(self.norm1))
+        self.conv1 = nn.Conv2d(cin, cout, 3, stride=stride, padding=1, bias=not _has_stats(self.norm1))
         self.norm2 = norm_layer(cout)
         self.conv2 = nn.Conv2d(cout, cout, 3, padding=1, bias=not _has_stats(self.norm2))
         self.stride = stride
@@ -101,7 +108,7 @@ class BasicBlock(nn.Module):
         # Option A of He et al. 2016: subsample, then zero-pad the new channels (no parameters,
         # so no extra norm layer and nothing that fedbn or syncbn must treat specially).
         if self.stride != 1:
-            x = x[:, :, ::self.stride, ::self.stride]
+            x = x[:, :, :: self.stride, :: self.stride]
         if self.pad:
             x = F.pad(x, (0, 0, 0, 0, self.pad // 2, self.pad - self.pad // 2))
         return x
@@ -115,13 +122,14 @@ class BasicBlock(nn.Module):
 class ResNet20(nn.Module):
     """CIFAR ResNet-20 (He et al. 2016): stem, 3 stages x 3 basic blocks (16/32/64), GAP, linear."""
 
-    def __init__(self, in_channels: int, num_classes: int, norm_layer: NormFactory,
-                 blocks_per_stage: int = 3):
+    def __init__(
+        self, in_channels: int, num_classes: int, norm_layer: NormFactory, blocks_per_stage: int = 3
+    ):
         super().__init__()
         norm = norm_layer(16)
         self.stem = nn.Sequential(
-            nn.Conv2d(in_channels, 16, 3, padding=1, bias=not _has_stats(norm)),
-            norm, nn.ReLU(inplace=True))
+            nn.Conv2d(in_channels, 16, 3, padding=1, bias=not _has_stats(norm)), norm, nn.ReLU(inplace=True)
+        )
         blocks: list[nn.Module] = []
         cin = 16
         for stage, cout in enumerate((16, 32, 64)):
@@ -145,15 +153,21 @@ class WideCNN(nn.Module):
     parameters in all, 34 MB of float32 gradients per step, for little compute: the regime
     where the allreduce, not the arithmetic, sets the step time."""
 
-    def __init__(self, in_channels: int, num_classes: int, norm_layer: NormFactory,
-                 hidden: int = 4096):
+    def __init__(self, in_channels: int, num_classes: int, norm_layer: NormFactory, hidden: int = 4096):
         super().__init__()
         self.features = nn.Sequential(
-            _conv_block(in_channels, 64, norm_layer), nn.MaxPool2d(2),
-            _conv_block(64, 128, norm_layer), nn.AdaptiveAvgPool2d(4))
+            _conv_block(in_channels, 64, norm_layer),
+            nn.MaxPool2d(2),
+            _conv_block(64, 128, norm_layer),
+            nn.AdaptiveAvgPool2d(4),
+        )
         norm = norm_layer(hidden)
-        self.head = nn.Sequential(nn.Linear(128 * 16, hidden, bias=not _has_stats(norm)), norm,
-                                  nn.ReLU(inplace=True), nn.Linear(hidden, num_classes))
+        self.head = nn.Sequential(
+            nn.Linear(128 * 16, hidden, bias=not _has_stats(norm)),
+            norm,
+            nn.ReLU(inplace=True),
+            nn.Linear(hidden, num_classes),
+        )
         _init(self)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -177,8 +191,9 @@ def _init(model: nn.Module) -> None:
 MODELS = ("cnn", "mlp", "resnet20", "widecnn")
 
 
-def build_model(name: str, sample_shape: Sequence[int], num_classes: int,
-                norm_layer: NormFactory) -> nn.Module:
+def build_model(
+    name: str, sample_shape: Sequence[int], num_classes: int, norm_layer: NormFactory
+) -> nn.Module:
     """Build ``cnn``, ``mlp``, ``resnet20``, ``widecnn`` or ``auto`` (cnn for (C,H,W), mlp for
     (D,))."""
     shape = tuple(int(s) for s in sample_shape)
@@ -193,8 +208,10 @@ def build_model(name: str, sample_shape: Sequence[int], num_classes: int,
         return MLP(math.prod(shape), num_classes, norm_layer)
     if key in ("cnn", "resnet20", "widecnn"):
         if len(shape) != 3:
-            raise ValueError(f"model '{key}' needs (C,H,W) samples, got sample_shape "
-                             f"{list(shape)}; use --model mlp for flat features")
+            raise ValueError(
+                f"model '{key}' needs (C,H,W) samples, got sample_shape "
+                f"{list(shape)}; use --model mlp for flat features"
+            )
         if key == "cnn":
             return SmallCNN(shape[0], num_classes, norm_layer, image_size=min(shape[1:]))
         if key == "widecnn":

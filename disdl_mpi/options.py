@@ -9,29 +9,15 @@
 
 Old spellings stay as deprecated aliases that say what to use instead.
 """
+
 from __future__ import annotations
 
 import argparse
-import re
 import sys
 from typing import Any, Optional, Sequence
 
 from disdl_mpi.data.layout import DATASETS
 from disdl_mpi.observe.progress import MODES as PROGRESS_MODES
-
-_UNITS = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-
-
-def parse_size(text: str, flag: str = "size") -> int:
-    """Bytes from '4096', '4K', '512M', '1.5G', '2GiB', '16gb' (powers of 1024); errors name
-    ``flag``, the option the text came from."""
-    m = re.fullmatch(r"\s*([0-9]*\.?[0-9]+)\s*([kmgt]?)(i?b)?\s*", str(text), re.IGNORECASE)
-    if not m:
-        raise ValueError(f"{flag}: cannot read {text!r} as a size (e.g. 4096, 4K, 512M, 2G)")
-    value = float(m.group(1)) * _UNITS[m.group(2).lower()]
-    if value < 1:
-        raise ValueError(f"{flag} must be at least one byte, got {text!r}")
-    return int(value)
 
 
 def positive_int(text: str) -> int:
@@ -45,8 +31,10 @@ def positive_int(text: str) -> int:
     return value
 
 
-PARTITION_HELP = ("partition spec: iid, dirichlet:ALPHA, shards:K, quantity:BETA, "
-                  "dirichlet:A+quantity:B, feature:KIND (rotate, contrast, noise, mixed)")
+PARTITION_HELP = (
+    "partition spec: iid, dirichlet:ALPHA, shards:K, quantity:BETA, "
+    "dirichlet:A+quantity:B, feature:KIND (rotate, contrast, noise, mixed)"
+)
 
 
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
@@ -67,31 +55,40 @@ class DeprecatedAlias(argparse.Action):
         self.new = new
         super().__init__(option_strings, dest, **kwargs)
 
-    def __call__(self, parser: argparse.ArgumentParser, namespace: argparse.Namespace,
-                 values: Any, option_string: Optional[str] = None) -> None:
+    def __call__(
+        self,
+        parser: argparse.ArgumentParser,
+        namespace: argparse.Namespace,
+        values: Any,
+        option_string: Optional[str] = None,
+    ) -> None:
         print(f"note: {option_string} is deprecated; use {self.new}", file=sys.stderr)
         setattr(namespace, self.dest, values)
         setattr(namespace, f"{self.dest}_spelling", option_string)
 
 
-def add_deprecated(parser: argparse.ArgumentParser, old: str, new: str, dest: str,
-                   **kwargs: Any) -> None:
-    parser.add_argument(old, dest=dest, action=DeprecatedAlias, new=new,
-                        help=argparse.SUPPRESS, **kwargs)
+def add_deprecated(parser: argparse.ArgumentParser, old: str, new: str, dest: str, **kwargs: Any) -> None:
+    parser.add_argument(old, dest=dest, action=DeprecatedAlias, new=new, help=argparse.SUPPRESS, **kwargs)
 
 
 def add_norm(parser: argparse.ArgumentParser, default: str = "all", **kwargs: Any) -> None:
-    parser.add_argument("--norm", default=default, help="normalization schemes: 'all', a name, "
-                        "or a comma list (validated by disdl_mpi.norms.resolve_schemes)",
-                        **kwargs)
+    parser.add_argument(
+        "--norm",
+        default=default,
+        help="normalization schemes: 'all', a name, "
+        "or a comma list (validated by disdl_mpi.norms.resolve_schemes)",
+        **kwargs,
+    )
 
 
-def add_partition(parser: argparse.ArgumentParser, default: Any, *, old: Optional[str] = None,
-                  when: str = "", **kwargs: Any) -> None:
+def add_partition(
+    parser: argparse.ArgumentParser, default: Any, *, old: Optional[str] = None, when: str = "", **kwargs: Any
+) -> None:
     """``--partition`` (and ``old`` as a deprecated alias, e.g. ``--scheme`` or ``--skew``);
     ``when`` says when the option applies (e.g. "used when the partition must be built")."""
-    parser.add_argument("--partition", default=default,
-                        help=f"{when}: {PARTITION_HELP}" if when else PARTITION_HELP, **kwargs)
+    parser.add_argument(
+        "--partition", default=default, help=f"{when}: {PARTITION_HELP}" if when else PARTITION_HELP, **kwargs
+    )
     if old:
         add_deprecated(parser, old, "--partition", "partition", **kwargs)
 
@@ -99,18 +96,21 @@ def add_partition(parser: argparse.ArgumentParser, default: Any, *, old: Optiona
 def add_dataset(parser: argparse.ArgumentParser, *, when: str = "", **kwargs: Any) -> None:
     """``--dataset``, its choices and help derived from :data:`disdl_mpi.data.layout.DATASETS`."""
     names = ", ".join(f"{name} ({what})" if what else name for name, what in DATASETS.items())
-    parser.add_argument("--dataset", choices=tuple(DATASETS),
-                        help=f"{when}: {names}" if when else names, **kwargs)
+    parser.add_argument(
+        "--dataset", choices=tuple(DATASETS), help=f"{when}: {names}" if when else names, **kwargs
+    )
 
 
 def add_progress(parser: argparse.ArgumentParser, default: str = "auto") -> None:
-    parser.add_argument("--progress", choices=PROGRESS_MODES, default=default,
-                        help="auto: a bar when a person watches (a terminal), plain lines in "
-                             "logs; none: quiet")
+    parser.add_argument(
+        "--progress",
+        choices=PROGRESS_MODES,
+        default=default,
+        help="auto: a bar when a person watches (a terminal), plain lines in logs; none: quiet",
+    )
 
 
-def add_json(parser: argparse.ArgumentParser, help: str = "also write the results to this "
-             "JSON file") -> None:
+def add_json(parser: argparse.ArgumentParser, help: str = "also write the results to this JSON file") -> None:
     parser.add_argument("--json", dest="json_path", metavar="FILE", default=None, help=help)
 
 

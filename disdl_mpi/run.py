@@ -14,59 +14,32 @@ from __future__ import annotations
 import atexit
 import sys
 import time
-from dataclasses import dataclass
 from pathlib import Path
-from typing import Callable, Optional
+from typing import Optional
 
 import torch
 from mpi4py import MPI
 
 from data_prep.ensure import ensure_partition, explicit_mismatch
-from disdl_mpi import __version__
 from disdl_mpi.comm.collective_check import CheckedComm, CollectiveChecker
-from disdl_mpi.comm.cuda_aware import detect as detect_cuda_aware
-from disdl_mpi.comm.world import (RankInfo, UserError, agree_or_raise, install_abort_handler,
-                                  rank_info, world)
-from disdl_mpi.config import RunConfig, config_errors, parse_config
+from disdl_mpi.comm.world import RankInfo, UserError, agree_or_raise, install_abort_handler, rank_info, world
+from disdl_mpi.config import config_errors, parse_config
 from disdl_mpi.data.budget import agreed_budget
-from disdl_mpi.data.layout import shard_bounds
 from disdl_mpi.data.local_data import LocalData
 from disdl_mpi.data.partition_io import load_partition
-from disdl_mpi.data.standardize import standardize
-from disdl_mpi.device import select_device, seed_everything, set_threads
+from disdl_mpi.device import seed_everything, select_device, set_threads
 from disdl_mpi.files import jsonable
-from disdl_mpi.machine import machine_info, peak_rss_bytes
-from disdl_mpi.norms import SCHEMES
-from disdl_mpi.observe.profiler import StepProfiler, parse_profile_steps, profile_path
+from disdl_mpi.job_setup import Job, announce, build_context, rank_data, whole_test_needed
+from disdl_mpi.machine import peak_rss_bytes
 from disdl_mpi.observe.progress import Progress
 from disdl_mpi.observe.results import format_table, write_metrics, write_summary
-from disdl_mpi.observe.timeline import TraceRecorder
-from disdl_mpi.observe.timing import detail_requested, phase_summary
+from disdl_mpi.observe.timing import phase_summary
 from disdl_mpi.reliability import outlock
-from disdl_mpi.reliability.checkpoint import Checkpointer, Loaded, parse_every, rng_state
-from disdl_mpi.reliability.guards import SignalWatch, StepGuard
-from disdl_mpi.reliability.watchdog import StallWatchdog
+from disdl_mpi.reliability.checkpoint import Loaded, rng_state
+from disdl_mpi.reliability.guards import SignalWatch
 from disdl_mpi.scheme_output import RunFacts, save_model, scheme_record
 from disdl_mpi.train_context import RankData, TrainContext, TrainHooks
 from disdl_mpi.trainer import train_scheme
-
-
-@dataclass
-class Job:
-    """What every step of the run shares on this rank."""
-
-    comm: MPI.Comm
-    cfg: RunConfig
-    argv: list[str]
-    out: Path
-    norms: list[str]
-    watch: SignalWatch
-    log: Callable[[str], None]
-    started: float
-
-    @property
-    def rank(self) -> int:
-        return self.comm.Get_rank()
 
 
 def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> int:
@@ -87,6 +60,7 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
 
 
 # ---- 1. the job: configuration, checked alike on every rank and reported once --------------
+
 
 def start_job(argv: list[str] | None) -> Job:
     """Parse and check the configuration on every rank; rank 0 takes the results folder."""
@@ -113,11 +87,20 @@ def start_job(argv: list[str] | None) -> Job:
     agree_or_raise(comm, "\n".join(errors) if errors else None)
     if lock_note:
         log(lock_note)
-    return Job(comm=comm, cfg=cfg, argv=sys.argv[1:] if argv is None else argv, out=out,
-               norms=cfg.schemes(), watch=watch, log=log, started=started)
+    return Job(
+        comm=comm,
+        cfg=cfg,
+        argv=sys.argv[1:] if argv is None else argv,
+        out=out,
+        norms=cfg.schemes(),
+        watch=watch,
+        log=log,
+        started=started,
+    )
 
 
 # ---- 2. this rank: device, threads, seeds ---------------------------------------------------
+
 
 def set_up_rank(job: Job) -> tuple[RankInfo, torch.device, int]:
     info = rank_info(job.comm)
@@ -129,6 +112,7 @@ def set_up_rank(job: Job) -> tuple[RankInfo, torch.device, int]:
 
 # ---- 3. its private partition ---------------------------------------------------------------
 
+
 def ensure_data(job: Job, data_dir: Path) -> None:
     """Rank 0 builds a missing partition (and checks the default folder's); the others wait.
 
@@ -138,19 +122,26 @@ def ensure_data(job: Job, data_dir: Path) -> None:
     cfg, comm = job.cfg, job.comm
     error = None
     if comm.Get_rank() == 0:
-        missing = not (data_dir / "partition.json").exists() and \
-            not any(data_dir.glob("rank_*.h5"))
+        missing = not (data_dir / "partition.json").exists() and not any(data_dir.glob("rank_*.h5"))
         try:
             if missing:
-                print(f"building partition {data_dir} ({cfg.dataset}, {cfg.partition}, "
-                      f"{comm.Get_size()} ranks, seed {cfg.seed})", flush=True)
+                print(
+                    f"building partition {data_dir} ({cfg.dataset}, {cfg.partition}, "
+                    f"{comm.Get_size()} ranks, seed {cfg.seed})",
+                    flush=True,
+                )
             if missing or cfg.data_dir is None:
-                ensure_partition(data_dir, cfg.dataset, comm.Get_size(), cfg.partition,
-                                 cfg.seed, source_dir=cfg.source_dir,
-                                 min_per_rank=cfg.min_per_rank)
+                ensure_partition(
+                    data_dir,
+                    cfg.dataset,
+                    comm.Get_size(),
+                    cfg.partition,
+                    cfg.seed,
+                    source_dir=cfg.source_dir,
+                    min_per_rank=cfg.min_per_rank,
+                )
         except Exception as exc:  # reported on every rank below, never a hang
-            error = (f"building partition {data_dir} on rank 0 failed: {exc}" if missing
-                     else str(exc))
+            error = f"building partition {data_dir} on rank 0 failed: {exc}" if missing else str(exc)
     error = comm.bcast(error, root=0)
     if error:
         raise UserError(error, collective=True)
@@ -162,119 +153,34 @@ def load_local(job: Job, data_dir: Path, device: torch.device, info: RankInfo) -
     cfg, comm = job.cfg, job.comm
     # Only a scheme that scores each rank's own model on the whole test set (fedbn) needs it
     # all on every rank; otherwise a rank holds the shard it scores.
-    local = load_partition(comm, data_dir, budget=agreed_budget(
-        comm, device, info.hostnames, cfg.memory_budget), test_shard=not _whole_test(job),
-        residency=cfg.data_residency)
+    local = load_partition(
+        comm,
+        data_dir,
+        budget=agreed_budget(comm, device, info.hostnames, cfg.memory_budget),
+        test_shard=not whole_test_needed(job),
+        residency=cfg.data_residency,
+    )
 
     def given(flag: str) -> bool:
         return any(a == flag or a.startswith(flag + "=") for a in job.argv)
 
     mismatch = explicit_mismatch(
-        local.manifest, data_dir / "partition.json",
+        local.manifest,
+        data_dir / "partition.json",
         dataset=cfg.dataset if given("--dataset") else None,
-        spec=cfg.partition if given("--partition") else None)
+        spec=cfg.partition if given("--partition") else None,
+    )
     if mismatch:
         raise UserError(mismatch, collective=True)
     return local
 
 
-def _whole_test(job: Job) -> bool:
-    return any(SCHEMES[n].per_rank_eval for n in job.norms)
+# ---- 4. the training context (job_setup.build_context); 5. every scheme in turn -------------
 
 
-def rank_data(job: Job, local: LocalData, device: torch.device, info: RankInfo) -> RankData:
-    """Standardized inputs and device labels: what training and evaluation index."""
-    domain = local.domain_test
-    x_train, tests = standardize(local.train, [local.test.x] + ([domain.x] if domain else []),
-                                 job.comm, device)
-
-    def labels(y):
-        return torch.as_tensor(y, dtype=torch.long, device=device)
-
-    x_test, y_test = tests[0], labels(local.test.y)
-    whole_test = _whole_test(job)  # then the shard this rank scores for the shared model
-    lo, hi = shard_bounds(local.test.total, info.rank, info.world_size)
-    return RankData(
-        x_train=x_train, y_train=labels(local.train.y),
-        x_test=x_test.rows(lo, hi) if whole_test else x_test,
-        y_test=y_test[lo:hi] if whole_test else y_test, sizes=list(local.sizes),
-        num_classes=int(local.num_classes), sample_shape=tuple(local.sample_shape),
-        x_domain=tests[1] if domain else None,
-        y_domain=labels(domain.y) if domain else None,
-        x_test_all=x_test if whole_test else None, y_test_all=y_test if whole_test else None)
-
-
-def announce(job: Job, info: RankInfo, device: torch.device, threads: int, data: RankData,
-             local: LocalData, data_dir: Path, startup_s: float) -> RunFacts:
-    """Rank 0 says what runs where, on which data; returns what every scheme's record shares."""
-    cfg, log = job.cfg, job.log
-    model_name = cfg.model if cfg.model != "auto" else ("cnn" if len(data.sample_shape) == 3
-                                                         else "mlp")
-    machine = machine_info(info, device, threads, detect_cuda_aware(cfg.cuda_aware).reason)
-    log(f"disdl-mpi {__version__}: {info.world_size} ranks on {machine['nodes']} node(s), "
-        f"{machine['mpi_library']}, torch {torch.__version__}, device {machine['device']}, "
-        f"{threads} thread(s) per rank")
-    placement: dict[str, list[int]] = {}
-    for r, host in enumerate(info.hostnames):
-        placement.setdefault(host, []).append(r)
-    log("ranks by node: " + "; ".join(f"{host}: {','.join(map(str, rs))}"
-                                      for host, rs in placement.items()))
-    log(f"data {data_dir}: {sum(data.sizes)} training samples over {info.world_size} ranks "
-        f"(min {min(data.sizes)}, max {max(data.sizes)}), {local.test.total} test samples, "
-        f"model {model_name}, schemes: {', '.join(job.norms)}")
-    train = local.train
-    log(f"data residency: {train.residency}" + (
-        f" (--data-residency {cfg.data_residency}: the resident data would not fit the budget)"
-        if train.residency == "stream" and train.budget_refusal else "")
-        + f"; data ready in {startup_s:.1f} s")
-    return RunFacts(info=info, machine=machine, model_name=model_name,
-                    dataset=local.manifest.get("dataset", cfg.dataset),
-                    partition=local.manifest.get("scheme", cfg.partition), data_dir=data_dir,
-                    startup_s=startup_s, measured_wait=detail_requested(cfg.timeline),
-                    cuda=device.type == "cuda")
-
-
-# ---- 4. the training context: checkpoints, guards, observers --------------------------------
-
-def build_context(job: Job, info: RankInfo, device: torch.device, data: RankData,
-                  facts: RunFacts, local: LocalData,
-                  hooks: Optional[TrainHooks]
-                  ) -> tuple[TrainContext, Progress, Optional[Loaded]]:
-    """Everything a scheme's training needs that does not change between schemes; where to
-    resume, if anywhere."""
-    cfg, comm, out, rank = job.cfg, job.comm, job.out, job.rank
-    ckpt = Checkpointer(out / "checkpoints", comm, config=cfg.to_dict(),
-                        world_size=info.world_size, manifest_sha256=local.manifest_sha256,
-                        norms=job.norms)
-    loaded = ckpt.load(cfg.resume.strip(), job.log) if cfg.resume else None
-    if loaded is not None:
-        pos = loaded.shared["position"]
-        done = int(pos["scheme_index"])
-        job.log(f"resuming from {loaded.path}: " + (
-            f"scheme {pos['norm']} at step {pos['step']}" if "model" in loaded.shared
-            else f"{done} of {len(job.norms)} scheme(s) done"))
-    progress = Progress(0, mode=cfg.progress, quiet=rank != 0)
-    ctx = TrainContext(cfg=cfg, comm=comm, norm_comm=comm.Dup(), info=info, device=device,
-                       data=data, model_name=facts.model_name, log=job.log,
-                       epoch_lines=rank == 0 and not progress.is_bar and not progress.quiet,
-                       hooks=_with_progress(hooks or TrainHooks(), progress),
-                       wait_comm=comm.Dup() if facts.measured_wait else None,
-                       trace=TraceRecorder(comm) if cfg.timeline else None,
-                       guard=StepGuard(comm, job.watch), checkpointer=ckpt,
-                       checkpoint_every=parse_every(cfg.checkpoint_every),
-                       watchdog=(StallWatchdog(comm, cfg.stall_timeout)
-                                 if cfg.stall_timeout else None),
-                       profiler=(StepProfiler(
-                           parse_profile_steps(cfg.profile_steps), device,
-                           lambda scheme: profile_path(out, cfg.timeline, scheme, rank))
-                           if cfg.profile_steps else None))
-    return ctx, progress, loaded
-
-
-# ---- 5. every scheme in turn, results written after each ------------------------------------
-
-def train_schemes(job: Job, ctx: TrainContext, progress: Progress, facts: RunFacts,
-                  loaded: Optional[Loaded]) -> list[dict]:
+def train_schemes(
+    job: Job, ctx: TrainContext, progress: Progress, facts: RunFacts, loaded: Optional[Loaded]
+) -> list[dict]:
     """Train the schemes not done yet (after ``loaded``'s, when resuming); rank 0 writes the
     results after each one."""
     cfg, comm, rank = job.cfg, job.comm, job.rank
@@ -291,14 +197,22 @@ def train_schemes(job: Job, ctx: TrainContext, progress: Progress, facts: RunFac
         start = time.perf_counter()
         res = train_scheme(ctx, name)
         wall = time.perf_counter() - start
-        record = scheme_record(cfg, res, phase_summary(comm, res.phases), facts, wall=wall,
-                               peak_rss=comm.allgather(peak_rss_bytes()))  # every rank's
+        record = scheme_record(
+            cfg,
+            res,
+            phase_summary(comm, res.phases),
+            facts,
+            wall=wall,
+            peak_rss=comm.allgather(peak_rss_bytes()),
+        )  # every rank's
         records.append(record)
         scheme_dir = job.out / name
         if rank == 0:
             write_metrics(scheme_dir / "metrics.csv", res.epochs_log)
-            progress.line(f"{name}: test accuracy {res.test_accuracy:.4f}, "
-                          f"{record['samples_per_s']:.0f} samples/s, {wall:.1f} s")
+            progress.line(
+                f"{name}: test accuracy {res.test_accuracy:.4f}, "
+                f"{record['samples_per_s']:.0f} samples/s, {wall:.1f} s"
+            )
         if cfg.save_model:
             save_model(res.model, scheme_dir, rank, per_rank=res.per_rank_accuracy is not None)
         if rank == 0:  # written after every scheme, so an interrupted run keeps what finished
@@ -306,30 +220,34 @@ def train_schemes(job: Job, ctx: TrainContext, progress: Progress, facts: RunFac
         if ctx.checkpoint_every and index + 1 < len(job.norms):
             # A scheme boundary: a resumed multi-scheme run skips the schemes already done.
             ctx.checkpointer.save(
-                {"position": {"scheme_index": index + 1, "norm": None, "epoch": 0, "batch": 0,
-                              "step": 0},
-                 "run": jsonable({"scheme_index": index + 1, "records": records})},
-                {"rng": rng_state()}, label=f"after scheme {name}")
+                {
+                    "position": {"scheme_index": index + 1, "norm": None, "epoch": 0, "batch": 0, "step": 0},
+                    "run": jsonable({"scheme_index": index + 1, "records": records}),
+                },
+                {"rng": rng_state()},
+                label=f"after scheme {name}",
+            )
     progress.close()
     return records
 
 
 # ---- 6. the end: timeline, final table ------------------------------------------------------
 
-def finish(job: Job, ctx: TrainContext, records: list[dict], machine: dict,
-           data: RankData) -> None:
+
+def finish(job: Job, ctx: TrainContext, records: list[dict], machine: dict, data: RankData) -> None:
     log, cfg = job.log, job.cfg
     if ctx.watchdog is not None:
         ctx.watchdog.enter(-1, "writing results")
     if job.watch.received is not None:
-        log(f"note: signal {job.watch.received} arrived after the last training step; the run "
-            f"is complete")
+        log(f"note: signal {job.watch.received} arrived after the last training step; the run is complete")
     if ctx.trace is not None:
         ctx.trace.write(job.comm, cfg.timeline, metadata=machine)
         log(f"timeline: {cfg.timeline} (chrome://tracing or ui.perfetto.dev)")
     if ctx.profiler is not None and ctx.profiler.written:
-        log(f"profiles (one per rank and scheme, chrome://tracing or tensorboard): "
-            f"{ctx.profiler.written[0].parent}")
+        log(
+            f"profiles (one per rank and scheme, chrome://tracing or tensorboard): "
+            f"{ctx.profiler.written[0].parent}"
+        )
     job.comm.Barrier()
     if ctx.watchdog is not None:
         ctx.watchdog.close()
@@ -345,22 +263,6 @@ def _resume_point(loaded: Optional[Loaded], index: int, first_scheme: int) -> Op
     if loaded is not None and index == first_scheme and "model" in loaded.shared:
         return loaded
     return None
-
-
-def _with_progress(hooks: TrainHooks, progress: Progress) -> TrainHooks:
-    """The caller's hooks, with the progress bar (when there is one) advanced every step."""
-    if not progress.is_bar:
-        return hooks
-    user = hooks.on_step
-
-    def on_step(step: int, total: int, label: str) -> None:
-        if progress.total != total or step == 1:
-            progress.reset(total)
-        progress.advance(1, label)
-        if user is not None:
-            user(step, total, label)
-
-    return TrainHooks(loss_fn=hooks.loss_fn, evaluate=hooks.evaluate, on_step=on_step)
 
 
 if __name__ == "__main__":

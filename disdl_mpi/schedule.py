@@ -5,6 +5,7 @@ same rate at the same step (no scheduler state to checkpoint).
 after warm-up. ``step``: x0.1 at 50 % and again at 75 % of the steps after warm-up. Warm-up (any
 schedule): linear from base/W to base over the first W steps.
 """
+
 from __future__ import annotations
 
 import math

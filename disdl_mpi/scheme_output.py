@@ -29,31 +29,46 @@ class RunFacts:
     cuda: bool
 
 
-def scheme_record(cfg: RunConfig, res: SchemeResult, phases: dict, facts: RunFacts, *,
-                  wall: float, peak_rss: list[int]) -> dict:
+def scheme_record(
+    cfg: RunConfig, res: SchemeResult, phases: dict, facts: RunFacts, *, wall: float, peak_rss: list[int]
+) -> dict:
     """One scheme's entry of summary.json (docs/CONTRACTS.md)."""
     machine = facts.machine
     record = {
-        "world_size": facts.info.world_size, "norm": res.norm, "model": facts.model_name,
-        "dataset": facts.dataset, "partition": facts.partition, "data_dir": str(facts.data_dir),
-        "epochs": res.epochs, "steps": res.steps, "test_accuracy": res.test_accuracy,
+        "world_size": facts.info.world_size,
+        "norm": res.norm,
+        "model": facts.model_name,
+        "dataset": facts.dataset,
+        "partition": facts.partition,
+        "data_dir": str(facts.data_dir),
+        "epochs": res.epochs,
+        "steps": res.steps,
+        "test_accuracy": res.test_accuracy,
         "samples_per_s": res.samples / max(1e-9, res.train_s),
         "phases": {k: v["mean"] for k, v in phases.items()},
-        "phases_detail": phases, "device": machine["device"],
-        "mpi_library": machine["mpi_library"], "allreduce_path": res.allreduce_path,
+        "phases_detail": phases,
+        "device": machine["device"],
+        "mpi_library": machine["mpi_library"],
+        "allreduce_path": res.allreduce_path,
         "cuda_aware": res.cuda_awareness,
-        "threads_per_rank": machine["threads_per_rank"], "wall_s": wall,
-        "train_s": res.train_s, "global_batch_size": cfg.global_batch_size,
-        "batching": cfg.batching, "per_rank_accuracy": res.per_rank_accuracy,
+        "threads_per_rank": machine["threads_per_rank"],
+        "wall_s": wall,
+        "train_s": res.train_s,
+        "global_batch_size": cfg.global_batch_size,
+        "batching": cfg.batching,
+        "per_rank_accuracy": res.per_rank_accuracy,
         "domain_accuracy": res.domain_accuracy,
-        "domain_accuracy_mean": (sum(res.domain_accuracy) / len(res.domain_accuracy)
-                                 if res.domain_accuracy else None),
+        "domain_accuracy_mean": (
+            sum(res.domain_accuracy) / len(res.domain_accuracy) if res.domain_accuracy else None
+        ),
         "epochs_log": res.epochs_log,
-        "grad_bytes": sum(p.numel() * p.element_size() for p in res.model.parameters()
-                          if p.requires_grad),
-        "skipped_steps": res.skipped_steps, "lr_schedule": cfg.lr_schedule,
-        "warmup_epochs": cfg.warmup_epochs, "time_to_accuracy": res.time_to_accuracy,
-        "startup_s": facts.startup_s, "peak_rss_bytes": peak_rss,
+        "grad_bytes": sum(p.numel() * p.element_size() for p in res.model.parameters() if p.requires_grad),
+        "skipped_steps": res.skipped_steps,
+        "lr_schedule": cfg.lr_schedule,
+        "warmup_epochs": cfg.warmup_epochs,
+        "time_to_accuracy": res.time_to_accuracy,
+        "startup_s": facts.startup_s,
+        "peak_rss_bytes": peak_rss,
     }
     record.update(timing_fields(phases, measured_wait=facts.measured_wait, cuda=facts.cuda))
     return record

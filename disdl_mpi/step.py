@@ -9,6 +9,7 @@ Every rank computes the mean loss of its OWN batch; the allreducer scales each g
 over the global batch, whatever the per-rank batch sizes (a rank with no samples still joins the
 gradient sum). The trainer, every in-job benchmark and the tests run this one function.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -39,21 +40,29 @@ def _no_phase(name: str) -> ContextManager[None]:  # noqa: ARG001 - the PhaseFn 
 class StepResult:
     """What one step did on this rank."""
 
-    samples: int                       # this rank's batch size
-    loss_sum: Optional[float] = None   # summed local loss; None when no forward ran
-    comm: dict = field(default_factory=dict)   # the allreducer's finish_step() figures
+    samples: int  # this rank's batch size
+    loss_sum: Optional[float] = None  # summed local loss; None when no forward ran
+    comm: dict = field(default_factory=dict)  # the allreducer's finish_step() figures
 
     @property
     def loss_finite(self) -> bool:
         return self.loss_sum is None or math.isfinite(self.loss_sum)
 
 
-def sync_step(model: nn.Module, optimizer: torch.optim.Optimizer,
-              reducer: Optional[GradientAllreducer], xb: torch.Tensor, yb: torch.Tensor,
-              n_global: int, *, loss_fn: LossFn = summed_cross_entropy,
-              phase: PhaseFn = _no_phase, forward_when_empty: bool = False,
-              before_sync: Optional[Callable[[], None]] = None,
-              before_update: Optional[Callable[[StepResult], bool]] = None) -> StepResult:
+def sync_step(
+    model: nn.Module,
+    optimizer: torch.optim.Optimizer,
+    reducer: Optional[GradientAllreducer],
+    xb: torch.Tensor,
+    yb: torch.Tensor,
+    n_global: int,
+    *,
+    loss_fn: LossFn = summed_cross_entropy,
+    phase: PhaseFn = _no_phase,
+    forward_when_empty: bool = False,
+    before_sync: Optional[Callable[[], None]] = None,
+    before_update: Optional[Callable[[StepResult], bool]] = None,
+) -> StepResult:
     """Run one step on this rank; collective over the reducer's communicator.
 
     1. zero the gradients (in place: they are views into the allreducer's buckets);
@@ -61,7 +70,8 @@ def sync_step(model: nn.Module, optimizer: torch.optim.Optimizer,
     3. forward and the local mean loss (skipped on an empty batch unless
        ``forward_when_empty``: syncbn's forward is itself collective);
     4. backward: the gradient hooks scale each gradient and launch its bucket's allreduce;
-    5. ``before_sync()`` (the timed imbalance probe, if any), then ``reducer.finish_step()``: launch what is left, wait for all;
+    5. ``before_sync()`` (the timed imbalance probe, if any), then ``reducer.finish_step()``:
+       launch what is left, wait for all;
     6. ``before_update(result)`` may veto the update (the NaN/signal guard);
     7. ``optimizer.step()``.
 

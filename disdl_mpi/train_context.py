@@ -2,6 +2,7 @@
 :mod:`disdl_mpi.run` (which builds the context once per run) and :mod:`disdl_mpi.trainer`
 (which trains one scheme with it).
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field
@@ -40,14 +41,14 @@ class RankData:
 
     x_train: Inputs
     y_train: torch.Tensor
-    x_test: Inputs            # the rows this rank scores (data.layout.shard_bounds)
+    x_test: Inputs  # the rows this rank scores (data.layout.shard_bounds)
     y_test: torch.Tensor
     sizes: list[int]
     num_classes: int
     sample_shape: tuple[int, ...]
-    x_domain: Optional[Inputs] = None   # feature shift: this rank's own-domain test split
+    x_domain: Optional[Inputs] = None  # feature shift: this rank's own-domain test split
     y_domain: Optional[torch.Tensor] = None
-    x_test_all: Optional[Inputs] = None     # the whole test set, for per-rank evaluation
+    x_test_all: Optional[Inputs] = None  # the whole test set, for per-rank evaluation
     y_test_all: Optional[torch.Tensor] = None
 
     def close_stream(self) -> Optional[str]:
@@ -77,25 +78,25 @@ class TrainContext:
     """Everything a scheme's training needs that does not change between schemes."""
 
     cfg: RunConfig
-    comm: MPI.Comm                  # gradients, evaluation, control
-    norm_comm: MPI.Comm             # the schemes' own collectives (syncbn, bn-recal)
+    comm: MPI.Comm  # gradients, evaluation, control
+    norm_comm: MPI.Comm  # the schemes' own collectives (syncbn, bn-recal)
     info: RankInfo
     device: torch.device
     data: RankData
     model_name: str
     log: Callable[[str], None] = print
-    epoch_lines: bool = True        # one line per epoch (off under a progress bar or quiet)
+    epoch_lines: bool = True  # one line per epoch (off under a progress bar or quiet)
     hooks: TrainHooks = field(default_factory=TrainHooks)
-    wait_comm: Optional[MPI.Comm] = None          # timing detail: the imbalance probe
+    wait_comm: Optional[MPI.Comm] = None  # timing detail: the imbalance probe
     trace: Optional[TraceRecorder] = None
     guard: Optional[StepGuard] = None
     checkpointer: Optional[Checkpointer] = None
-    checkpoint_every: Optional[tuple[str, int]] = None   # ("steps"|"epochs", N)
-    scheme_index: int = 0                         # position in the run's scheme list
-    run_records: list[dict] = field(default_factory=list)   # finished schemes, for checkpoints
-    resume: Optional[Loaded] = None               # positioned inside this scheme
-    watchdog: Optional[StallWatchdog] = None      # --stall-timeout
-    profiler: Optional[StepProfiler] = None       # --profile-steps
+    checkpoint_every: Optional[tuple[str, int]] = None  # ("steps"|"epochs", N)
+    scheme_index: int = 0  # position in the run's scheme list
+    run_records: list[dict] = field(default_factory=list)  # finished schemes, for checkpoints
+    resume: Optional[Loaded] = None  # positioned inside this scheme
+    watchdog: Optional[StallWatchdog] = None  # --stall-timeout
+    profiler: Optional[StepProfiler] = None  # --profile-steps
 
 
 @dataclass
@@ -115,5 +116,5 @@ class SchemeResult:
     cuda_awareness: Optional[str]
     epochs_log: list[dict] = field(default_factory=list)
     skipped_steps: int = 0
-    time_to_accuracy: Optional[dict] = None   # first epoch/time at --target-accuracy
+    time_to_accuracy: Optional[dict] = None  # first epoch/time at --target-accuracy
     domain_accuracy: Optional[list[float]] = None  # each rank on its own domain (feature shift)

@@ -6,6 +6,7 @@ with its timing), ``decide`` (the guard's agreed NaN/signal decision), ``checkpo
 ``end_of_epoch`` and ``evaluate``. What it is given and returns (``TrainContext``,
 ``SchemeResult``) lives in :mod:`disdl_mpi.train_context`.
 """
+
 from __future__ import annotations
 
 import time
@@ -25,10 +26,8 @@ from disdl_mpi.files import jsonable
 from disdl_mpi.models import build_model
 from disdl_mpi.norms import build_for_run, norm_state_ids
 from disdl_mpi.observe.timing import PhaseTimer
-from disdl_mpi.reliability.checkpoint import (Loaded, model_parts, restore_model, rng_state,
-                                              set_rng_state)
-from disdl_mpi.reliability.guards import (GradFiniteProbe, NumericalError, Preempted,
-                                          StepDecision, signal_name)
+from disdl_mpi.reliability.checkpoint import Loaded, model_parts, restore_model, rng_state, set_rng_state
+from disdl_mpi.reliability.guards import GradFiniteProbe, NumericalError, Preempted, StepDecision, signal_name
 from disdl_mpi.schedule import lr_factor
 from disdl_mpi.step import StepResult, sync_step
 from disdl_mpi.train_context import SchemeResult, TrainContext
@@ -49,26 +48,38 @@ class SchemeTraining:
         self.ctx, self.cfg, self.comm, self.data, self.name = ctx, cfg, comm, data, norm_name
         self.scheme = build_for_run(norm_name, cfg, ctx.norm_comm)
         seed_everything(cfg.seed)  # the same initial weights for every scheme
-        self.model = build_model(ctx.model_name, data.sample_shape, data.num_classes,
-                                 self.scheme.layer).to(ctx.device)
+        self.model = build_model(ctx.model_name, data.sample_shape, data.num_classes, self.scheme.layer).to(
+            ctx.device
+        )
         self.local_ids = norm_state_ids(self.model) if self.scheme.local_params else set()
         broadcast_module_(self.model, comm, exclude=self.local_ids)
-        self.optimizer = torch.optim.SGD(self.model.parameters(), lr=cfg.lr,
-                                         momentum=cfg.momentum, weight_decay=cfg.weight_decay)
+        self.optimizer = torch.optim.SGD(
+            self.model.parameters(), lr=cfg.lr, momentum=cfg.momentum, weight_decay=cfg.weight_decay
+        )
         self.reducer = GradientAllreducer(
-            self.model, comm, bucket_mb=cfg.bucket_mb, overlap=cfg.overlap,
-            compress=cfg.compress, cuda_aware=cfg.cuda_aware,
+            self.model,
+            comm,
+            bucket_mb=cfg.bucket_mb,
+            overlap=cfg.overlap,
+            compress=cfg.compress,
+            cuda_aware=cfg.cuda_aware,
             skip=lambda name, p: id(p) in self.local_ids,
-            payload=self.scheme.payload(self.model))
+            payload=self.scheme.payload(self.model),
+        )
         self.plan = BatchPlan(data.sizes, comm.Get_rank(), cfg.global_batch_size, cfg.batching)
         self.epochs, self.max_steps = total_steps(cfg, self.plan)
         self.warmup_steps = round(cfg.warmup_epochs * self.plan.steps_per_epoch)
-        self.timer = PhaseTimer(ctx.device, wait_comm=ctx.wait_comm, trace=ctx.trace,
-                                on_phase=ctx.watchdog.enter if ctx.watchdog else None)
+        self.timer = PhaseTimer(
+            ctx.device,
+            wait_comm=ctx.wait_comm,
+            trace=ctx.trace,
+            on_phase=ctx.watchdog.enter if ctx.watchdog else None,
+        )
         if ctx.watchdog is not None:
             reducer = self.reducer
-            ctx.watchdog.detail = lambda: ("" if reducer.waiting_for is None
-                                           else f"gradient bucket {reducer.waiting_for}")
+            ctx.watchdog.detail = lambda: (
+                "" if reducer.waiting_for is None else f"gradient bucket {reducer.waiting_for}"
+            )
         self.probe = GradFiniteProbe(self.model) if ctx.guard is not None else None
         self.norm_comm_start = self.scheme.comm_seconds()
         self.guard_start = ctx.guard.seconds if ctx.guard is not None else 0.0
@@ -80,7 +91,7 @@ class SchemeTraining:
         self.per_rank: Optional[list[float]] = None
         self.log: list[dict] = []
         self.loss_sum = np.zeros(2, dtype=np.float64)  # [sum of sample losses, samples]
-        self.reached: Optional[dict] = None   # when --target-accuracy was first met
+        self.reached: Optional[dict] = None  # when --target-accuracy was first met
         self.domain_acc: Optional[list[float]] = None
 
     # ----------------------------------------------------------------- restore
@@ -101,10 +112,10 @@ class SchemeTraining:
     def step(self, idx: np.ndarray, n_global: int) -> tuple[StepResult, Optional[StepDecision]]:
         """One optimizer step on this rank's batch ``idx``; returns it and the guard's verdict."""
         timer, ctx, cfg = self.timer, self.ctx, self.cfg
-        self.scheme.before_step(self.model, self.data.x_train, cfg.global_batch_size,
-                                self.step_no, self.max_steps)
-        rate = cfg.lr * lr_factor(cfg.lr_schedule, self.step_no, self.max_steps,
-                                  self.warmup_steps)
+        self.scheme.before_step(
+            self.model, self.data.x_train, cfg.global_batch_size, self.step_no, self.max_steps
+        )
+        rate = cfg.lr * lr_factor(cfg.lr_schedule, self.step_no, self.max_steps, self.warmup_steps)
         for group in self.optimizer.param_groups:
             group["lr"] = rate
         if ctx.profiler is not None:
@@ -114,8 +125,7 @@ class SchemeTraining:
             index = torch.as_tensor(idx, device=ctx.device, dtype=torch.long)
             xb, yb = self.data.x_train[index], self.data.y_train[index]
         # --on-nan skip must undo what forward did to the running statistics.
-        saved = ([b.detach().clone() for b in self.model.buffers()]
-                 if self.cfg.on_nan == "skip" else None)
+        saved = [b.detach().clone() for b in self.model.buffers()] if self.cfg.on_nan == "skip" else None
         verdict: list[Optional[StepDecision]] = [None]
 
         def before_update(res: StepResult) -> bool:
@@ -128,10 +138,19 @@ class SchemeTraining:
                 return False
             return True
 
-        res = sync_step(self.model, self.optimizer, self.reducer, xb, yb, n_global,
-                        loss_fn=ctx.hooks.loss_fn, phase=timer.phase,
-                        forward_when_empty=self.scheme.collective_forward,
-                        before_sync=timer.wait_for_peers, before_update=before_update)
+        res = sync_step(
+            self.model,
+            self.optimizer,
+            self.reducer,
+            xb,
+            yb,
+            n_global,
+            loss_fn=ctx.hooks.loss_fn,
+            phase=timer.phase,
+            forward_when_empty=self.scheme.collective_forward,
+            before_sync=timer.wait_for_peers,
+            before_update=before_update,
+        )
         timer.end_step()
         self.scheme.after_step(self.model, self.step_no)
         if res.loss_sum is not None and not (verdict[0] and verdict[0].nonfinite):
@@ -141,8 +160,9 @@ class SchemeTraining:
         if ctx.profiler is not None:
             ctx.profiler.after_step(self.step_no - 1, self.name)
         if ctx.hooks.on_step is not None:
-            ctx.hooks.on_step(self.step_no, self.max_steps,
-                              f"{self.name} epoch {self.epoch + 1}/{self.epochs}")
+            ctx.hooks.on_step(
+                self.step_no, self.max_steps, f"{self.name} epoch {self.epoch + 1}/{self.epochs}"
+            )
         return res, verdict[0]
 
     # ----------------------------------------------------------------- decide
@@ -156,11 +176,14 @@ class SchemeTraining:
 
     def skip_step(self, d: StepDecision, saved: Optional[list[torch.Tensor]]) -> None:
         """A non-finite step: stop every rank, or (``--on-nan skip``) undo it everywhere."""
-        where = (f"non-finite {d.nonfinite_kind} on rank {d.nonfinite_rank} at optimizer step "
-                 f"{self.step_no + 1} (scheme {self.name}, epoch {self.epoch + 1})")
+        where = (
+            f"non-finite {d.nonfinite_kind} on rank {d.nonfinite_rank} at optimizer step "
+            f"{self.step_no + 1} (scheme {self.name}, epoch {self.epoch + 1})"
+        )
         if saved is None:
-            raise NumericalError(f"{where}: stopping (--on-nan stop); lower --lr, or use "
-                                 f"--on-nan skip to skip such steps")
+            raise NumericalError(
+                f"{where}: stopping (--on-nan stop); lower --lr, or use --on-nan skip to skip such steps"
+            )
         self.ctx.log(f"  {where}: step skipped (--on-nan skip)")
         with torch.no_grad():
             for b, old in zip(self.model.buffers(), saved):
@@ -171,27 +194,42 @@ class SchemeTraining:
         """A signal arrived on some rank: checkpoint this step boundary, then stop all."""
         name = signal_name(d.signum)
         if self.ctx.checkpointer is None:
-            raise Preempted(f"{name} received on rank {d.signal_rank}: stopped at step "
-                            f"{self.step_no} of scheme {self.name} (no checkpointer)", d.signum)
+            raise Preempted(
+                f"{name} received on rank {d.signal_rank}: stopped at step "
+                f"{self.step_no} of scheme {self.name} (no checkpointer)",
+                d.signum,
+            )
         path = self.checkpoint(self.epoch, self.batch, f"{name} at step {self.step_no}")
-        raise Preempted(f"{name} received on rank {d.signal_rank}: checkpoint of scheme "
-                        f"{self.name} at step {self.step_no} written to {path}; resume with "
-                        f"--resume auto (same --out)", d.signum)
+        raise Preempted(
+            f"{name} received on rank {d.signal_rank}: checkpoint of scheme "
+            f"{self.name} at step {self.step_no} written to {path}; resume with "
+            f"--resume auto (same --out)",
+            d.signum,
+        )
 
     # ----------------------------------------------------------------- checkpoint
     def checkpoint(self, epoch: int, batch: int, label: str):
         """Collective: commit the state at this step boundary (position = next batch)."""
         shared, local = model_parts(self.model, self.optimizer)
-        shared["position"] = {"scheme_index": self.ctx.scheme_index, "norm": self.name,
-                              "epoch": epoch, "batch": batch, "step": self.step_no}
+        shared["position"] = {
+            "scheme_index": self.ctx.scheme_index,
+            "norm": self.name,
+            "epoch": epoch,
+            "batch": batch,
+            "step": self.step_no,
+        }
         in_epoch = time.perf_counter() - self.epoch_start if batch else 0.0
         shared["scheme_state"] = {
-            "samples": self.samples, "train_s": self.train_s + in_epoch,
-            "skipped": self.skipped, "epochs_log": jsonable(self.log), "acc": float(self.acc),
-            "per_rank": self.per_rank, "reached": self.reached,
-            "phases": {k: float(v) for k, v in self.timer.seconds.items()}}
-        shared["run"] = jsonable({"scheme_index": self.ctx.scheme_index,
-                                  "records": self.ctx.run_records})
+            "samples": self.samples,
+            "train_s": self.train_s + in_epoch,
+            "skipped": self.skipped,
+            "epochs_log": jsonable(self.log),
+            "acc": float(self.acc),
+            "per_rank": self.per_rank,
+            "reached": self.reached,
+            "phases": {k: float(v) for k, v in self.timer.seconds.items()},
+        }
+        shared["run"] = jsonable({"scheme_index": self.ctx.scheme_index, "records": self.ctx.run_records})
         local["rng"] = rng_state()
         local["loss_sum"] = torch.from_numpy(self.loss_sum.copy())
         return self.ctx.checkpointer.save(shared, local, label=label)
@@ -217,14 +255,26 @@ class SchemeTraining:
             self.acc, self.per_rank = self.evaluate()
             target = self.cfg.target_accuracy
             if target is not None and self.reached is None and self.acc >= target:
-                self.reached = {"target": target, "epoch": self.epoch + 1,
-                                "step": self.step_no, "train_s": self.train_s}
-        self.log.append({"epoch": self.epoch + 1, "step": self.step_no,
-                         "train_loss": self.loss_sum[0] / max(1.0, self.loss_sum[1]),
-                         "test_accuracy": self.acc, "wall_s": self.train_s})
+                self.reached = {
+                    "target": target,
+                    "epoch": self.epoch + 1,
+                    "step": self.step_no,
+                    "train_s": self.train_s,
+                }
+        self.log.append(
+            {
+                "epoch": self.epoch + 1,
+                "step": self.step_no,
+                "train_loss": self.loss_sum[0] / max(1.0, self.loss_sum[1]),
+                "test_accuracy": self.acc,
+                "wall_s": self.train_s,
+            }
+        )
         if self.ctx.epoch_lines:
-            self.ctx.log(f"  {self.name:>9} epoch {self.epoch + 1:3d}/{self.epochs}  loss "
-                         f"{self.log[-1]['train_loss']:.4f}  test acc {self.acc:.4f}")
+            self.ctx.log(
+                f"  {self.name:>9} epoch {self.epoch + 1:3d}/{self.epochs}  loss "
+                f"{self.log[-1]['train_loss']:.4f}  test acc {self.acc:.4f}"
+            )
 
     def evaluate(self) -> tuple[float, Optional[list[float]]]:
         """Collective: this scheme's test accuracy (per rank too, for rank-local models)."""
@@ -233,15 +283,12 @@ class SchemeTraining:
             self.scheme.recalibrate(self.model, data.x_train, self.cfg.global_batch_size)
             if not self.scheme.per_rank_eval:
                 # Like DDP's broadcast_buffers: running statistics come from rank 0.
-                broadcast_module_(self.model, self.comm, buffers_only=True,
-                                  exclude=self.local_ids)
+                broadcast_module_(self.model, self.comm, buffers_only=True, exclude=self.local_ids)
             if data.x_domain is not None:  # each rank's model on its own domain's split
                 own = count_correct(self.model, data.x_domain, data.y_domain)
-                self.domain_acc = [float(a) for a in self.comm.allgather(
-                    own / max(1, len(data.y_domain)))]
+                self.domain_acc = [float(a) for a in self.comm.allgather(own / max(1, len(data.y_domain)))]
             if self.scheme.per_rank_eval:
-                return evaluate_per_rank(self.model, data.x_test_all, data.y_test_all,
-                                         self.comm)
+                return evaluate_per_rank(self.model, data.x_test_all, data.y_test_all, self.comm)
             return self.ctx.hooks.evaluate(self.model, data.x_test, data.y_test, self.comm), None
 
     def finish(self) -> SchemeResult:
@@ -255,13 +302,22 @@ class SchemeTraining:
             self.timer.add("step_guard", self.ctx.guard.seconds - self.guard_start)
         awareness = self.reducer.cuda_awareness
         return SchemeResult(
-            norm=self.name, model=self.model, test_accuracy=self.acc,
-            per_rank_accuracy=self.per_rank, epochs=len(self.log), steps=self.step_no,
-            samples=self.samples, train_s=self.train_s, phases=self.timer.totals(),
+            norm=self.name,
+            model=self.model,
+            test_accuracy=self.acc,
+            per_rank_accuracy=self.per_rank,
+            epochs=len(self.log),
+            steps=self.step_no,
+            samples=self.samples,
+            train_s=self.train_s,
+            phases=self.timer.totals(),
             allreduce_path=self.reducer.path,
             cuda_awareness=awareness.reason if awareness is not None else None,
-            epochs_log=self.log, skipped_steps=self.skipped, time_to_accuracy=self.reached,
-            domain_accuracy=self.domain_acc)
+            epochs_log=self.log,
+            skipped_steps=self.skipped,
+            time_to_accuracy=self.reached,
+            domain_accuracy=self.domain_acc,
+        )
 
 
 def train_scheme(ctx: TrainContext, norm_name: str) -> SchemeResult:
@@ -299,6 +355,7 @@ def train_scheme(ctx: TrainContext, norm_name: str) -> SchemeResult:
         t.maybe_checkpoint("epochs")
     result = t.finish()
     if ctx.trace is not None:
-        ctx.trace.complete(f"scheme {norm_name}", scheme_start,
-                           time.perf_counter() - scheme_start, cat="scheme")
+        ctx.trace.complete(
+            f"scheme {norm_name}", scheme_start, time.perf_counter() - scheme_start, cat="scheme"
+        )
     return result

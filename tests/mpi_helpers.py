@@ -1,5 +1,6 @@
 """Launching real MPI jobs from tests: the studies' own launcher lookup, a hard timeout, and
 background jobs whose ranks a test can signal, kill and check for survivors."""
+
 from __future__ import annotations
 
 import os
@@ -26,19 +27,35 @@ def mpi_env(extra: dict | None = None) -> dict:
     return env
 
 
-def run_mpi(n: int, args: list[str], *, timeout: float = 120, env: dict | None = None,
-            cwd: str | Path | None = None, check: bool = False) -> subprocess.CompletedProcess:
+def run_mpi(
+    n: int,
+    args: list[str],
+    *,
+    timeout: float = 120,
+    env: dict | None = None,
+    cwd: str | Path | None = None,
+    check: bool = False,
+) -> subprocess.CompletedProcess:
     """Run ``mpiexec -n N python ARGS`` with a hard timeout; raises on timeout (a hang).
 
     The job gets its own session, so it never draws progress bars on the terminal that runs
     pytest (the ranks have no controlling terminal, as in a batch job).
     """
     cmd = mpi_command(n, args)
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout,
-                          env=mpi_env(env), cwd=str(cwd or ROOT), start_new_session=True)
+    proc = subprocess.run(
+        cmd,
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+        env=mpi_env(env),
+        cwd=str(cwd or ROOT),
+        start_new_session=True,
+    )
     if check and proc.returncode != 0:
-        raise AssertionError(f"{' '.join(cmd)} failed rc={proc.returncode}\n"
-                             f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}")
+        raise AssertionError(
+            f"{' '.join(cmd)} failed rc={proc.returncode}\n"
+            f"stdout:\n{proc.stdout[-4000:]}\nstderr:\n{proc.stderr[-4000:]}"
+        )
     return proc
 
 
@@ -52,9 +69,15 @@ class Job:
         extra.update(env or {})
         self.n = n
         self.started = time.monotonic()
-        self.proc = subprocess.Popen(mpi_command(n, ["-m", FAULT_DRIVER, *args]),
-                                     stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
-                                     env=mpi_env(extra), cwd=str(ROOT), start_new_session=True)
+        self.proc = subprocess.Popen(
+            mpi_command(n, ["-m", FAULT_DRIVER, *args]),
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=mpi_env(extra),
+            cwd=str(ROOT),
+            start_new_session=True,
+        )
 
     def rank_pids(self, timeout: float = 60) -> list[int]:
         end = time.monotonic() + timeout
@@ -79,8 +102,9 @@ class Job:
             time.sleep(0.02)
         raise AssertionError(f"job never reached {scheme} step {step}")
 
-    def signal_at_step(self, scheme: str, step: int, ranks: list[int], sig: int,
-                       timeout: float) -> tuple[int, str, str, float, list[int]]:
+    def signal_at_step(
+        self, scheme: str, step: int, ranks: list[int], sig: int, timeout: float
+    ) -> tuple[int, str, str, float, list[int]]:
         """Send ``sig`` to ``ranks`` once ``scheme`` reached ``step``, then wait for the end.
 
         Returns (rc, stdout, stderr, seconds from the signal to the exit, every rank's pid);

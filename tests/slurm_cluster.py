@@ -9,6 +9,7 @@ free ports with private sockets, pid files and logs, and waits until the node is
 Everything lives under ``root`` so nothing clashes with a site SLURM or another test session:
 the daemons are found by ``SLURM_CONF`` only, which ``SlurmCluster.env()`` sets.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,78 +18,19 @@ import shutil
 import signal
 import socket
 import subprocess
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from bench.cluster.slurm import slurm_conf
-
-PACKAGES = ["slurmctld", "slurmd", "slurm-client", "munge"]
-TOOLS = ["slurmctld", "slurmd", "sbatch", "srun", "sinfo", "scontrol", "scancel"]
-
-
-class SlurmUnavailable(RuntimeError):
-    """This machine cannot run a private SLURM (not root, no apt, install or start failed)."""
-
-
-def _missing_tools() -> list[str]:
-    return [t for t in TOOLS if shutil.which(t) is None]
-
-
-def ensure_installed(timeout: float = 240) -> None:
-    """Install slurm + munge from apt when a tool is missing; raise SlurmUnavailable if we can't."""
-    if not _missing_tools():
-        return
-    if os.geteuid() != 0:
-        raise SlurmUnavailable(f"slurm tools missing ({', '.join(_missing_tools())}) and not "
-                               "root, so they cannot be installed")
-    if shutil.which("apt-get") is None:
-        raise SlurmUnavailable("slurm tools missing and no apt-get (not a Debian-like system)")
-    env = dict(os.environ, DEBIAN_FRONTEND="noninteractive")
-    for cmd in (["apt-get", "update", "-qq"],
-                ["apt-get", "install", "-y", "-qq", "--no-install-recommends", *PACKAGES]):
-        try:
-            proc = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=timeout)
-        except subprocess.TimeoutExpired as exc:
-            raise SlurmUnavailable(f"{' '.join(cmd)} timed out after {timeout} s") from exc
-        if proc.returncode != 0:
-            raise SlurmUnavailable(f"{' '.join(cmd)} failed rc={proc.returncode}: "
-                                   f"{proc.stderr[-2000:]}")
-    if _missing_tools():
-        raise SlurmUnavailable(f"still missing after apt install: {_missing_tools()}")
-
-
-def _free_ports(n: int) -> list[int]:
-    """n distinct TCP ports that are free right now (bound to 0, then released)."""
-    socks, ports = [], []
-    try:
-        for _ in range(n):
-            s = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
-            s.bind(("127.0.0.1", 0))
-            socks.append(s)
-            ports.append(s.getsockname()[1])
-    finally:
-        for s in socks:
-            s.close()
-    return ports
-
-
-def _read_pid(path: Path) -> int | None:
-    try:
-        return int(path.read_text().strip())
-    except (OSError, ValueError):
-        return None
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
+from tests.slurm_daemons import (
+    SlurmUnavailable,
+    _alive,
+    _free_ports,
+    _read_pid,
+    _start_munged,
+    _write_conf,
+    ensure_installed,
+)
 
 
 @dataclass
@@ -97,15 +39,17 @@ class SlurmJob:
 
     job_id: int
     returncode: int
-    output: str          # the job's stdout/stderr file contents
+    output: str  # the job's stdout/stderr file contents
     submit_stdout: str
     submit_stderr: str
-    state: str = ""      # JobState from scontrol, if the job was still known
+    state: str = ""  # JobState from scontrol, if the job was still known
 
     def describe(self) -> str:
-        return (f"job {self.job_id} rc={self.returncode} state={self.state}\n"
-                f"sbatch stderr:\n{self.submit_stderr[-2000:]}\n"
-                f"job output:\n{self.output[-6000:]}")
+        return (
+            f"job {self.job_id} rc={self.returncode} state={self.state}\n"
+            f"sbatch stderr:\n{self.submit_stderr[-2000:]}\n"
+            f"job output:\n{self.output[-6000:]}"
+        )
 
 
 @dataclass
@@ -128,12 +72,19 @@ class PendingJob:
             self.cluster.run(["scancel", str(self.job_id)])
             self.proc.kill()
             self.proc.communicate()
-            raise AssertionError(f"job {self.job_id} did not finish within {timeout} s; "
-                                 f"output so far:\n{self.output()[-4000:]}\n"
-                                 f"{self.cluster.logs()}") from None
-        return SlurmJob(self.job_id, self.proc.returncode, self.output(),
-                        f"{self.job_id}\n{stdout}", stderr,
-                        self.cluster.job_state(self.job_id))
+            raise AssertionError(
+                f"job {self.job_id} did not finish within {timeout} s; "
+                f"output so far:\n{self.output()[-4000:]}\n"
+                f"{self.cluster.logs()}"
+            ) from None
+        return SlurmJob(
+            self.job_id,
+            self.proc.returncode,
+            self.output(),
+            f"{self.job_id}\n{stdout}",
+            stderr,
+            self.cluster.job_state(self.job_id),
+        )
 
 
 @dataclass
@@ -148,7 +99,7 @@ class SlurmCluster:
     pid_files: list[Path] = field(default_factory=list)
     # prepended to every client command: empty here; nsenter into node 0 on the emulated cluster
     client_prefix: list[str] = field(default_factory=list)
-    base_env: dict | None = None   # the environment to start from (default: os.environ)
+    base_env: dict | None = None  # the environment to start from (default: os.environ)
 
     @property
     def conf(self) -> Path:
@@ -167,8 +118,9 @@ class SlurmCluster:
         return env
 
     def run(self, args: list[str], timeout: float = 30) -> subprocess.CompletedProcess:
-        return subprocess.run([*self.client_prefix, *args], capture_output=True, text=True,
-                              env=self.env(), timeout=timeout)
+        return subprocess.run(
+            [*self.client_prefix, *args], capture_output=True, text=True, env=self.env(), timeout=timeout
+        )
 
     def logs(self) -> str:
         parts = []
@@ -190,42 +142,70 @@ class SlurmCluster:
             time.sleep(0.3)
         raise SlurmUnavailable(f"node not idle after {timeout} s (sinfo: {last!r})\n{self.logs()}")
 
-    def submit(self, script: Path | str, sbatch_args: list[str] | None = None,
-               script_args: list[str] | None = None, *, env: dict | None = None,
-               cwd: Path | str | None = None) -> "PendingJob":
+    def submit(
+        self,
+        script: Path | str,
+        sbatch_args: list[str] | None = None,
+        script_args: list[str] | None = None,
+        *,
+        env: dict | None = None,
+        cwd: Path | str | None = None,
+    ) -> "PendingJob":
         """Start ``sbatch --wait --parsable`` and return once SLURM has given the job id.
 
         The output file is ``<cwd>/slurm-<jobid>.out`` unless sbatch_args set ``-o``.
         """
         cwd = Path(cwd or self.root)
         out_pattern = str(cwd / "slurm-%j.out")
-        args = ["sbatch", "--wait", "--parsable", "-o", out_pattern, *(sbatch_args or []),
-                str(script), *(script_args or [])]
-        proc = subprocess.Popen([*self.client_prefix, *args], stdout=subprocess.PIPE,
-                                stderr=subprocess.PIPE, text=True, env=self.env(env),
-                                cwd=str(cwd))
+        args = [
+            "sbatch",
+            "--wait",
+            "--parsable",
+            "-o",
+            out_pattern,
+            *(sbatch_args or []),
+            str(script),
+            *(script_args or []),
+        ]
+        proc = subprocess.Popen(
+            [*self.client_prefix, *args],
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+            env=self.env(env),
+            cwd=str(cwd),
+        )
         assert proc.stdout is not None
-        first = proc.stdout.readline()   # sbatch prints the id before it starts waiting
+        first = proc.stdout.readline()  # sbatch prints the id before it starts waiting
         match = re.match(r"^(\d+)", first.strip())
         if not match:
             rest, err = proc.communicate(timeout=30)
-            raise AssertionError(f"sbatch {script} gave no job id (rc={proc.returncode}): "
-                                 f"{first + rest!r} {err[-2000:]!r}")
-        return PendingJob(self, proc, int(match.group(1)),
-                          Path(out_pattern.replace("%j", match.group(1))))
+            raise AssertionError(
+                f"sbatch {script} gave no job id (rc={proc.returncode}): {first + rest!r} {err[-2000:]!r}"
+            )
+        return PendingJob(self, proc, int(match.group(1)), Path(out_pattern.replace("%j", match.group(1))))
 
-    def sbatch(self, script: Path | str, sbatch_args: list[str] | None = None,
-               script_args: list[str] | None = None, *, env: dict | None = None,
-               cwd: Path | str | None = None, timeout: float = 180) -> SlurmJob:
+    def sbatch(
+        self,
+        script: Path | str,
+        sbatch_args: list[str] | None = None,
+        script_args: list[str] | None = None,
+        *,
+        env: dict | None = None,
+        cwd: Path | str | None = None,
+        timeout: float = 180,
+    ) -> SlurmJob:
         """Submit ``script`` with ``sbatch --wait`` under a hard timeout; return job + output."""
         return self.submit(script, sbatch_args, script_args, env=env, cwd=cwd).wait(timeout)
 
-    def preempt_after_first_checkpoint(self, script: Path | str, sbatch_args: list[str], *,
-                                       env: dict, cwd: Path, timeout: float) -> tuple[SlurmJob, Path]:
+    def preempt_after_first_checkpoint(
+        self, script: Path | str, sbatch_args: list[str], *, env: dict, cwd: Path, timeout: float
+    ) -> tuple[SlurmJob, Path]:
         """Submit, wait for the run's first committed checkpoint, send the batch shell USR1
         (as ``--signal=B:USR1`` would near the time limit) and wait for the job to end;
         returns the job and its results folder."""
         import pytest
+
         pending = self.submit(script, sbatch_args, env=env, cwd=cwd)
         out_dir = Path(cwd) / "results" / str(pending.job_id)
         deadline = time.monotonic() + timeout
@@ -288,50 +268,6 @@ class SlurmCluster:
             shutil.rmtree(self.munge_socket.parent, ignore_errors=True)
 
 
-def _start_munged(root: Path) -> Path | None:
-    """Start a private munged (own socket/pid/log) as user munge; None if that isn't possible.
-
-    Its files live in a fresh /tmp folder, not under ``root``: munged insists that every
-    directory on the socket's path is traversable by all, which pytest's 0700 tmp dirs aren't.
-    """
-    if shutil.which("munged") is None or not Path("/etc/munge/munge.key").exists():
-        return None
-    try:
-        import pwd
-        pw = pwd.getpwnam("munge")
-    except KeyError:
-        return None
-    mdir = Path(tempfile.mkdtemp(prefix="disdl-munge-"))
-    (root / "munge").symlink_to(mdir)  # so logs and the pid file are found from root
-    # munged refuses a socket dir others can't traverse or that it doesn't own.
-    os.chmod(mdir, 0o755)
-    os.chown(mdir, pw.pw_uid, pw.pw_gid)
-    sock = mdir / "munge.sock"
-    cmd = ["munged", f"--socket={sock}", f"--pid-file={mdir / 'munged.pid'}",
-           f"--log-file={mdir / 'munged.log'}", f"--seed-file={mdir / 'munged.seed'}"]
-    if os.geteuid() == 0:
-        cmd = ["runuser", "-u", "munge", "--", *cmd]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=20)
-    if proc.returncode != 0:
-        shutil.rmtree(mdir, ignore_errors=True)
-        (root / "munge").unlink()
-        return None
-    return sock
-
-
-def _write_conf(root: Path, node: str, cpus: int, ports: list[int],
-                munge_socket: Path | None) -> None:
-    auth = None
-    if munge_socket is not None:
-        auth = (f"AuthType=auth/munge\nCredType=cred/munge\n"
-                f"AuthInfo=socket={munge_socket},cred_expire=10\n")
-    conf = slurm_conf(root, cluster="disdltest", ctld=(node, "127.0.0.1"),
-                      nodes=[(node, "127.0.0.1", cpus)], ports=(ports[0], ports[1]), auth=auth)
-    tmp = root / "slurm.conf.tmp"
-    tmp.write_text(conf)
-    os.replace(tmp, root / "slurm.conf")
-
-
 def start_cluster(root: Path | str) -> SlurmCluster:
     """Install if needed, configure and start a one-node cluster under ``root``; wait for idle."""
     if os.geteuid() != 0:
@@ -350,13 +286,12 @@ def start_cluster(root: Path | str) -> SlurmCluster:
     _write_conf(root, node, cpus, _free_ports(2), sock)
     cluster.pid_files += [root / "slurmd.pid", root / "slurmctld.pid"]
     try:
-        for cmd in (["slurmctld", "-f", str(cluster.conf)],
-                    ["slurmd", "-f", str(cluster.conf), "-N", node]):
-            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30,
-                                  env=cluster.env())
+        for cmd in (["slurmctld", "-f", str(cluster.conf)], ["slurmd", "-f", str(cluster.conf), "-N", node]):
+            proc = subprocess.run(cmd, capture_output=True, text=True, timeout=30, env=cluster.env())
             if proc.returncode != 0:
-                raise SlurmUnavailable(f"{' '.join(cmd)} failed rc={proc.returncode}: "
-                                       f"{proc.stderr[-2000:]}\n{cluster.logs()}")
+                raise SlurmUnavailable(
+                    f"{' '.join(cmd)} failed rc={proc.returncode}: {proc.stderr[-2000:]}\n{cluster.logs()}"
+                )
         cluster.wait_idle()
     except BaseException:
         cluster.stop()

@@ -1,6 +1,8 @@
 """bench.allreduce and bench.peer under a real ``mpiexec -n 2`` with tiny settings."""
+
 from __future__ import annotations
 
+import argparse
 
 import pytest
 
@@ -12,7 +14,7 @@ ROW_KEYS = {"backend", "bytes", "count", "dtype", "ranks", "time_us", "algbw_gbp
 
 def test_size_parsing_and_ladder():
     assert parse_bytes("4K") == 4096 and parse_bytes("1M") == 2**20 and parse_bytes("64") == 64
-    with pytest.raises(Exception):
+    with pytest.raises(argparse.ArgumentTypeError, match="cannot read 'lots' as a size"):
         parse_bytes("lots")
     assert sizes(1024, 16384, 4, 4) == [1024, 4096, 16384]
     assert sizes(6, 20, 2, 4) == [4, 12]  # rounded down to whole elements, no duplicates
@@ -21,13 +23,31 @@ def test_size_parsing_and_ladder():
 @pytest.mark.mpi
 def test_bench_allreduce_two_ranks_writes_rows(tmp_path):
     out = tmp_path / "ar.json"
-    proc = run_mpi(2, ["-m", "bench.allreduce", "--min-bytes", "1K", "--max-bytes", "64K",
-                       "--factor", "8", "--iters", "3", "--warmup", "1", "--json", str(out)],
-                   timeout=180)
+    proc = run_mpi(
+        2,
+        [
+            "-m",
+            "bench.allreduce",
+            "--min-bytes",
+            "1K",
+            "--max-bytes",
+            "64K",
+            "--factor",
+            "8",
+            "--iters",
+            "3",
+            "--warmup",
+            "1",
+            "--json",
+            str(out),
+        ],
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_rows(out)
     assert [(r["backend"], r["bytes"]) for r in rows] == [
-        (b, n) for n in (1024, 8192, 65536) for b in ("mpi", "disdl", "gloo")]
+        (b, n) for n in (1024, 8192, 65536) for b in ("mpi", "disdl", "gloo")
+    ]
     for r in rows:
         assert ROW_KEYS <= set(r)
         assert r["ranks"] == 2 and r["dtype"] == "float32" and r["count"] * 4 == r["bytes"]
@@ -36,15 +56,19 @@ def test_bench_allreduce_two_ranks_writes_rows(tmp_path):
         assert r["busbw_gbps"] == pytest.approx(r["algbw_gbps"] * 2 * (2 - 1) / 2)
     # Only rank 0 prints the table: one header, one line per row.
     assert proc.stdout.count("# disdl-mpi allreduce") == 1
-    assert len([ln for ln in proc.stdout.splitlines() if ln.strip().startswith(
-        ("mpi ", "disdl ", "gloo "))]) == len(rows)
+    assert len(
+        [ln for ln in proc.stdout.splitlines() if ln.strip().startswith(("mpi ", "disdl ", "gloo "))]
+    ) == len(rows)
     assert "terminate called" not in proc.stderr
 
 
 @pytest.mark.mpi
 def test_bench_allreduce_rejects_bad_arguments():
-    proc = run_mpi(2, ["-m", "bench.allreduce", "--min-bytes", "1M", "--max-bytes", "1K",
-                       "--backends", "mpi"], timeout=120)
+    proc = run_mpi(
+        2,
+        ["-m", "bench.allreduce", "--min-bytes", "1M", "--max-bytes", "1K", "--backends", "mpi"],
+        timeout=120,
+    )
     assert proc.returncode != 0
     assert "--min-bytes <= --max-bytes" in proc.stderr
 
@@ -52,13 +76,41 @@ def test_bench_allreduce_rejects_bad_arguments():
 @pytest.mark.mpi
 def test_bench_peer_two_ranks_writes_json(tmp_path):
     out = tmp_path / "peer.json"
-    proc = run_mpi(2, ["-m", "bench.peer", "--model", "mlp", "--dataset", "synthetic",
-                       "--sample-shape", "16", "--steps", "4", "--rounds", "2", "--warmup", "1",
-                       "--batch-size", "8", "--json", str(out)], timeout=180)
+    proc = run_mpi(
+        2,
+        [
+            "-m",
+            "bench.peer",
+            "--model",
+            "mlp",
+            "--dataset",
+            "synthetic",
+            "--sample-shape",
+            "16",
+            "--steps",
+            "4",
+            "--rounds",
+            "2",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "8",
+            "--json",
+            str(out),
+        ],
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (res,) = read_rows(out)
-    for key in ("ddp_step_s", "disdl_step_s", "ratio", "local_step_s", "ddp_comm_share",
-                "disdl_comm_share", "allreduce_path"):
+    for key in (
+        "ddp_step_s",
+        "disdl_step_s",
+        "ratio",
+        "local_step_s",
+        "ddp_comm_share",
+        "disdl_comm_share",
+        "allreduce_path",
+    ):
         assert key in res, key
     assert res["ddp_step_s"] > 0 and res["disdl_step_s"] > 0
     assert res["ratio"] == pytest.approx(res["disdl_step_s"] / res["ddp_step_s"])
@@ -74,10 +126,33 @@ def test_bench_peer_two_ranks_writes_json(tmp_path):
 
 def test_bench_peer_compares_fp16_with_ddps_fp16_hook(tmp_path):
     out = tmp_path / "peer.json"
-    run_mpi(2, ["-m", "bench.peer", "--model", "mlp", "--dataset", "synthetic",
-                "--sample-shape", "16", "--steps", "4", "--rounds", "2", "--warmup", "1",
-                "--batch-size", "8", "--compress", "fp16", "--json", str(out)],
-            timeout=180, check=True)
+    run_mpi(
+        2,
+        [
+            "-m",
+            "bench.peer",
+            "--model",
+            "mlp",
+            "--dataset",
+            "synthetic",
+            "--sample-shape",
+            "16",
+            "--steps",
+            "4",
+            "--rounds",
+            "2",
+            "--warmup",
+            "1",
+            "--batch-size",
+            "8",
+            "--compress",
+            "fp16",
+            "--json",
+            str(out),
+        ],
+        timeout=180,
+        check=True,
+    )
     (res,) = read_rows(out)
     # the weight check inside bench.peer passed for both fp16 paths (ranks agree)
     assert res["compress"] == "fp16" and res["ddp_step_s"] > 0 and res["disdl_step_s"] > 0
@@ -86,9 +161,29 @@ def test_bench_peer_compares_fp16_with_ddps_fp16_hook(tmp_path):
 @pytest.mark.mpi
 def test_bench_allreduce_statistics_and_correctness_check(tmp_path):
     out = tmp_path / "ar.json"
-    proc = run_mpi(2, ["-m", "bench.allreduce", "--min-bytes", "4K", "--max-bytes", "4K",
-                       "--backends", "mpi,disdl", "--iters", "6", "--warmup", "1",
-                       "--block", "3", "--out-of-place", "--json", str(out)], timeout=180)
+    proc = run_mpi(
+        2,
+        [
+            "-m",
+            "bench.allreduce",
+            "--min-bytes",
+            "4K",
+            "--max-bytes",
+            "4K",
+            "--backends",
+            "mpi,disdl",
+            "--iters",
+            "6",
+            "--warmup",
+            "1",
+            "--block",
+            "3",
+            "--out-of-place",
+            "--json",
+            str(out),
+        ],
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for r in read_rows(out):
         assert r["min_us"] <= r["p50_us"] <= r["p95_us"] <= r["p99_us"] <= r["max_us"]
@@ -96,16 +191,51 @@ def test_bench_allreduce_statistics_and_correctness_check(tmp_path):
         assert r["wrong"] == 0 and r["max_rel_error"] == 0.0
         assert r["in_place"] == (r["backend"] != "mpi") and r["block"] == 3
     # a deliberately corrupted reduction is caught: #wrong > 0 and a non-zero exit
-    bad = run_mpi(2, ["-m", "bench.allreduce", "--min-bytes", "4K", "--max-bytes", "4K",
-                      "--backends", "mpi,disdl", "--iters", "2", "--warmup", "0",
-                      "--json", str(out)], env={"DISDL_ALLREDUCE_CORRUPT": "1"}, timeout=180)
+    bad = run_mpi(
+        2,
+        [
+            "-m",
+            "bench.allreduce",
+            "--min-bytes",
+            "4K",
+            "--max-bytes",
+            "4K",
+            "--backends",
+            "mpi,disdl",
+            "--iters",
+            "2",
+            "--warmup",
+            "0",
+            "--json",
+            str(out),
+        ],
+        env={"DISDL_ALLREDUCE_CORRUPT": "1"},
+        timeout=180,
+    )
     assert bad.returncode == 1
     assert all(r["wrong"] == 1 for r in read_rows(out))
     assert "mpi at 4096 bytes: 1 wrong element(s)" in bad.stderr
     # fp16 on the wire reports the relative error instead of a count
-    fp16 = run_mpi(2, ["-m", "bench.allreduce", "--min-bytes", "4K", "--max-bytes", "4K",
-                       "--backends", "disdl", "--compress", "fp16", "--iters", "2",
-                       "--json", str(out)], timeout=180)
+    fp16 = run_mpi(
+        2,
+        [
+            "-m",
+            "bench.allreduce",
+            "--min-bytes",
+            "4K",
+            "--max-bytes",
+            "4K",
+            "--backends",
+            "disdl",
+            "--compress",
+            "fp16",
+            "--iters",
+            "2",
+            "--json",
+            str(out),
+        ],
+        timeout=180,
+    )
     assert fp16.returncode == 0, fp16.stderr[-2000:]
     (row,) = read_rows(out)
     assert row["wrong"] is None and row["max_rel_error"] < 1e-3
@@ -113,8 +243,20 @@ def test_bench_allreduce_statistics_and_correctness_check(tmp_path):
 
 @pytest.mark.mpi
 def test_bench_allreduce_min_busbw_is_a_health_check(tmp_path):
-    args = ["-m", "bench.allreduce", "--min-bytes", "4K", "--max-bytes", "4K", "--backends",
-            "mpi,disdl", "--iters", "2", "--warmup", "0"]
+    args = [
+        "-m",
+        "bench.allreduce",
+        "--min-bytes",
+        "4K",
+        "--max-bytes",
+        "4K",
+        "--backends",
+        "mpi,disdl",
+        "--iters",
+        "2",
+        "--warmup",
+        "0",
+    ]
     assert run_mpi(2, [*args, "--min-busbw", "0.000001"], timeout=120).returncode == 0
     low = run_mpi(2, [*args, "--min-busbw", "100000"], timeout=120)
     assert low.returncode == 1 and "--min-busbw: disdl at 4096 bytes" in low.stderr

@@ -2,6 +2,7 @@
 
 Needs root (CAP_NET_ADMIN): skipped with the reason elsewhere, a failure in CI (CI runs as root).
 """
+
 from __future__ import annotations
 
 import json
@@ -57,25 +58,74 @@ def test_a_two_rank_job_crosses_the_shaped_link_over_tcp(two_nodes, tmp_path):
     """The bandwidth of a large allreduce is below the shaped rate (+10 %): the bytes took the
     link, not shared memory; and above half of it: the link is usable."""
     out = tmp_path / "ar.json"
-    proc = cluster("exec", "-n", "2", "--", sys.executable, "-m", "bench.allreduce",
-                   "--min-bytes", "8M", "--max-bytes", "8M", "--backends", "mpi",
-                   "--iters", "4", "--warmup", "1", "--json", str(out), timeout=180)
+    proc = cluster(
+        "exec",
+        "-n",
+        "2",
+        "--",
+        sys.executable,
+        "-m",
+        "bench.allreduce",
+        "--min-bytes",
+        "8M",
+        "--max-bytes",
+        "8M",
+        "--backends",
+        "mpi",
+        "--iters",
+        "4",
+        "--warmup",
+        "1",
+        "--json",
+        str(out),
+        timeout=180,
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
     (row,) = read_rows(out)
     gbit = row["busbw_gbps"] * 8
     assert RATE_GBIT * 0.5 < gbit < RATE_GBIT * 1.1, row
-    hosts = cluster("exec", "-n", "2", "--", sys.executable, "-c",
-                    "import socket; from mpi4py import MPI; c = MPI.COMM_WORLD; "
-                    "h = c.gather(socket.gethostname()); c.rank or print('HOSTS', *h)")
+    hosts = cluster(
+        "exec",
+        "-n",
+        "2",
+        "--",
+        sys.executable,
+        "-c",
+        "import socket; from mpi4py import MPI; c = MPI.COMM_WORLD; "
+        "h = c.gather(socket.gethostname()); c.rank or print('HOSTS', *h)",
+    )
     assert f"HOSTS {NAME}-n0 {NAME}-n1" in hosts.stdout, hosts.stdout + hosts.stderr
 
 
 def test_the_sweep_runs_a_point_through_the_cluster_launcher(two_nodes, tmp_path):
     proc = subprocess.run(
-        [sys.executable, "-m", "bench.studies.scaling", "--ranks", "2", "--norm", "gn",
-         "--model", "mlp", "--steps", "3", "--batch-per-rank", "16", "--timeout", "240",
-         "--launcher", f"cluster:{NAME}", "--out", str(tmp_path / "s")],
-        capture_output=True, text=True, timeout=300, cwd=ROOT, env=mpi_env())
+        [
+            sys.executable,
+            "-m",
+            "bench.studies.scaling",
+            "--ranks",
+            "2",
+            "--norm",
+            "gn",
+            "--model",
+            "mlp",
+            "--steps",
+            "3",
+            "--batch-per-rank",
+            "16",
+            "--timeout",
+            "240",
+            "--launcher",
+            f"cluster:{NAME}",
+            "--out",
+            str(tmp_path / "s"),
+        ],
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=ROOT,
+        env=mpi_env(),
+    )
     assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
     machine = json.loads((tmp_path / "s" / "scaling.json").read_text())["machine"]
     assert machine["nodes"] == 2 and machine["hostnames"] == [f"{NAME}-n0", f"{NAME}-n1"]
@@ -83,17 +133,33 @@ def test_the_sweep_runs_a_point_through_the_cluster_launcher(two_nodes, tmp_path
 
 def test_a_killed_rank_brings_the_job_down_and_down_leaves_nothing(two_nodes):
     job = subprocess.Popen(
-        [sys.executable, "-m", "bench.cluster", "exec", "--name", NAME, "-n", "2", "--",
-         sys.executable, "-c", "import time; from mpi4py import MPI\n"
-                               "for _ in range(600): MPI.COMM_WORLD.Barrier(); time.sleep(0.1)"],
-        stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, cwd=ROOT, env=mpi_env(),
-        start_new_session=True)
+        [
+            sys.executable,
+            "-m",
+            "bench.cluster",
+            "exec",
+            "--name",
+            NAME,
+            "-n",
+            "2",
+            "--",
+            sys.executable,
+            "-c",
+            "import time; from mpi4py import MPI\n"
+            "for _ in range(600): MPI.COMM_WORLD.Barrier(); time.sleep(0.1)",
+        ],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+        env=mpi_env(),
+        start_new_session=True,
+    )
     try:
         victims = []
         end = time.monotonic() + 60
         while time.monotonic() < end and not victims:
-            victims = [p for p in _pids(f"{NAME}-n1") if b"-c" in _cmdline(p)
-                       and b"Barrier" in _cmdline(p)]
+            victims = [p for p in _pids(f"{NAME}-n1") if b"-c" in _cmdline(p) and b"Barrier" in _cmdline(p)]
             time.sleep(0.2)
         assert victims, "the rank on node 1 never started"
         everyone = _pids(f"{NAME}-n0") + _pids(f"{NAME}-n1")  # ranks and proxies

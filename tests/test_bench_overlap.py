@@ -1,4 +1,5 @@
 """bench.overlap: the osu_iallreduce-style overlap benchmark."""
+
 from __future__ import annotations
 
 import json
@@ -8,21 +9,29 @@ from tests.mpi_helpers import run_mpi
 
 
 def test_overlap_formula_is_osus_and_clipped():
-    assert overlap_pct(overall=10.0, compute=10.0, pure=4.0) == 100.0   # all hidden
-    assert overlap_pct(overall=14.0, compute=10.0, pure=4.0) == 0.0     # nothing hidden
+    assert overlap_pct(overall=10.0, compute=10.0, pure=4.0) == 100.0  # all hidden
+    assert overlap_pct(overall=14.0, compute=10.0, pure=4.0) == 0.0  # nothing hidden
     assert overlap_pct(overall=12.0, compute=10.0, pure=4.0) == 50.0
-    assert overlap_pct(overall=20.0, compute=10.0, pure=4.0) == 0.0     # worse than serial
+    assert overlap_pct(overall=20.0, compute=10.0, pure=4.0) == 0.0  # worse than serial
     assert overlap_pct(overall=9.0, compute=10.0, pure=4.0) == 100.0
     assert overlap_pct(overall=1.0, compute=1.0, pure=0.0) == 0.0
 
 
 def test_two_ranks_measure_both_engines_at_every_size(tmp_path):
     out = tmp_path / "overlap.json"
-    proc = run_mpi(2, ["-m", "bench.overlap", "-b", "64K", "-e", "256K", "-n", "3",
-                       "--slices", "4", "--json", str(out)], timeout=180, check=True)
+    proc = run_mpi(
+        2,
+        ["-m", "bench.overlap", "-b", "64K", "-e", "256K", "-n", "3", "--slices", "4", "--json", str(out)],
+        timeout=180,
+        check=True,
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [(r["engine"], r["bytes"]) for r in rows] == [
-        ("disdl", 65536), ("mpi", 65536), ("disdl", 262144), ("mpi", 262144)]
+        ("disdl", 65536),
+        ("mpi", 65536),
+        ("disdl", 262144),
+        ("mpi", 262144),
+    ]
     for r in rows:
         assert r["pure_us"] > 0 and r["compute_us"] > 0 and r["overall_us"] > 0
         assert 0.0 <= r["overlap_pct"] <= 100.0

@@ -1,5 +1,6 @@
 """GradientAllreducer: bucket layout, wire formats, CUDA-awareness decisions, and (under a real
 mpiexec) gradients equal to one process on the union of unequal batches."""
+
 from __future__ import annotations
 
 import pytest
@@ -14,8 +15,7 @@ from tests.mpi_helpers import run_mpi
 
 def _model() -> nn.Module:
     torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(),
-                         nn.Linear(128, 10))
+    return nn.Sequential(nn.Linear(64, 256), nn.ReLU(), nn.Linear(256, 128), nn.ReLU(), nn.Linear(128, 10))
 
 
 def _one_rank() -> MPI.Comm:
@@ -45,8 +45,7 @@ def test_buckets_cover_every_parameter_once_in_reverse_order(bucket_mb):
 def test_grads_are_views_into_the_bucket_and_skip_and_frozen_are_excluded():
     model = _model()
     model[0].bias.requires_grad_(False)
-    red = GradientAllreducer(model, _one_rank(), bucket_mb=0.05,
-                             skip=lambda n, p: n == "2.weight")
+    red = GradientAllreducer(model, _one_rank(), bucket_mb=0.05, skip=lambda n, p: n == "2.weight")
     names = [n for b in red.bucket_names() for n in b]
     assert "0.bias" not in names and "2.weight" not in names
     assert len(names) == len(set(names)) == 4
@@ -200,8 +199,9 @@ def test_gradients_match_single_process_two_ranks():
 
 @pytest.mark.mpi
 def test_gradients_match_single_process_three_ranks_with_an_empty_rank():
-    proc = run_mpi(3, ["-m", "tests.mpi_programs.allreducer_check", "overlap", "no-overlap", "per-tensor"],
-                   timeout=240)
+    proc = run_mpi(
+        3, ["-m", "tests.mpi_programs.allreducer_check", "overlap", "no-overlap", "per-tensor"], timeout=240
+    )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     for s in ("overlap", "no-overlap", "per-tensor"):
         assert f"OK {s} ranks=3" in proc.stdout
@@ -210,11 +210,13 @@ def test_gradients_match_single_process_three_ranks_with_an_empty_rank():
 @pytest.mark.mpi
 def test_a_failing_rank_aborts_instead_of_hanging():
     # A mismatched layout (different models per rank) must raise, not deadlock.
-    code = ("import torch; from torch import nn; from mpi4py import MPI;"
-            "from disdl_mpi.comm.world import install_abort_handler;"
-            "from disdl_mpi.comm.allreducer import GradientAllreducer;"
-            "c = MPI.COMM_WORLD; install_abort_handler(c);"
-            "GradientAllreducer(nn.Linear(4, 2 + c.rank), c)")
+    code = (
+        "import torch; from torch import nn; from mpi4py import MPI;"
+        "from disdl_mpi.comm.world import install_abort_handler;"
+        "from disdl_mpi.comm.allreducer import GradientAllreducer;"
+        "c = MPI.COMM_WORLD; install_abort_handler(c);"
+        "GradientAllreducer(nn.Linear(4, 2 + c.rank), c)"
+    )
     proc = run_mpi(2, ["-c", code], timeout=120)
     assert proc.returncode != 0
     assert "models or skip() differ between ranks" in proc.stderr

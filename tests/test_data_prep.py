@@ -1,4 +1,5 @@
 """Partitioner: schemes on the embedded digits, coverage, determinism, safety, inspect."""
+
 from __future__ import annotations
 
 import json
@@ -32,8 +33,7 @@ def read_ranks(out) -> list[tuple[np.ndarray, np.ndarray, dict]]:
 
 def sorted_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Samples as sortable rows (label, pixels): equal outputs mean equal multisets."""
-    rows = np.concatenate([y[:, None].astype(np.float64),
-                           x.reshape(len(x), -1).astype(np.float64)], axis=1)
+    rows = np.concatenate([y[:, None].astype(np.float64), x.reshape(len(x), -1).astype(np.float64)], axis=1)
     return rows[np.lexsort(rows.T[::-1])]
 
 
@@ -42,8 +42,14 @@ def digits():
     return open_source("digits")
 
 
-SCHEMES = [("iid", 4), ("dirichlet:0.5", 4), ("quantity:1", 5), ("dirichlet:0.3+quantity:0.8", 6),
-           ("shards:2", 8), ("shards:1", 10)]
+SCHEMES = [
+    ("iid", 4),
+    ("dirichlet:0.5", 4),
+    ("quantity:1", 5),
+    ("dirichlet:0.3+quantity:0.8", 6),
+    ("shards:2", 8),
+    ("shards:1", 10),
+]
 
 
 @pytest.mark.parametrize("scheme,ranks", SCHEMES)
@@ -58,7 +64,7 @@ def test_scheme_covers_training_set_exactly_once(tmp_path, digits, scheme, ranks
     # duplicated (the sizes add up, so a duplicate would have to displace a sample).
     assert len(y) == digits.n_train == m["train_size"]
     assert np.array_equal(sorted_rows(x, y), sorted_rows(digits.x_train, digits.y_train))
-    for r, (xr, yr, attrs) in enumerate(parts):
+    for r, (_xr, yr, attrs) in enumerate(parts):
         entry = m["ranks"][r]
         assert attrs["rank"] == r and attrs["world_size"] == ranks
         assert attrs["scheme"] == m["scheme"] and attrs["source"] == "digits"
@@ -96,8 +102,11 @@ def test_shards_give_exactly_k_classes(tmp_path, digits):
 
 
 def test_shards_with_too_few_slots_explains(tmp_path):
-    with pytest.raises(DataPrepError, match=r"shards:2 with 4 ranks gives 8 class slots.*10 "
-                                            r"classes"):
+    with pytest.raises(
+        DataPrepError,
+        match=r"shards:2 with 4 ranks gives 8 class slots.*10 "
+        r"classes",
+    ):
         build_partitions("digits", 4, "shards:2", 0, tmp_path)
     with pytest.raises(DataPrepError, match="only 10 classes"):
         build_partitions("digits", 4, "shards:11", 0, tmp_path)
@@ -111,14 +120,12 @@ def test_skew_schemes_skew_what_they_promise(tmp_path):
         counts[scheme] = skew_metrics(np.array([e["class_counts"] for e in m["ranks"]]))
     assert counts["dirichlet:0.1"]["mean_tv"] > 3 * counts["iid"]["mean_tv"]
     assert counts["quantity:0.3"]["mean_tv"] < 0.5  # sizes skewed, labels not
-    assert counts["quantity:0.3"]["size_max_over_mean"] > \
-        counts["iid"]["size_max_over_mean"] + 0.3
+    assert counts["quantity:0.3"]["size_max_over_mean"] > counts["iid"]["size_max_over_mean"] + 0.3
     assert max(counts["iid"]["sizes"]) - min(counts["iid"]["sizes"]) <= 1
 
 
 def test_min_per_rank(tmp_path, digits):
-    m = build_partitions("digits", 64, "dirichlet:0.05+quantity:0.05", 2, tmp_path / "a",
-                         min_per_rank=5)
+    m = build_partitions("digits", 64, "dirichlet:0.05+quantity:0.05", 2, tmp_path / "a", min_per_rank=5)
     assert min(m["sizes"]) >= 5 and sum(m["sizes"]) == digits.n_train
     m0 = build_partitions("digits", 64, "quantity:0.05", 2, tmp_path / "b", min_per_rank=0)
     assert sum(m0["sizes"]) == digits.n_train and min(m0["sizes"]) == 0  # empty ranks allowed
@@ -147,6 +154,7 @@ def test_refuse_overwrite_noop_and_force(tmp_path):
 def test_failure_mid_build_leaves_no_partition(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError("disk full (injected)")
+
     monkeypatch.setattr("data_prep.partition.write_test_file", boom)
     with pytest.raises(OSError, match="injected"):
         build_partitions("digits", 3, "iid", 0, tmp_path / "p")
@@ -170,8 +178,18 @@ def test_synthetic_streams_deterministically(tmp_path, monkeypatch):
     assert np.abs(means[0] - means[1]).mean() > 10
     b = build_partitions("synthetic", 5, "dirichlet:0.5", 4, tmp_path / "b", **kw)
     assert [e["sha256"] for e in m["ranks"]] == [e["sha256"] for e in b["ranks"]]
-    f = build_partitions("synthetic", 2, "iid", 4, tmp_path / "f", num_samples=50,
-                         num_test=10, shape=(7,), num_classes=3, dtype="float32")
+    f = build_partitions(
+        "synthetic",
+        2,
+        "iid",
+        4,
+        tmp_path / "f",
+        num_samples=50,
+        num_test=10,
+        shape=(7,),
+        num_classes=3,
+        dtype="float32",
+    )
     assert f["x_dtype"] == "float32" and f["sample_shape"] == [7]
     with h5py.File(tmp_path / "f" / "rank_00000.h5", "r") as h:
         assert h["x"].dtype == np.float32 and 0 <= h["x"][...].min() and h["x"][...].max() <= 1
@@ -180,15 +198,21 @@ def test_synthetic_streams_deterministically(tmp_path, monkeypatch):
 def test_scheme_spec_errors():
     assert parse_partition("quantity:0.5+dirichlet:0.1").name == "dirichlet:0.1+quantity:0.5"
     assert parse_partition("DIRICHLET:1.0").name == "dirichlet:1"
-    for bad, msg in [("dirichlet", "expected iid"), ("dirichlet:-1", "positive"),
-                     ("dirichlet:abc", "not a number"), ("shards:0", "at least 1"),
-                     ("shards:2+quantity:1", "expected iid"), ("zipf:2", "expected iid")]:
+    for bad, msg in [
+        ("dirichlet", "expected iid"),
+        ("dirichlet:-1", "positive"),
+        ("dirichlet:abc", "not a number"),
+        ("shards:0", "at least 1"),
+        ("shards:2+quantity:1", "expected iid"),
+        ("zipf:2", "expected iid"),
+    ]:
         with pytest.raises(DataPrepError, match=msg):
             parse_partition(bad)
 
 
 def test_inspect_writes_png_and_metrics(tmp_path, capsys):
     import matplotlib.image as mpimg
+
     build_partitions("digits", 5, "dirichlet:0.2", 0, tmp_path)
     assert inspect_main([str(tmp_path)]) == 0
     out = capsys.readouterr().out
@@ -214,17 +238,45 @@ def test_metrics_extremes():
 
 def test_cli_success_and_clear_error(tmp_path):
     # synthetic keeps the subprocess light (no scikit-learn import)
-    cmd = [sys.executable, "-m", "data_prep.partition", "--dataset", "synthetic",
-           "--num-samples", "300", "--num-test", "30", "--shape", "6", "--num-classes", "10",
-           "--ranks", "3", "--seed", "1"]
-    ok = subprocess.run(cmd + ["--scheme", "shards:4", "--out", str(tmp_path / "p")],
-                        capture_output=True, text=True, env=mpi_env(), cwd=ROOT, timeout=60)
+    cmd = [
+        sys.executable,
+        "-m",
+        "data_prep.partition",
+        "--dataset",
+        "synthetic",
+        "--num-samples",
+        "300",
+        "--num-test",
+        "30",
+        "--shape",
+        "6",
+        "--num-classes",
+        "10",
+        "--ranks",
+        "3",
+        "--seed",
+        "1",
+    ]
+    ok = subprocess.run(
+        cmd + ["--scheme", "shards:4", "--out", str(tmp_path / "p")],
+        capture_output=True,
+        text=True,
+        env=mpi_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
     assert ok.returncode == 0, ok.stderr
     assert "300 training samples over 3 ranks" in ok.stdout
     m = json.loads((tmp_path / "p" / "partition.json").read_text())
     assert all(np.count_nonzero(e["class_counts"]) == 4 for e in m["ranks"])
-    bad = subprocess.run(cmd + ["--scheme", "shards:3", "--out", str(tmp_path / "q")],
-                         capture_output=True, text=True, env=mpi_env(), cwd=ROOT, timeout=60)
+    bad = subprocess.run(
+        cmd + ["--scheme", "shards:3", "--out", str(tmp_path / "q")],
+        capture_output=True,
+        text=True,
+        env=mpi_env(),
+        cwd=ROOT,
+        timeout=60,
+    )
     assert bad.returncode == 2 and "error: partition shards:3 with 3 ranks" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "q").exists()
 
@@ -235,6 +287,7 @@ def test_prefetch_propagates_errors_and_stops_early():
             if i == fail_at:
                 raise OSError(f"source read failed at chunk {i}")
             yield i, np.zeros(3)
+
     with pytest.raises(OSError, match="chunk 4"):
         list(writer._prefetch(chunks(4)))
     it = writer._prefetch(chunks(None))
@@ -251,8 +304,12 @@ def test_every_partition_file_honours_the_umask(tmp_path):
     finally:
         os.umask(old)
     modes = {p.name: stat.S_IMODE(p.stat().st_mode) for p in (tmp_path / "p").iterdir()}
-    assert modes == {"partition.json": 0o644, "rank_00000.h5": 0o644, "rank_00001.h5": 0o644,
-                     "test.h5": 0o644}
+    assert modes == {
+        "partition.json": 0o644,
+        "rank_00000.h5": 0o644,
+        "rank_00001.h5": 0o644,
+        "test.h5": 0o644,
+    }
 
 
 def test_feature_shift_gives_each_rank_its_own_domain(tmp_path):
@@ -264,13 +321,11 @@ def test_feature_shift_gives_each_rank_its_own_domain(tmp_path):
     assert m["domains"][0]["contrast"] == 1.0 and m["domains"][0]["noise"] == 0.0
     assert m["domains"][0]["value_max"] == 16.0
     build_partitions("digits", 4, "iid", 3, tmp_path / "i")
-    with h5py.File(tmp_path / "f" / "rank_00000.h5") as f0, \
-            h5py.File(tmp_path / "i" / "rank_00000.h5") as i0:
-        assert np.array_equal(f0["x"][...], i0["x"][...])   # domain 0 is the identity
+    with h5py.File(tmp_path / "f" / "rank_00000.h5") as f0, h5py.File(tmp_path / "i" / "rank_00000.h5") as i0:
+        assert np.array_equal(f0["x"][...], i0["x"][...])  # domain 0 is the identity
         assert np.array_equal(f0["y"][...], i0["y"][...])
-    with h5py.File(tmp_path / "f" / "rank_00003.h5") as f3, \
-            h5py.File(tmp_path / "i" / "rank_00003.h5") as i3:
-        assert np.array_equal(f3["y"][...], i3["y"][...])   # same labels, other inputs
+    with h5py.File(tmp_path / "f" / "rank_00003.h5") as f3, h5py.File(tmp_path / "i" / "rank_00003.h5") as i3:
+        assert np.array_equal(f3["y"][...], i3["y"][...])  # same labels, other inputs
         assert not np.array_equal(f3["x"][...], i3["x"][...])
         assert f3["x"][...].max() <= 16
     splits = m["domain_tests"]
@@ -292,6 +347,7 @@ def test_feature_shift_gives_each_rank_its_own_domain(tmp_path):
 def test_synthetic_pieces_are_the_block_drawn_whole(monkeypatch):
     """Bounded pieces (memory) must not change the data: the same bytes as one whole draw."""
     from data_prep import synthetic
+
     kw = dict(num_samples=70, num_test=9, shape=(3, 5, 7), num_classes=4)  # 105 B per row
     whole = synthetic.SyntheticSource(seed=3, **kw)
     ref = list(whole.train_chunks())

@@ -1,4 +1,5 @@
 """Source readers on small files that the tests write in the real formats."""
+
 from __future__ import annotations
 
 import gzip
@@ -23,10 +24,12 @@ def idx_bytes(arr: np.ndarray) -> bytes:
 
 def write_idx_set(folder, rng, n_train=60, n_test=20, gz=True) -> dict:
     folder.mkdir(parents=True, exist_ok=True)
-    data = {"train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
-            "train-labels-idx1-ubyte": np.arange(n_train) % 10,
-            "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
-            "t10k-labels-idx1-ubyte": np.arange(n_test) % 10}
+    data = {
+        "train-images-idx3-ubyte": rng.integers(0, 256, (n_train, 28, 28)),
+        "train-labels-idx1-ubyte": np.arange(n_train) % 10,
+        "t10k-images-idx3-ubyte": rng.integers(0, 256, (n_test, 28, 28)),
+        "t10k-labels-idx1-ubyte": np.arange(n_test) % 10,
+    }
     for name, arr in data.items():
         raw = idx_bytes(arr)
         if gz:
@@ -55,12 +58,12 @@ def same_multiset(x, y, x_ref, y_ref) -> bool:
 @pytest.mark.parametrize("gz", [True, False])
 def test_mnist_idx_raw_and_gz(tmp_path, gz):
     data = write_idx_set(tmp_path / "src", np.random.default_rng(0), gz=gz)
-    m = build_partitions("mnist", 3, "dirichlet:0.5", 0, tmp_path / "out",
-                         source_dir=tmp_path / "src")
+    m = build_partitions("mnist", 3, "dirichlet:0.5", 0, tmp_path / "out", source_dir=tmp_path / "src")
     assert m["sample_shape"] == [1, 28, 28] and m["x_dtype"] == "uint8"
     x, y, (xt, yt) = read_all(tmp_path / "out")
-    assert same_multiset(x, y, data["train-images-idx3-ubyte"][:, None].astype(np.uint8),
-                         data["train-labels-idx1-ubyte"])
+    assert same_multiset(
+        x, y, data["train-images-idx3-ubyte"][:, None].astype(np.uint8), data["train-labels-idx1-ubyte"]
+    )
     assert np.array_equal(xt[:, 0], data["t10k-images-idx3-ubyte"])  # the source's own test set
     assert np.array_equal(yt, data["t10k-labels-idx1-ubyte"])
 
@@ -75,8 +78,7 @@ def test_idx_truncated_or_missing_names_the_file(tmp_path):
     write_idx_set(tmp_path, np.random.default_rng(2), gz=False)
     bad = tmp_path / "train-images-idx3-ubyte"
     bad.write_bytes(bad.read_bytes()[:-100])
-    with pytest.raises(DataPrepError,
-                       match=r"train-images-idx3-ubyte: IDX header says .*truncated"):
+    with pytest.raises(DataPrepError, match=r"train-images-idx3-ubyte: IDX header says .*truncated"):
         open_source("mnist", tmp_path)
     bad.unlink()
     with pytest.raises(DataPrepError, match="train-images-idx3-ubyte.*not found"):
@@ -86,8 +88,11 @@ def test_idx_truncated_or_missing_names_the_file(tmp_path):
 
 
 def cifar_batch(rng, n, label_key, classes) -> dict:
-    return {b"batch_label": b"test", b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
-            label_key: [int(v) for v in rng.integers(0, classes, n)]}
+    return {
+        b"batch_label": b"test",
+        b"data": rng.integers(0, 256, (n, 3072), dtype=np.uint8),
+        label_key: [int(v) for v in rng.integers(0, classes, n)],
+    }
 
 
 def write_cifar10(folder, rng, per_batch=8) -> dict:
@@ -157,8 +162,7 @@ def test_npz_images_with_test_and_flat_without(tmp_path):
     x = rng.normal(size=(50, 3, 4, 4)).astype(np.float64)
     y = np.arange(50) % 5
     np.savez(tmp_path / "img.npz", x=x, y=y, x_test=x[:7], y_test=y[:7])
-    m = build_partitions("npz", 2, "dirichlet:1", 0, tmp_path / "a",
-                         source_dir=tmp_path / "img.npz")
+    m = build_partitions("npz", 2, "dirichlet:1", 0, tmp_path / "a", source_dir=tmp_path / "img.npz")
     assert m["x_dtype"] == "float32" and m["sample_shape"] == [3, 4, 4]
     assert m["num_classes"] == 5 and m["train_size"] == 50 and m["test"]["size"] == 7
     xa, ya, _ = read_all(tmp_path / "a")
@@ -166,8 +170,7 @@ def test_npz_images_with_test_and_flat_without(tmp_path):
 
     flat_dir = tmp_path / "flat"
     flat_dir.mkdir()
-    np.savez(flat_dir / "data.npz", x=rng.integers(0, 256, (100, 12)).astype(np.uint8),
-             y=np.arange(100) % 4)
+    np.savez(flat_dir / "data.npz", x=rng.integers(0, 256, (100, 12)).astype(np.uint8), y=np.arange(100) % 4)
     m = build_partitions("npz", 4, "shards:1", 0, tmp_path / "b", source_dir=flat_dir)
     assert m["x_dtype"] == "uint8" and m["sample_shape"] == [12]
     # No test split in the file: a stratified 20% split, every class represented.
@@ -194,9 +197,11 @@ def test_npz_bad_inputs_name_file_and_field(tmp_path):
 
 def _fashion_mnist_or_skip() -> None:
     from data_prep.sources import INSTALLED
+
     folder, package = INSTALLED["fashion-mnist"]
     if not folder.is_dir():
         from tests.conftest import in_ci
+
         message = f"Fashion-MNIST not installed: apt-get install {package} (make fashion-mnist)"
         if in_ci():
             pytest.fail(f"CI installs it (.ci/run): {message}")
@@ -213,8 +218,8 @@ def test_fashion_mnist_is_found_without_source_dir(tmp_path):
 
 def test_missing_fashion_mnist_says_how_to_get_it(tmp_path, monkeypatch):
     import data_prep.sources as sources
-    monkeypatch.setitem(sources.INSTALLED, "fashion-mnist",
-                        (tmp_path / "nowhere", "dataset-fashion-mnist"))
+
+    monkeypatch.setitem(sources.INSTALLED, "fashion-mnist", (tmp_path / "nowhere", "dataset-fashion-mnist"))
     with pytest.raises(DataPrepError) as err:
         build_partitions("fashion-mnist", 2, "iid", 0, tmp_path / "out")
     text = str(err.value)
@@ -227,8 +232,7 @@ def test_a_fixed_stratified_training_subset(tmp_path):
     m = build_partitions("fashion-mnist", 2, "iid", 0, tmp_path / "a", train_subset=6000)
     assert m["train_size"] == 6000 and m["class_counts"] == [600] * 10
     assert m["test"]["size"] == 10000 and m["source_options"]["train_subset"] == 6000
-    other_seed = build_partitions("fashion-mnist", 2, "iid", 1, tmp_path / "b",
-                                  train_subset=6000)
+    other_seed = build_partitions("fashion-mnist", 2, "iid", 1, tmp_path / "b", train_subset=6000)
     assert other_seed["source_sha256"] == m["source_sha256"]
     with pytest.raises(DataPrepError, match="--train-subset must be in 1..60000"):
         build_partitions("fashion-mnist", 2, "iid", 0, tmp_path / "c", train_subset=0)

@@ -1,4 +1,5 @@
 """python -m disdl_mpi.doctor: the installation's facts, a 2-rank self-test, one verdict line."""
+
 from __future__ import annotations
 
 import json
@@ -18,23 +19,36 @@ def test_doctor_under_mpiexec_runs_the_self_test(tmp_path):
     assert facts["cuda_aware_reason"] and isinstance(facts["cuda_aware"], bool)
     assert facts["hdf5"] and facts["torch"]
     lines = proc.stdout.strip().splitlines()
-    assert lines[-1].startswith("YES: this installation can run disdl-mpi (CPU; self-test "
-                                "passed on 2 ranks)")
+    assert lines[-1].startswith("YES: this installation can run disdl-mpi (CPU; self-test passed on 2 ranks)")
     assert proc.stdout.count("YES:") == 1  # only rank 0 prints
 
 
 def test_doctor_alone_says_how_to_run_the_self_test():
-    proc = subprocess.run([sys.executable, "-m", "disdl_mpi.doctor"], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT, env=mpi_env())
+    proc = subprocess.run(
+        [sys.executable, "-m", "disdl_mpi.doctor"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env=mpi_env(),
+    )
     assert proc.returncode == 0, proc.stderr
     assert "run under mpiexec -n 2 for the allreduce self-test" in proc.stdout
 
 
 def test_doctor_flags_an_mpiexec_of_another_mpi():
     # What a mismatched launcher leaves behind: it announced 2 ranks, MPI sees a world of 1.
-    proc = subprocess.run([sys.executable, "-m", "disdl_mpi.doctor"], capture_output=True,
-                          text=True, timeout=120, cwd=ROOT,
-                          env={**mpi_env(), "OMPI_COMM_WORLD_SIZE": "2"})
+    proc = subprocess.run(
+        [sys.executable, "-m", "disdl_mpi.doctor"],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        cwd=ROOT,
+        env={**mpi_env(), "OMPI_COMM_WORLD_SIZE": "2"},
+    )
     assert proc.returncode == 1, proc.stdout
-    assert proc.stdout.strip().splitlines()[-1].startswith(
-        "NO: the launcher started 2 ranks but MPI sees a world of 1")
+    assert (
+        proc.stdout.strip()
+        .splitlines()[-1]
+        .startswith("NO: the launcher started 2 ranks but MPI sees a world of 1")
+    )

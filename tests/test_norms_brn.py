@@ -1,4 +1,5 @@
 """Batch Renormalization: warm-up schedule values and the normalization it computes."""
+
 from __future__ import annotations
 
 import pytest

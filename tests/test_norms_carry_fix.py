@@ -1,4 +1,5 @@
 """bn-carry and bn-fix against a centralized computation (one process), and the LR schedule."""
+
 from __future__ import annotations
 
 import math
@@ -27,8 +28,7 @@ def test_carry_sums_over_ranks_give_the_union_statistics(shape):
     payload = StatsPayload(model)
     assert payload.numel == 1 + 2 * 3
     # step 0: three "ranks" with unequal batches (one empty), normalized locally
-    batches = [torch.randn(*shape) * 2 + 1, torch.randn(1, *shape[1:]) - 3,
-               torch.randn(0, *shape[1:])]
+    batches = [torch.randn(*shape) * 2 + 1, torch.randn(1, *shape[1:]) - 3, torch.randn(0, *shape[1:])]
     summed = torch.zeros(payload.numel, dtype=torch.float64)
     for xb in batches:
         y = model(xb)
@@ -45,22 +45,28 @@ def test_carry_sums_over_ranks_give_the_union_statistics(shape):
     # step 1: every rank normalizes with step 0's global statistics (value), sums shifted
     x1 = torch.randn(*shape)
     y1 = model(x1)
-    ref = (x1 - mean.float().view([1, -1] + [1] * (x1.dim() - 2))) / \
-        (var.float() + layer.eps).sqrt().view([1, -1] + [1] * (x1.dim() - 2))
+    ref = (x1 - mean.float().view([1, -1] + [1] * (x1.dim() - 2))) / (var.float() + layer.eps).sqrt().view(
+        [1, -1] + [1] * (x1.dim() - 2)
+    )
     assert torch.allclose(y1, ref * 1.0, atol=1e-5)
     y1.square().sum().backward()
     assert layer.weight.grad is not None and torch.isfinite(layer.weight.grad).all()
     part = torch.zeros(payload.numel, dtype=torch.float64)
     payload.fill(part)
-    payload.consume(part)          # one rank only: the global statistics are x1's
+    payload.consume(part)  # one rank only: the global statistics are x1's
     mean1, var1 = _stats(x1)
     assert torch.allclose(layer.global_mean.double(), mean1, atol=1e-6)
     assert torch.allclose(layer.global_var.double(), var1, atol=1e-5)
     # evaluation uses the statistics the model was last trained with
     layer.eval()
-    assert torch.allclose(model(x1), ((x1 - mean1.float().view([1, -1] + [1] * (x1.dim() - 2)))
-                                      / (var1.float() + layer.eps).sqrt().view(
-                                          [1, -1] + [1] * (x1.dim() - 2))), atol=1e-5)
+    assert torch.allclose(
+        model(x1),
+        (
+            (x1 - mean1.float().view([1, -1] + [1] * (x1.dim() - 2)))
+            / (var1.float() + layer.eps).sqrt().view([1, -1] + [1] * (x1.dim() - 2))
+        ),
+        atol=1e-5,
+    )
 
 
 def test_a_rank_without_a_forward_contributes_zeros():
@@ -80,7 +86,7 @@ def test_fix_freezes_at_half_with_the_global_statistics():
     for step in range(5):
         scheme.before_step(model, data, 16, step, 10)
         assert bool(layer.fixed) is False
-    scheme.before_step(model, data, 16, 5, 10)   # T* = 10 // 2
+    scheme.before_step(model, data, 16, 5, 10)  # T* = 10 // 2
     assert bool(layer.fixed) is True
     with torch.no_grad():
         mean, var = _stats(model[0](data))
@@ -105,10 +111,8 @@ def test_learning_rate_schedules():
     assert lr_factor("constant", 5, 10) == 1.0
     assert lr_factor("cosine", 0, 10) == 1.0 and lr_factor("cosine", 10, 10) == pytest.approx(0)
     assert lr_factor("cosine", 5, 10) == pytest.approx(0.5)
-    assert [lr_factor("step", s, 100) for s in (0, 49, 50, 74, 75)] == pytest.approx(
-        [1, 1, 0.1, 0.1, 0.01])
-    assert [lr_factor("cosine", s, 110, warmup=10) for s in (0, 4, 9)] == pytest.approx(
-        [0.1, 0.5, 1.0])
+    assert [lr_factor("step", s, 100) for s in (0, 49, 50, 74, 75)] == pytest.approx([1, 1, 0.1, 0.1, 0.01])
+    assert [lr_factor("cosine", s, 110, warmup=10) for s in (0, 4, 9)] == pytest.approx([0.1, 0.5, 1.0])
     assert lr_factor("cosine", 60, 110, warmup=10) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
     with pytest.raises(ValueError, match="--lr-schedule"):
         lr_factor("linear", 0, 10)

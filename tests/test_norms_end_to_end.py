@@ -1,6 +1,7 @@
 """End to end through ``python -m disdl_mpi.run``: one full-batch step on a quantity-skewed
 4-rank partition gives the same model as one rank on the same training data for every
 batch-independent or globally-synchronized scheme, and a different one for local BN."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -37,12 +38,32 @@ def _max_rel_diff(a: dict, b: dict) -> float:
 
 def _run(n: int, data: Path, out: Path) -> None:
     norms = ",".join(SAME + ["bn"])
-    proc = run_mpi(n, ["-m", "disdl_mpi.run", "--norm", norms, "--steps", "1",
-                       "--global-batch-size", "100000", "--save-model", "--lr", "0.1",
-                       "--data-dir", str(data), "--out", str(out), "--progress", "none",
-                       "--model", "cnn"], timeout=240)
-    assert proc.returncode == 0, f"n={n} rc={proc.returncode}\n{proc.stdout[-3000:]}\n" \
-                                 f"{proc.stderr[-3000:]}"
+    proc = run_mpi(
+        n,
+        [
+            "-m",
+            "disdl_mpi.run",
+            "--norm",
+            norms,
+            "--steps",
+            "1",
+            "--global-batch-size",
+            "100000",
+            "--save-model",
+            "--lr",
+            "0.1",
+            "--data-dir",
+            str(data),
+            "--out",
+            str(out),
+            "--progress",
+            "none",
+            "--model",
+            "cnn",
+        ],
+        timeout=240,
+    )
+    assert proc.returncode == 0, f"n={n} rc={proc.returncode}\n{proc.stdout[-3000:]}\n{proc.stderr[-3000:]}"
 
 
 @pytest.mark.mpi

@@ -1,4 +1,5 @@
 """Multi-rank exactness of the communicating schemes, under a real mpiexec."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """bn-recal in one process: exact statistics, mode/buffer restoration, clear errors."""
+
 from __future__ import annotations
 
 import numpy as np

@@ -1,4 +1,5 @@
 """Registry: every scheme builds, runs forward/backward on (N,C,H,W) and (N,C), and is named."""
+
 from __future__ import annotations
 
 import pytest
@@ -113,6 +114,7 @@ def test_the_registry_says_which_schemes_need_the_whole_test_set():
     """run.py decides from the registry entry whether ranks load the whole test set or their
     shard; the entry must agree with what the built scheme does."""
     from disdl_mpi.norms import SCHEMES, get_scheme
+
     for name, spec in SCHEMES.items():
         scheme = get_scheme(name)
         try:

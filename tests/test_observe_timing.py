@@ -1,4 +1,5 @@
 """Phase timers add up to the step wall time; the timeline is valid trace-event JSON."""
+
 from __future__ import annotations
 
 import json
@@ -16,8 +17,7 @@ from tests.mpi_helpers import run_mpi
 def test_phases_add_up_to_step_wall_in_process():
     """A real (tiny) training step on the CPU, timed phase by phase."""
     torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(),
-                                torch.nn.Linear(128, 10))
+    model = torch.nn.Sequential(torch.nn.Linear(64, 128), torch.nn.ReLU(), torch.nn.Linear(128, 10))
     opt = torch.optim.SGD(model.parameters(), lr=0.1)
     x, y = torch.randn(512, 64), torch.randint(0, 10, (512,))
     trace = TraceRecorder(MPI.COMM_SELF)
@@ -54,9 +54,11 @@ def test_phases_add_up_to_step_wall_in_process():
 
 
 def test_derived_imbalance_and_detail_switch(monkeypatch):
-    detail = {"data": {"min": 0.0, "mean": 0.1, "max": 0.2},
-              "forward": {"min": 1.0, "mean": 2.0, "max": 3.0},
-              "backward": {"min": 1.0, "mean": 1.5, "max": 2.0}}
+    detail = {
+        "data": {"min": 0.0, "mean": 0.1, "max": 0.2},
+        "forward": {"min": 1.0, "mean": 2.0, "max": 3.0},
+        "backward": {"min": 1.0, "mean": 1.5, "max": 2.0},
+    }
     assert derive_imbalance(detail) == pytest.approx(5.2 - 3.6)
     assert derive_imbalance({}) == 0.0
     monkeypatch.delenv("DISDL_TIMING_DETAIL", raising=False)
@@ -75,10 +77,31 @@ def test_validate_trace_catches_bad_events():
 @pytest.mark.mpi
 def test_run_timeline_and_phase_detail(tmp_path):
     out, trace = tmp_path / "out", tmp_path / "trace.json"
-    run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(tmp_path / "data"), "--norm", "gn",
-                "--model", "mlp", "--steps", "4", "--global-batch-size", "64",
-                "--threads", "1", "--out", str(out), "--timeline", str(trace)],
-            timeout=240, check=True)
+    run_mpi(
+        2,
+        [
+            "-m",
+            "disdl_mpi.run",
+            "--data-dir",
+            str(tmp_path / "data"),
+            "--norm",
+            "gn",
+            "--model",
+            "mlp",
+            "--steps",
+            "4",
+            "--global-batch-size",
+            "64",
+            "--threads",
+            "1",
+            "--out",
+            str(out),
+            "--timeline",
+            str(trace),
+        ],
+        timeout=240,
+        check=True,
+    )
     (rec,) = json.loads((out / "summary.json").read_text())["runs"]
     ph, det = rec["phases"], rec["phases_detail"]
     assert rec["imbalance_method"] == "barrier-probe" and rec["grad_bytes"] > 0
@@ -96,16 +119,18 @@ def test_run_timeline_and_phase_detail(tmp_path):
     for rank in (0, 1):
         mine = [e for e in evs if e["pid"] == rank and e["ph"] == "X"]
         kinds = {e["name"] for e in mine}
-        assert {"forward", "backward", "imbalance_wait", "allreduce", "optimizer",
-                "scheme gn"} <= kinds
-        steps = sorted((e for e in mine if e["name"].startswith("step ")),
-                       key=lambda e: e["ts"])
+        assert {"forward", "backward", "imbalance_wait", "allreduce", "optimizer", "scheme gn"} <= kinds
+        steps = sorted((e for e in mine if e["name"].startswith("step ")), key=lambda e: e["ts"])
         assert len(steps) == 4
         # every phase event of a step lies inside that step's span (properly nested)
         first = steps[0]
-        inside = [e for e in mine if e["tid"] == 0 and e["name"] == "forward"
-                  and first["ts"] <= e["ts"] <= first["ts"] + first["dur"]]
-        assert len(inside) == 1 and inside[0]["ts"] + inside[0]["dur"] <= \
-            first["ts"] + first["dur"] + 1.0
+        inside = [
+            e
+            for e in mine
+            if e["tid"] == 0
+            and e["name"] == "forward"
+            and first["ts"] <= e["ts"] <= first["ts"] + first["dur"]
+        ]
+        assert len(inside) == 1 and inside[0]["ts"] + inside[0]["dur"] <= first["ts"] + first["dur"] + 1.0
         buckets = [e for e in mine if e["tid"] == 1]
         assert buckets and all(e["args"]["bytes"] > 0 for e in buckets)

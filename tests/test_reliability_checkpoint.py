@@ -1,4 +1,5 @@
 """Checkpoint files, validation and fallback, in one process (a 1-rank MPI world)."""
+
 from __future__ import annotations
 
 import random
@@ -8,8 +9,16 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from disdl_mpi.reliability.checkpoint import (MATTERS, CheckpointError, Checkpointer, model_parts,
-                                  parse_every, restore_model, rng_state, set_rng_state)
+from disdl_mpi.reliability.checkpoint import (
+    MATTERS,
+    Checkpointer,
+    CheckpointError,
+    model_parts,
+    parse_every,
+    restore_model,
+    rng_state,
+    set_rng_state,
+)
 
 CONFIG = {k: None for k in MATTERS} | {"lr": 0.05, "seed": 0, "norm": "bn"}
 
@@ -31,8 +40,7 @@ def _model():
 
 def _save(ck, m, opt, step):
     shared, local = model_parts(m, opt)
-    shared["position"] = {"scheme_index": 0, "norm": "bn", "epoch": 0, "batch": step,
-                          "step": step}
+    shared["position"] = {"scheme_index": 0, "norm": "bn", "epoch": 0, "batch": step, "step": step}
     local["rng"] = rng_state()
     return ck.save(shared, local, label=f"step {step}")
 
@@ -110,8 +118,7 @@ def test_everything_corrupt_or_missing(tmp_path):
 def test_mismatch_names_each_difference(tmp_path):
     m, opt = _model()
     _save(_ckpt(tmp_path / "c"), m, opt, 1)
-    other = _ckpt(tmp_path / "c", config=CONFIG | {"lr": 0.1}, world_size=1,
-                  manifest_sha256="b" * 64)
+    other = _ckpt(tmp_path / "c", config=CONFIG | {"lr": 0.1}, world_size=1, manifest_sha256="b" * 64)
     with pytest.raises(CheckpointError) as err:
         other.load("auto", lambda s: None)
     text = str(err.value)

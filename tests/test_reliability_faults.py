@@ -4,22 +4,20 @@ Faults are real: signals are sent to rank processes by pid, a rank is SIGKILLed,
 files are corrupted on disk. Only NaNs and a collective-ordering bug are injected by the
 test driver (tests/mpi_programs/fault_driver.py), on one rank.
 """
+
 from __future__ import annotations
 
 import json
 import math
-import os
 import shutil
 import signal
-import subprocess
 import time
 from pathlib import Path
 
 import pytest
 import torch
 
-from tests.mpi_helpers import FAULT_DRIVER, Job, alive
-from tests.mpi_helpers import run_mpi
+from tests.mpi_helpers import FAULT_DRIVER, Job, alive, run_mpi
 
 pytestmark = [pytest.mark.mpi, pytest.mark.faults]
 
@@ -27,21 +25,25 @@ TRAIN = ["--norm", "bn,fedbn", "--steps", "8", "--global-batch-size", "64", "--s
 
 
 @pytest.fixture(scope="module")
-def parts(digits_partition):
-    """n2: the default digits partition at 2 ranks; n3e: 3 ranks of sizes [1437, 1, 0], a
-    one-sample rank and an empty rank."""
-    n3e = digits_partition(3, "quantity:0.1", 10, min_per_rank=0)
-    sizes = json.loads((n3e / "partition.json").read_text())["sizes"]
-    assert sorted(sizes) == [0, 1, 1437]
-    return {"n2": digits_partition(2), "n3e": n3e}
-
-
-@pytest.fixture(scope="module")
 def reference(parts, tmp_path_factory):
     """An uninterrupted run that also checkpoints every 3 steps (and at the scheme boundary)."""
     out = tmp_path_factory.mktemp("ref") / "out"
-    run_mpi(2, ["-m", FAULT_DRIVER, "--data-dir", str(parts["n2"]), *TRAIN, "--checkpoint-every", "3",
-                "--out", str(out)], timeout=240, check=True)
+    run_mpi(
+        2,
+        [
+            "-m",
+            FAULT_DRIVER,
+            "--data-dir",
+            str(parts["n2"]),
+            *TRAIN,
+            "--checkpoint-every",
+            "3",
+            "--out",
+            str(out),
+        ],
+        timeout=240,
+        check=True,
+    )
     return out
 
 
@@ -53,8 +55,7 @@ def _same_tensors(a: Path, b: Path) -> None:
 
 
 def _same_results(ref: Path, out: Path) -> None:
-    for f in ("bn/model.pt", "fedbn/model.pt", "fedbn/model_rank00000.pt",
-              "fedbn/model_rank00001.pt"):
+    for f in ("bn/model.pt", "fedbn/model.pt", "fedbn/model_rank00000.pt", "fedbn/model_rank00001.pt"):
         _same_tensors(ref / f, out / f)
     a = json.loads((ref / "summary.json").read_text())["runs"]
     b = json.loads((out / "summary.json").read_text())["runs"]
@@ -62,8 +63,7 @@ def _same_results(ref: Path, out: Path) -> None:
     for ra, rb in zip(a, b):
         assert ra["test_accuracy"] == rb["test_accuracy"] and ra["steps"] == rb["steps"]
         assert ra["per_rank_accuracy"] == rb["per_rank_accuracy"]
-        assert [e["train_loss"] for e in ra["epochs_log"]] == \
-               [e["train_loss"] for e in rb["epochs_log"]]
+        assert [e["train_loss"] for e in ra["epochs_log"]] == [e["train_loss"] for e in rb["epochs_log"]]
 
 
 def test_sigterm_on_one_rank_checkpoints_and_resume_is_bitwise(parts, reference, tmp_path):
@@ -110,9 +110,23 @@ def test_corrupt_checkpoint_auto_falls_back_path_refuses(parts, reference, tmp_p
 
 def test_sigusr1_on_all_ranks_stops_at_one_step(parts, tmp_path):
     out = tmp_path / "out"
-    job = Job(2, ["--data-dir", str(parts["n2"]), "--norm", "gn", "--steps", "200",
-                  "--global-batch-size", "64", "--out", str(out)], tmp_path,
-              env={"FAULT_STEP_SLEEP": "0.05"})
+    job = Job(
+        2,
+        [
+            "--data-dir",
+            str(parts["n2"]),
+            "--norm",
+            "gn",
+            "--steps",
+            "200",
+            "--global-batch-size",
+            "64",
+            "--out",
+            str(out),
+        ],
+        tmp_path,
+        env={"FAULT_STEP_SLEEP": "0.05"},
+    )
     rc, stdout, stderr, elapsed, _ = job.signal_at_step("gn", 2, [0, 1], signal.SIGUSR1, 60)
     assert rc == 128 + signal.SIGUSR1, stderr
     assert elapsed < 30
@@ -123,9 +137,23 @@ def test_sigusr1_on_all_ranks_stops_at_one_step(parts, tmp_path):
 
 
 def test_sigkill_of_one_rank_brings_job_down_without_orphans(parts, tmp_path):
-    job = Job(2, ["--data-dir", str(parts["n2"]), "--norm", "gn", "--steps", "400",
-                  "--global-batch-size", "64", "--out", str(tmp_path / "out")], tmp_path,
-              env={"FAULT_STEP_SLEEP": "0.05"})
+    job = Job(
+        2,
+        [
+            "--data-dir",
+            str(parts["n2"]),
+            "--norm",
+            "gn",
+            "--steps",
+            "400",
+            "--global-batch-size",
+            "64",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        tmp_path,
+        env={"FAULT_STEP_SLEEP": "0.05"},
+    )
     rc, _, stderr, elapsed, pids = job.signal_at_step("gn", 2, [1], signal.SIGKILL, 30)
     assert rc != 0 and elapsed < 30, f"rc={rc} after {elapsed:.1f}s"
     end = time.monotonic() + 5
@@ -135,9 +163,25 @@ def test_sigkill_of_one_rank_brings_job_down_without_orphans(parts, tmp_path):
 
 
 def test_nan_loss_on_one_rank_stops_every_rank(parts, tmp_path):
-    proc = run_mpi(2, ["-m", FAULT_DRIVER, "--data-dir", str(parts["n2"]), "--norm", "gn", "--steps", "6",
-                       "--global-batch-size", "64", "--out", str(tmp_path / "o")],
-                   env={"FAULT_NAN": "1:3:loss"}, timeout=120)
+    proc = run_mpi(
+        2,
+        [
+            "-m",
+            FAULT_DRIVER,
+            "--data-dir",
+            str(parts["n2"]),
+            "--norm",
+            "gn",
+            "--steps",
+            "6",
+            "--global-batch-size",
+            "64",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        env={"FAULT_NAN": "1:3:loss"},
+        timeout=120,
+    )
     assert proc.returncode == 3, proc.stderr
     # a NaN loss poisons that rank's gradient too; the rank and step are what matter
     assert proc.stderr.count("non-finite loss and gradient on rank 1 at optimizer step 3") == 1
@@ -146,10 +190,29 @@ def test_nan_loss_on_one_rank_stops_every_rank(parts, tmp_path):
 
 def test_nan_gradient_skip_mode_skips_that_step_everywhere(parts, tmp_path):
     out = tmp_path / "o"
-    proc = run_mpi(2, ["-m", FAULT_DRIVER, "--data-dir", str(parts["n2"]), "--norm", "bn", "--steps", "5",
-                       "--global-batch-size", "64", "--on-nan", "skip", "--save-model",
-                       "--out", str(out)], env={"FAULT_NAN": "1:2:grad"}, timeout=120,
-                   check=True)
+    proc = run_mpi(
+        2,
+        [
+            "-m",
+            FAULT_DRIVER,
+            "--data-dir",
+            str(parts["n2"]),
+            "--norm",
+            "bn",
+            "--steps",
+            "5",
+            "--global-batch-size",
+            "64",
+            "--on-nan",
+            "skip",
+            "--save-model",
+            "--out",
+            str(out),
+        ],
+        env={"FAULT_NAN": "1:2:grad"},
+        timeout=120,
+        check=True,
+    )
     # the loss stayed finite: the rank is found from its local gradient, before the average
     assert proc.stdout.count("non-finite gradient on rank 1 at optimizer step 2") == 1
     (rec,) = json.loads((out / "summary.json").read_text())["runs"]
@@ -160,10 +223,26 @@ def test_nan_gradient_skip_mode_skips_that_step_everywhere(parts, tmp_path):
 
 
 def test_check_collectives_names_both_sides_of_a_mismatch(parts, tmp_path):
-    proc = run_mpi(2, ["-m", FAULT_DRIVER, "--data-dir", str(parts["n2"]), "--norm", "gn", "--steps", "2",
-                       "--global-batch-size", "64", "--check-collectives",
-                       "--out", str(tmp_path / "o")],
-                   env={"FAULT_EXTRA_BARRIER": "1"}, timeout=120)
+    proc = run_mpi(
+        2,
+        [
+            "-m",
+            FAULT_DRIVER,
+            "--data-dir",
+            str(parts["n2"]),
+            "--norm",
+            "gn",
+            "--steps",
+            "2",
+            "--global-batch-size",
+            "64",
+            "--check-collectives",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        env={"FAULT_EXTRA_BARRIER": "1"},
+        timeout=120,
+    )
     assert proc.returncode == 4, proc.stderr
     err = proc.stderr
     assert err.count("collective mismatch") == 1
@@ -171,108 +250,36 @@ def test_check_collectives_names_both_sides_of_a_mismatch(parts, tmp_path):
     assert "rank 1: Barrier on world at fault_driver.py" in err
 
 
-@pytest.mark.parametrize("batching,norms,extra", [
-    ("equal", "bn,syncbn,fedbn,gn", ["--check-collectives"]),
-    ("proportional", "syncbn,fedbn,bn", []),
-])
+@pytest.mark.parametrize(
+    "batching,norms,extra",
+    [("equal", "bn,syncbn,fedbn,gn", ["--check-collectives"]), ("proportional", "syncbn,fedbn,bn", [])],
+)
 def test_empty_and_one_sample_ranks_never_hang(parts, tmp_path, batching, norms, extra):
     out = tmp_path / "o"
-    run_mpi(3, ["-m", "disdl_mpi.run", "--data-dir", str(parts["n3e"]), "--norm", norms,
-                "--steps", "3", "--global-batch-size", "48", "--batching", batching,
-                *extra, "--out", str(out)], timeout=240, check=True)
+    run_mpi(
+        3,
+        [
+            "-m",
+            "disdl_mpi.run",
+            "--data-dir",
+            str(parts["n3e"]),
+            "--norm",
+            norms,
+            "--steps",
+            "3",
+            "--global-batch-size",
+            "48",
+            "--batching",
+            batching,
+            *extra,
+            "--out",
+            str(out),
+        ],
+        timeout=240,
+        check=True,
+    )
     runs = json.loads((out / "summary.json").read_text())["runs"]
     assert [r["norm"] for r in runs] == norms.split(",")
     for r in runs:
         assert r["steps"] == 3 and 0.0 <= r["test_accuracy"] <= 1.0
         assert math.isfinite(r["epochs_log"][-1]["train_loss"])
-
-
-def test_bad_configuration_is_refused_before_training(parts, tmp_path):
-    proc = run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(parts["n2"]), "--model", "nope",
-                       "--global-batch-size", "1", "--checkpoint-every", "0",
-                       "--out", str(tmp_path / "o")], timeout=120)
-    assert proc.returncode == 2
-    for msg in ("unknown model 'nope'", "--global-batch-size 1 is smaller than the 2 ranks",
-                "--checkpoint-every must be"):
-        assert proc.stderr.count(msg) == 1, proc.stderr
-    assert "epoch" not in proc.stdout and "Traceback" not in proc.stderr
-
-    blocker = tmp_path / "file"
-    blocker.write_text("x")
-    proc = run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(parts["n2"]),
-                       "--out", str(blocker / "out")], timeout=120)
-    assert proc.returncode == 2 and proc.stderr.count("results folder is not writable") == 1
-
-    proc = run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(parts["n2"]), "--dataset",
-                       "mnist", "--out", str(tmp_path / "o2")], timeout=120)
-    assert proc.returncode == 2
-    assert proc.stderr.count("field 'dataset' is 'digits'") == 1 and "epoch" not in proc.stdout
-
-
-def test_a_second_run_into_a_busy_out_is_refused_and_a_dead_holder_is_taken_over(parts,
-                                                                                  tmp_path):
-    out = tmp_path / "out"
-    args = ["--data-dir", str(parts["n2"]), "--norm", "gn", "--global-batch-size", "64",
-            "--out", str(out)]
-    first = Job(2, [*args, "--steps", "400"], tmp_path, env={"FAULT_STEP_SLEEP": "0.05"})
-    try:
-        pids = first.rank_pids()
-        first.wait_for_step("gn", 2)
-        second = run_mpi(2, ["-m", "disdl_mpi.run", *args, "--steps", "2"], timeout=60)
-        assert second.returncode == 2, second.stderr
-        assert f"--out {out} is in use by another run" in second.stderr
-        assert f"pid {pids[0]}, started " in second.stderr and "host " in second.stderr
-        assert second.stderr.count("in use by another run") == 1
-        assert not (out / "checkpoints").exists() or not list(out.glob("checkpoints/.tmp*"))
-    finally:
-        first.kill()
-    end = time.monotonic() + 10
-    while alive(pids[0]) and time.monotonic() < end:
-        time.sleep(0.1)
-    third = run_mpi(2, ["-m", "disdl_mpi.run", *args, "--steps", "2"], timeout=120, check=True)
-    assert f"took over the lock of a run that is gone (pid {pids[0]}" in third.stdout
-    assert json.loads((out / "summary.json").read_text())["runs"][0]["steps"] == 2
-    assert not (out / ".lock").exists()  # released at the end
-
-
-def test_a_full_disk_during_a_checkpoint_names_the_folder_and_leaves_no_partial(parts,
-                                                                                tmp_path):
-    if os.geteuid() != 0:
-        pytest.skip("mounting a small tmpfs needs root")
-    disk = tmp_path / "small"
-    disk.mkdir()
-    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], check=True)
-    try:
-        proc = run_mpi(2, ["-m", "disdl_mpi.run", "--data-dir", str(parts["n2"]), "--norm",
-                           "gn", "--model", "resnet20", "--steps", "3", "--checkpoint-every",
-                           "1", "--global-batch-size", "32", "--out", str(disk / "out")],
-                       timeout=180)
-        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
-        assert "checkpoint not written" in proc.stderr
-        assert f"checkpoint folder {disk / 'out' / 'checkpoints'}" in proc.stderr
-        assert "No space left on device" in proc.stderr
-        assert not list((disk / "out" / "checkpoints").glob(".tmp-ckpt-*"))
-        assert not list((disk / "out" / "checkpoints").rglob("*.tmp"))
-    finally:
-        subprocess.run(["umount", str(disk)], check=False)
-
-
-def test_a_stopped_rank_is_named_by_the_stall_watchdog(parts, tmp_path):
-    """SIGSTOP one rank mid-training: with --stall-timeout the others name it and where they
-    wait, and the job ends with exit code 5 instead of hanging; nothing survives."""
-    job = Job(2, ["--data-dir", str(parts["n2"]), "--norm", "gn", "--steps", "400",
-                  "--global-batch-size", "64", "--stall-timeout", "3",
-                  "--out", str(tmp_path / "out")], tmp_path, env={"FAULT_STEP_SLEEP": "0.05"})
-    rc, _, stderr, elapsed, pids = job.signal_at_step("gn", 3, [1], signal.SIGSTOP, 60)
-    assert rc == 5, stderr
-    assert elapsed < 30, f"took {elapsed:.0f} s"
-    assert "stall: no progress for 3 s" in stderr
-    assert "rank 1: has not arrived" in stderr and "rank 0: waiting" in stderr, stderr
-    assert "step " in stderr and "phase " in stderr
-    end = time.monotonic() + 10
-    while any(alive(p) for p in pids) and time.monotonic() < end:
-        time.sleep(0.1)
-    for p in pids:
-        if alive(p):
-            os.kill(p, signal.SIGKILL)
-    assert not [p for p in pids if alive(p)], "a rank survived the stalled job"

@@ -1,4 +1,5 @@
 """bench.studies.data_scale: a real sweep over two tiny partitions and two residency modes."""
+
 from __future__ import annotations
 
 import json
@@ -8,12 +9,36 @@ from bench.studies.data_scale import main, markdown
 
 def test_the_sweep_measures_every_size_and_mode_and_cleans_up(tmp_path):
     out = tmp_path / "rows.json"
-    assert main(["--shape", "3,8,8", "--per-rank", "40,90", "--modes", "device,stream",
-                 "--steps", "2", "--test", "20", "--work", str(tmp_path / "w"),
-                 "--json", str(out), "--timeout", "180"]) == 0
+    assert (
+        main(
+            [
+                "--shape",
+                "3,8,8",
+                "--per-rank",
+                "40,90",
+                "--modes",
+                "device,stream",
+                "--steps",
+                "2",
+                "--test",
+                "20",
+                "--work",
+                str(tmp_path / "w"),
+                "--json",
+                str(out),
+                "--timeout",
+                "180",
+            ]
+        )
+        == 0
+    )
     rows = json.loads(out.read_text())["rows"]
     assert [(r["per_rank"], r["mode"]) for r in rows] == [
-        (40, "device"), (40, "stream"), (90, "device"), (90, "stream")]
+        (40, "device"),
+        (40, "stream"),
+        (90, "device"),
+        (90, "stream"),
+    ]
     for r in rows:
         # launch-to-ready includes starting Python, so it is at least the run's own load time
         assert r["startup_s"] >= r["load_s"] > 0
@@ -25,8 +50,10 @@ def test_the_sweep_measures_every_size_and_mode_and_cleans_up(tmp_path):
 
 
 def test_a_mode_named_twice_gets_a_column_per_run():
-    rows = [dict(per_rank=10, mode=m, stored_gib=1.0, startup_s=s, peak_rss_gib=1.5)
-            for m, s in (("device", 21.0), ("host", 13.6), ("device", 12.4))]
+    rows = [
+        dict(per_rank=10, mode=m, stored_gib=1.0, startup_s=s, peak_rss_gib=1.5)
+        for m, s in (("device", 21.0), ("host", 13.6), ("device", 12.4))
+    ]
     table = markdown(rows, ["device", "host", "device"])
     head, _, line = table.splitlines()
     assert "device #1: start-up" in head and "device #2: start-up" in head
@@ -35,8 +62,23 @@ def test_a_mode_named_twice_gets_a_column_per_run():
 
 
 def test_keep_reuses_the_partition_an_earlier_sweep_left_and_warmup_is_untimed(tmp_path):
-    args = ["--shape", "3,8,8", "--per-rank", "30", "--modes", "stream", "--steps", "1",
-            "--test", "10", "--work", str(tmp_path / "w"), "--keep", "--timeout", "180"]
+    args = [
+        "--shape",
+        "3,8,8",
+        "--per-rank",
+        "30",
+        "--modes",
+        "stream",
+        "--steps",
+        "1",
+        "--test",
+        "10",
+        "--work",
+        str(tmp_path / "w"),
+        "--keep",
+        "--timeout",
+        "180",
+    ]
     out = tmp_path / "rows.json"
     assert main(args + ["--warmup-run", "--json", str(out)]) == 0
     # the untimed warm-up ran, and is not among the rows

@@ -1,4 +1,5 @@
 """bench.studies.engine: launcher templates, per-point store, resume, failures, timeouts (no MPI)."""
+
 from __future__ import annotations
 
 import io
@@ -7,7 +8,7 @@ import sys
 
 import pytest
 
-from bench.studies.engine import (Point, PointStore, Progress, SweepError, launcher_command, run_sweep)
+from bench.studies.engine import Point, PointStore, Progress, SweepError, launcher_command, run_sweep
 
 # A "launcher" that runs the command without MPI, so the sweep logic is tested in seconds.
 PLAIN = "env DISDL_N={n}"
@@ -15,8 +16,10 @@ PLAIN = "env DISDL_N={n}"
 
 def writer_point(key: str, tmp_path, *, value: int, settings=None) -> Point:
     """A job that writes a small JSON result file and logs a line."""
-    code = (f"import json,os; json.dump({{'v': {value}, 'n': int(os.environ['DISDL_N'])}}, "
-            f"open({str(tmp_path / (key + '.out'))!r}, 'w')); print('ran {key}')")
+    code = (
+        f"import json,os; json.dump({{'v': {value}, 'n': int(os.environ['DISDL_N'])}}, "
+        f"open({str(tmp_path / (key + '.out'))!r}, 'w')); print('ran {key}')"
+    )
     return Point(key=key, ranks=value, args=["-c", code], settings=settings or {"v": value})
 
 
@@ -38,8 +41,15 @@ def test_resume_runs_only_missing_points(tmp_path):
     store = PointStore(tmp_path / "points")
     points = [writer_point(f"p{i}", tmp_path, value=i) for i in (1, 2, 3)]
     out = io.StringIO()
-    res = run_sweep(points, store, collect(tmp_path), launcher=PLAIN, timeout=60,
-                    progress=Progress(3, stream=out, tty=False), say=out.write)
+    res = run_sweep(
+        points,
+        store,
+        collect(tmp_path),
+        launcher=PLAIN,
+        timeout=60,
+        progress=Progress(3, stream=out, tty=False),
+        say=out.write,
+    )
     assert [r["v"] for r in res] == [1, 2, 3] and [r["n"] for r in res] == [1, 2, 3]
     assert "3/3 p3: ok" in out.getvalue()
     # Drop one result and change another point's settings: exactly those two rerun.
@@ -48,8 +58,15 @@ def test_resume_runs_only_missing_points(tmp_path):
     mtime_p1 = store.path("p1").stat().st_mtime_ns
     log = io.StringIO()
     said = []
-    res = run_sweep(points, store, collect(tmp_path), launcher=PLAIN, timeout=60,
-                    progress=Progress(2, stream=log, tty=False), say=said.append)
+    res = run_sweep(
+        points,
+        store,
+        collect(tmp_path),
+        launcher=PLAIN,
+        timeout=60,
+        progress=Progress(2, stream=log, tty=False),
+        say=said.append,
+    )
     assert said == ["resuming: 1 of 3 point(s) already done, 2 to run"]
     assert "start p2" in log.getvalue() and "start p3" in log.getvalue()
     assert "start p1" not in log.getvalue()
@@ -63,8 +80,15 @@ def test_failed_and_timed_out_points_are_not_stored(tmp_path):
     slow = Point(key="slow", ranks=1, args=["-c", "import time; time.sleep(30)"])
     good = writer_point("good", tmp_path, value=1)
     out = io.StringIO()
-    res = run_sweep([bad, slow, good], store, collect(tmp_path), launcher=PLAIN, timeout=2,
-                    progress=Progress(3, stream=out, tty=False), say=out.write)
+    res = run_sweep(
+        [bad, slow, good],
+        store,
+        collect(tmp_path),
+        launcher=PLAIN,
+        timeout=2,
+        progress=Progress(3, stream=out, tty=False),
+        say=out.write,
+    )
     assert [r["key"] for r in res] == ["good"]
     text = out.getvalue()
     assert "bad: FAILED (exit code 3)" in text and "slow: FAILED (timed out after 2 s)" in text

@@ -1,4 +1,5 @@
 """bench.studies.scaling end to end: real mpiexec jobs at 1 and 2 ranks, tables, plots, resume."""
+
 from __future__ import annotations
 
 import csv
@@ -15,12 +16,34 @@ pytestmark = pytest.mark.mpi
 
 
 def scaling(out, *extra: str, timeout: float = 400) -> subprocess.CompletedProcess:
-    cmd = [sys.executable, "-m", "bench.studies.scaling", "--ranks", "1", "2", "--norm", "gn,none",
-           "--mode", "weak", "--model", "mlp", "--steps", "3", "--batch-per-rank", "16",
-           "--cores", "1", "--run-args", "--threads 1", "--timeout", "300", "--out", str(out),
-           *extra]
-    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT,
-                          env=mpi_env())
+    cmd = [
+        sys.executable,
+        "-m",
+        "bench.studies.scaling",
+        "--ranks",
+        "1",
+        "2",
+        "--norm",
+        "gn,none",
+        "--mode",
+        "weak",
+        "--model",
+        "mlp",
+        "--steps",
+        "3",
+        "--batch-per-rank",
+        "16",
+        "--cores",
+        "1",
+        "--run-args",
+        "--threads 1",
+        "--timeout",
+        "300",
+        "--out",
+        str(out),
+        *extra,
+    ]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=timeout, cwd=ROOT, env=mpi_env())
 
 
 @pytest.fixture(scope="module")
@@ -34,8 +57,7 @@ def sweep(tmp_path_factory):
 def test_writes_table_and_plots(sweep):
     out, proc = sweep
     rows = list(csv.DictReader((out / "scaling.csv").open()))
-    assert [(r["ranks"], r["norm"]) for r in rows] == [("1", "gn"), ("1", "none"),
-                                                        ("2", "gn"), ("2", "none")]
+    assert [(r["ranks"], r["norm"]) for r in rows] == [("1", "gn"), ("1", "none"), ("2", "gn"), ("2", "none")]
     for r in rows:
         assert float(r["samples_per_s"]) > 0 and r["mode"] == "weak"
         assert 0.0 <= float(r["comm_fraction"]) < 1.0
@@ -80,6 +102,7 @@ def test_partition_follows_the_seed_and_a_foreign_one_is_refused(tmp_path):
     builds another partition, never reuses the old one; a folder of that name holding a
     partition built otherwise is refused (the bug: the seed was left out of the name)."""
     from bench.studies.scaling import build_parser, data_dir, prepare_partition
+
     out = tmp_path / "s"
     args0 = build_parser().parse_args(["--ranks", "2", "--seed", "0", "--out", str(out)])
     args1 = build_parser().parse_args(["--ranks", "2", "--seed", "1", "--out", str(out)])

@@ -6,6 +6,7 @@ its node. MPICH would still use shared memory between the namespaces (it sees on
 the job runs with the ofi/tcp netmod and shared memory off: every byte between ranks crosses
 the emulated links (and the shaping) over TCP.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,13 +39,30 @@ def command(state: ClusterState, ranks: int, ppn: Optional[int], cmd: list[str])
         raise ClusterError(f"-n must be at least 1, got {ranks}")
     ppn = ppn or math.ceil(ranks / len(state.nodes))
     if ppn * len(state.nodes) < ranks:
-        raise ClusterError(f"-n {ranks} with --ppn {ppn} needs {math.ceil(ranks / ppn)} nodes; "
-                           f"cluster {state.name} has {len(state.nodes)}")
-    hosts = ",".join(n.address for n in state.nodes[:math.ceil(ranks / ppn)])
+        raise ClusterError(
+            f"-n {ranks} with --ppn {ppn} needs {math.ceil(ranks / ppn)} nodes; "
+            f"cluster {state.name} has {len(state.nodes)}"
+        )
+    hosts = ",".join(n.address for n in state.nodes[: math.ceil(ranks / ppn)])
     # -iface br0: the proxies call back to mpiexec at the switch's address.
-    return ["nsenter", f"--net=/run/netns/{state.switch}", mpiexec(), "-iface", "br0",
-            "-hosts", hosts, "-launcher", "ssh", "-launcher-exec", str(state.node_exec),
-            "-n", str(ranks), "-ppn", str(ppn), *cmd]
+    return [
+        "nsenter",
+        f"--net=/run/netns/{state.switch}",
+        mpiexec(),
+        "-iface",
+        "br0",
+        "-hosts",
+        hosts,
+        "-launcher",
+        "ssh",
+        "-launcher-exec",
+        str(state.node_exec),
+        "-n",
+        str(ranks),
+        "-ppn",
+        str(ppn),
+        *cmd,
+    ]
 
 
 def job_env(state: ClusterState, *, mpi_default_algorithms: bool = False) -> dict[str, str]:
@@ -62,8 +80,14 @@ def job_env(state: ClusterState, *, mpi_default_algorithms: bool = False) -> dic
     return env
 
 
-def run(state: ClusterState, ranks: int, ppn: Optional[int], cmd: list[str], *,
-        mpi_default_algorithms: bool = False) -> int:
+def run(
+    state: ClusterState,
+    ranks: int,
+    ppn: Optional[int],
+    cmd: list[str],
+    *,
+    mpi_default_algorithms: bool = False,
+) -> int:
     """Run the job; forward SIGINT/SIGTERM to it; return its exit code."""
     env = job_env(state, mpi_default_algorithms=mpi_default_algorithms)
     proc = subprocess.Popen(command(state, ranks, ppn, cmd), env=env)

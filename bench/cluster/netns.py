@@ -13,6 +13,7 @@ Layout of a cluster NAME with N nodes:
 198.18.0.0/15 is the range reserved for network benchmarking (RFC 2544); the addresses exist
 only inside the cluster's own namespaces.
 """
+
 from __future__ import annotations
 
 import json
@@ -51,15 +52,14 @@ def rate_bits(rate: str) -> Optional[float]:
         return None
     m = RATE_RE.match(text)
     if not m:
-        raise ClusterError(f"--link {rate!r}: expected a rate such as 1gbit, 2500mbit, 10gbit, "
-                           f"or none")
+        raise ClusterError(f"--link {rate!r}: expected a rate such as 1gbit, 2500mbit, 10gbit, or none")
     return float(m.group(1)) * {None: 1, "k": 1e3, "m": 1e6, "g": 1e9}[m.group(2)]
 
 
 @dataclass
 class Node:
     index: int
-    name: str          # namespace and hostname
+    name: str  # namespace and hostname
     address: str
     cpus: list[int]
 
@@ -71,7 +71,7 @@ class ClusterState:
     nodes: list[Node]
     cores_shared: bool
     created: float = field(default_factory=time.time)
-    allreduce_selection: str = "MPICH default"   # what the jobs' MPI was told to choose
+    allreduce_selection: str = "MPICH default"  # what the jobs' MPI was told to choose
 
     @property
     def switch(self) -> str:
@@ -126,9 +126,11 @@ def namespaces(name: str) -> list[str]:
 
 def require_root() -> None:
     if os.geteuid() != 0:
-        raise ClusterError("the emulated cluster needs root: creating network namespaces, veth "
-                           "pairs, a bridge and tc shaping needs CAP_NET_ADMIN (run as root, "
-                           "e.g. with sudo)")
+        raise ClusterError(
+            "the emulated cluster needs root: creating network namespaces, veth "
+            "pairs, a bridge and tc shaping needs CAP_NET_ADMIN (run as root, "
+            "e.g. with sudo)"
+        )
     for tool in ("ip", "tc", "nsenter", "unshare", "taskset"):
         if shutil.which(tool) is None:
             raise ClusterError(f"the emulated cluster needs '{tool}' (iproute2 / util-linux)")
@@ -138,7 +140,7 @@ def plan_cpus(nodes: int, cores: list[int]) -> tuple[list[list[int]], bool]:
     """Each node's cores: disjoint shares when there are enough, else shared round-robin."""
     if nodes <= len(cores):
         per = len(cores) // nodes
-        return [cores[i * per:(i + 1) * per] for i in range(nodes)], False
+        return [cores[i * per : (i + 1) * per] for i in range(nodes)], False
     return [[cores[i % len(cores)]] for i in range(nodes)], True
 
 
@@ -164,12 +166,15 @@ def up(name: str, nodes: int, link: str) -> ClusterState:
     rate_bits(link)
     existing = namespaces(name)
     if existing or ClusterState.load(name) is not None:
-        raise ClusterError(f"a cluster named {name!r} is already up ({len(existing)} "
-                           f"namespace(s)); remove it first with: python -m bench.cluster down "
-                           f"--name {name}")
+        raise ClusterError(
+            f"a cluster named {name!r} is already up ({len(existing)} "
+            f"namespace(s)); remove it first with: python -m bench.cluster down "
+            f"--name {name}"
+        )
     cpus, shared = plan_cpus(nodes, sorted(os.sched_getaffinity(0)))
-    state = ClusterState(name, link, [Node(i, f"{name}-n{i}", f"{SUBNET}.{10 + i}", cpus[i])
-                                      for i in range(nodes)], shared)
+    state = ClusterState(
+        name, link, [Node(i, f"{name}-n{i}", f"{SUBNET}.{10 + i}", cpus[i]) for i in range(nodes)], shared
+    )
     state.save()  # first, so that down finds what a failed up created
     try:
         sw = state.switch
@@ -180,8 +185,25 @@ def up(name: str, nodes: int, link: str) -> ClusterState:
         _run("ip", "-n", sw, "link", "set", "br0", "up")
         for n in state.nodes:
             _run("ip", "netns", "add", n.name)
-            _run("ip", "link", "add", "eth0", "netns", n.name, "mtu", str(MTU), "type", "veth",
-                 "peer", "name", f"p{n.index}", "netns", sw, "mtu", str(MTU))
+            _run(
+                "ip",
+                "link",
+                "add",
+                "eth0",
+                "netns",
+                n.name,
+                "mtu",
+                str(MTU),
+                "type",
+                "veth",
+                "peer",
+                "name",
+                f"p{n.index}",
+                "netns",
+                sw,
+                "mtu",
+                str(MTU),
+            )
             _run("ip", "-n", n.name, "addr", "add", f"{n.address}/24", "dev", "eth0")
             _run("ip", "-n", n.name, "link", "set", "lo", "up")
             _run("ip", "-n", n.name, "link", "set", "eth0", "up")
@@ -189,10 +211,27 @@ def up(name: str, nodes: int, link: str) -> ClusterState:
             _run("ip", "-n", sw, "link", "set", f"p{n.index}", "up")
             bits = rate_bits(link)
             if bits is not None:
-                _run("tc", "-n", n.name, "qdisc", "add", "dev", "eth0", "root", "tbf", "rate",
-                     f"{int(bits)}bit", "burst", str(BURST_BYTES), "latency", f"{LATENCY_MS}ms")
-        cases = "\n".join(f"  {n.address}|{n.name}) ns={n.name}; node={n.name}; "
-                          f"cpus={','.join(map(str, n.cpus))};;" for n in state.nodes)
+                _run(
+                    "tc",
+                    "-n",
+                    n.name,
+                    "qdisc",
+                    "add",
+                    "dev",
+                    "eth0",
+                    "root",
+                    "tbf",
+                    "rate",
+                    f"{int(bits)}bit",
+                    "burst",
+                    str(BURST_BYTES),
+                    "latency",
+                    f"{LATENCY_MS}ms",
+                )
+        cases = "\n".join(
+            f"  {n.address}|{n.name}) ns={n.name}; node={n.name}; cpus={','.join(map(str, n.cpus))};;"
+            for n in state.nodes
+        )
         state.node_exec.write_text(NODE_EXEC.format(name=name, cases=cases))
         state.node_exec.chmod(0o755)
         if selection.write(state.selection_file, selection.mpich_library()) is not None:

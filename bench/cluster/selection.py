@@ -9,6 +9,7 @@ MPICH's own choices for power-of-two communicators and for messages below ``ring
 and picks the ring above it, for the blocking and the nonblocking allreduce (our gradient
 buckets use the latter). ``MPIR_CVAR_COLL_SELECTION_TUNING_JSON_FILE`` points MPICH at it.
 """
+
 from __future__ import annotations
 
 import json
@@ -22,19 +23,29 @@ DEFAULT_RING_FROM = 64 * 1024
 
 def _default(blocking: bool) -> dict:
     """MPICH 5's own intra-communicator allreduce subtree for messages above 8 bytes."""
-    rd = ("algorithm=MPIR_Allreduce_intra_recursive_doubling" if blocking
-          else "algorithm=MPIR_Iallreduce_intra_sched_recursive_doubling")
-    rsag = ("algorithm=MPIR_Allreduce_intra_reduce_scatter_allgather" if blocking
-            else "algorithm=MPIR_Iallreduce_intra_sched_reduce_scatter_allgather")
-    return {"is_op_built_in=no": {rd: {}},
-            "is_op_built_in=yes": {"count<pow2": {rd: {}}, "count=any": {rsag: {}}}}
+    rd = (
+        "algorithm=MPIR_Allreduce_intra_recursive_doubling"
+        if blocking
+        else "algorithm=MPIR_Iallreduce_intra_sched_recursive_doubling"
+    )
+    rsag = (
+        "algorithm=MPIR_Allreduce_intra_reduce_scatter_allgather"
+        if blocking
+        else "algorithm=MPIR_Iallreduce_intra_sched_reduce_scatter_allgather"
+    )
+    return {
+        "is_op_built_in=no": {rd: {}},
+        "is_op_built_in=yes": {"count<pow2": {rd: {}}, "count=any": {rsag: {}}},
+    }
 
 
 def _tree(blocking: bool, ring_from: int) -> dict:
-    ring = ("algorithm=MPIR_Allreduce_intra_ring" if blocking
-            else "algorithm=MPIR_Iallreduce_intra_tsp_ring")
-    rd = ("algorithm=MPIR_Allreduce_intra_recursive_doubling" if blocking
-          else "algorithm=MPIR_Iallreduce_intra_sched_recursive_doubling")
+    ring = "algorithm=MPIR_Allreduce_intra_ring" if blocking else "algorithm=MPIR_Iallreduce_intra_tsp_ring"
+    rd = (
+        "algorithm=MPIR_Allreduce_intra_recursive_doubling"
+        if blocking
+        else "algorithm=MPIR_Iallreduce_intra_sched_recursive_doubling"
+    )
     small = "avg_msg_size<=8" if blocking else "avg_msg_size<=2048"
     return {
         "comm_type=intra": {
@@ -42,10 +53,9 @@ def _tree(blocking: bool, ring_from: int) -> dict:
             "comm_size=any": {
                 small: {rd: {}},
                 f"avg_msg_size<{ring_from}": _default(blocking),
-                "avg_msg_size=any": {"is_op_built_in=no": {rd: {}},
-                                     "is_op_built_in=yes": {ring: {}}},
+                "avg_msg_size=any": {"is_op_built_in=no": {rd: {}}, "is_op_built_in=yes": {ring: {}}},
             },
-        },
+        }
     }
 
 
@@ -60,7 +70,7 @@ def builtin_selection(library: Path) -> Optional[dict]:
     for m in re.finditer(rb'\{"collective=bcast":\{"comm_type=intra":\{"comm_size<8"', data):
         end = data.find(b"\0", m.start())
         try:
-            tree, _ = decoder.raw_decode(data[m.start():end].decode("ascii"))
+            tree, _ = decoder.raw_decode(data[m.start() : end].decode("ascii"))
         except ValueError:
             continue
         if "collective=iallreduce" in tree and "collective=allreduce" in tree:
@@ -88,6 +98,7 @@ def write(path: Path, library: Path, ring_from: int = DEFAULT_RING_FROM) -> Opti
 def mpich_library() -> Path:
     """The libmpi that mpi4py loads (the MPICH wheel's, in the venv)."""
     from mpi4py import MPI
+
     for line in Path("/proc/self/maps").read_text().splitlines():
         if "libmpi.so" in line:
             return Path(line.split()[-1])
@@ -96,5 +107,7 @@ def mpich_library() -> Path:
 
 def describe(ring_from: int = DEFAULT_RING_FROM) -> str:
     """The choice, in words, for logs and reports."""
-    return (f"allreduce: MPICH's default on power-of-two communicators and below "
-            f"{ring_from // 1024} KiB; ring at >= {ring_from // 1024} KiB on other sizes")
+    return (
+        f"allreduce: MPICH's default on power-of-two communicators and below "
+        f"{ring_from // 1024} KiB; ring at >= {ring_from // 1024} KiB on other sizes"
+    )

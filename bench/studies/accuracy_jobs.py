@@ -7,6 +7,7 @@ output) and the run's own ``summary.json``, which the run rewrites after every f
 When a job ends, however it ends, its finished schemes become points of the study's
 :class:`~bench.studies.engine.PointStore`, one per (scheme, partition, seed).
 """
+
 from __future__ import annotations
 
 import json
@@ -33,8 +34,8 @@ class Job:
     seed: int
     norms: list[str]
     data_dir: Path
-    run_dir: Path                   # runs/<tag>/ ; attempts live below it
-    fingerprint: dict               # everything that must match for results to be reused
+    run_dir: Path  # runs/<tag>/ ; attempts live below it
+    fingerprint: dict  # everything that must match for results to be reused
     run_args: list[str] = field(default_factory=list)
 
     @property
@@ -54,16 +55,44 @@ def next_attempt(run_dir: Path) -> Path:
     return attempt
 
 
-def launch(job: Job, attempt: Path, ranks: int, launcher: Optional[str], timeout: float,
-           on_epoch: Callable[[str, int, int], None] = lambda norm, e, total: None
-           ) -> JobResult:
+def launch(
+    job: Job,
+    attempt: Path,
+    ranks: int,
+    launcher: Optional[str],
+    timeout: float,
+    on_epoch: Callable[[str, int, int], None] = lambda norm, e, total: None,
+) -> JobResult:
     """Run one job in its ``attempt`` folder to completion or until ``timeout`` seconds."""
-    cmd = launcher_command(launcher, ranks, [
-        "-m", "disdl_mpi.run", "--data-dir", str(job.data_dir), "--norm", ",".join(job.norms),
-        "--seed", str(job.seed), "--out", str(attempt), "--progress", "lines", *job.run_args])
-    write_json(attempt / "job.json", {"fingerprint": job.fingerprint, "norms": job.norms,
-                                      "command": cmd, "started": time.time(),
-                                      "code": code_version()})
+    cmd = launcher_command(
+        launcher,
+        ranks,
+        [
+            "-m",
+            "disdl_mpi.run",
+            "--data-dir",
+            str(job.data_dir),
+            "--norm",
+            ",".join(job.norms),
+            "--seed",
+            str(job.seed),
+            "--out",
+            str(attempt),
+            "--progress",
+            "lines",
+            *job.run_args,
+        ],
+    )
+    write_json(
+        attempt / "job.json",
+        {
+            "fingerprint": job.fingerprint,
+            "norms": job.norms,
+            "command": cmd,
+            "started": time.time(),
+            "code": code_version(),
+        },
+    )
 
     def on_line(line: str) -> None:
         m = EPOCH_LINE.match(line)
@@ -79,5 +108,7 @@ def harvest(attempt: Path) -> dict[str, dict]:
         summary = json.loads((attempt / "summary.json").read_text())
     except (OSError, ValueError):
         return {}  # an attempt that never finished a scheme
-    return {rec["norm"]: dict(rec, attempt=str(attempt), machine=summary.get("machine"))
-            for rec in summary.get("runs", [])}
+    return {
+        rec["norm"]: dict(rec, attempt=str(attempt), machine=summary.get("machine"))
+        for rec in summary.get("runs", [])
+    }

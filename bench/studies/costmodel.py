@@ -18,11 +18,10 @@ compute(p) is the measured per-step time minus its allreduce and imbalance wait 
 measured rank count (weak scaling: constant; strong: divided by p/p0). Communication is assumed
 NOT to overlap compute, so the projected efficiency is a lower bound for an overlapping reducer.
 """
+
 from __future__ import annotations
 
 import argparse
-import csv
-import json
 import math
 import sys
 from dataclasses import asdict, dataclass, field
@@ -32,25 +31,18 @@ from typing import Any, Iterable, Optional, Sequence
 import numpy as np
 from scipy.optimize import nnls
 
-from bench.harness import read_rows
+from bench.studies.costmodel_inputs import (
+    CostModelError,
+    Measured,
+    Sample,
+    load_allreduce,
+    load_scaling,
+    pick_backend,
+)
 from disdl_mpi.files import markdown_table, write_json, write_text
 
 MODELS = ("ring", "rabenseifner")
 DEFAULT_PROJECT_RANKS = (16, 32, 64, 128, 256, 512, 1024)
-
-
-class CostModelError(ValueError):
-    """Unusable input: the message names the file and field."""
-
-
-@dataclass(frozen=True)
-class Sample:
-    """One measured allreduce: ``bytes`` per rank, mean wall ``time_s``, over ``ranks``."""
-
-    backend: str
-    ranks: int
-    bytes: int
-    time_s: float
 
 
 def terms(model: str, p: int, n: float) -> tuple[float, float, float]:
@@ -87,16 +79,14 @@ class Fit:
         return 8.0 / self.beta_s_per_byte / 1e9 if self.beta_s_per_byte > 0 else math.inf
 
     def predict(self, p: int, n: float) -> float:
-        return predict(self.model, p, n, self.alpha_s, self.beta_s_per_byte,
-                       self.gamma_s_per_byte)
+        return predict(self.model, p, n, self.alpha_s, self.beta_s_per_byte, self.gamma_s_per_byte)
 
 
 def fit(samples: list[Sample], model: str, *, with_gamma: bool = False) -> Fit:
     """Fit alpha, beta (and gamma) to samples with p >= 2, minimising relative error."""
     use = [s for s in samples if s.ranks >= 2 and s.time_s > 0]
     if len(use) < 2:
-        raise CostModelError(f"{model} fit needs at least 2 measurements at >= 2 ranks, got "
-                             f"{len(use)}")
+        raise CostModelError(f"{model} fit needs at least 2 measurements at >= 2 ranks, got {len(use)}")
     rows = np.array([terms(model, s.ranks, s.bytes) for s in use])
     if not with_gamma:
         rows = rows[:, :2]
@@ -107,98 +97,31 @@ def fit(samples: list[Sample], model: str, *, with_gamma: bool = False) -> Fit:
     gamma = float(coef[2]) if with_gamma else 0.0
     result = Fit(model, use[0].backend, alpha, beta, gamma, len(use))
     for p in sorted({s.ranks for s in use}):
-        rel = [abs(result.predict(s.ranks, s.bytes) - s.time_s) / s.time_s
-               for s in use if s.ranks == p]
-        result.errors[str(p)] = {"mean_rel": float(np.mean(rel)), "max_rel": float(np.max(rel)),
-                                 "points": len(rel)}
+        rel = [abs(result.predict(s.ranks, s.bytes) - s.time_s) / s.time_s for s in use if s.ranks == p]
+        result.errors[str(p)] = {
+            "mean_rel": float(np.mean(rel)),
+            "max_rel": float(np.max(rel)),
+            "points": len(rel),
+        }
     return result
 
 
 # ---------------------------------------------------------------------------- inputs
 
-ROW_FIELDS = ("backend", "ranks", "bytes", "time_us")  # what bench.allreduce --json writes
-
-
-def load_allreduce(paths: list[Path]) -> list[Sample]:
-    """The rows of ``bench.allreduce --json`` files (``bench.harness.read_rows``)."""
-    out: list[Sample] = []
-    for path in paths:
-        try:
-            rows = read_rows(path)
-        except (OSError, ValueError) as exc:  # JSONDecodeError is a ValueError
-            raise CostModelError(f"{path}: cannot read allreduce results ({exc})") from exc
-        for i, row in enumerate(rows):
-            if not isinstance(row, dict):
-                raise CostModelError(f"{path}: row {i} is not an object")
-            for key in ROW_FIELDS:
-                if row.get(key) is None:
-                    raise CostModelError(f"{path}: row {i} has no {key} field")
-            out.append(Sample(str(row["backend"]), int(row["ranks"]), int(row["bytes"]),
-                              float(row["time_us"]) / 1e6))
-    return out
-
-
-def pick_backend(samples: list[Sample], wanted: Optional[str]) -> str:
-    names = sorted({s.backend for s in samples})
-    if not names:
-        raise CostModelError("no allreduce measurements")
-    if wanted:
-        if wanted not in names:
-            raise CostModelError(f"--backend {wanted!r} not in the measurements: "
-                                 f"{', '.join(names)}")
-        return wanted
-    # The raw MPI path is what the gradient allreducer uses on the CPU.
-    for name in names:
-        if "mpi" in name.lower() and "gloo" not in name.lower() and "torch" not in name.lower():
-            return name
-    return names[0]
-
-
-@dataclass
-class Measured:
-    """One scheme at one rank count from a scaling sweep (per-step seconds, rank means)."""
-
-    norm: str
-    ranks: int
-    mode: str
-    step_s: float
-    compute_s: float
-    allreduce_s: float
-    samples_per_s: float
-    efficiency: Optional[float]
-    grad_bytes: int
-
-
-def load_scaling(directory: Path) -> list[Measured]:
-    """Per-step times from ``DIR/scaling.csv`` (bench.studies.scaling)."""
-    path = Path(directory) / "scaling.csv"
-    if not path.exists():
-        raise CostModelError(f"{path}: no scaling.csv (run python -m bench.studies.scaling first)")
-    out = []
-    with open(path, newline="") as fh:
-        for i, row in enumerate(csv.DictReader(fh)):
-            try:
-                steps = max(1.0, float(row["steps"]))
-                step = float(row["step_s"]) / steps
-                ar = float(row["allreduce_s"]) / steps
-                wait = float(row.get("imbalance_wait_s") or 0.0) / steps
-                eff = row.get("efficiency")
-                out.append(Measured(
-                    norm=row["norm"], ranks=int(row["ranks"]), mode=row["mode"], step_s=step,
-                    compute_s=max(0.0, step - ar - wait), allreduce_s=ar,
-                    samples_per_s=float(row["samples_per_s"]),
-                    efficiency=float(eff) if eff not in (None, "") else None,
-                    grad_bytes=int(float(row.get("grad_bytes") or 0))))
-            except (KeyError, ValueError) as exc:
-                raise CostModelError(f"{path}: row {i + 2}: bad or missing field ({exc})") \
-                    from exc
-    return out
-
 
 # ---------------------------------------------------------------------------- projection
 
-def project(base: Measured, ranks: Iterable[int], *, model: str, alpha: float, beta: float,
-            gamma: float = 0.0, grad_bytes: Optional[int] = None) -> list[dict[str, float]]:
+
+def project(
+    base: Measured,
+    ranks: Iterable[int],
+    *,
+    model: str,
+    alpha: float,
+    beta: float,
+    gamma: float = 0.0,
+    grad_bytes: Optional[int] = None,
+) -> list[dict[str, float]]:
     """Projected step time, throughput and efficiency relative to ``base`` at each p."""
     n = grad_bytes or base.grad_bytes
     p0 = base.ranks
@@ -219,9 +142,17 @@ def project(base: Measured, ranks: Iterable[int], *, model: str, alpha: float, b
             samples_per_step = per_rank_samples * p
         thr = samples_per_step / step
         thr0 = per_rank_samples * p0 / step0
-        rows.append({"ranks": p, "compute_s": compute, "allreduce_s": comm, "step_s": step,
-                     "samples_per_s": thr, "efficiency": thr / (thr0 * p / p0),
-                     "comm_fraction": comm / step if step > 0 else 0.0})
+        rows.append(
+            {
+                "ranks": p,
+                "compute_s": compute,
+                "allreduce_s": comm,
+                "step_s": step,
+                "samples_per_s": thr,
+                "efficiency": thr / (thr0 * p / p0),
+                "comm_fraction": comm / step if step > 0 else 0.0,
+            }
+        )
     return rows
 
 
@@ -232,34 +163,58 @@ def target_beta(bandwidth_gbps: float) -> float:
 
 # ---------------------------------------------------------------------------- CLI
 
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.studies.costmodel",
         description="Fit alpha-beta allreduce models to bench.allreduce results and project "
-                    "step time and scaling efficiency to large rank counts.")
-    p.add_argument("--allreduce", nargs="+", required=True, type=Path,
-                   help="bench.allreduce --json result files (any rank counts >= 2)")
-    p.add_argument("--scaling", type=Path, help="a bench.studies.scaling results folder (for compute "
-                   "time per step and gradient bytes)")
+        "step time and scaling efficiency to large rank counts.",
+    )
+    p.add_argument(
+        "--allreduce",
+        nargs="+",
+        required=True,
+        type=Path,
+        help="bench.allreduce --json result files (any rank counts >= 2)",
+    )
+    p.add_argument(
+        "--scaling",
+        type=Path,
+        help="a bench.studies.scaling results folder (for compute time per step and gradient bytes)",
+    )
     p.add_argument("--backend", help="which measured backend to fit (default: the raw MPI one)")
     p.add_argument("--gamma", action="store_true", help="also fit a reduction term gamma")
-    p.add_argument("--alpha-us", type=float, default=1.5,
-                   help="target network latency per message, microseconds")
-    p.add_argument("--bandwidth-gbps", type=float, default=200.0,
-                   help="target network bandwidth per link, Gbit/s (200 = HDR InfiniBand)")
-    p.add_argument("--ranks", type=int, nargs="+", default=list(DEFAULT_PROJECT_RANKS),
-                   help="rank counts to project to")
-    p.add_argument("--grad-bytes", type=int,
-                   help="gradient bytes per step (default: grad_bytes of the scaling runs)")
+    p.add_argument(
+        "--alpha-us", type=float, default=1.5, help="target network latency per message, microseconds"
+    )
+    p.add_argument(
+        "--bandwidth-gbps",
+        type=float,
+        default=200.0,
+        help="target network bandwidth per link, Gbit/s (200 = HDR InfiniBand)",
+    )
+    p.add_argument(
+        "--ranks", type=int, nargs="+", default=list(DEFAULT_PROJECT_RANKS), help="rank counts to project to"
+    )
+    p.add_argument(
+        "--grad-bytes", type=int, help="gradient bytes per step (default: grad_bytes of the scaling runs)"
+    )
     p.add_argument("--out", type=Path, required=True)
     return p
 
 
-def fit_and_project(allreduce: Sequence[Path], out: Path, *, scaling: Optional[Path] = None,
-                    backend: Optional[str] = None, gamma: bool = False, alpha_us: float = 1.5,
-                    bandwidth_gbps: float = 200.0,
-                    ranks: Sequence[int] = DEFAULT_PROJECT_RANKS,
-                    grad_bytes: Optional[int] = None) -> dict[str, Any]:
+def fit_and_project(
+    allreduce: Sequence[Path],
+    out: Path,
+    *,
+    scaling: Optional[Path] = None,
+    backend: Optional[str] = None,
+    gamma: bool = False,
+    alpha_us: float = 1.5,
+    bandwidth_gbps: float = 200.0,
+    ranks: Sequence[int] = DEFAULT_PROJECT_RANKS,
+    grad_bytes: Optional[int] = None,
+) -> dict[str, Any]:
     """Fit both models to the ``bench.allreduce`` files, project the ``scaling`` sweep's steps
     (if given) to ``ranks`` on this machine and on the target network; write
     OUT/costmodel.json, .md and .png; return the result."""
@@ -268,12 +223,14 @@ def fit_and_project(allreduce: Sequence[Path], out: Path, *, scaling: Optional[P
     chosen = [s for s in samples if s.backend == backend]
     fits = {m: fit(chosen, m, with_gamma=gamma) for m in MODELS}
     result: dict[str, Any] = {
-        "inputs": [str(p) for p in allreduce], "backend": backend,
+        "inputs": [str(p) for p in allreduce],
+        "backend": backend,
         "backends": sorted({s.backend for s in samples}),
         "measured": [asdict(s) for s in chosen],
         "fits": {m: {**asdict(f), "bandwidth_gbps": f.bandwidth_gbps} for m, f in fits.items()},
         "target": {"alpha_us": alpha_us, "bandwidth_gbps": bandwidth_gbps},
-        "projections": [], "measured_steps": [],
+        "projections": [],
+        "measured_steps": [],
     }
     if scaling:
         measured = load_scaling(scaling)
@@ -284,23 +241,31 @@ def fit_and_project(allreduce: Sequence[Path], out: Path, *, scaling: Optional[P
             base = pts[0]
             at = sorted(set(ranks) | {m.ranks for m in pts})
             for network, alpha, beta, gamma in (
-                    ("measured", None, None, None),
-                    ("target", alpha_us * 1e-6, target_beta(bandwidth_gbps), 0.0)):
+                ("measured", None, None, None),
+                ("target", alpha_us * 1e-6, target_beta(bandwidth_gbps), 0.0),
+            ):
                 for m in MODELS:
                     f = fits[m]
                     a = f.alpha_s if alpha is None else alpha
                     b = f.beta_s_per_byte if beta is None else beta
                     g = f.gamma_s_per_byte if gamma is None else gamma
-                    for row in project(base, at, model=m, alpha=a, beta=b, gamma=g,
-                                       grad_bytes=grad_bytes):
-                        result["projections"].append({"norm": norm, "network": network,
-                                                      "model": m, "mode": base.mode,
-                                                      "base_ranks": base.ranks, **row})
+                    for row in project(base, at, model=m, alpha=a, beta=b, gamma=g, grad_bytes=grad_bytes):
+                        result["projections"].append(
+                            {
+                                "norm": norm,
+                                "network": network,
+                                "model": m,
+                                "mode": base.mode,
+                                "base_ranks": base.ranks,
+                                **row,
+                            }
+                        )
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     write_json(out / "costmodel.json", result)
     write_text(out / "costmodel.md", markdown(result))
     from bench.studies.plots import plot_costmodel  # matplotlib only when writing
+
     plot_costmodel(result, fitted_curves(chosen, fits), out / "costmodel.png")
     return result
 
@@ -308,56 +273,114 @@ def fit_and_project(allreduce: Sequence[Path], out: Path, *, scaling: Optional[P
 def fitted_curves(samples: list[Sample], fits: dict[str, Fit]) -> dict[str, dict[int, list]]:
     """model -> ranks -> [(bytes, seconds)] of the fit at every measured size: what the plot
     draws next to the measurements (it needs no cost model of its own)."""
-    sizes = {p: sorted({float(s.bytes) for s in samples if s.ranks == p})
-             for p in sorted({s.ranks for s in samples})}
-    return {m: {p: [(n, f.predict(p, n)) for n in grid] for p, grid in sizes.items()}
-            for m, f in fits.items()}
+    sizes = {
+        p: sorted({float(s.bytes) for s in samples if s.ranks == p})
+        for p in sorted({s.ranks for s in samples})
+    }
+    return {
+        m: {p: [(n, f.predict(p, n)) for n in grid] for p, grid in sizes.items()} for m, f in fits.items()
+    }
 
 
 def markdown(result: dict[str, Any]) -> str:
-    lines = ["# Allreduce cost model", "",
-             f"Fitted to backend `{result['backend']}` "
-             f"({len(result['measured'])} measurements: {', '.join(result['inputs'])}).", ""]
+    lines = [
+        "# Allreduce cost model",
+        "",
+        f"Fitted to backend `{result['backend']}` "
+        f"({len(result['measured'])} measurements: {', '.join(result['inputs'])}).",
+        "",
+    ]
     rows = []
     for m, f in result["fits"].items():
-        errs = "; ".join(f"p={p}: {e['mean_rel'] * 100:.0f}% / {e['max_rel'] * 100:.0f}%"
-                         for p, e in f["errors"].items())
-        rows.append([m, f"{f['alpha_s'] * 1e6:.2f}", f"{f['beta_s_per_byte'] * 1e9:.3f}",
-                     f"{f['bandwidth_gbps']:.2f}", f"{f['gamma_s_per_byte'] * 1e9:.3f}", errs])
-    lines.append(markdown_table(["model", "alpha (us)", "beta (ns/B)", "bandwidth (Gb/s)",
-                                 "gamma (ns/B)", "fit error by ranks (mean / max)"], rows,
-                                align=["l", "r", "r", "r", "r", "l"]))
+        errs = "; ".join(
+            f"p={p}: {e['mean_rel'] * 100:.0f}% / {e['max_rel'] * 100:.0f}%" for p, e in f["errors"].items()
+        )
+        rows.append(
+            [
+                m,
+                f"{f['alpha_s'] * 1e6:.2f}",
+                f"{f['beta_s_per_byte'] * 1e9:.3f}",
+                f"{f['bandwidth_gbps']:.2f}",
+                f"{f['gamma_s_per_byte'] * 1e9:.3f}",
+                errs,
+            ]
+        )
+    lines.append(
+        markdown_table(
+            [
+                "model",
+                "alpha (us)",
+                "beta (ns/B)",
+                "bandwidth (Gb/s)",
+                "gamma (ns/B)",
+                "fit error by ranks (mean / max)",
+            ],
+            rows,
+            align=["l", "r", "r", "r", "r", "l"],
+        )
+    )
     t = result["target"]
-    lines += ["", f"Target network: alpha = {t['alpha_us']} us, bandwidth = "
-              f"{t['bandwidth_gbps']} Gb/s.", ""]
+    lines += ["", f"Target network: alpha = {t['alpha_us']} us, bandwidth = {t['bandwidth_gbps']} Gb/s.", ""]
     if result["projections"]:
-        lines += ["## Projected scaling", "",
-                  "Step = measured compute per step + modelled allreduce of the gradient, no "
-                  "overlap (a lower bound on efficiency). `measured` uses the fitted alpha/beta "
-                  "of this machine (hypothetical beyond one node), `target` the given network.",
-                  "", markdown_table(
-                      ["scheme", "network", "model", "ranks", "step (ms)", "allreduce (ms)",
-                       "samples/s", "efficiency"],
-                      [[r["norm"], r["network"], r["model"], r["ranks"], f"{r['step_s'] * 1e3:.2f}",
-                        f"{r['allreduce_s'] * 1e3:.3f}", f"{r['samples_per_s']:.0f}",
-                        f"{r['efficiency']:.2f}"] for r in result["projections"]],
-                      align=["l", "l", "l", "r", "r", "r", "r", "r"])]
+        lines += [
+            "## Projected scaling",
+            "",
+            "Step = measured compute per step + modelled allreduce of the gradient, no "
+            "overlap (a lower bound on efficiency). `measured` uses the fitted alpha/beta "
+            "of this machine (hypothetical beyond one node), `target` the given network.",
+            "",
+            markdown_table(
+                [
+                    "scheme",
+                    "network",
+                    "model",
+                    "ranks",
+                    "step (ms)",
+                    "allreduce (ms)",
+                    "samples/s",
+                    "efficiency",
+                ],
+                [
+                    [
+                        r["norm"],
+                        r["network"],
+                        r["model"],
+                        r["ranks"],
+                        f"{r['step_s'] * 1e3:.2f}",
+                        f"{r['allreduce_s'] * 1e3:.3f}",
+                        f"{r['samples_per_s']:.0f}",
+                        f"{r['efficiency']:.2f}",
+                    ]
+                    for r in result["projections"]
+                ],
+                align=["l", "l", "l", "r", "r", "r", "r", "r"],
+            ),
+        ]
     return "\n".join(lines) + "\n"
 
 
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     try:
-        result = fit_and_project(args.allreduce, args.out, scaling=args.scaling,
-                                 backend=args.backend, gamma=args.gamma, alpha_us=args.alpha_us,
-                                 bandwidth_gbps=args.bandwidth_gbps, ranks=args.ranks,
-                                 grad_bytes=args.grad_bytes)
+        result = fit_and_project(
+            args.allreduce,
+            args.out,
+            scaling=args.scaling,
+            backend=args.backend,
+            gamma=args.gamma,
+            alpha_us=args.alpha_us,
+            bandwidth_gbps=args.bandwidth_gbps,
+            ranks=args.ranks,
+            grad_bytes=args.grad_bytes,
+        )
     except CostModelError as exc:
         print(f"error: {exc}", file=sys.stderr)
         return 2
     for m, f in result["fits"].items():
-        print(f"{m:>13}: alpha {f['alpha_s'] * 1e6:.2f} us, beta {f['beta_s_per_byte'] * 1e9:.3f}"
-              f" ns/B ({f['bandwidth_gbps']:.2f} Gb/s)")
+        print(
+            f"{m:>13}: alpha {f['alpha_s'] * 1e6:.2f} us, beta {f['beta_s_per_byte'] * 1e9:.3f}"
+            f" ns/B ({f['bandwidth_gbps']:.2f} Gb/s)"
+        )
     print(f"wrote {args.out / 'costmodel.md'}, .json, .png")
     return 0
 

@@ -17,6 +17,7 @@ or ``cluster`` / ``cluster:NAME`` for the emulated cluster of ``python -m bench.
 Studies whose jobs produce several points (the accuracy study) call :func:`run_job` and the
 store themselves; the tests launch their jobs through :func:`launcher_command` too.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -37,7 +38,7 @@ from disdl_mpi.files import jsonable, write_json, write_text
 from disdl_mpi.observe.progress import Progress
 
 LAUNCHER_ENV = "DISDL_LAUNCHER"
-ROOT = Path(__file__).resolve().parents[2]   # the checkout the jobs must import
+ROOT = Path(__file__).resolve().parents[2]  # the checkout the jobs must import
 
 
 class SweepError(RuntimeError):
@@ -61,26 +62,31 @@ def named_launcher(template: str) -> str:
 
 def add_launch_options(p: argparse.ArgumentParser, *, run_args: bool = True) -> None:
     """``--launcher`` (and ``--run-args``), spelled and documented once for every study."""
-    p.add_argument("--launcher", default=None,
-                   help="launch template with {n} (and optionally {python}); default "
-                        f"${LAUNCHER_ENV} or the venv's 'mpiexec -n {{n}}' (SLURM: "
-                        "'srun --mpi=pmi2 -n {n}'; the emulated cluster: 'cluster')")
+    p.add_argument(
+        "--launcher",
+        default=None,
+        help="launch template with {n} (and optionally {python}); default "
+        f"${LAUNCHER_ENV} or the venv's 'mpiexec -n {{n}}' (SLURM: "
+        "'srun --mpi=pmi2 -n {n}'; the emulated cluster: 'cluster')",
+    )
     if run_args:
-        p.add_argument("--run-args", default="",
-                       help="extra options for disdl_mpi.run, one quoted string (e.g. "
-                            "'--lr 0.1')")
+        p.add_argument(
+            "--run-args",
+            default="",
+            help="extra options for disdl_mpi.run, one quoted string (e.g. '--lr 0.1')",
+        )
 
 
 def launcher_command(template: Optional[str], n: int, args: list[str]) -> list[str]:
     """``template`` (or $DISDL_LAUNCHER, or the default) for ``n`` ranks, then python ARGS."""
-    template = named_launcher(template or os.environ.get(LAUNCHER_ENV, "").strip()
-                              or default_launcher())
+    template = named_launcher(template or os.environ.get(LAUNCHER_ENV, "").strip() or default_launcher())
     if "{n}" not in template:
-        raise SweepError(f"launcher template {template!r} has no '{{n}}' for the rank count "
-                         f"(e.g. 'mpiexec -n {{n}}' or 'srun --mpi=pmi2 -n {{n}}')")
+        raise SweepError(
+            f"launcher template {template!r} has no '{{n}}' for the rank count "
+            f"(e.g. 'mpiexec -n {{n}}' or 'srun --mpi=pmi2 -n {{n}}')"
+        )
     try:
-        prefix = shlex.split(template.replace("{n}", str(n)).replace("{python}",
-                                                                     sys.executable))
+        prefix = shlex.split(template.replace("{n}", str(n)).replace("{python}", sys.executable))
     except ValueError as exc:
         raise SweepError(f"launcher template {template!r}: {exc}") from exc
     # A template that names python itself ends with it; otherwise append this interpreter.
@@ -101,13 +107,20 @@ def code_version() -> Optional[str]:
     """The checkout's commit (+ "-dirty" with local changes), so every result names the code
     that produced it; None outside a git checkout."""
     try:
-        head = subprocess.run(["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
-                              capture_output=True, text=True, timeout=10)
+        head = subprocess.run(
+            ["git", "-C", str(ROOT), "rev-parse", "--short", "HEAD"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        )
         if head.returncode != 0:
             return None
-        dirty = subprocess.run(["git", "-C", str(ROOT), "status", "--porcelain",
-                                "--untracked-files=no"], capture_output=True, text=True,
-                               timeout=10).stdout.strip()
+        dirty = subprocess.run(
+            ["git", "-C", str(ROOT), "status", "--porcelain", "--untracked-files=no"],
+            capture_output=True,
+            text=True,
+            timeout=10,
+        ).stdout.strip()
         return head.stdout.strip() + ("-dirty" if dirty else "")
     except (OSError, subprocess.TimeoutExpired):
         return None
@@ -143,13 +156,18 @@ class JobResult:
             return ""
 
     def why(self, timeout: float) -> str:
-        return (f"timed out after {timeout:.0f} s" if self.timed_out
-                else f"exit code {self.returncode}")
+        return f"timed out after {timeout:.0f} s" if self.timed_out else f"exit code {self.returncode}"
 
 
-def run_job(cmd: list[str], *, log: Path, timeout: float, env: Optional[dict] = None,
-            cwd: Optional[Path] = None,
-            on_line: Optional[Callable[[str], None]] = None) -> JobResult:
+def run_job(
+    cmd: list[str],
+    *,
+    log: Path,
+    timeout: float,
+    env: Optional[dict] = None,
+    cwd: Optional[Path] = None,
+    on_line: Optional[Callable[[str], None]] = None,
+) -> JobResult:
     """Run one job with its output in ``log``; never waits past ``timeout``.
 
     The job gets its own process group: on timeout, Ctrl-C or SIGTERM the launcher and every
@@ -162,12 +180,21 @@ def run_job(cmd: list[str], *, log: Path, timeout: float, env: Optional[dict] = 
         fh.write("$ " + shlex.join(cmd) + "\n")
         fh.flush()
         try:
-            proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                    text=True, bufsize=1, env=job_env(env),
-                                    cwd=str(cwd) if cwd else None, start_new_session=True)
+            proc = subprocess.Popen(
+                cmd,
+                stdout=subprocess.PIPE,
+                stderr=subprocess.STDOUT,
+                text=True,
+                bufsize=1,
+                env=job_env(env),
+                cwd=str(cwd) if cwd else None,
+                start_new_session=True,
+            )
         except OSError as exc:
-            raise SweepError(f"cannot start the launcher {cmd[0]!r}: {exc.strerror or exc}; "
-                             f"set --launcher or {LAUNCHER_ENV}") from None
+            raise SweepError(
+                f"cannot start the launcher {cmd[0]!r}: {exc.strerror or exc}; "
+                f"set --launcher or {LAUNCHER_ENV}"
+            ) from None
         timed_out = threading.Event()
 
         def watchdog() -> None:
@@ -233,8 +260,7 @@ class PointStore:
         return self.get(point.key, point.settings) is not None
 
     def put(self, key: str, settings: dict[str, Any], result: dict, **meta: Any) -> None:
-        write_json(self.path(key), {"key": key, **meta, "settings": jsonable(settings),
-                                    **result})
+        write_json(self.path(key), {"key": key, **meta, "settings": jsonable(settings), **result})
 
     def save(self, point: Point, result: dict) -> None:
         self.put(point.key, point.settings, result, ranks=point.ranks)
@@ -253,11 +279,17 @@ def terminate_on_sigterm() -> None:
     signal.signal(signal.SIGINT, signal.default_int_handler)
 
 
-def run_sweep(points: list[Point], store: PointStore,
-              collect: Callable[[Point, JobResult], dict], *,
-              launcher: Optional[str] = None, timeout: float = 1800,
-              log_dir: Optional[Path] = None, progress: Optional[Progress] = None,
-              say: Callable[[str], None] = print) -> list[dict]:
+def run_sweep(
+    points: list[Point],
+    store: PointStore,
+    collect: Callable[[Point, JobResult], dict],
+    *,
+    launcher: Optional[str] = None,
+    timeout: float = 1800,
+    log_dir: Optional[Path] = None,
+    progress: Optional[Progress] = None,
+    say: Callable[[str], None] = print,
+) -> list[dict]:
     """Run every point not already in ``store``; return all points' stored results in order.
 
     ``collect(point, job)`` turns a finished job into its result dict (read its output files);

@@ -18,6 +18,7 @@ Each part writes its JSON into DIR as it finishes (a rerun skips finished parts)
 tabulates everything. Every figure depends on this machine: on 2 cores, 3 and 4 nodes share
 cores, and the report says so.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -28,10 +29,11 @@ import sys
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from bench.cluster.netns import rate_bits
 from bench.harness import read_rows
-from bench.studies.costmodel import Sample, fit, predict
-from disdl_mpi.files import markdown_table, write_json, write_text
+from bench.studies.costmodel import fit, predict
+from bench.studies.costmodel_inputs import Sample
+from bench.studies.network_report import algorithm, markdown, per_step, scaling_rows
+from disdl_mpi.files import write_json, write_text
 
 NAME = "netstudy"
 PY = sys.executable
@@ -42,8 +44,9 @@ def cluster(*args: str, timeout: float = 900) -> subprocess.CompletedProcess:
     cmd = [PY, "-m", "bench.cluster", verb, "--name", NAME, *rest]
     proc = subprocess.run(cmd, capture_output=True, text=True, timeout=timeout)
     if proc.returncode != 0:
-        raise RuntimeError(f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}"
-                           f"\n{proc.stderr[-2000:]}")
+        raise RuntimeError(
+            f"{shlex.join(cmd)} failed ({proc.returncode}):\n{proc.stdout[-2000:]}\n{proc.stderr[-2000:]}"
+        )
     return proc
 
 
@@ -56,12 +59,40 @@ def with_cluster(nodes: int, link: str, body: Callable[[], Any]) -> Any:
         cluster("down")
 
 
-def allreduce(ranks: int, out: Path, sizes: tuple[str, str], *, backends: str = "mpi,disdl",
-              default_algorithms: bool = False, iters: int = 5) -> list[dict]:
+def allreduce(
+    ranks: int,
+    out: Path,
+    sizes: tuple[str, str],
+    *,
+    backends: str = "mpi,disdl",
+    default_algorithms: bool = False,
+    iters: int = 5,
+) -> list[dict]:
     flags = ["--mpi-default-algorithms"] if default_algorithms else []
-    cluster("exec", "-n", str(ranks), *flags, "--", PY, "-m", "bench.allreduce",
-            "--min-bytes", sizes[0], "--max-bytes", sizes[1], "--factor", "4",
-            "--backends", backends, "--iters", str(iters), "--warmup", "2", "--json", str(out))
+    cluster(
+        "exec",
+        "-n",
+        str(ranks),
+        *flags,
+        "--",
+        PY,
+        "-m",
+        "bench.allreduce",
+        "--min-bytes",
+        sizes[0],
+        "--max-bytes",
+        sizes[1],
+        "--factor",
+        "4",
+        "--backends",
+        backends,
+        "--iters",
+        str(iters),
+        "--warmup",
+        "2",
+        "--json",
+        str(out),
+    )
     return read_rows(out)
 
 
@@ -78,11 +109,13 @@ def part(out: Path, name: str, run: Callable[[], Any]) -> Any:
 
 # ---------------------------------------------------------------------------- parts 1-3
 
+
 def ceilings(out: Path) -> dict:
     res = {}
     for n in (2, 4):
-        rows = with_cluster(n, "none", lambda n=n: allreduce(
-            n, out / f"raw-ceiling-n{n}.json", ("1M", "16M"), backends="mpi"))
+        rows = with_cluster(
+            n, "none", lambda n=n: allreduce(n, out / f"raw-ceiling-n{n}.json", ("1M", "16M"), backends="mpi")
+        )
         res[str(n)] = max(r["busbw_gbps"] * 8 for r in rows)
     return res
 
@@ -90,20 +123,20 @@ def ceilings(out: Path) -> dict:
 def links(out: Path, link: str) -> dict:
     res = {}
     for n in (2, 3, 4):
+
         def body(n=n):
-            return {"default": allreduce(n, out / f"raw-default-n{n}.json", ("4K", "16M"),
-                                         default_algorithms=True),
-                    "selected": allreduce(n, out / f"raw-selected-n{n}.json", ("4K", "16M")),
-                    "burst": allreduce(n, out / f"raw-burst-n{n}.json", ("32K", "128K"),
-                                       backends="mpi", iters=20) if n == 2 else []}
+            return {
+                "default": allreduce(
+                    n, out / f"raw-default-n{n}.json", ("4K", "16M"), default_algorithms=True
+                ),
+                "selected": allreduce(n, out / f"raw-selected-n{n}.json", ("4K", "16M")),
+                "burst": allreduce(n, out / f"raw-burst-n{n}.json", ("32K", "128K"), backends="mpi", iters=20)
+                if n == 2
+                else [],
+            }
+
         res[str(n)] = with_cluster(n, link, body)
     return res
-
-
-def algorithm(p: int, nbytes: int) -> str:
-    """The allreduce algorithm MPICH runs with the selection: ring >= 64 KiB off powers of
-    two, Rabenseifner (reduce-scatter + allgather) otherwise, for these sizes."""
-    return "ring" if (p & (p - 1)) and nbytes >= 64 * 1024 else "rabenseifner"
 
 
 FIT_FROM = 64 * 1024  # the tbf bucket: smaller messages can pass at more than the link rate
@@ -112,8 +145,11 @@ FIT_FROM = 64 * 1024  # the tbf bucket: smaller messages can pass at more than t
 def validate(links_res: dict) -> dict:
     """Fit on 2 nodes only (messages >= the tbf bucket, where the link is the limit); predict
     3 and 4 nodes at every measured size."""
-    two = [Sample("mpi", r["ranks"], r["bytes"], r["time_us"] / 1e6)
-           for r in links_res["2"]["selected"] if r["backend"] == "mpi" and r["bytes"] >= FIT_FROM]
+    two = [
+        Sample("mpi", r["ranks"], r["bytes"], r["time_us"] / 1e6)
+        for r in links_res["2"]["selected"]
+        if r["backend"] == "mpi" and r["bytes"] >= FIT_FROM
+    ]
     f = fit(two, "ring")  # on 2 ranks ring and Rabenseifner are the same formula
     rows = []
     for n in ("3", "4"):
@@ -123,22 +159,68 @@ def validate(links_res: dict) -> dict:
             p, b = int(n), r["bytes"]
             model = algorithm(p, b)
             t = predict(model, p, b, f.alpha_s, f.beta_s_per_byte)
-            rows.append({"nodes": p, "bytes": b, "algorithm": model,
-                         "measured_us": r["time_us"], "predicted_us": t * 1e6,
-                         "error": t * 1e6 / r["time_us"] - 1})
-    return {"alpha_us": f.alpha_s * 1e6, "beta_ns_per_byte": f.beta_s_per_byte * 1e9,
-            "bandwidth_gbps": f.bandwidth_gbps, "fit_from_bytes": FIT_FROM, "rows": rows}
+            rows.append(
+                {
+                    "nodes": p,
+                    "bytes": b,
+                    "algorithm": model,
+                    "measured_us": r["time_us"],
+                    "predicted_us": t * 1e6,
+                    "error": t * 1e6 / r["time_us"] - 1,
+                }
+            )
+    return {
+        "alpha_us": f.alpha_s * 1e6,
+        "beta_ns_per_byte": f.beta_s_per_byte * 1e9,
+        "bandwidth_gbps": f.bandwidth_gbps,
+        "fit_from_bytes": FIT_FROM,
+        "rows": rows,
+    }
 
 
 # ---------------------------------------------------------------------------- parts 4-5
 
+
 def sweep(out: Path, link: str, model: str, steps: int) -> list[dict]:
     target = out / f"scaling-{model}"
-    cmd = [PY, "-m", "bench.studies.scaling", "--ranks", "1", "2", "3", "4", "--norm",
-           "bn,syncbn,gn", "--mode", "weak", "--model", model, "--dataset", "synthetic",
-           "--shape", "3,32,32", "--num-samples", "512", "--partition", "iid",
-           "--batch-per-rank", "32", "--steps", str(steps), "--cores", "2", "--timeout", "900",
-           "--launcher", f"cluster:{NAME}", "--progress", "lines", "--out", str(target)]
+    cmd = [
+        PY,
+        "-m",
+        "bench.studies.scaling",
+        "--ranks",
+        "1",
+        "2",
+        "3",
+        "4",
+        "--norm",
+        "bn,syncbn,gn",
+        "--mode",
+        "weak",
+        "--model",
+        model,
+        "--dataset",
+        "synthetic",
+        "--shape",
+        "3,32,32",
+        "--num-samples",
+        "512",
+        "--partition",
+        "iid",
+        "--batch-per-rank",
+        "32",
+        "--steps",
+        str(steps),
+        "--cores",
+        "2",
+        "--timeout",
+        "900",
+        "--launcher",
+        f"cluster:{NAME}",
+        "--progress",
+        "lines",
+        "--out",
+        str(target),
+    ]
 
     def body():
         proc = subprocess.run(cmd, capture_output=True, text=True, timeout=3600)
@@ -155,14 +237,38 @@ def fp16(out: Path, link: str, steps: int) -> dict:
 
     def body():
         from data_prep.ensure import ensure_partition
+
         data = out / "data-fp16"
         ensure_partition(data, "synthetic", 2, "iid", 0, num_samples=512, shape=(3, 32, 32))
         for compress in ("none", "fp16"):
             target = out / f"fp16-{compress}"
-            cluster("exec", "-n", "2", "--", PY, "-m", "disdl_mpi.run", "--data-dir", str(data),
-                    "--model", "widecnn", "--norm", "bn", "--steps", str(steps),
-                    "--global-batch-size", "64", "--eval-every", "0", "--compress", compress,
-                    "--progress", "none", "--out", str(target))
+            cluster(
+                "exec",
+                "-n",
+                "2",
+                "--",
+                PY,
+                "-m",
+                "disdl_mpi.run",
+                "--data-dir",
+                str(data),
+                "--model",
+                "widecnn",
+                "--norm",
+                "bn",
+                "--steps",
+                str(steps),
+                "--global-batch-size",
+                "64",
+                "--eval-every",
+                "0",
+                "--compress",
+                compress,
+                "--progress",
+                "none",
+                "--out",
+                str(target),
+            )
             rec = json.loads((target / "summary.json").read_text())["runs"][0]
             res[compress] = per_step(rec["phases"], rec["steps"])
         return res
@@ -170,92 +276,15 @@ def fp16(out: Path, link: str, steps: int) -> dict:
     return with_cluster(2, link, body)
 
 
-def per_step(phases: dict, steps: int) -> dict:
-    s = max(1, int(steps))
-    return {k: 1e3 * float(phases.get(k, 0.0)) / s for k in
-            ("step", "backward", "allreduce", "allreduce_total", "norm_comm", "compute", "comm")}
-
-
 # ---------------------------------------------------------------------------- report
-
-def markdown(res: dict, link: str) -> str:
-    gbit = (rate_bits(link) or 0) / 1e9
-    lines = [f"# Network study: emulated nodes at {link} per node", "",
-             "Emulator ceiling (unshaped busbw, best size >= 1 MiB): "
-             + ", ".join(f"{n} nodes {v:.2f} Gbit/s" for n, v in res["ceilings"].items()), ""]
-    rows = []
-    for n, parts in res["links"].items():
-        for kind in ("default", "selected"):
-            by = {(r["backend"], r["bytes"]): r for r in parts[kind]}
-            for b in sorted({r["bytes"] for r in parts[kind]}):
-                mpi, ours = by.get(("mpi", b)), by.get(("disdl", b))
-                if not mpi or not ours:
-                    continue
-                rows.append([n, kind, b, f"{mpi['busbw_gbps'] * 8:.3f}",
-                             f"{ours['busbw_gbps'] * 8:.3f}",
-                             f"{ours['busbw_gbps'] * 8 / gbit:.2f}" if gbit else "-",
-                             f"{ours['busbw_gbps'] / mpi['busbw_gbps']:.2f}"])
-    lines += [markdown_table(["nodes", "algorithms", "bytes", "raw MPI busbw (Gbit/s)",
-                              "ours busbw (Gbit/s)", "ours / link", "ours / raw"], rows), ""]
-    burst = res["links"]["2"]["burst"]
-    if burst:
-        lines += ["Burst check (2 nodes, tbf bucket 64 KiB): " + ", ".join(
-            f"{r['bytes'] // 1024} KiB at {r['busbw_gbps'] * 8:.3f} Gbit/s" for r in burst), ""]
-    v = res["validation"]
-    lines += [f"Cost model fitted on 2 nodes (messages >= {v.get('fit_from_bytes', 0) // 1024} KiB): "
-              f"alpha {v['alpha_us']:.1f} us, beta "
-              f"{v['beta_ns_per_byte']:.2f} ns/B ({v['bandwidth_gbps']:.2f} Gbit/s).", "",
-              markdown_table(["nodes", "bytes", "algorithm", "measured (us)", "predicted (us)",
-                              "error"],
-                             [[r["nodes"], r["bytes"], r["algorithm"], f"{r['measured_us']:.0f}",
-                               f"{r['predicted_us']:.0f}", f"{100 * r['error']:+.0f} %"]
-                              for r in v["rows"]]), ""]
-    for model, rows_ in res["scaling"].items():
-        lines += [f"## Weak scaling, {model}", "", markdown_table(
-            ["ranks (nodes)", "scheme", "step ms", "predicted ms", "comm %",
-             "allreduce predicted ms", "in flight ms", "exposed ms", "backward ms",
-             "norm coll. ms", "overlap limit ms"],
-            [[r["ranks"], r["norm"], f"{r['step_ms']:.1f}", f"{r['predicted_ms']:.1f}",
-              f"{100 * r['comm_fraction']:.0f}", f"{r['predicted_allreduce_ms']:.1f}",
-              f"{r['inflight_ms']:.1f}", f"{r['exposed_ms']:.1f}", f"{r['backward_ms']:.1f}",
-              f"{r['norm_ms']:.1f}", f"{r['limit_ms']:.1f}"] for r in rows_]), ""]
-    f16 = res.get("fp16")
-    if f16:
-        cut = 1 - f16["fp16"]["allreduce"] / f16["none"]["allreduce"] if f16["none"]["allreduce"] else 0
-        lines += ["## fp16 wire format, widecnn on 2 nodes", "", markdown_table(
-            ["wire", "step ms", "in flight ms", "exposed ms", "backward ms"],
-            [[k, f"{v['step']:.1f}", f"{v['allreduce_total']:.1f}", f"{v['allreduce']:.1f}",
-              f"{v['backward']:.1f}"] for k, v in f16.items()]), "",
-                  f"fp16 cuts the exposed allreduce by {100 * cut:.0f} %.", ""]
-    return "\n".join(lines) + "\n"
-
-
-def scaling_rows(rows: list[dict], validation: dict) -> list[dict]:
-    """Per point: the measured step and the model's prediction of it.
-
-    The model predicts the gradient allreduce (T, fitted on 2 nodes, with the algorithm that
-    ran); the step is predicted as what was measured outside the exposed allreduce plus the part
-    of T that backward cannot hide, max(0, T - backward). Measured compute is used (not the
-    1-rank compute) because 3 and 4 emulated nodes share this machine's 2 cores.
-    """
-    out = []
-    for r in rows:
-        steps = max(1, r["steps"])
-        ms = lambda k: 1e3 * r[f"{k}_s"] / steps  # noqa: E731
-        t_ar = predict(algorithm(r["ranks"], r["grad_bytes"]), r["ranks"], r["grad_bytes"],
-                       validation["alpha_us"] / 1e6, validation["beta_ns_per_byte"] / 1e9) * 1e3
-        out.append({"ranks": r["ranks"], "norm": r["norm"], "step_ms": ms("step"),
-                    "predicted_ms": ms("step") - ms("allreduce") + max(0.0, t_ar - ms("backward")),
-                    "predicted_allreduce_ms": t_ar, "comm_fraction": r["comm_fraction"],
-                    "inflight_ms": ms("allreduce_total"), "exposed_ms": ms("allreduce"),
-                    "backward_ms": ms("backward"), "norm_ms": ms("norm_comm"),
-                    "limit_ms": max(0.0, ms("allreduce_total") - ms("backward"))})
-    return out
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(prog="python -m bench.studies.network", description=__doc__,
-                                formatter_class=argparse.RawDescriptionHelpFormatter)
+    p = argparse.ArgumentParser(
+        prog="python -m bench.studies.network",
+        description=__doc__,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--link", default="1gbit")
     p.add_argument("--steps", type=int, default=10, help="steps per scheme in the sweeps")

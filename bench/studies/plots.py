@@ -1,4 +1,5 @@
 """Shared matplotlib helpers: headless backend, atomic PNG writes, consistent colours."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -16,10 +17,15 @@ PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
 
 # Stable colours per phase, so every breakdown plot reads the same way.
 PHASE_COLORS = {
-    "data": "#8c8c8c", "forward": "#4c72b0", "backward": "#55a868",
-    "optimizer": "#937860", "imbalance_wait": "#dd8452", "allreduce": "#c44e52",
+    "data": "#8c8c8c",
+    "forward": "#4c72b0",
+    "backward": "#55a868",
+    "optimizer": "#937860",
+    "imbalance_wait": "#dd8452",
+    "allreduce": "#c44e52",
     "guard": "#da8bc3",
-    "norm_comm": "#8172b3", "other": "#cccccc",
+    "norm_comm": "#8172b3",
+    "other": "#cccccc",
 }
 
 
@@ -47,8 +53,10 @@ def oversubscription_note(ranks: list[int], cores: int) -> str | None:
     over = sorted({r for r in ranks if r > cores})
     if not over:
         return None
-    return (f"oversubscribed: {', '.join(str(r) for r in over)} ranks on {cores} cores "
-            f"(ranks share cores; throughput there measures time-slicing, not scaling)")
+    return (
+        f"oversubscribed: {', '.join(str(r) for r in over)} ranks on {cores} cores "
+        f"(ranks share cores; throughput there measures time-slicing, not scaling)"
+    )
 
 
 def mark_oversubscribed(ax: Any, ranks: list[int], cores: int) -> None:
@@ -57,14 +65,26 @@ def mark_oversubscribed(ax: Any, ranks: list[int], cores: int) -> None:
     if not over:
         return
     lo = max([r for r in ranks if r <= cores], default=min(over))
-    ax.axvspan((lo + min(over)) / 2 if lo < min(over) else min(over) * 0.9, max(over) * 1.1,
-               color="#f2d0d0", alpha=0.5, zorder=0)
-    ax.text(0.99, 0.02, f"oversubscribed: >{cores} ranks on {cores} cores",
-            transform=ax.transAxes, ha="right", va="bottom", fontsize=8, color="#a03030")
+    ax.axvspan(
+        (lo + min(over)) / 2 if lo < min(over) else min(over) * 0.9,
+        max(over) * 1.1,
+        color="#f2d0d0",
+        alpha=0.5,
+        zorder=0,
+    )
+    ax.text(
+        0.99,
+        0.02,
+        f"oversubscribed: >{cores} ranks on {cores} cores",
+        transform=ax.transAxes,
+        ha="right",
+        va="bottom",
+        fontsize=8,
+        color="#a03030",
+    )
 
 
 # ---------------------------------------------------------------------------- scaling
-
 
 
 def plot_scaling(rows: list[dict], path: str | Path, *, cores: int) -> Path:
@@ -99,9 +119,10 @@ def plot_breakdown(rows: list[dict], path: str | Path, *, cores: int) -> Path:
     """Stacked per-step phase bars (rank-mean ms per step) for every (ranks, scheme)."""
     fig, (ax,) = new_figure(1, width=max(6.0, 0.7 * len(rows) + 2))
     labels, bottoms = [], [0.0] * len(rows)
-    for i, r in enumerate(rows):
+    for r in rows:
         over = " *" if int(r["ranks"]) > cores else ""
         labels.append(f"{r['norm']}\n{r['ranks']}r{over}")
+
     def per_step(r: dict, phase: str) -> float:
         v = float(r.get(f"{phase}_s") or 0.0)
         if phase in ("forward", "backward"):
@@ -114,13 +135,24 @@ def plot_breakdown(rows: list[dict], path: str | Path, *, cores: int) -> Path:
 
     for phase in BREAKDOWN:
         vals = [per_step(r, phase) for r in rows]
-        ax.bar(range(len(rows)), vals, bottom=bottoms, color=PHASE_COLORS.get(phase),
-               label=phase.replace("_", " "))
+        ax.bar(
+            range(len(rows)),
+            vals,
+            bottom=bottoms,
+            color=PHASE_COLORS.get(phase),
+            label=phase.replace("_", " "),
+        )
         bottoms = [b + v for b, v in zip(bottoms, vals)]
     ax.set_xticks(range(len(rows)), labels, fontsize=8)
     ax.set_ylabel("time per step (ms, rank mean)")
-    ax.text(0.0, -0.28, "forward/backward exclude the normalization collectives (norm comm)",
-            transform=ax.transAxes, fontsize=7, color="#555555")
+    ax.text(
+        0.0,
+        -0.28,
+        "forward/backward exclude the normalization collectives (norm comm)",
+        transform=ax.transAxes,
+        fontsize=7,
+        color="#555555",
+    )
     ax.set_xlabel("scheme / ranks")
     ax.set_title("Where a training step's time goes")
     ax.legend(fontsize=8, loc="upper left", bbox_to_anchor=(1.01, 1.0))
@@ -131,6 +163,7 @@ def plot_breakdown(rows: list[dict], path: str | Path, *, cores: int) -> Path:
 
 
 # ---------------------------------------------------------------------------- cost model
+
 
 def plot_costmodel(result: dict, curves: dict[str, dict[int, list]], path: str | Path) -> Path:
     """Left: measured allreduce times with the fitted models (``curves``: model -> ranks ->
@@ -145,8 +178,14 @@ def plot_costmodel(result: dict, curves: dict[str, dict[int, list]], path: str |
         ax_f.plot(xs, [m["time_s"] * 1e6 for m in pts], "o", color=c, label=f"measured p={p}")
         for model, ls in (("ring", "-"), ("rabenseifner", "--")):
             line = curves[model][p]
-            ax_f.plot([n for n, _ in line], [t * 1e6 for _, t in line],
-                      ls=ls, color=c, lw=1, label=f"{model} fit p={p}")
+            ax_f.plot(
+                [n for n, _ in line],
+                [t * 1e6 for _, t in line],
+                ls=ls,
+                color=c,
+                lw=1,
+                label=f"{model} fit p={p}",
+            )
     ax_f.set_xscale("log", base=2)
     ax_f.set_yscale("log")
     ax_f.set_xlabel("message size (bytes per rank)")
@@ -157,30 +196,44 @@ def plot_costmodel(result: dict, curves: dict[str, dict[int, list]], path: str |
     proj = result.get("projections") or []
     if proj:
         norm = proj[0]["norm"]
-        for (network, model), ls in ((("measured", "ring"), "-"),
-                                     (("measured", "rabenseifner"), "--"),
-                                     (("target", "ring"), "-."), (("target", "rabenseifner"), ":")):
-            pts = [r for r in proj if r["norm"] == norm and r["network"] == network
-                   and r["model"] == model]
-            ax_p.plot([r["ranks"] for r in pts], [r["efficiency"] for r in pts], ls=ls,
-                      label=f"{network} net, {model}")
+        for (network, model), ls in (
+            (("measured", "ring"), "-"),
+            (("measured", "rabenseifner"), "--"),
+            (("target", "ring"), "-."),
+            (("target", "rabenseifner"), ":"),
+        ):
+            pts = [r for r in proj if r["norm"] == norm and r["network"] == network and r["model"] == model]
+            ax_p.plot(
+                [r["ranks"] for r in pts],
+                [r["efficiency"] for r in pts],
+                ls=ls,
+                label=f"{network} net, {model}",
+            )
         t = result["target"]
-        measured = [m for m in result.get("measured_steps", []) if m["norm"] == norm
-                    and m.get("efficiency") is not None]
+        measured = [
+            m
+            for m in result.get("measured_steps", [])
+            if m["norm"] == norm and m.get("efficiency") is not None
+        ]
         if measured:
-            ax_p.plot([m["ranks"] for m in measured], [m["efficiency"] for m in measured],
-                      "ks", label="measured (this machine)")
+            ax_p.plot(
+                [m["ranks"] for m in measured],
+                [m["efficiency"] for m in measured],
+                "ks",
+                label="measured (this machine)",
+            )
         ax_p.set_xscale("log", base=2)
         ax_p.set_xlabel("MPI ranks")
         ax_p.set_ylabel("projected scaling efficiency")
         top = max([1.0] + [m["efficiency"] for m in measured])
         ax_p.set_ylim(0, top * 1.05)
-        ax_p.set_title(f"{norm}, {proj[0]['mode']} scaling; target: {t['alpha_us']} us, "
-                       f"{t['bandwidth_gbps']} Gb/s", fontsize=9)
+        ax_p.set_title(
+            f"{norm}, {proj[0]['mode']} scaling; target: {t['alpha_us']} us, {t['bandwidth_gbps']} Gb/s",
+            fontsize=9,
+        )
         ax_p.legend(fontsize=7)
         ax_p.grid(alpha=0.3)
     else:
-        ax_p.text(0.5, 0.5, "no scaling data given (--scaling DIR)", ha="center",
-                  transform=ax_p.transAxes)
+        ax_p.text(0.5, 0.5, "no scaling data given (--scaling DIR)", ha="center", transform=ax_p.transAxes)
         ax_p.set_axis_off()
     return save_png(fig, path)

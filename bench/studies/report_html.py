@@ -4,6 +4,7 @@ The subset is what the report and the benchmark tools write: ``#`` headings, pip
 ``- `` lists, fenced code, paragraphs, image lines ``![alt](path)``, and inline ``code``,
 ``**bold**`` and ``[text](url)``.
 """
+
 from __future__ import annotations
 
 import base64
@@ -62,8 +63,10 @@ def _image(alt: str, src: str, base: Path) -> str:
     except OSError:
         return f'<p class="missing">missing image: {html.escape(src)}</p>'
     b64 = base64.b64encode(data).decode("ascii")
-    return (f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
-            f"<figcaption>{_inline(alt)}</figcaption></figure>")
+    return (
+        f'<figure><img alt="{html.escape(alt)}" src="data:image/png;base64,{b64}">'
+        f"<figcaption>{_inline(alt)}</figcaption></figure>"
+    )
 
 
 def markdown_to_html(text: str, base: Path, title: str) -> str:
@@ -86,7 +89,7 @@ def markdown_to_html(text: str, base: Path, title: str) -> str:
             j = i + 1
             while j < len(lines) and not lines[j].strip().startswith("```"):
                 j += 1
-            parts.append("<pre>" + html.escape("\n".join(lines[i + 1:j])) + "</pre>")
+            parts.append("<pre>" + html.escape("\n".join(lines[i + 1 : j])) + "</pre>")
             i = j + 1
             continue
         if not stripped:
@@ -120,6 +123,9 @@ def markdown_to_html(text: str, base: Path, title: str) -> str:
             para.append(stripped)
         i += 1
     flush()
-    return ("<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\">"
-            f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n"
-            + "\n".join(parts) + "\n</body></html>\n")
+    return (
+        '<!DOCTYPE html>\n<html lang="en"><head><meta charset="utf-8">'
+        f"<title>{html.escape(title)}</title><style>{STYLE}</style></head><body>\n"
+        + "\n".join(parts)
+        + "\n</body></html>\n"
+    )

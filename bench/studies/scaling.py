@@ -9,71 +9,81 @@ and efficiency vs ranks) and breakdown.png (stacked per-step phases). With ``--w
 it also runs ``bench.allreduce`` at every rank count >= 2 (DIR/allreduce/n<N>.json) and the
 cost model (DIR/costmodel/).
 """
+
 from __future__ import annotations
 
 import argparse
-import csv
-import io
 import json
 import shlex
 import sys
-import time
 from pathlib import Path
 from typing import Any, Optional
 
-from bench.studies.engine import (JobResult, Point, PointStore, SweepError, add_launch_options,
-                                  run_sweep)
+from bench.studies.engine import JobResult, Point, PointStore, SweepError, add_launch_options, run_sweep
+from bench.studies.scaling_report import csv_text, markdown, table
 from data_prep.ensure import ensure_partition
-from disdl_mpi.data.layout import partition_dir
 from data_prep.errors import DataPrepError
+from disdl_mpi.data.layout import partition_dir
 from disdl_mpi.device import node_cores
-from disdl_mpi.files import comm_share, markdown_table, write_json, write_text
+from disdl_mpi.files import write_json, write_text
 from disdl_mpi.norms import resolve_schemes
 from disdl_mpi.observe.progress import Progress
-from disdl_mpi.observe.timing import DETAIL_ENV, REPORTED
+from disdl_mpi.observe.timing import DETAIL_ENV
 from disdl_mpi.options import add_norm, add_partition, add_progress
-
-COLUMNS = ("ranks", "norm", "mode", "samples_per_s", "speedup", "efficiency", "comm_fraction",
-           "oversubscribed", "steps", "global_batch_size", "grad_bytes", "test_accuracy",
-           "threads_per_rank", "allreduce_path", "imbalance_method") + tuple(
-               f"{p}_s" for p in REPORTED) + ("imbalance_wait_max_s",)
 
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(
         prog="python -m bench.studies.scaling",
         description="Run the training job at several rank counts and tabulate/plot throughput, "
-                    "efficiency and the per-phase time breakdown.")
+        "efficiency and the per-phase time breakdown.",
+    )
     p.add_argument("--ranks", type=int, nargs="+", required=True, help="rank counts, e.g. 1 2 4")
     add_norm(p, default="bn,gn")
-    p.add_argument("--mode", choices=["strong", "weak"], default="weak",
-                   help="strong: fixed global batch; weak: fixed per-rank batch")
+    p.add_argument(
+        "--mode",
+        choices=["strong", "weak"],
+        default="weak",
+        help="strong: fixed global batch; weak: fixed per-rank batch",
+    )
     p.add_argument("--model", default="auto")
     p.add_argument("--dataset", default="digits", help="digits, or synthetic for bigger data")
     add_partition(p, "dirichlet:0.1")
-    p.add_argument("--num-samples", type=int,
-                   help="synthetic: training samples (per rank in weak mode)")
+    p.add_argument("--num-samples", type=int, help="synthetic: training samples (per rank in weak mode)")
     p.add_argument("--shape", help="synthetic: sample shape C,H,W or D")
     p.add_argument("--steps", type=int, default=20, help="optimizer steps per scheme")
     p.add_argument("--epochs", type=int, help="epochs per scheme (instead of --steps)")
-    p.add_argument("--global-batch-size", type=int, default=128,
-                   help="strong: the global batch at every rank count; weak: the global batch "
-                        "at the smallest rank count (per-rank batch = this / smallest ranks)")
-    p.add_argument("--batch-per-rank", type=int, help="weak: per-rank batch (overrides "
-                   "--global-batch-size)")
+    p.add_argument(
+        "--global-batch-size",
+        type=int,
+        default=128,
+        help="strong: the global batch at every rank count; weak: the global batch "
+        "at the smallest rank count (per-rank batch = this / smallest ranks)",
+    )
+    p.add_argument("--batch-per-rank", type=int, help="weak: per-rank batch (overrides --global-batch-size)")
     p.add_argument("--seed", type=int, default=0)
     add_launch_options(p)
     p.add_argument("--timeout", type=float, default=1800, help="seconds per job")
-    p.add_argument("--cores", type=int, default=node_cores(),
-                   help="cores per node, to flag oversubscribed rank counts")
-    p.add_argument("--no-timing-detail", dest="timing_detail", action="store_false",
-                   help="skip the per-step imbalance probe (one Barrier per step)")
-    p.add_argument("--with-allreduce", action="store_true",
-                   help="also run bench.allreduce at each rank count >= 2 and fit the cost "
-                        "model (DIR/allreduce, DIR/costmodel)")
-    p.add_argument("--allreduce-args",
-                   default="--backends mpi,disdl --min-bytes 1K --max-bytes 16M --factor 4",
-                   help="options for bench.allreduce, one quoted string")
+    p.add_argument(
+        "--cores", type=int, default=node_cores(), help="cores per node, to flag oversubscribed rank counts"
+    )
+    p.add_argument(
+        "--no-timing-detail",
+        dest="timing_detail",
+        action="store_false",
+        help="skip the per-step imbalance probe (one Barrier per step)",
+    )
+    p.add_argument(
+        "--with-allreduce",
+        action="store_true",
+        help="also run bench.allreduce at each rank count >= 2 and fit the cost "
+        "model (DIR/allreduce, DIR/costmodel)",
+    )
+    p.add_argument(
+        "--allreduce-args",
+        default="--backends mpi,disdl --min-bytes 1K --max-bytes 16M --factor 4",
+        help="options for bench.allreduce, one quoted string",
+    )
     add_progress(p)
     p.add_argument("--out", type=Path, required=True)
     return p
@@ -87,8 +97,9 @@ def per_rank_batch(args: argparse.Namespace) -> int:
 
 def data_dir(args: argparse.Namespace, n: int) -> Path:
     """The partition of the point at ``n`` ranks: data_prep's naming rule under OUT/data."""
-    return partition_dir(args.out / "data", args.dataset, args.partition, n, args.seed,
-                         **source_options(args, n))
+    return partition_dir(
+        args.out / "data", args.dataset, args.partition, n, args.seed, **source_options(args, n)
+    )
 
 
 def source_options(args: argparse.Namespace, n: int) -> dict[str, Any]:
@@ -108,18 +119,43 @@ def job_points(args: argparse.Namespace) -> list[Point]:
     points = []
     for n in sorted(set(args.ranks)):
         gbs = args.global_batch_size if args.mode == "strong" else per_rank_batch(args) * n
-        run = ["-m", "disdl_mpi.run", "--norm", args.norm, "--model", args.model,
-               "--data-dir", str(data_dir(args, n)),
-               "--global-batch-size", str(gbs), "--seed", str(args.seed),
-               "--eval-every", "0", "--progress", "lines",
-               "--out", str(args.out / "runs" / f"n{n}")]
+        run = [
+            "-m",
+            "disdl_mpi.run",
+            "--norm",
+            args.norm,
+            "--model",
+            args.model,
+            "--data-dir",
+            str(data_dir(args, n)),
+            "--global-batch-size",
+            str(gbs),
+            "--seed",
+            str(args.seed),
+            "--eval-every",
+            "0",
+            "--progress",
+            "lines",
+            "--out",
+            str(args.out / "runs" / f"n{n}"),
+        ]
         run += ["--epochs", str(args.epochs)] if args.epochs else ["--steps", str(args.steps)]
         run += shlex.split(args.run_args)
-        settings = {"norm": args.norm, "mode": args.mode, "model": args.model,
-                    "dataset": args.dataset, "partition": args.partition, "gbs": gbs,
-                    "steps": args.steps, "epochs": args.epochs, "seed": args.seed,
-                    "run_args": args.run_args, "detail": args.timing_detail,
-                    "num_samples": args.num_samples, "shape": args.shape}
+        settings = {
+            "norm": args.norm,
+            "mode": args.mode,
+            "model": args.model,
+            "dataset": args.dataset,
+            "partition": args.partition,
+            "gbs": gbs,
+            "steps": args.steps,
+            "epochs": args.epochs,
+            "seed": args.seed,
+            "run_args": args.run_args,
+            "detail": args.timing_detail,
+            "num_samples": args.num_samples,
+            "shape": args.shape,
+        }
         env = {DETAIL_ENV: "1" if args.timing_detail else "0"}
         points.append(Point(key=f"n{n}", ranks=n, args=run, settings=settings, env=env))
     return points
@@ -128,86 +164,34 @@ def job_points(args: argparse.Namespace) -> list[Point]:
 def prepare_partition(args: argparse.Namespace, n: int) -> None:
     """Build (or check) the partition up front: a folder built with other settings (another
     seed, another spec) is refused by ensure_partition, never silently reused."""
-    ensure_partition(data_dir(args, n), args.dataset, n, args.partition, args.seed,
-                     **source_options(args, n))
+    ensure_partition(data_dir(args, n), args.dataset, n, args.partition, args.seed, **source_options(args, n))
 
 
 def collect_run(point: Point, job: JobResult, out: Path) -> dict:
     """The slim per-scheme records of one finished training job."""
     summary = json.loads((out / "runs" / point.key / "summary.json").read_text())
-    keep = ("norm", "world_size", "samples_per_s", "steps", "phases", "phases_detail",
-            "allreduce_path", "grad_bytes", "imbalance_method", "imbalance_wait_derived",
-            "test_accuracy", "global_batch_size", "threads_per_rank", "model", "dataset",
-            "partition", "device", "mpi_library")
+    keep = (
+        "norm",
+        "world_size",
+        "samples_per_s",
+        "steps",
+        "phases",
+        "phases_detail",
+        "allreduce_path",
+        "grad_bytes",
+        "imbalance_method",
+        "imbalance_wait_derived",
+        "test_accuracy",
+        "global_batch_size",
+        "threads_per_rank",
+        "model",
+        "dataset",
+        "partition",
+        "device",
+        "mpi_library",
+    )
     records = [{k: r.get(k) for k in keep} for r in summary["runs"]]
     return {"records": records, "machine": summary.get("machine", {})}
-
-
-def table(points: list[dict], mode: str, cores: int) -> list[dict[str, Any]]:
-    """Rows of scaling.csv: speedup/efficiency against each scheme's smallest rank count."""
-    flat = [r for pt in points for r in pt.get("records", [])]
-    rows = []
-    for norm in dict.fromkeys(r["norm"] for r in flat):
-        recs = sorted((r for r in flat if r["norm"] == norm), key=lambda r: r["world_size"])
-        base = recs[0]
-        for r in recs:
-            ph, n = r["phases"], r["world_size"]
-            speedup = r["samples_per_s"] / base["samples_per_s"]
-            row = {"ranks": n, "norm": norm, "mode": mode,
-                   "samples_per_s": r["samples_per_s"], "speedup": speedup,
-                   "efficiency": speedup / (n / base["world_size"]),
-                   "comm_fraction": comm_share(ph["compute"], ph["comm"]),
-                   "oversubscribed": int(n > cores), "steps": r["steps"],
-                   "global_batch_size": r["global_batch_size"],
-                   "grad_bytes": r.get("grad_bytes") or 0,
-                   "test_accuracy": r["test_accuracy"],
-                   "threads_per_rank": r["threads_per_rank"],
-                   "allreduce_path": r["allreduce_path"],
-                   "imbalance_method": r.get("imbalance_method") or "derived"}
-            for p in REPORTED:
-                row[f"{p}_s"] = ph.get(p, 0.0)
-            row["imbalance_wait_max_s"] = (r.get("phases_detail") or {}).get(
-                "imbalance_wait", {}).get("max", 0.0)
-            rows.append(row)
-    rows.sort(key=lambda r: (r["ranks"], list(dict.fromkeys(x["norm"] for x in flat))
-                             .index(r["norm"])))
-    return rows
-
-
-def csv_text(rows: list[dict]) -> str:
-    buf = io.StringIO()
-    w = csv.DictWriter(buf, fieldnames=list(COLUMNS))
-    w.writeheader()
-    for r in rows:
-        w.writerow({k: (f"{v:.6g}" if isinstance(v, float) else v) for k, v in r.items()})
-    return buf.getvalue()
-
-
-def markdown(rows: list[dict], machine: dict, args: argparse.Namespace, cores: int) -> str:
-    from bench.studies.plots import oversubscription_note
-    lines = [f"# Scaling: {args.mode}, ranks {' '.join(map(str, sorted(set(args.ranks))))}", "",
-             f"Machine: {machine.get('cpu', '?')}, {cores} cores per node, "
-             f"{machine.get('mpi_library', '?')}, torch {machine.get('torch', '?')}, device "
-             f"{machine.get('device', '?')}; {time.strftime('%Y-%m-%d %H:%M %Z')}.", ""]
-    note = oversubscription_note([r["ranks"] for r in rows], cores)
-    if note:
-        lines += [f"**Note — {note}.**", ""]
-    cells = []
-    for r in rows:
-        ms = lambda k: f"{1e3 * r[f'{k}_s'] / max(1, r['steps']):.2f}"  # noqa: E731
-        star = " (oversubscribed)" if r["oversubscribed"] else ""
-        cells.append([f"{r['ranks']}{star}", r["norm"], f"{r['samples_per_s']:.0f}",
-                      f"{r['speedup']:.2f}", f"{r['efficiency']:.2f}",
-                      f"{100 * r['comm_fraction']:.1f}", ms("step"), ms("forward"),
-                      ms("backward"), ms("imbalance_wait"), ms("allreduce"), ms("optimizer")])
-    lines += [markdown_table(["ranks", "scheme", "samples/s", "speedup", "efficiency", "comm %",
-                              "step ms", "fwd ms", "bwd ms", "wait ms", "allreduce ms",
-                              "opt ms"], cells, align=["r", "l"] + ["r"] * 10)]
-    method = {r["imbalance_method"] for r in rows}
-    lines += ["", "Per-step times are rank means. `wait` is the load-imbalance wait "
-              f"({', '.join(sorted(method))}); `allreduce` is the exposed gradient sync; "
-              "comm % = (allreduce + normalization collectives) / (compute + comm).", ""]
-    return "\n".join(lines)
 
 
 def allreduce_points(args: argparse.Namespace) -> list[Point]:
@@ -217,14 +201,20 @@ def allreduce_points(args: argparse.Namespace) -> list[Point]:
             continue
         target = args.out / "allreduce" / f"n{n}.json"
         extra = shlex.split(args.allreduce_args)
-        points.append(Point(key=f"allreduce-n{n}", ranks=n,
-                            args=["-m", "bench.allreduce", "--json", str(target), *extra],
-                            settings={"allreduce_args": args.allreduce_args}))
+        points.append(
+            Point(
+                key=f"allreduce-n{n}",
+                ranks=n,
+                args=["-m", "bench.allreduce", "--json", str(target), *extra],
+                settings={"allreduce_args": args.allreduce_args},
+            )
+        )
     return points
 
 
 def run_costmodel(out: Path) -> Optional[Path]:
     from bench.studies.costmodel import fit_and_project
+
     files = sorted((out / "allreduce").glob("n*.json"))
     if not files:
         return None
@@ -252,13 +242,23 @@ def main(argv: Optional[list[str]] = None) -> int:
                 prepare_partition(args, pt.ranks)
         sweeps = [(points, lambda p, j: collect_run(p, j, out))]
         if args.with_allreduce:
-            sweeps.append((allreduce_points(args),
-                           lambda p, j: {"file": str(out / "allreduce" / f"{p.key[10:]}.json")}))
+            sweeps.append(
+                (allreduce_points(args), lambda p, j: {"file": str(out / "allreduce" / f"{p.key[10:]}.json")})
+            )
         done = []
         for pts, collect in sweeps:
             progress = Progress(sum(not store.is_done(p) for p in pts), mode=args.progress)
-            done.append(run_sweep(pts, store, collect, launcher=args.launcher,
-                                  timeout=args.timeout, log_dir=out / "logs", progress=progress))
+            done.append(
+                run_sweep(
+                    pts,
+                    store,
+                    collect,
+                    launcher=args.launcher,
+                    timeout=args.timeout,
+                    log_dir=out / "logs",
+                    progress=progress,
+                )
+            )
         results = done[0]
     except (SweepError, DataPrepError) as exc:
         print(f"error: {exc}", file=sys.stderr)
@@ -271,15 +271,28 @@ def main(argv: Optional[list[str]] = None) -> int:
     machine = results[-1].get("machine", {})
     write_text(out / "scaling.csv", csv_text(rows))
     write_text(out / "scaling.md", markdown(rows, machine, args, args.cores))
-    write_json(out / "scaling.json", {"mode": args.mode, "cores": args.cores,
-                                      "machine": machine, "rows": rows,
-                                      "command": [sys.executable, "-m", "bench.studies.scaling",
-                                                  *(argv if argv is not None else sys.argv[1:])]})
+    write_json(
+        out / "scaling.json",
+        {
+            "mode": args.mode,
+            "cores": args.cores,
+            "machine": machine,
+            "rows": rows,
+            "command": [
+                sys.executable,
+                "-m",
+                "bench.studies.scaling",
+                *(argv if argv is not None else sys.argv[1:]),
+            ],
+        },
+    )
     from bench.studies.plots import plot_breakdown, plot_scaling
+
     plot_scaling(rows, out / "scaling.png", cores=args.cores)
     plot_breakdown(rows, out / "breakdown.png", cores=args.cores)
     if args.with_allreduce:
-        from bench.studies.costmodel import CostModelError
+        from bench.studies.costmodel_inputs import CostModelError
+
         try:
             cm = run_costmodel(out)
             print(f"cost model: {cm}" if cm else "cost model: no allreduce results")

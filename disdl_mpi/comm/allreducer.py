@@ -21,6 +21,7 @@ rank observes completion (a hook's test or the final wait), so ``total_s`` (the 
 intervals) bounds the communication time from above; ``exposed_s`` is the time spent inside
 ``finish_step``, i.e. the communication the backward pass did not hide.
 """
+
 from __future__ import annotations
 
 import math
@@ -55,6 +56,7 @@ class BucketEvent(NamedTuple):
     """One bucket's communication in the last step; times in seconds since ``begin_step``
     (add :attr:`GradientAllreducer.step_origin` for ``time.perf_counter`` values). A named
     tuple, not a dataclass: one is built per bucket per step, on the critical path."""
+
     bucket: int
     bytes: int
     t_start: float
@@ -70,20 +72,20 @@ class _Bucket:
     numel: int
     device: torch.device
     dtype: torch.dtype
-    grad_buf: torch.Tensor          # flat, param dtype/device; every .grad is a view into it
-    wire: torch.Tensor              # what MPI reduces: grad_buf itself, or a cast/host copy
-    mpi_buf: object                 # numpy view (CPU/host) or the CUDA tensor (CUDA-aware)
-    op: MPI.Op                      # the sum for the wire dtype (mpi_ops.sum_op)
+    grad_buf: torch.Tensor  # flat, param dtype/device; every .grad is a view into it
+    wire: torch.Tensor  # what MPI reduces: grad_buf itself, or a cast/host copy
+    mpi_buf: object  # numpy view (CPU/host) or the CUDA tensor (CUDA-aware)
+    op: MPI.Op  # the sum for the wire dtype (mpi_ops.sum_op)
     wire_bytes: int
     views: list[torch.Tensor] = field(default_factory=list)
     ready: list[bool] = field(default_factory=list)
     pending: int = 0
     request: Optional[MPI.Request] = None
-    payload: Optional[torch.Tensor] = None   # trailing elements past the gradients (last bucket)
+    payload: Optional[torch.Tensor] = None  # trailing elements past the gradients (last bucket)
     t_start: float = 0.0
     t_end: float = 0.0
     # Fixed at build time and read every step: plain flags, not torch attribute lookups.
-    staged: bool = False            # wire is a separate buffer (cast and/or host copy)
+    staged: bool = False  # wire is a separate buffer (cast and/or host copy)
     on_cuda: bool = False
 
 
@@ -94,10 +96,18 @@ class GradientAllreducer:
     its own); ``0`` gives one bucket per tensor. ``skip(name, p)`` keeps a parameter local.
     """
 
-    def __init__(self, model: nn.Module, comm: MPI.Comm, *, bucket_mb: float = DEFAULT_BUCKET_MB,
-                 overlap: bool = True, compress: str = "none", cuda_aware: str = "auto",
-                 skip: Callable[[str, nn.Parameter], bool] = lambda name, p: False,
-                 payload: Optional[Payload] = None) -> None:
+    def __init__(
+        self,
+        model: nn.Module,
+        comm: MPI.Comm,
+        *,
+        bucket_mb: float = DEFAULT_BUCKET_MB,
+        overlap: bool = True,
+        compress: str = "none",
+        cuda_aware: str = "auto",
+        skip: Callable[[str, nn.Parameter], bool] = lambda name, p: False,
+        payload: Optional[Payload] = None,
+    ) -> None:
         if not (bucket_mb >= 0 and math.isfinite(bucket_mb)):
             raise ValueError(f"bucket_mb must be a finite number >= 0, got {bucket_mb}")
         self.comm = comm
@@ -105,11 +115,12 @@ class GradientAllreducer:
         self.compress = compression.check(compress)
         self.bucket_mb = float(bucket_mb)
         if payload is not None and payload.numel and self.compress != "none":
-            raise ValueError("a statistics payload rides in the gradient buffers as raw sums, "
-                             "which float16 cannot hold: use --compress none")
+            raise ValueError(
+                "a statistics payload rides in the gradient buffers as raw sums, "
+                "which float16 cannot hold: use --compress none"
+            )
         self.payload = payload if payload is not None and payload.numel else None
-        named = [(n, p) for n, p in model.named_parameters()
-                 if p.requires_grad and not skip(n, p)]
+        named = [(n, p) for n, p in model.named_parameters() if p.requires_grad and not skip(n, p)]
         on_cuda = any(p.is_cuda for _, p in named)
         # The verdict and its reason (None on CPU, where MPI reads the tensors directly).
         self.cuda_awareness: Optional[CudaAwareness] = None
@@ -121,8 +132,7 @@ class GradientAllreducer:
             self.path = "cpu-zero-copy"
         # Hooks of CUDA backward run on autograd's device threads: MPI calls from there need at
         # least MPI_THREAD_SERIALIZED (the main thread is blocked in backward meanwhile).
-        self._hook_launch = self.overlap and (not on_cuda or
-                                              MPI.Query_thread() >= MPI.THREAD_SERIALIZED)
+        self._hook_launch = self.overlap and (not on_cuda or MPI.Query_thread() >= MPI.THREAD_SERIALIZED)
         self.buckets = self._build_buckets(named)
         self._slot: dict[int, tuple[_Bucket, int]] = {}
         for b in self.buckets:
@@ -130,14 +140,15 @@ class GradientAllreducer:
                 self._slot[id(p)] = (b, i)
         self._check_layout_agrees()
         self._wire_bytes = sum(b.wire_bytes for b in self.buckets)
-        self._handles = [p.register_post_accumulate_grad_hook(self.grad_ready)
-                         for b in self.buckets for p in b.params]
+        self._handles = [
+            p.register_post_accumulate_grad_hook(self.grad_ready) for b in self.buckets for p in b.params
+        ]
         self._active = False
         self._weight = 1.0
-        self._next = 0           # next bucket index to launch
-        self._oldest = 0         # oldest bucket not yet seen complete
-        self.step_origin = 0.0   # perf_counter at begin_step
-        self.waiting_for: Optional[int] = None   # the bucket finish_step waits on, if any
+        self._next = 0  # next bucket index to launch
+        self._oldest = 0  # oldest bucket not yet seen complete
+        self.step_origin = 0.0  # perf_counter at begin_step
+        self.waiting_for: Optional[int] = None  # the bucket finish_step waits on, if any
         self.events: list[BucketEvent] = []
         self._attach_grads()
 
@@ -157,11 +168,9 @@ class GradientAllreducer:
                 cur.append((name, p))
                 size += nbytes
         extra = self.payload.numel if self.payload is not None else 0
-        return [self._make_bucket(i, g, extra if i == len(groups) - 1 else 0)
-                for i, g in enumerate(groups)]
+        return [self._make_bucket(i, g, extra if i == len(groups) - 1 else 0) for i, g in enumerate(groups)]
 
-    def _make_bucket(self, index: int, group: list[tuple[str, nn.Parameter]],
-                     extra: int = 0) -> _Bucket:
+    def _make_bucket(self, index: int, group: list[tuple[str, nn.Parameter]], extra: int = 0) -> _Bucket:
         """One flat bucket; ``extra`` trailing elements carry the payload (last bucket)."""
         params = [p for _, p in group]
         device, dtype = params[0].device, params[0].dtype
@@ -179,12 +188,23 @@ class GradientAllreducer:
             wire = mpi_ops.zeros(total, wdtype, device)
         else:
             wire = grad_buf
-        b = _Bucket(index=index, names=[n for n, _ in group], params=params, offsets=offsets,
-                    numel=total, device=device, dtype=dtype, grad_buf=grad_buf, wire=wire,
-                    mpi_buf=mpi_buffer(wire, cuda_aware=self.path == "cuda-aware"),
-                    op=sum_op(wdtype), wire_bytes=wire.numel() * wire.element_size(),
-                    staged=wire is not grad_buf, on_cuda=device.type == "cuda")
-        b.views = [grad_buf[o:o + p.numel()].view_as(p) for o, p in zip(offsets, params)]
+        b = _Bucket(
+            index=index,
+            names=[n for n, _ in group],
+            params=params,
+            offsets=offsets,
+            numel=total,
+            device=device,
+            dtype=dtype,
+            grad_buf=grad_buf,
+            wire=wire,
+            mpi_buf=mpi_buffer(wire, cuda_aware=self.path == "cuda-aware"),
+            op=sum_op(wdtype),
+            wire_bytes=wire.numel() * wire.element_size(),
+            staged=wire is not grad_buf,
+            on_cuda=device.type == "cuda",
+        )
+        b.views = [grad_buf[o : o + p.numel()].view_as(p) for o, p in zip(offsets, params)]
         b.payload = grad_buf[payload_at:] if extra else None
         b.ready = [False] * len(params)
         return b
@@ -198,7 +218,8 @@ class GradientAllreducer:
                 raise RuntimeError(
                     f"GradientAllreducer: rank {self.comm.Get_rank()} built buckets {mine[:4]}... "
                     f"({len(mine)} buckets) but rank {r} built {other[:4]}... ({len(other)}); "
-                    f"models or skip() differ between ranks")
+                    f"models or skip() differ between ranks"
+                )
 
     def bucket_names(self) -> list[list[str]]:
         """Parameter names per bucket, in launch order."""
@@ -244,8 +265,10 @@ class GradientAllreducer:
             return  # a backward outside begin/finish (e.g. a user's probe): leave it alone
         b, i = self._slot[id(p)]
         if b.ready[i]:
-            raise RuntimeError(f"GradientAllreducer: parameter {b.names[i]} got a gradient twice "
-                               f"in one step; call begin_step/finish_step around each backward")
+            raise RuntimeError(
+                f"GradientAllreducer: parameter {b.names[i]} got a gradient twice "
+                f"in one step; call begin_step/finish_step around each backward"
+            )
         view = b.views[i]
         g = p.grad
         if g is not view and g is not None and g.data_ptr() != view.data_ptr():
@@ -294,8 +317,9 @@ class GradientAllreducer:
             b.grad_buf.copy_(b.wire)  # back to the gradient dtype / device
         if b.payload is not None:
             self.payload.consume(b.payload)
-        self.events.append(BucketEvent(b.index, b.wire_bytes, b.t_start - self.step_origin,
-                                       b.t_end - self.step_origin))
+        self.events.append(
+            BucketEvent(b.index, b.wire_bytes, b.t_start - self.step_origin, b.t_end - self.step_origin)
+        )
 
     def _poke(self) -> None:
         """Drive MPI progress and notice completions, oldest first."""
@@ -316,7 +340,7 @@ class GradientAllreducer:
             self._next += 1
         while self._oldest < self._next:
             b = self.buckets[self._oldest]
-            self.waiting_for = b.index   # read by the stall watchdog's thread
+            self.waiting_for = b.index  # read by the stall watchdog's thread
             b.request.Wait()
             self.waiting_for = None
             self._complete(b)
@@ -325,10 +349,12 @@ class GradientAllreducer:
             torch.cuda.current_stream(self.buckets[0].device).synchronize()
         t_end = time.perf_counter()
         self._active = False
-        return {"total_s": _union_seconds([(b.t_start, b.t_end) for b in self.buckets]),
-                "exposed_s": t_end - t_fin,
-                "buckets": len(self.buckets),
-                "bytes": self._wire_bytes}
+        return {
+            "total_s": _union_seconds([(b.t_start, b.t_end) for b in self.buckets]),
+            "exposed_s": t_end - t_fin,
+            "buckets": len(self.buckets),
+            "bytes": self._wire_bytes,
+        }
 
     def close(self) -> None:
         """Remove the gradient hooks (the .grad views stay valid tensors)."""

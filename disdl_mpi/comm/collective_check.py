@@ -9,6 +9,7 @@ identical collectives, so they always match one another: a rank that took anothe
 the others' check with a different hash, and every rank stops with a message naming what each
 side was about to call and where. Disabled (the default), nothing is wrapped and nothing is paid.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -89,11 +90,14 @@ class CollectiveChecker:
         groups: dict[str, list[int]] = {}
         for r, text in enumerate(described):
             groups.setdefault(text, []).append(r)
-        lines = [f"  rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))}: {text}"
-                 for text, rs in groups.items()]
-        raise CollectiveMismatch(f"collective mismatch at checked call #{self.calls}: the "
-                                 f"ranks were about to run different collectives:\n"
-                                 + "\n".join(lines))
+        lines = [
+            f"  rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))}: {text}"
+            for text, rs in groups.items()
+        ]
+        raise CollectiveMismatch(
+            f"collective mismatch at checked call #{self.calls}: the "
+            f"ranks were about to run different collectives:\n" + "\n".join(lines)
+        )
 
 
 class CheckedComm:

@@ -8,6 +8,7 @@ reduction. float16 sums are done by MPI in float16: the relative error of one su
 of ordinary magnitude (the weighting by local/global samples happens before the cast, which
 keeps the summands small).
 """
+
 from __future__ import annotations
 
 import torch

@@ -16,6 +16,7 @@ Decision order, first answer wins:
    above UCX was built with CUDA;
 5. otherwise not CUDA-aware (the safe answer: host staging always works).
 """
+
 from __future__ import annotations
 
 import ctypes
@@ -47,6 +48,7 @@ def query_mpi_library() -> Optional[bool]:
     """``MPIX_Query_cuda_support()`` of the MPI library mpi4py loaded, or None if absent."""
     try:
         from mpi4py import MPI
+
         lib = ctypes.CDLL(MPI.__file__)  # dlsym on it also searches its libmpi dependency
         fn = lib.MPIX_Query_cuda_support
     except (OSError, AttributeError, ImportError):

@@ -1,4 +1,5 @@
 """Keep model copies identical across ranks: broadcast of parameters and buffers."""
+
 from __future__ import annotations
 
 from typing import Iterable
@@ -21,8 +22,14 @@ def broadcast_tensors_(tensors: Iterable[torch.Tensor], comm: MPI.Comm, root: in
             comm.Bcast(data.numpy(), root=root)
 
 
-def broadcast_module_(model: torch.nn.Module, comm: MPI.Comm, *, buffers_only: bool = False,
-                      exclude: set[int] | None = None, root: int = 0) -> None:
+def broadcast_module_(
+    model: torch.nn.Module,
+    comm: MPI.Comm,
+    *,
+    buffers_only: bool = False,
+    exclude: set[int] | None = None,
+    root: int = 0,
+) -> None:
     """Broadcast parameters (unless ``buffers_only``) and floating buffers from ``root``.
 
     ``exclude`` holds ids of tensors that stay rank-local (fedbn's normalization state).

@@ -1,4 +1,5 @@
 """Collectives on torch tensors through mpi4py (zero-copy on CPU, staged or CUDA-aware on GPU)."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -58,8 +59,7 @@ def mpi_buffer(t: torch.Tensor, *, cuda_aware: bool = False):
     """
     work = t.detach()
     if not work.is_contiguous():
-        raise ValueError(f"MPI buffers must be contiguous (shape {tuple(t.shape)}, "
-                         f"stride {work.stride()})")
+        raise ValueError(f"MPI buffers must be contiguous (shape {tuple(t.shape)}, stride {work.stride()})")
     if work.dtype not in _MPI_DTYPES:
         raise TypeError(f"MPI has no reduction for {work.dtype}; cast to float32 or float16")
     if work.is_cuda:
@@ -67,7 +67,6 @@ def mpi_buffer(t: torch.Tensor, *, cuda_aware: bool = False):
             raise ValueError("a CUDA tensor needs a CUDA-aware MPI; stage it through host memory")
         return work
     return work.numpy()
-
 
 
 _NUMPY_OF = {torch.float16: np.float16, torch.float32: np.float32, torch.float64: np.float64}

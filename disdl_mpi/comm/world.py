@@ -1,4 +1,5 @@
 """The MPI communicator and per-rank identity: the only global state of the package."""
+
 from __future__ import annotations
 
 import os
@@ -18,7 +19,7 @@ class RankInfo:
     local_rank: int
     local_size: int
     hostname: str
-    hostnames: tuple[str, ...] = ()   # every rank's, in rank order
+    hostnames: tuple[str, ...] = ()  # every rank's, in rank order
 
     @property
     def nodes(self) -> int:
@@ -40,9 +41,14 @@ def rank_info(comm: MPI.Comm) -> RankInfo:
     me = socket.gethostname()
     hostnames = tuple(comm.allgather(me))
     rank = comm.Get_rank()
-    return RankInfo(rank=rank, world_size=comm.Get_size(),
-                    local_rank=hostnames[:rank].count(me), local_size=hostnames.count(me),
-                    hostname=me, hostnames=hostnames)
+    return RankInfo(
+        rank=rank,
+        world_size=comm.Get_size(),
+        local_rank=hostnames[:rank].count(me),
+        local_size=hostnames.count(me),
+        hostname=me,
+        hostnames=hostnames,
+    )
 
 
 def mpi_library() -> str:
@@ -69,8 +75,10 @@ def install_abort_handler(comm: MPI.Comm) -> None:
             # Errors that every rank detects alike are printed once, by rank 0.
             msg = f"error: {exc}\n" if rank == 0 else ""
         else:
-            msg = "".join(f"[rank {rank}] {line}" for line in
-                          "".join(traceback.format_exception(exc_type, exc, tb)).splitlines(True))
+            msg = "".join(
+                f"[rank {rank}] {line}"
+                for line in "".join(traceback.format_exception(exc_type, exc, tb)).splitlines(True)
+            )
         if msg:
             sys.stderr.write(msg)
             sys.stderr.flush()

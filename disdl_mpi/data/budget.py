@@ -12,7 +12,7 @@ from typing import Optional, Sequence
 import numpy as np
 import torch
 
-from disdl_mpi.options import parse_size
+from disdl_mpi.units import parse_size
 
 # A resident run may use this share of the memory available to the ranks of a node (or GPU):
 # the rest is the interpreter, torch, MPI buffers, activations and the batch being converted.

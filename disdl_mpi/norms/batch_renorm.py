@@ -1,10 +1,10 @@
 """Batch Renormalization (Ioffe 2017) with the r_max/d_max warm-up schedule."""
-from __future__ import annotations
 
-import torch
+from __future__ import annotations
 
 from typing import Any
 
+import torch
 from torch import nn
 
 from disdl_mpi.norms.local_layers import LocalBatchNorm, _reduce_dims
@@ -19,11 +19,12 @@ class RenormSchedule:
     is shared by all layers of a model; ``BRN.before_step`` drives it.
     """
 
-    def __init__(self, warmup_steps: int = 100, r_max_final: float = 3.0,
-                 d_max_final: float = 5.0) -> None:
+    def __init__(self, warmup_steps: int = 100, r_max_final: float = 3.0, d_max_final: float = 5.0) -> None:
         if warmup_steps < 0 or r_max_final < 1.0 or d_max_final < 0.0:
-            raise ValueError(f"brn: need brn_warmup_steps >= 0, r_max >= 1, d_max >= 0; got "
-                             f"{warmup_steps}, {r_max_final}, {d_max_final}")
+            raise ValueError(
+                f"brn: need brn_warmup_steps >= 0, r_max >= 1, d_max >= 0; got "
+                f"{warmup_steps}, {r_max_final}, {d_max_final}"
+            )
         self.warmup_steps = int(warmup_steps)
         self.r_max_final = float(r_max_final)
         self.d_max_final = float(d_max_final)
@@ -48,8 +49,9 @@ class BatchRenorm(LocalBatchNorm):
     agree; it helps when local batches are small or non-i.i.d., as on a skewed rank.
     """
 
-    def __init__(self, num_features: int, schedule: RenormSchedule, eps: float = 1e-5,
-                 momentum: float = 0.1) -> None:
+    def __init__(
+        self, num_features: int, schedule: RenormSchedule, eps: float = 1e-5, momentum: float = 0.1
+    ) -> None:
         super().__init__(num_features, eps=eps, momentum=momentum)
         self.schedule = schedule
 
@@ -66,8 +68,7 @@ class BatchRenorm(LocalBatchNorm):
         with torch.no_grad():
             run_std = torch.sqrt(self.running_var + self.eps)
             r = (std / run_std).clamp(1.0 / self.schedule.r_max, self.schedule.r_max)
-            d = ((mean - self.running_mean) / run_std).clamp(-self.schedule.d_max,
-                                                              self.schedule.d_max)
+            d = ((mean - self.running_mean) / run_std).clamp(-self.schedule.d_max, self.schedule.d_max)
             self.running_mean.add_(mean - self.running_mean, alpha=self.momentum)
             self.running_var.add_(var * (n / (n - 1)) - self.running_var, alpha=self.momentum)
             self.num_batches_tracked.add_(1)
@@ -77,8 +78,7 @@ class BatchRenorm(LocalBatchNorm):
         return xhat
 
     def extra_repr(self) -> str:
-        return super().extra_repr() + (f", r_max={self.schedule.r_max:.3g}, "
-                                       f"d_max={self.schedule.d_max:.3g}")
+        return super().extra_repr() + (f", r_max={self.schedule.r_max:.3g}, d_max={self.schedule.d_max:.3g}")
 
 
 class BRN(NormScheme):

@@ -23,6 +23,7 @@ global statistics (syncbn's), nor a gradient through them -- the gradient sees t
 batch statistics. The payload is 1 + 2C floats per layer (a few KB); it needs a wire format that
 can hold raw sums (--compress none).
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -43,14 +44,15 @@ class CarryBatchNorm(LocalBatchNorm):
         self.register_buffer("global_mean", torch.zeros(num_features))
         self.register_buffer("global_var", torch.ones(num_features))
         self.register_buffer("have_global", torch.zeros((), dtype=torch.bool))
-        self._sums: Optional[torch.Tensor] = None   # [n, S(C), Q(C)] of this step's batch
+        self._sums: Optional[torch.Tensor] = None  # [n, S(C), Q(C)] of this step's batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         self._check_input_dim(x)
         if not self.training:
             if bool(self.have_global):  # what the model was last trained with
-                return F.batch_norm(x, self.global_mean, self.global_var, self.weight,
-                                    self.bias, False, 0.0, self.eps)
+                return F.batch_norm(
+                    x, self.global_mean, self.global_var, self.weight, self.bias, False, 0.0, self.eps
+                )
             return super().forward(x)
         have = bool(self.have_global)
         per_channel = x.numel() // max(1, x.shape[1])
@@ -69,8 +71,15 @@ class CarryBatchNorm(LocalBatchNorm):
             return super().forward(x)  # step 0 (or a 1-value batch): the local batch
         # Values normalized with the previous step's global statistics; BN's gradient through
         # this batch's statistics (see local_layers.renormalize).
-        return renormalize(x, self.global_mean, self.global_var, self.weight, self.bias,
-                           self.eps, batch_stats=(var_b, mean_b))
+        return renormalize(
+            x,
+            self.global_mean,
+            self.global_var,
+            self.weight,
+            self.bias,
+            self.eps,
+            batch_stats=(var_b, mean_b),
+        )
 
     @property
     def payload_size(self) -> int:
@@ -78,8 +87,11 @@ class CarryBatchNorm(LocalBatchNorm):
 
     def take_sums(self) -> torch.Tensor:
         """This step's [n, S, Q] (zeros when the rank ran no forward), then forget them."""
-        sums = self._sums if self._sums is not None else torch.zeros(
-            self.payload_size, dtype=torch.float64, device=self.global_mean.device)
+        sums = (
+            self._sums
+            if self._sums is not None
+            else torch.zeros(self.payload_size, dtype=torch.float64, device=self.global_mean.device)
+        )
         self._sums = None
         return sums
 
@@ -90,11 +102,14 @@ class CarryBatchNorm(LocalBatchNorm):
         n = float(sums[0])
         if n < 1:
             return  # no data anywhere this step: keep what we have
-        shift = self.global_mean.double() if bool(self.have_global) else torch.zeros(
-            c, dtype=torch.float64, device=sums.device)
-        d = sums[1:1 + c].double() / n
+        shift = (
+            self.global_mean.double()
+            if bool(self.have_global)
+            else torch.zeros(c, dtype=torch.float64, device=sums.device)
+        )
+        d = sums[1 : 1 + c].double() / n
         mean = shift + d
-        var = (sums[1 + c:].double() / n - d * d).clamp_min(0.0)
+        var = (sums[1 + c :].double() / n - d * d).clamp_min(0.0)
         self.global_mean.copy_(mean)
         self.global_var.copy_(var)
         self.have_global.fill_(True)
@@ -116,14 +131,14 @@ class StatsPayload:
         """This rank's contribution (unweighted sums), into ``out`` (numel floats)."""
         off = 0
         for m in self.layers:
-            out[off:off + m.payload_size].copy_(m.take_sums())
+            out[off : off + m.payload_size].copy_(m.take_sums())
             off += m.payload_size
 
     def consume(self, summed: torch.Tensor) -> None:
         """The sums over all ranks, after the allreduce."""
         off = 0
         for m in self.layers:
-            m.set_global(summed[off:off + m.payload_size])
+            m.set_global(summed[off : off + m.payload_size])
             off += m.payload_size
 
 

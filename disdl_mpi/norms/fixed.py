@@ -8,6 +8,7 @@ the same, global normalization, while the affine parameters keep learning. No pe
 collective at all. In training the gradient still flows through the local batch statistics
 (see FixBatchNorm.forward): the normalized values are exactly the frozen-statistics ones.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -37,15 +38,15 @@ class FixBatchNorm(LocalBatchNorm):
         self._check_input_dim(x)
         per_channel = x.numel() // max(1, x.shape[1])
         if not self.training or per_channel <= 1:
-            return F.batch_norm(x, self.running_mean, self.running_var, self.weight,
-                                self.bias, False, 0.0, self.eps)
+            return F.batch_norm(
+                x, self.running_mean, self.running_var, self.weight, self.bias, False, 0.0, self.eps
+            )
         # The value is exactly (x - mu) / sigma with the frozen global mu, sigma; the gradient
         # is BN's, through this batch's statistics. A plain frozen affine would drop BN's
         # projection of the gradient, and the weights feeding it lose their scale invariance:
         # at lr 0.05 the digits CNN's gradient norm grew 12x in two steps after the freeze
         # and the loss diverged.
-        return renormalize(x, self.running_mean, self.running_var, self.weight, self.bias,
-                           self.eps)
+        return renormalize(x, self.running_mean, self.running_var, self.weight, self.bias, self.eps)
 
 
 class FixSchedule:
@@ -57,8 +58,7 @@ class FixSchedule:
     def step_of(self, total_steps: int) -> int:
         return self.fix_at if self.fix_at is not None else total_steps // 2
 
-    def __call__(self, model: nn.Module, x_train: Any, batch_size: int, step: int,
-                 total_steps: int) -> None:
+    def __call__(self, model: nn.Module, x_train: Any, batch_size: int, step: int, total_steps: int) -> None:
         """Collective at T*: recalibrate over all ranks, then freeze; a no-op otherwise."""
         layers = [m for m in model.modules() if isinstance(m, FixBatchNorm)]
         if step != self.step_of(total_steps) or not layers or bool(layers[0].fixed):

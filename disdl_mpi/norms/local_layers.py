@@ -1,4 +1,5 @@
 """Normalization layers that need no communication: local BN, GroupNorm family, instance norm."""
+
 from __future__ import annotations
 
 import torch
@@ -24,8 +25,7 @@ class LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2 or x.dim() > 5:
-            raise ValueError(f"{type(self).__name__} expects (N,C,...) input, got shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(f"{type(self).__name__} expects (N,C,...) input, got shape {tuple(x.shape)}")
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         self._check_input_dim(x)
@@ -68,9 +68,15 @@ def gn_groups_for(channels: int, requested: int) -> int:
     return g
 
 
-def renormalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
-                weight: torch.Tensor | None, bias: torch.Tensor | None, eps: float,
-                batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None) -> torch.Tensor:
+def renormalize(
+    x: torch.Tensor,
+    mean: torch.Tensor,
+    var: torch.Tensor,
+    weight: torch.Tensor | None,
+    bias: torch.Tensor | None,
+    eps: float,
+    batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+) -> torch.Tensor:
     """Normalize with given (e.g. global) statistics, with BN's gradient through the batch's.
 
     The value is exactly ``(x - mean) / sqrt(var + eps) * weight + bias``; the gradient is that
@@ -81,8 +87,11 @@ def renormalize(x: torch.Tensor, mean: torch.Tensor, var: torch.Tensor,
     input, w * (x_B r + d) + b = x_B (w r) + (w d + b). ``batch_stats`` = (var_B, mean_B) when
     the caller already has them.
     """
-    var_b, mean_b = batch_stats if batch_stats is not None else torch.var_mean(
-        x.detach(), _reduce_dims(x), unbiased=False)
+    var_b, mean_b = (
+        batch_stats
+        if batch_stats is not None
+        else torch.var_mean(x.detach(), _reduce_dims(x), unbiased=False)
+    )
     std = (var + eps).sqrt()
     r = ((var_b + eps).sqrt() / std).detach()
     d = ((mean_b - mean) / std).detach()

@@ -11,6 +11,7 @@ gives the global M2 without the cancellation of a raw sum of squares. No sample 
 rank, and the forward passes hold no collectives, so ranks with different data sizes (even 0)
 are safe: every rank makes exactly the two allreduce calls.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -54,19 +55,23 @@ class _Moments:
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     from disdl_mpi.norms.sync_batch_norm import SyncBatchNorm
+
     layers = []
     for name, m in model.named_modules():
         if isinstance(m, SyncBatchNorm):
             # Its forward runs collectives, and ranks here run different numbers of batches.
-            raise ValueError(f"bn-recal: layer '{name}' is a SyncBatchNorm; recalibrate only "
-                             f"models built with local BN layers")
+            raise ValueError(
+                f"bn-recal: layer '{name}' is a SyncBatchNorm; recalibrate only "
+                f"models built with local BN layers"
+            )
         if isinstance(m, nn.modules.batchnorm._BatchNorm) and m.track_running_stats:
             layers.append(m)
     return layers
 
 
-def recalibrate_batchnorm(model: nn.Module, x_train: Any, batch_size: int, comm: Any,
-                          timer: Optional[CommTimer] = None) -> dict:
+def recalibrate_batchnorm(
+    model: nn.Module, x_train: Any, batch_size: int, comm: Any, timer: Optional[CommTimer] = None
+) -> dict:
     """Set every BN layer's running mean/var to the statistics of its inputs over all ranks.
 
     ``x_train`` is this rank's training inputs, preprocessed as for training (tensor, numpy or
@@ -85,15 +90,17 @@ def recalibrate_batchnorm(model: nn.Module, x_train: Any, batch_size: int, comm:
     # A tensor, a numpy array, or StandardizedInputs (indexable, standardizes per batch).
     x = torch.as_tensor(x_train) if isinstance(x_train, np.ndarray) else x_train
     moments = [_Moments(m.num_features, device) for m in layers]
-    hooks = [m.register_forward_pre_hook(lambda mod, inp, acc=acc: acc.add(inp[0]))
-             for m, acc in zip(layers, moments)]
+    hooks = [
+        m.register_forward_pre_hook(lambda mod, inp, acc=acc: acc.add(inp[0]))
+        for m, acc in zip(layers, moments)
+    ]
     modes = [(m, m.training) for m in model.modules()]
     saved = [m.num_batches_tracked.clone() for m in layers]
     try:
         model.train()  # normalize with batch statistics, as the layers saw data in training
         with torch.no_grad():
             for i in range(0, len(x), batch_size):
-                model(x[i:i + batch_size].to(device=device, dtype=dtype))
+                model(x[i : i + batch_size].to(device=device, dtype=dtype))
     finally:
         for h in hooks:
             h.remove()
@@ -107,8 +114,12 @@ def recalibrate_batchnorm(model: nn.Module, x_train: Any, batch_size: int, comm:
         timer = timer or CommTimer()
         t0 = timer.seconds
         # Round 1: counts and count-weighted means -> global mean per channel.
-        first = torch.cat([torch.cat([torch.tensor([a.n], dtype=torch.float64, device=device),
-                                      a.mean * a.n]) for a in moments])
+        first = torch.cat(
+            [
+                torch.cat([torch.tensor([a.n], dtype=torch.float64, device=device), a.mean * a.n])
+                for a in moments
+            ]
+        )
         timer.timed(lambda: allreduce_(first, comm))
         # Round 2: M2 about the global mean (Chan's merge, no raw sum of squares).
         second, globals_ = [], []
@@ -116,7 +127,7 @@ def recalibrate_batchnorm(model: nn.Module, x_train: Any, batch_size: int, comm:
         for a in moments:
             c = a.mean.numel()
             n = float(first[off].item())
-            gmean = first[off + 1:off + 1 + c] / max(n, 1.0)
+            gmean = first[off + 1 : off + 1 + c] / max(n, 1.0)
             globals_.append((n, gmean))
             second.append(a.m2 + a.n * (a.mean - gmean) ** 2)
             off += 1 + c
@@ -130,7 +141,7 @@ def recalibrate_batchnorm(model: nn.Module, x_train: Any, batch_size: int, comm:
                 if n >= 1:  # with no data anywhere the old statistics stay
                     m.running_mean.copy_(gmean.to(m.running_mean.dtype))
                 if n >= 2:  # unbiased, with the global count (as torch's running_var)
-                    m.running_var.copy_((m2[off:off + c] / (n - 1)).to(m.running_var.dtype))
+                    m.running_var.copy_((m2[off : off + c] / (n - 1)).to(m.running_var.dtype))
                 off += c
     samples = int(first[0].item()) if layers else 0
     return {"layers": len(layers), "samples": samples, "comm_s": comm_s}

@@ -123,8 +123,7 @@ def scheme_config_errors(names: list[str], cfg: Any) -> list[str]:
 def is_norm_layer(module: nn.Module) -> bool:
     """True for any normalization layer (the modules whose state fedbn keeps local)."""
     return isinstance(
-        module,
-        (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm),
+        module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
     )
 
 

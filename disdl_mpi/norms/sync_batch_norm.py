@@ -18,6 +18,7 @@ rank's ``dy`` must be in the same units:
   after the allreducer's weighting the result is exactly the global-batch gradient even for
   unequal n_r (plain SyncBN gives biased gradients there).
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional
@@ -76,8 +77,7 @@ class _SyncBNFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, comm, timer,
-                convention):
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, comm, timer, convention):
         c = x.shape[1]
         n_local = x.numel() // c if c else 0
         shift = _host64(running_mean)
@@ -88,24 +88,27 @@ class _SyncBNFunction(torch.autograd.Function):
             # (eps=0, so var = invstd^-2), re-expressed as sums of (x - K):
             # S1 = n (m - K), S2 = n (var + (m - K)^2): exact algebra, no raw sum of x^2.
             _, mean_l, invstd_l = torch.ops.aten.native_batch_norm(
-                x.detach(), None, None, None, None, True, 0.0, 0.0)
+                x.detach(), None, None, None, None, True, 0.0, 0.0
+            )
             inv = _host64(invstd_l)
             # The kernel reports invstd 0 (not inf) for a zero variance (a constant channel,
             # or a single value per channel on this rank).
             with np.errstate(divide="ignore"):
                 var_l = np.where(inv > 0, 1.0 / np.square(inv), 0.0)
             dm = _host64(mean_l) - shift
-            buf[1:c + 1] = dm * n_local
-            buf[c + 1:] = (var_l + dm * dm) * n_local
+            buf[1 : c + 1] = dm * n_local
+            buf[c + 1 :] = (var_l + dm * dm) * n_local
         # An empty rank still joins the collective, with zeros.
         _allreduce_host(buf, comm, timer)
         n = float(buf[0])
         if n <= 1:
             # Every rank sees the same global count, so every rank raises here together.
-            raise ValueError(f"syncbn: expected more than 1 value per channel over all ranks "
-                             f"in training, got {int(n)} (input shape {tuple(x.shape)})")
-        d_mean = buf[1:c + 1] / n
-        var = np.maximum(buf[c + 1:] / n - d_mean * d_mean, 0.0)
+            raise ValueError(
+                f"syncbn: expected more than 1 value per channel over all ranks "
+                f"in training, got {int(n)} (input shape {tuple(x.shape)})"
+            )
+        d_mean = buf[1 : c + 1] / n
+        var = np.maximum(buf[c + 1 :] / n - d_mean * d_mean, 0.0)
         mean = shift + d_mean
         new_mean = (1 - momentum) * shift + momentum * mean
         new_var = (1 - momentum) * _host64(running_var) + momentum * var * (n / (n - 1))
@@ -137,7 +140,8 @@ class _SyncBNFunction(torch.autograd.Function):
             # CPU kernel gives the same bits either way (found on the first GPU run).
             empty = x.new_empty(0)
             _, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                dy, x, weight, mean_x, var_x, empty, empty, False, ctx.eps, [False, True, True])
+                dy, x, weight, mean_x, var_x, empty, empty, False, ctx.eps, [False, True, True]
+            )
             buf = np.concatenate([_host64(gb), _host64(gw)])
         else:
             buf = np.zeros(2 * c, dtype=np.float64)
@@ -161,8 +165,7 @@ class _SyncBNFunction(torch.autograd.Function):
                 k = -w * mean_dy
                 nd = dy.dim()
                 centered = x - _channel_view(mean_x, nd)
-                grad_x = torch.addcmul(_channel_view(_to(k, x), nd), centered,
-                                       _channel_view(_to(b, x), nd))
+                grad_x = torch.addcmul(_channel_view(_to(k, x), nd), centered, _channel_view(_to(b, x), nd))
                 grad_x.addcmul_(dy, _channel_view(_to(w, dy), dy.dim()))
             else:
                 grad_x = torch.zeros_like(dy)
@@ -183,14 +186,20 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     backward so it joins the collectives.
     """
 
-    def __init__(self, num_features: int, comm: Any, timer: Optional[CommTimer] = None, *,
-                 eps: float = 1e-5, momentum: Optional[float] = 0.1,
-                 convention: str = "local_mean", affine: bool = True):
-        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine,
-                         track_running_stats=True)
+    def __init__(
+        self,
+        num_features: int,
+        comm: Any,
+        timer: Optional[CommTimer] = None,
+        *,
+        eps: float = 1e-5,
+        momentum: Optional[float] = 0.1,
+        convention: str = "local_mean",
+        affine: bool = True,
+    ):
+        super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=True)
         if convention not in CONVENTIONS:
-            raise ValueError(f"syncbn: grad_convention must be one of {CONVENTIONS}, "
-                             f"got {convention!r}")
+            raise ValueError(f"syncbn: grad_convention must be one of {CONVENTIONS}, got {convention!r}")
         self.comm = comm
         self.timer = timer
         self.convention = convention
@@ -202,17 +211,26 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         self._check_input_dim(x)
         if x.shape[1] != self.num_features:
-            raise ValueError(f"syncbn: expected {self.num_features} channels, got input shape "
-                             f"{tuple(x.shape)}")
+            raise ValueError(
+                f"syncbn: expected {self.num_features} channels, got input shape {tuple(x.shape)}"
+            )
         if not self.training:
             return super().forward(x)  # running statistics, identical on every rank: no comm
         # Same momentum bookkeeping as torch's _BatchNorm (momentum=None: cumulative average).
         self.num_batches_tracked.add_(1)
-        factor = (1.0 / float(self.num_batches_tracked) if self.momentum is None
-                  else self.momentum)
-        return _SyncBNFunction.apply(x, self.weight, self.bias, self.running_mean,
-                                     self.running_var, self.eps, factor, self.comm,
-                                     self.timer, self.convention)
+        factor = 1.0 / float(self.num_batches_tracked) if self.momentum is None else self.momentum
+        return _SyncBNFunction.apply(
+            x,
+            self.weight,
+            self.bias,
+            self.running_mean,
+            self.running_var,
+            self.eps,
+            factor,
+            self.comm,
+            self.timer,
+            self.convention,
+        )
 
     def extra_repr(self) -> str:
         return super().extra_repr() + f", convention={self.convention}"
@@ -232,9 +250,7 @@ class SyncBN(NormScheme):
 
     def __init__(self, comm: Any = None, *, grad_convention: str = "local_mean") -> None:
         if grad_convention not in CONVENTIONS:
-            raise ValueError(
-                f"syncbn: grad_convention must be one of {CONVENTIONS}, got {grad_convention!r}"
-            )
+            raise ValueError(f"syncbn: grad_convention must be one of {CONVENTIONS}, got {grad_convention!r}")
         super().__init__(comm)
         self.grad_convention = grad_convention
 

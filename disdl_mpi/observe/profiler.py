@@ -3,6 +3,7 @@
 Only the window is recorded (a profiler left on for a whole run would dwarf the run), with our
 phases as named ranges (``record_function``; NVTX ranges too on CUDA, for Nsight Systems).
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -21,8 +22,10 @@ def parse_profile_steps(text: str) -> tuple[int, int]:
     except ValueError:
         first, last = 0, -1
     if not 1 <= first <= last:
-        raise ValueError(f"--profile-steps: expected A:B with 1 <= A <= B (steps of each "
-                         f"scheme, counted from 1), got {text!r}")
+        raise ValueError(
+            f"--profile-steps: expected A:B with 1 <= A <= B (steps of each "
+            f"scheme, counted from 1), got {text!r}"
+        )
     return first, last
 
 
@@ -51,8 +54,9 @@ class StepProfiler:
     """Starts torch.profiler before step A of each scheme and writes its trace after step B
     (or when the scheme ends first); meanwhile the scheme's PhaseTimer names its phases."""
 
-    def __init__(self, window: tuple[int, int], device: torch.device,
-                 path_for: Callable[[str], Path]) -> None:
+    def __init__(
+        self, window: tuple[int, int], device: torch.device, path_for: Callable[[str], Path]
+    ) -> None:
         self.first, self.last = window
         self.cuda = device.type == "cuda"
         self.path_for = path_for

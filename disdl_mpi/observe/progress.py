@@ -12,6 +12,7 @@ returns would never reach the terminal: under Open MPI ``auto`` prints lines.
 
 The bar is tqdm's; only one process (rank 0, or the study driver) shows anything.
 """
+
 from __future__ import annotations
 
 import os
@@ -24,8 +25,20 @@ from tqdm import tqdm
 MODES = ("auto", "bar", "lines", "none")
 BAR_FORMAT = "[{bar:24}] {n_fmt}/{total_fmt} {desc} ({elapsed}<{remaining})"
 # Processes that start MPI ranks and forward their output (MPICH Hydra, Open MPI / PRRTE).
-LAUNCHERS = frozenset({"mpiexec", "mpirun", "mpiexec.hydra", "hydra_pmi_proxy", "orterun",
-                       "orted", "prterun", "prted", "mpiexec.openmpi", "mpirun.openmpi"})
+LAUNCHERS = frozenset(
+    {
+        "mpiexec",
+        "mpirun",
+        "mpiexec.hydra",
+        "hydra_pmi_proxy",
+        "orterun",
+        "orted",
+        "prterun",
+        "prted",
+        "mpiexec.openmpi",
+        "mpirun.openmpi",
+    }
+)
 # Open MPI's: they pass a rank's output on line by line (seen with Open MPI 5.0.11), no bar.
 LINE_FORWARDING = frozenset({"orterun", "orted", "prterun", "prted"})
 
@@ -90,8 +103,15 @@ class Progress:
     them above a running bar.
     """
 
-    def __init__(self, total: int, *, mode: str = "auto", stream: Optional[TextIO] = None,
-                 tty: Optional[bool] = None, quiet: bool = False) -> None:
+    def __init__(
+        self,
+        total: int,
+        *,
+        mode: str = "auto",
+        stream: Optional[TextIO] = None,
+        tty: Optional[bool] = None,
+        quiet: bool = False,
+    ) -> None:
         self.total = max(0, int(total))
         self.done = 0
         self.stream = stream or sys.stdout
@@ -100,8 +120,15 @@ class Progress:
         bar = (wants_bar(mode, self.stream) if tty is None else tty) and not self.quiet
         self.bar: Optional[tqdm] = None
         if bar:
-            self.bar = tqdm(total=self.total, file=self.stream, bar_format=BAR_FORMAT,
-                            dynamic_ncols=False, ncols=100, mininterval=0.1, leave=False)
+            self.bar = tqdm(
+                total=self.total,
+                file=self.stream,
+                bar_format=BAR_FORMAT,
+                dynamic_ncols=False,
+                ncols=100,
+                mininterval=0.1,
+                leave=False,
+            )
 
     @property
     def is_bar(self) -> bool:

@@ -8,6 +8,7 @@ the per-bucket gradient allreduces, which overlap the backward pass and so need 
 Clock alignment: every rank takes its time origin right after a Barrier, so ranks agree to
 within about one barrier latency (microseconds on one node); no global clock is assumed.
 """
+
 from __future__ import annotations
 
 import time
@@ -38,14 +39,29 @@ class TraceRecorder:
     def _us(self, t: float) -> float:
         return round((t - self.origin) * 1e6, 3)
 
-    def complete(self, name: str, start: float, dur: float, *, cat: str = "phase",
-                 tid: int = PHASE_TID, args: Optional[dict[str, Any]] = None) -> None:
+    def complete(
+        self,
+        name: str,
+        start: float,
+        dur: float,
+        *,
+        cat: str = "phase",
+        tid: int = PHASE_TID,
+        args: Optional[dict[str, Any]] = None,
+    ) -> None:
         """One "X" event; ``start`` is a perf_counter value, ``dur`` seconds."""
         if len(self.events) >= self.max_events:
             self.dropped += 1  # bounded memory on long runs; the count is written out
             return
-        ev = {"name": name, "cat": cat, "ph": "X", "ts": self._us(start),
-              "dur": round(max(0.0, dur) * 1e6, 3), "pid": self.rank, "tid": tid}
+        ev = {
+            "name": name,
+            "cat": cat,
+            "ph": "X",
+            "ts": self._us(start),
+            "dur": round(max(0.0, dur) * 1e6, 3),
+            "pid": self.rank,
+            "tid": tid,
+        }
         merged = {**self.args, **(args or {})}
         if merged:
             ev["args"] = merged
@@ -55,9 +71,14 @@ class TraceRecorder:
         """The allreducer's per-bucket communication of the last step, on their own row;
         ``origin`` is the perf_counter the events' times count from."""
         for ev in events:
-            self.complete(f"allreduce bucket {ev.bucket}", origin + ev.t_start,
-                          ev.t_end - ev.t_start, cat="comm", tid=BUCKET_TID,
-                          args={"index": ev.bucket, "bytes": ev.bytes})
+            self.complete(
+                f"allreduce bucket {ev.bucket}",
+                origin + ev.t_start,
+                ev.t_end - ev.t_start,
+                cat="comm",
+                tid=BUCKET_TID,
+                args={"index": ev.bucket, "bytes": ev.bytes},
+            )
 
     def write(self, comm: MPI.Comm, path: str | Path, *, metadata: Optional[dict] = None) -> None:
         """Collective: gather every rank's events to rank 0, which writes the file atomically."""
@@ -68,15 +89,25 @@ class TraceRecorder:
         dropped = 0
         for rank, (evs, d) in enumerate(gathered):
             dropped += d
-            events.append({"name": "process_name", "ph": "M", "pid": rank, "tid": 0,
-                           "args": {"name": f"rank {rank}"}})
-            events.append({"name": "process_sort_index", "ph": "M", "pid": rank, "tid": 0,
-                           "args": {"sort_index": rank}})
-            events.append({"name": "thread_name", "ph": "M", "pid": rank, "tid": PHASE_TID,
-                           "args": {"name": "phases"}})
+            events.append(
+                {"name": "process_name", "ph": "M", "pid": rank, "tid": 0, "args": {"name": f"rank {rank}"}}
+            )
+            events.append(
+                {"name": "process_sort_index", "ph": "M", "pid": rank, "tid": 0, "args": {"sort_index": rank}}
+            )
+            events.append(
+                {"name": "thread_name", "ph": "M", "pid": rank, "tid": PHASE_TID, "args": {"name": "phases"}}
+            )
             if any(e.get("tid") == BUCKET_TID for e in evs):
-                events.append({"name": "thread_name", "ph": "M", "pid": rank,
-                               "tid": BUCKET_TID, "args": {"name": "allreduce buckets"}})
+                events.append(
+                    {
+                        "name": "thread_name",
+                        "ph": "M",
+                        "pid": rank,
+                        "tid": BUCKET_TID,
+                        "args": {"name": "allreduce buckets"},
+                    }
+                )
             # Outer events first at equal timestamps, so viewers nest them correctly.
             events.extend(sorted(evs, key=lambda e: (e["ts"], -e["dur"])))
         other = dict(metadata or {})

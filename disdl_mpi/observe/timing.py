@@ -28,6 +28,7 @@ step (about 4 us at 2 ranks here, ~0.1-0.2 ms at 8 oversubscribed ranks); the fa
 compute phases (max - own, averaged over ranks) and reported as ``imbalance_wait_derived``.
 Detail is on with ``--timeline`` or ``DISDL_TIMING_DETAIL=1``.
 """
+
 from __future__ import annotations
 
 import os
@@ -44,8 +45,7 @@ from disdl_mpi.observe.profiler import named_range
 
 # The one list of phases that the run, the report, the plots and the sweeps all use.
 # The phases that partition a step's wall time, in the order a step runs them.
-DISJOINT = ("data", "forward", "backward", "imbalance_wait", "allreduce", "guard",
-            "optimizer")
+DISJOINT = ("data", "forward", "backward", "imbalance_wait", "allreduce", "guard", "optimizer")
 # Every measured phase: the disjoint ones, then the overlapping and whole-step ones.
 PHASES = DISJOINT + ("allreduce_total", "norm_comm", "eval", "step")
 # What a per-step table reports (rank-mean seconds of the whole run); "other", "compute" and
@@ -53,8 +53,17 @@ PHASES = DISJOINT + ("allreduce_total", "norm_comm", "eval", "step")
 REPORTED = DISJOINT + ("other", "step", "allreduce_total", "norm_comm", "compute", "comm")
 # The stacked per-step breakdown: forward/backward drawn without the normalization
 # collectives that run inside them (norm_comm gets its own segment).
-BREAKDOWN = ("data", "forward", "backward", "optimizer", "norm_comm", "imbalance_wait",
-             "allreduce", "guard", "other")
+BREAKDOWN = (
+    "data",
+    "forward",
+    "backward",
+    "optimizer",
+    "norm_comm",
+    "imbalance_wait",
+    "allreduce",
+    "guard",
+    "other",
+)
 # Phases whose work runs on the GPU stream: timed with CUDA events, not host clocks.
 GPU_PHASES = frozenset({"forward", "backward", "optimizer"})
 
@@ -79,10 +88,11 @@ class PhaseTimer:
     timeline event.
     """
 
-    def __init__(self, device: torch.device, *, wait_comm: Any = None,
-                 trace: Any = None, on_phase: Any = None) -> None:
+    def __init__(
+        self, device: torch.device, *, wait_comm: Any = None, trace: Any = None, on_phase: Any = None
+    ) -> None:
         self.device = device
-        self.on_phase = on_phase    # (step, phase) at every phase start (the stall watchdog)
+        self.on_phase = on_phase  # (step, phase) at every phase start (the stall watchdog)
         self.cuda = device.type == "cuda"
         self.wait_comm = wait_comm  # a dedicated communicator for the imbalance probe, or None
         self.trace = trace
@@ -127,8 +137,9 @@ class PhaseTimer:
         self.seconds["step"] += end - self._step_start
         self.steps += 1
         if self.trace is not None:
-            self.trace.complete(f"step {self._step_index}", self._step_start,
-                                end - self._step_start, cat="step")
+            self.trace.complete(
+                f"step {self._step_index}", self._step_start, end - self._step_start, cat="step"
+            )
         self._step_start = None
 
     @contextmanager
@@ -202,8 +213,7 @@ def derive_imbalance(detail: dict[str, dict[str, float]]) -> float:
     return max(0.0, hi - mean)
 
 
-def timing_fields(detail: dict[str, dict[str, float]], *, measured_wait: bool,
-                  cuda: bool) -> dict[str, Any]:
+def timing_fields(detail: dict[str, dict[str, float]], *, measured_wait: bool, cuda: bool) -> dict[str, Any]:
     """Extra summary-record fields describing how the phases were measured."""
     return {
         "imbalance_method": "barrier-probe" if measured_wait else "derived",
@@ -222,5 +232,6 @@ def phase_summary(comm: MPI.Comm, values: dict[str, float]) -> dict[str, dict[st
     comm.Allreduce(MPI.IN_PLACE, hi, op=MPI.MAX)
     comm.Allreduce(MPI.IN_PLACE, total, op=MPI.SUM)
     n = comm.Get_size()
-    return {k: {"min": float(lo[i]), "mean": float(total[i] / n), "max": float(hi[i])}
-            for i, k in enumerate(keys)}
+    return {
+        k: {"min": float(lo[i]), "mean": float(total[i] / n), "max": float(hi[i])} for i, k in enumerate(keys)
+    }

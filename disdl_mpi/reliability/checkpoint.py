@@ -24,6 +24,7 @@ message naming the difference (an older one would be just as incompatible).
 
 Multi-node: ``OUT`` must be on a file system every rank sees (rank 0 commits the others' files).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -41,8 +42,8 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from disdl_mpi.files import write_bytes, write_json
 from disdl_mpi.comm.world import UserError
+from disdl_mpi.files import write_bytes, write_json
 from disdl_mpi.norms import norm_layers
 
 FORMAT = 1
@@ -51,9 +52,24 @@ DIR_RE = re.compile(r"^ckpt-(\d{6,})$")
 # Config fields that change what is computed: a checkpoint made with other values is refused.
 # (bucket_mb/overlap/threads/out/progress/timeline do not change the mathematics; data_dir,
 # dataset and partition are covered by the partition manifest's hash.)
-MATTERS = ("norm", "model", "gn_groups", "epochs", "steps", "global_batch_size", "batching",
-           "lr", "lr_schedule", "warmup_epochs", "fix_at", "momentum", "weight_decay", "seed",
-           "compress", "eval_every")
+MATTERS = (
+    "norm",
+    "model",
+    "gn_groups",
+    "epochs",
+    "steps",
+    "global_batch_size",
+    "batching",
+    "lr",
+    "lr_schedule",
+    "warmup_epochs",
+    "fix_at",
+    "momentum",
+    "weight_decay",
+    "seed",
+    "compress",
+    "eval_every",
+)
 
 
 class CheckpointError(UserError):
@@ -69,8 +85,7 @@ def parse_every(text: Optional[str]) -> Optional[tuple[str, int]]:
         return None
     m = re.fullmatch(r"\s*(\d+)\s*([eE]?)\s*", str(text))
     if not m or int(m.group(1)) <= 0:
-        raise ValueError(f"--checkpoint-every must be N (steps) or Ne (epochs) with N > 0, "
-                         f"got {text!r}")
+        raise ValueError(f"--checkpoint-every must be N (steps) or Ne (epochs) with N > 0, got {text!r}")
     return ("epochs" if m.group(2) else "steps"), int(m.group(1))
 
 
@@ -78,9 +93,17 @@ def parse_every(text: Optional[str]) -> Optional[tuple[str, int]]:
 def rng_state() -> dict:
     """Every RNG the run may draw from, in a form torch.load(weights_only=True) accepts."""
     np_state = np.random.get_state()
-    state = {"torch": torch.get_rng_state(), "python": random.getstate(),
-             "numpy": [np_state[0], torch.from_numpy(np_state[1].astype(np.int64)),
-                       int(np_state[2]), int(np_state[3]), float(np_state[4])]}
+    state = {
+        "torch": torch.get_rng_state(),
+        "python": random.getstate(),
+        "numpy": [
+            np_state[0],
+            torch.from_numpy(np_state[1].astype(np.int64)),
+            int(np_state[2]),
+            int(np_state[3]),
+            float(np_state[4]),
+        ],
+    }
     if torch.cuda.is_available():
         state["cuda"] = torch.cuda.get_rng_state_all()
     return state
@@ -123,13 +146,16 @@ def model_parts(model: torch.nn.Module, optimizer: torch.optim.Optimizer) -> tup
     keys, positions = _norm_keys_and_params(model)
     sd = _cpu(model.state_dict())
     opt = _cpu(optimizer.state_dict())
-    local = {"norm_state": {k: sd[k] for k in keys},
-             "norm_opt": {i: opt["state"][i] for i in positions if i in opt["state"]}}
+    local = {
+        "norm_state": {k: sd[k] for k in keys},
+        "norm_opt": {i: opt["state"][i] for i in positions if i in opt["state"]},
+    }
     return {"model": sd, "optimizer": opt}, local
 
 
-def restore_model(model: torch.nn.Module, optimizer: torch.optim.Optimizer, shared: dict,
-                  local: dict) -> None:
+def restore_model(
+    model: torch.nn.Module, optimizer: torch.optim.Optimizer, shared: dict, local: dict
+) -> None:
     """Load rank 0's states, then overwrite this rank's own normalization slice."""
     sd = dict(shared["model"])
     sd.update(local["norm_state"])
@@ -168,22 +194,35 @@ class Loaded:
 class Checkpointer:
     """Writes and finds the checkpoints of one run (all methods are collective)."""
 
-    def __init__(self, root: Path, comm: MPI.Comm, *, config: dict, world_size: int,
-                 manifest_sha256: str, norms: list[str]) -> None:
+    def __init__(
+        self,
+        root: Path,
+        comm: MPI.Comm,
+        *,
+        config: dict,
+        world_size: int,
+        manifest_sha256: str,
+        norms: list[str],
+    ) -> None:
         self.root = Path(root)
         self.comm = comm
         self.rank = comm.Get_rank()
-        self.identity = {"format": FORMAT, "world_size": int(world_size),
-                         "manifest_sha256": manifest_sha256,
-                         "config": {k: config.get(k) for k in MATTERS}, "norms": list(norms)}
+        self.identity = {
+            "format": FORMAT,
+            "world_size": int(world_size),
+            "manifest_sha256": manifest_sha256,
+            "config": {k: config.get(k) for k in MATTERS},
+            "norms": list(norms),
+        }
 
     # ---------------------------------------------------------------- finding
     def committed(self) -> list[Path]:
         """Committed checkpoint folders, newest first (seen by this rank)."""
         if not self.root.is_dir():
             return []
-        found = [(int(m.group(1)), p) for p in self.root.iterdir()
-                 if (m := DIR_RE.match(p.name)) and p.is_dir()]
+        found = [
+            (int(m.group(1)), p) for p in self.root.iterdir() if (m := DIR_RE.match(p.name)) and p.is_dir()
+        ]
         return [p for _, p in sorted(found, reverse=True)]
 
     # ---------------------------------------------------------------- writing
@@ -222,10 +261,11 @@ class Checkpointer:
                     write_bytes(tmp / "shared.pt", data, fsync=True)
                     files = {"shared.pt": {"sha256": _digest(data), "bytes": len(data)}}
                     files.update({rank_part(r): e for r, (e, _) in enumerate(gathered)})
-                    write_json(tmp / "meta.json", {**self.identity, "label": label,
-                                                   "position": shared.get("position"),
-                                                   "files": files})
-                    final = self.root / tmp.name[len(".tmp-"):]
+                    write_json(
+                        tmp / "meta.json",
+                        {**self.identity, "label": label, "position": shared.get("position"), "files": files},
+                    )
+                    final = self.root / tmp.name[len(".tmp-") :]
                     os.replace(tmp, final)  # the commit
                     self._prune()
                 except OSError as exc:
@@ -233,9 +273,11 @@ class Checkpointer:
             if error:
                 # A full disk (or any write error) leaves no half-written checkpoint behind.
                 shutil.rmtree(tmp, ignore_errors=True)
-                error = (f"{error} (checkpoint folder {self.root}; the partial "
-                         f"{tmp.name} was removed; the last committed checkpoint, if any, is "
-                         f"intact)")
+                error = (
+                    f"{error} (checkpoint folder {self.root}; the partial "
+                    f"{tmp.name} was removed; the last committed checkpoint, if any, is "
+                    f"intact)"
+                )
         error, final = comm.bcast((error, final), root=0)
         if error:
             raise CheckpointError(error)
@@ -265,11 +307,13 @@ class Checkpointer:
                 return f"{f}: rank {self.rank}: cannot be read ({exc})", None, None
             want = files.get(name, {}).get("sha256")
             if _digest(data) != want:
-                return (f"{f}: rank {self.rank}: sha256 differs from meta.json (truncated or "
-                        f"modified)", None, None)
+                return (
+                    f"{f}: rank {self.rank}: sha256 differs from meta.json (truncated or modified)",
+                    None,
+                    None,
+                )
             try:
-                parts[name] = torch.load(io.BytesIO(data), map_location="cpu",
-                                         weights_only=True)
+                parts[name] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             except Exception as exc:  # noqa: BLE001 - any unpickling failure is corruption
                 return f"{f}: rank {self.rank}: cannot be loaded ({exc})", None, None
         return None, None, Loaded(path, meta, parts["shared.pt"], parts[rank_part(self.rank)])
@@ -281,19 +325,21 @@ class Checkpointer:
         if meta.get("format") != mine["format"]:
             out.append(f"format {meta.get('format')} (this version reads {mine['format']})")
         if meta.get("world_size") != mine["world_size"]:
-            out.append(f"world size: checkpoint {meta.get('world_size')}, job "
-                       f"{mine['world_size']}")
+            out.append(f"world size: checkpoint {meta.get('world_size')}, job {mine['world_size']}")
         if meta.get("manifest_sha256") != mine["manifest_sha256"]:
-            out.append(f"partition: manifest sha256 {str(meta.get('manifest_sha256'))[:12]}... "
-                       f"in the checkpoint, {mine['manifest_sha256'][:12]}... here "
-                       f"(another --data-dir or a rebuilt partition)")
+            out.append(
+                f"partition: manifest sha256 {str(meta.get('manifest_sha256'))[:12]}... "
+                f"in the checkpoint, {mine['manifest_sha256'][:12]}... here "
+                f"(another --data-dir or a rebuilt partition)"
+            )
         if meta.get("norms") != mine["norms"]:
             out.append(f"schemes: checkpoint {meta.get('norms')}, job {mine['norms']}")
         theirs = meta.get("config") or {}
         for k in MATTERS:
             if theirs.get(k) != mine["config"].get(k):
-                out.append(f"--{k.replace('_', '-')}: checkpoint {theirs.get(k)!r}, job "
-                           f"{mine['config'].get(k)!r}")
+                out.append(
+                    f"--{k.replace('_', '-')}: checkpoint {theirs.get(k)!r}, job {mine['config'].get(k)!r}"
+                )
         return out
 
     def load(self, spec: str, log: Callable[[str], None]) -> Optional[Loaded]:
@@ -311,9 +357,14 @@ class Checkpointer:
         else:
             path = Path(spec)
             if path.is_dir() and not (path / "meta.json").exists() and path.name != "":
-                inner = comm.bcast(Checkpointer(path, comm, config={}, world_size=0,
-                                                manifest_sha256="", norms=[]).committed()
-                                   if self.rank == 0 else None, root=0)
+                inner = comm.bcast(
+                    Checkpointer(
+                        path, comm, config={}, world_size=0, manifest_sha256="", norms=[]
+                    ).committed()
+                    if self.rank == 0
+                    else None,
+                    root=0,
+                )
                 path = inner[0] if inner else path  # a checkpoints/ folder: its newest
             candidates = [path]
         skipped: list[str] = []
@@ -322,8 +373,10 @@ class Checkpointer:
             reports = comm.allgather((corrupt, mismatch))
             mismatches = sorted({m for _, m in reports if m})
             if mismatches:
-                raise CheckpointError("\n".join(mismatches) + "\n(start a fresh --out, or "
-                                      "drop --resume, to train with the new settings)")
+                raise CheckpointError(
+                    "\n".join(mismatches) + "\n(start a fresh --out, or "
+                    "drop --resume, to train with the new settings)"
+                )
             corrupts = [c for c, _ in reports if c]
             if not corrupts:
                 for note in skipped:
@@ -332,9 +385,12 @@ class Checkpointer:
             why = "; ".join(corrupts)
             if spec != "auto":
                 raise CheckpointError(f"checkpoint {path} is corrupt: {why}")
-            skipped.append(f"resume auto: checkpoint {path} is corrupt ({why}); falling back "
-                           f"to the previous one")
+            skipped.append(
+                f"resume auto: checkpoint {path} is corrupt ({why}); falling back to the previous one"
+            )
         for note in skipped:
             log(note)
-        raise CheckpointError(f"resume auto: every checkpoint in {self.root} is corrupt; "
-                              f"remove them (or drop --resume) to start from scratch")
+        raise CheckpointError(
+            f"resume auto: every checkpoint in {self.root} is corrupt; "
+            f"remove them (or drop --resume) to start from scratch"
+        )

@@ -12,6 +12,7 @@ Signals (SIGTERM from SLURM at preemption or ``--time`` with ``--signal``, SIGUS
 flag in the handler; the training loop acts on it at the next step boundary, because MPI must
 never be entered from a signal handler and all ranks must checkpoint the same step.
 """
+
 from __future__ import annotations
 
 import signal
@@ -79,9 +80,9 @@ class SignalWatch:
 class StepDecision:
     """What every rank does after this step's gradient sync (identical on all ranks)."""
 
-    nonfinite_rank: Optional[int] = None   # lowest rank with a NaN/Inf
-    nonfinite_kind: str = ""               # "loss", "gradient" or "loss and gradient"
-    signal_rank: Optional[int] = None      # lowest rank that received a signal
+    nonfinite_rank: Optional[int] = None  # lowest rank with a NaN/Inf
+    nonfinite_kind: str = ""  # "loss", "gradient" or "loss and gradient"
+    signal_rank: Optional[int] = None  # lowest rank that received a signal
     signum: int = 0
 
     @property
@@ -106,8 +107,7 @@ class GradFiniteProbe:
 
     def __init__(self, model: torch.nn.Module) -> None:
         self._flags: list[torch.Tensor] = []
-        self._handles = [p.register_hook(self._hook) for p in model.parameters()
-                         if p.requires_grad]
+        self._handles = [p.register_hook(self._hook) for p in model.parameters() if p.requires_grad]
 
     def _hook(self, grad: torch.Tensor) -> None:
         self._flags.append(torch.isfinite(grad).all())
@@ -149,9 +149,11 @@ class StepGuard:
         self.seconds += time.perf_counter() - t0
         d = StepDecision()
         if buf[0]:
-            d = StepDecision(nonfinite_rank=self.world - int(buf[0]) // 4,
-                             nonfinite_kind=_KINDS[int(buf[0]) % 4])
+            d = StepDecision(
+                nonfinite_rank=self.world - int(buf[0]) // 4, nonfinite_kind=_KINDS[int(buf[0]) % 4]
+            )
         if buf[1]:
-            d = StepDecision(d.nonfinite_rank, d.nonfinite_kind,
-                             signal_rank=self.world - int(buf[1]), signum=int(buf[2]))
+            d = StepDecision(
+                d.nonfinite_rank, d.nonfinite_kind, signal_rank=self.world - int(buf[1]), signum=int(buf[2])
+            )
         return d

@@ -6,6 +6,7 @@ one is refused at start, before any work, with the holder named. A lock whose ho
 taken over and said so: a holder on this host whose pid no longer runs, or the same SLURM job
 (a requeued job restarts, possibly on another node, and finds its own lock).
 """
+
 from __future__ import annotations
 
 import json
@@ -51,9 +52,12 @@ def acquire(out: Path) -> tuple[Optional[str], Optional[str]]:
     """Take ``out``'s lock; returns (error, note): an error names the live holder, a note says
     that a dead holder's lock was taken over."""
     path = out / LOCK
-    me = {"host": socket.gethostname(), "pid": os.getpid(),
-          "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
-          "job": os.environ.get("SLURM_JOB_ID")}
+    me = {
+        "host": socket.gethostname(),
+        "pid": os.getpid(),
+        "started": time.strftime("%Y-%m-%d %H:%M:%S %Z"),
+        "job": os.environ.get("SLURM_JOB_ID"),
+    }
     note = None
     for _ in range(2):
         try:
@@ -65,12 +69,16 @@ def acquire(out: Path) -> tuple[Optional[str], Optional[str]]:
                 holder = {}
             same_job = me["job"] is not None and holder.get("job") == me["job"]
             if holder and not same_job and _holder_alive(holder):
-                return (f"--out {out} is in use by another run: host {holder.get('host')}, "
-                        f"pid {holder.get('pid')}, started {holder.get('started')}"
-                        + (f", SLURM job {holder['job']}" if holder.get("job") else "")
-                        + f"; choose another --out, or remove {path} if that run is gone"), None
-            note = (f"note: took over the lock of a run that is gone (pid {holder.get('pid')} "
-                    f"on {holder.get('host')}, started {holder.get('started')})")
+                return (
+                    f"--out {out} is in use by another run: host {holder.get('host')}, "
+                    f"pid {holder.get('pid')}, started {holder.get('started')}"
+                    + (f", SLURM job {holder['job']}" if holder.get("job") else "")
+                    + f"; choose another --out, or remove {path} if that run is gone"
+                ), None
+            note = (
+                f"note: took over the lock of a run that is gone (pid {holder.get('pid')} "
+                f"on {holder.get('host')}, started {holder.get('started')})"
+            )
             path.unlink(missing_ok=True)
             continue
         with os.fdopen(fd, "w") as fh:

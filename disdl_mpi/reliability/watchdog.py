@@ -11,6 +11,7 @@ it ends the job with ``MPI_Abort`` and the exit code :data:`EXIT_STALL`.
 It needs ``MPI_THREAD_MULTIPLE`` (mpi4py asks for it by default; MPICH and Open MPI give it): the
 watchdog's messages travel while the main thread sits in a collective.
 """
+
 from __future__ import annotations
 
 import sys
@@ -29,21 +30,26 @@ TAG = 0x57A1
 class StallWatchdog:
     """One per rank; ``enter(step, phase)`` marks where the main thread is."""
 
-    def __init__(self, comm: MPI.Comm, timeout: float, *,
-                 detail: Callable[[], str] = lambda: "",
-                 abort: Optional[Callable[[int], None]] = None) -> None:
+    def __init__(
+        self,
+        comm: MPI.Comm,
+        timeout: float,
+        *,
+        detail: Callable[[], str] = lambda: "",
+        abort: Optional[Callable[[int], None]] = None,
+    ) -> None:
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
             raise RuntimeError("--stall-timeout needs MPI_THREAD_MULTIPLE")
         self.comm = comm.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         self.timeout = float(timeout)
         self.interval = max(0.05, self.timeout / 8)
-        self.detail = detail          # e.g. the bucket the allreducer waits on
+        self.detail = detail  # e.g. the bucket the allreducer waits on
         self.abort = abort or (lambda code: abort_job(MPI.COMM_WORLD, code))
         # Not watching until the first phase: start-up (model build, first collectives) may
         # legitimately take longer than the timeout.
         self.state = {"step": -1, "phase": "start", "since": None}
-        self.seen: dict[int, tuple[dict, float]] = {}   # rank -> (its state, when heard)
+        self.seen: dict[int, tuple[dict, float]] = {}  # rank -> (its state, when heard)
         self._stop = threading.Event()
         self._sends: list[Any] = []
         self._thread = threading.Thread(target=self._run, name="stall-watchdog", daemon=True)
@@ -61,8 +67,7 @@ class StallWatchdog:
         while not self._stop.wait(self.interval):
             now = time.monotonic()
             since = self.state["since"]
-            mine = dict(self.state, waiting=0.0 if since is None else now - since,
-                        detail=self.detail())
+            mine = dict(self.state, waiting=0.0 if since is None else now - since, detail=self.detail())
             self._sends = [r for r in self._sends if not r.Test()]
             for dest in range(self.size):
                 if dest != self.rank:
@@ -81,18 +86,20 @@ class StallWatchdog:
             # the lowest live rank reports; give it time, then end the job ourselves
             if now - (self.state["since"] or now) < 2 * self.timeout:
                 return
-        lines = [f"stall: no progress for {self.timeout:.0f} s (--stall-timeout); ending the "
-                 f"job (exit code {EXIT_STALL})"]
+        lines = [
+            f"stall: no progress for {self.timeout:.0f} s (--stall-timeout); ending the "
+            f"job (exit code {EXIT_STALL})"
+        ]
         for r in range(self.size):
             if r not in self.seen:
                 lines.append(f"  rank {r}: not heard from at all (has not arrived)")
                 continue
             st, t = self.seen[r]
             where = f"step {st['step']}, phase {st['phase']}" + (
-                f", {st['detail']}" if st.get("detail") else "")
+                f", {st['detail']}" if st.get("detail") else ""
+            )
             if now - t > self.timeout:
-                lines.append(f"  rank {r}: has not arrived: silent for {now - t:.0f} s, last "
-                             f"seen at {where}")
+                lines.append(f"  rank {r}: has not arrived: silent for {now - t:.0f} s, last seen at {where}")
             else:
                 lines.append(f"  rank {r}: waiting {st['waiting']:.0f} s at {where}")
         sys.stderr.write("\n".join(lines) + "\n")

@@ -5,6 +5,7 @@ three gets an EMPTY batch), and compares the reduced gradients with the gradient
 computes on the union of the slices. Any failed assertion aborts the whole job (rc != 0).
 Usage: mpiexec -n N python -m tests.mpi_programs.allreducer_check [scenario ...]
 """
+
 from __future__ import annotations
 
 import sys
@@ -84,13 +85,14 @@ def reference_grads(model: Net, x, y, parts, step: int):
 
 def check(scenario: str, comm: MPI.Comm) -> None:
     rank, size = comm.Get_rank(), comm.Get_size()
-    opts = {"overlap": dict(overlap=True, bucket_mb=0.001),
-            "no-overlap": dict(overlap=False, bucket_mb=0.001),
-            "per-tensor": dict(overlap=True, bucket_mb=0),
-            "one-bucket": dict(overlap=True, bucket_mb=64),
-            "fp16": dict(overlap=True, bucket_mb=0.001, compress="fp16"),
-            "skip": dict(overlap=True, bucket_mb=0.001,
-                         skip=lambda n, p: n.startswith("norm."))}[scenario]
+    opts = {
+        "overlap": dict(overlap=True, bucket_mb=0.001),
+        "no-overlap": dict(overlap=False, bucket_mb=0.001),
+        "per-tensor": dict(overlap=True, bucket_mb=0),
+        "one-bucket": dict(overlap=True, bucket_mb=64),
+        "fp16": dict(overlap=True, bucket_mb=0.001, compress="fp16"),
+        "skip": dict(overlap=True, bucket_mb=0.001, skip=lambda n, p: n.startswith("norm.")),
+    }[scenario]
     tol = 3e-3 if scenario == "fp16" else 1e-5
     parts = slices(size)
     n_total = parts[-1][1]
@@ -127,8 +129,9 @@ def check(scenario: str, comm: MPI.Comm) -> None:
             assert p.grad is not None, f"{n}: no gradient written back"
             err = float((p.grad - ref[n]).abs().max())
             scale = max(float(ref[n].abs().max()), mags[n]) or 1.0
-            assert err <= tol * scale + 1e-7, \
+            assert err <= tol * scale + 1e-7, (
                 f"[{scenario}] rank {rank} step {step} {n}: max err {err:.3g} (scale {scale:.3g})"
+            )
         assert float(model.never_used.grad.abs().max()) == 0.0
         if scenario == "skip":
             # Make the reference's norm grads those of this rank's local mean loss.

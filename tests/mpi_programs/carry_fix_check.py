@@ -5,6 +5,7 @@ rank's global statistics equal those of the union of all ranks' batches, the sta
 in the gradient allreduce's last bucket (no bucket added, no collective of their own). bn-fix:
 the statistics frozen at T* equal those of the union of all ranks' training data.
 """
+
 import sys
 
 import torch
@@ -31,7 +32,7 @@ def main() -> int:
     comm = MPI.COMM_WORLD
     install_abort_handler(comm)
     rank = comm.Get_rank()
-    sizes = [5, 0, 9][:comm.Get_size()] + [3] * max(0, comm.Get_size() - 3)
+    sizes = [5, 0, 9][: comm.Get_size()] + [3] * max(0, comm.Get_size() - 3)
     g = torch.Generator().manual_seed(10 + rank)
     x = torch.randn(sizes[rank], 2, 6, 6, generator=g) * (1 + rank)
     y = torch.randint(0, 4, (sizes[rank],), generator=g)
@@ -39,14 +40,13 @@ def main() -> int:
     # bn-carry
     scheme = get_scheme("bn-carry")
     torch.manual_seed(0)
-    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), scheme.layer(3), nn.Flatten(),
-                          nn.Linear(3 * 36, 4))
+    model = nn.Sequential(nn.Conv2d(2, 3, 3, padding=1), scheme.layer(3), nn.Flatten(), nn.Linear(3 * 36, 4))
     plain = GradientAllreducer(model, comm)
     n_plain = len(plain.buckets)
     plain.close()
     reducer = GradientAllreducer(model, comm, payload=scheme.payload(model))
     assert len(reducer.buckets) == n_plain and reducer.buckets[-1].payload is not None
-    opt = torch.optim.SGD(model.parameters(), lr=0.0)   # lr 0: the conv stays as it was
+    opt = torch.optim.SGD(model.parameters(), lr=0.0)  # lr 0: the conv stays as it was
     with torch.no_grad():
         feats = model[0](x)
     sync_step(model, opt, reducer, x, y, sum(sizes))
@@ -70,8 +70,9 @@ def main() -> int:
     assert torch.allclose(layer.running_mean.double(), fmean, atol=1e-4)
     assert torch.allclose(layer.running_var.double(), fvar * n / (n - 1), rtol=1e-4, atol=1e-4)
     if rank == 0:
-        print(f"bn-carry and bn-fix global statistics OK on {comm.Get_size()} ranks, sizes {sizes}",
-              flush=True)
+        print(
+            f"bn-carry and bn-fix global statistics OK on {comm.Get_size()} ranks, sizes {sizes}", flush=True
+        )
     return 0
 
 

@@ -1,4 +1,5 @@
 """The main job with a loss that raises on rank 1: the whole job must abort at once."""
+
 import sys
 
 from mpi4py import MPI

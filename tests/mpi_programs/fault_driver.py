@@ -12,6 +12,7 @@ from environment variables so the run's own command line stays exactly what user
 - ``FAULT_EXTRA_BARRIER=RANK``: RANK calls one extra Barrier before its first evaluation, a
   real collective-ordering bug for ``--check-collectives`` to catch.
 """
+
 from __future__ import annotations
 
 import os

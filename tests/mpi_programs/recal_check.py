@@ -7,6 +7,7 @@ must end with running_mean/var equal to the concatenated data's mean and unbiase
 (3) A CNN: every rank ends with identical statistics, and the first BN layer's equal the
 statistics of the first conv's outputs on the concatenated data.
 """
+
 from __future__ import annotations
 
 import sys
@@ -60,11 +61,14 @@ def main() -> int:
     # (3) CNN, first layer exact; later layers see inputs normalized with batch statistics,
     #     so compare against one process recalibrating with the same per-rank batches.
     from disdl_mpi.models import build_model
+
     torch.manual_seed(1)
     cnn = build_model("cnn", (3, 5, 5), 4, scheme.layer)
     scheme.recalibrate(cnn, x_all[lo:hi], 5)
-    stats = torch.cat([b.running_mean for b in cnn.modules() if isinstance(b, type(bn))]
-                      + [b.running_var for b in cnn.modules() if isinstance(b, type(bn))])
+    stats = torch.cat(
+        [b.running_mean for b in cnn.modules() if isinstance(b, type(bn))]
+        + [b.running_var for b in cnn.modules() if isinstance(b, type(bn))]
+    )
     every = comm.allgather(stats.tolist())
     assert all(s == every[0] for s in every), "recalibrated stats differ across ranks"
     first = next(m for m in cnn.modules() if isinstance(m, type(bn)))

@@ -6,6 +6,7 @@ unequal and include 0), and compares outputs, input gradients, the rank-summed w
 gradients and the running statistics against torch.nn.functional.batch_norm on the whole
 batch. Any mismatch raises, which aborts the job with a non-zero exit code.
 """
+
 from __future__ import annotations
 
 import sys
@@ -14,8 +15,8 @@ import torch
 import torch.nn.functional as F
 from mpi4py import MPI
 
-from disdl_mpi.models import build_model
 from disdl_mpi.comm.mpi_ops import allreduce_
+from disdl_mpi.models import build_model
 from disdl_mpi.norms import get_scheme
 from disdl_mpi.norms.local_layers import LocalBatchNorm
 from disdl_mpi.norms.sync_batch_norm import SyncBatchNorm
@@ -42,13 +43,12 @@ def sizes_for(world: int) -> list[list[int]]:
     return [(s * world)[:world] for s in base]
 
 
-def layer_case(comm, sizes: list[int], shape_tail: tuple, dtype, convention: str,
-               offset: float) -> None:
+def layer_case(comm, sizes: list[int], shape_tail: tuple, dtype, convention: str, offset: float) -> None:
     rank = comm.Get_rank()
     n_total = sum(sizes)
     c = shape_tail[0]
     g = torch.Generator().manual_seed(1000 + n_total + len(shape_tail))
-    x_all = (torch.randn(n_total, *shape_tail, generator=g, dtype=dtype) * 2.5 + offset)
+    x_all = torch.randn(n_total, *shape_tail, generator=g, dtype=dtype) * 2.5 + offset
     x_all += torch.arange(c, dtype=dtype).view([1, c] + [1] * (len(shape_tail) - 1))
     dy_all = torch.randn(n_total, *shape_tail, generator=g, dtype=dtype)
     w0 = torch.rand(c, generator=g, dtype=dtype) + 0.5
@@ -83,8 +83,13 @@ def layer_case(comm, sizes: list[int], shape_tail: tuple, dtype, convention: str
         tag = f"{convention} {dtype} sizes={sizes} shape={shape_tail} step={step}"
         check(f"output {tag}", y.detach(), y_ref.detach()[lo:hi], dtype, rank)
         if n_r:
-            check(f"input grad {tag}", x.grad * (n_r / n_total if convention == "local_mean"
-                                                  else 1.0), x_ref.grad[lo:hi], dtype, rank)
+            check(
+                f"input grad {tag}",
+                x.grad * (n_r / n_total if convention == "local_mean" else 1.0),
+                x_ref.grad[lo:hi],
+                dtype,
+                rank,
+            )
         else:
             assert y.shape == x.shape and x.grad is not None and x.grad.numel() == 0, tag
         gw = (layer.weight.grad * weight).clone()

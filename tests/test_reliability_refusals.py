@@ -1,0 +1,171 @@
+"""Refusals and the stall watchdog under a real mpiexec: a bad configuration, a busy results
+folder, a full disk during a checkpoint, a stopped rank. Each ends every rank non-zero with a
+message that names what is wrong, and leaves nothing half-written.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import time
+
+import pytest
+
+from tests.mpi_helpers import Job, alive, run_mpi
+
+pytestmark = [pytest.mark.mpi, pytest.mark.faults]
+
+
+def test_bad_configuration_is_refused_before_training(parts, tmp_path):
+    proc = run_mpi(
+        2,
+        [
+            "-m",
+            "disdl_mpi.run",
+            "--data-dir",
+            str(parts["n2"]),
+            "--model",
+            "nope",
+            "--global-batch-size",
+            "1",
+            "--checkpoint-every",
+            "0",
+            "--out",
+            str(tmp_path / "o"),
+        ],
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    for msg in (
+        "unknown model 'nope'",
+        "--global-batch-size 1 is smaller than the 2 ranks",
+        "--checkpoint-every must be",
+    ):
+        assert proc.stderr.count(msg) == 1, proc.stderr
+    assert "epoch" not in proc.stdout and "Traceback" not in proc.stderr
+
+    blocker = tmp_path / "file"
+    blocker.write_text("x")
+    proc = run_mpi(
+        2, ["-m", "disdl_mpi.run", "--data-dir", str(parts["n2"]), "--out", str(blocker / "out")], timeout=120
+    )
+    assert proc.returncode == 2 and proc.stderr.count("results folder is not writable") == 1
+
+    proc = run_mpi(
+        2,
+        [
+            "-m",
+            "disdl_mpi.run",
+            "--data-dir",
+            str(parts["n2"]),
+            "--dataset",
+            "mnist",
+            "--out",
+            str(tmp_path / "o2"),
+        ],
+        timeout=120,
+    )
+    assert proc.returncode == 2
+    assert proc.stderr.count("field 'dataset' is 'digits'") == 1 and "epoch" not in proc.stdout
+
+
+def test_a_second_run_into_a_busy_out_is_refused_and_a_dead_holder_is_taken_over(parts, tmp_path):
+    out = tmp_path / "out"
+    args = ["--data-dir", str(parts["n2"]), "--norm", "gn", "--global-batch-size", "64", "--out", str(out)]
+    first = Job(2, [*args, "--steps", "400"], tmp_path, env={"FAULT_STEP_SLEEP": "0.05"})
+    try:
+        pids = first.rank_pids()
+        first.wait_for_step("gn", 2)
+        second = run_mpi(2, ["-m", "disdl_mpi.run", *args, "--steps", "2"], timeout=60)
+        assert second.returncode == 2, second.stderr
+        assert f"--out {out} is in use by another run" in second.stderr
+        assert f"pid {pids[0]}, started " in second.stderr and "host " in second.stderr
+        assert second.stderr.count("in use by another run") == 1
+        assert not (out / "checkpoints").exists() or not list(out.glob("checkpoints/.tmp*"))
+    finally:
+        first.kill()
+    end = time.monotonic() + 10
+    while alive(pids[0]) and time.monotonic() < end:
+        time.sleep(0.1)
+    third = run_mpi(2, ["-m", "disdl_mpi.run", *args, "--steps", "2"], timeout=120, check=True)
+    assert f"took over the lock of a run that is gone (pid {pids[0]}" in third.stdout
+    assert json.loads((out / "summary.json").read_text())["runs"][0]["steps"] == 2
+    assert not (out / ".lock").exists()  # released at the end
+
+
+def test_a_full_disk_during_a_checkpoint_names_the_folder_and_leaves_no_partial(parts, tmp_path):
+    if os.geteuid() != 0:
+        pytest.skip("mounting a small tmpfs needs root")
+    disk = tmp_path / "small"
+    disk.mkdir()
+    subprocess.run(["mount", "-t", "tmpfs", "-o", "size=96k", "tmpfs", str(disk)], check=True)
+    try:
+        proc = run_mpi(
+            2,
+            [
+                "-m",
+                "disdl_mpi.run",
+                "--data-dir",
+                str(parts["n2"]),
+                "--norm",
+                "gn",
+                "--model",
+                "resnet20",
+                "--steps",
+                "3",
+                "--checkpoint-every",
+                "1",
+                "--global-batch-size",
+                "32",
+                "--out",
+                str(disk / "out"),
+            ],
+            timeout=180,
+        )
+        assert proc.returncode == 2, proc.stdout[-2000:] + proc.stderr[-2000:]
+        assert "checkpoint not written" in proc.stderr
+        assert f"checkpoint folder {disk / 'out' / 'checkpoints'}" in proc.stderr
+        assert "No space left on device" in proc.stderr
+        assert not list((disk / "out" / "checkpoints").glob(".tmp-ckpt-*"))
+        assert not list((disk / "out" / "checkpoints").rglob("*.tmp"))
+    finally:
+        subprocess.run(["umount", str(disk)], check=False)
+
+
+def test_a_stopped_rank_is_named_by_the_stall_watchdog(parts, tmp_path):
+    """SIGSTOP one rank mid-training: with --stall-timeout the others name it and where they
+    wait, and the job ends with exit code 5 instead of hanging; nothing survives."""
+    job = Job(
+        2,
+        [
+            "--data-dir",
+            str(parts["n2"]),
+            "--norm",
+            "gn",
+            "--steps",
+            "400",
+            "--global-batch-size",
+            "64",
+            "--stall-timeout",
+            "3",
+            "--out",
+            str(tmp_path / "out"),
+        ],
+        tmp_path,
+        env={"FAULT_STEP_SLEEP": "0.05"},
+    )
+    rc, _, stderr, elapsed, pids = job.signal_at_step("gn", 3, [1], signal.SIGSTOP, 60)
+    assert rc == 5, stderr
+    assert elapsed < 30, f"took {elapsed:.0f} s"
+    assert "stall: no progress for 3 s" in stderr
+    assert "rank 1: has not arrived" in stderr and "rank 0: waiting" in stderr, stderr
+    assert "step " in stderr and "phase " in stderr
+    end = time.monotonic() + 10
+    while any(alive(p) for p in pids) and time.monotonic() < end:
+        time.sleep(0.1)
+    for p in pids:
+        if alive(p):
+            os.kill(p, signal.SIGKILL)
+    assert not [p for p in pids if alive(p)], "a rank survived the stalled job"
