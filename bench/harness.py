@@ -105,13 +105,14 @@ def main_rows(build_parser: Callable, run: Callable, argv: Optional[list[str]] =
 
     from disdl_mpi.comm.world import install_abort_handler
 
-    args = build_parser().parse_args(argv)
+    parser = build_parser()
+    args = parser.parse_args(argv)
     comm = MPI.COMM_WORLD
     install_abort_handler(comm)
     torch.set_num_threads(1)
     rows = run(args, comm)
     if comm.Get_rank() == 0 and args.json_path:
-        write_rows(args.json_path, build_parser().prog.split()[-1], rows)
+        write_rows(args.json_path, parser.prog.split()[-1], rows)  # 'python -m bench.X'
     return 0
 
 

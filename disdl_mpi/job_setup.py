@@ -47,9 +47,11 @@ class Job:
     def rank(self) -> int:
         return self.comm.Get_rank()
 
-
-def whole_test_needed(job: Job) -> bool:
-    return any(SCHEMES[n].per_rank_eval for n in job.norms)
+    @property
+    def whole_test(self) -> bool:
+        """Whether every rank needs the whole test set: a scheme scores each rank's own model
+        on all of it (fedbn); otherwise a rank holds only the shard it scores."""
+        return any(SCHEMES[n].per_rank_eval for n in self.norms)
 
 
 def rank_data(job: Job, local: LocalData, device: torch.device, info: RankInfo) -> RankData:
@@ -63,7 +65,7 @@ def rank_data(job: Job, local: LocalData, device: torch.device, info: RankInfo) 
         return torch.as_tensor(y, dtype=torch.long, device=device)
 
     x_test, y_test = tests[0], labels(local.test.y)
-    whole_test = whole_test_needed(job)  # then the shard this rank scores for the shared model
+    whole_test = job.whole_test  # loaded whole: cut out the shard this rank scores as well
     lo, hi = shard_bounds(local.test.total, info.rank, info.world_size)
     return RankData(
         x_train=x_train,

@@ -29,7 +29,7 @@ from disdl_mpi.data.local_data import LocalData
 from disdl_mpi.data.partition_io import load_partition
 from disdl_mpi.device import seed_everything, select_device, set_threads
 from disdl_mpi.files import jsonable
-from disdl_mpi.job_setup import Job, announce, build_context, rank_data, whole_test_needed
+from disdl_mpi.job_setup import Job, announce, build_context, rank_data
 from disdl_mpi.machine import peak_rss_bytes
 from disdl_mpi.observe.progress import Progress
 from disdl_mpi.observe.results import format_table, write_metrics, write_summary
@@ -151,13 +151,11 @@ def load_local(job: Job, data_dir: Path, device: torch.device, info: RankInfo) -
     """This rank's partition, validated on every rank, and refused if the partition on disk
     was built with another --dataset or --partition than the ones given explicitly."""
     cfg, comm = job.cfg, job.comm
-    # Only a scheme that scores each rank's own model on the whole test set (fedbn) needs it
-    # all on every rank; otherwise a rank holds the shard it scores.
     local = load_partition(
         comm,
         data_dir,
         budget=agreed_budget(comm, device, info.hostnames, cfg.memory_budget),
-        test_shard=not whole_test_needed(job),
+        test_shard=not job.whole_test,
         residency=cfg.data_residency,
     )
 

@@ -18,6 +18,7 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -297,3 +298,19 @@ def start_cluster(root: Path | str) -> SlurmCluster:
         cluster.stop()
         raise
     return cluster
+
+
+def script_env(**extra: str) -> dict:
+    """What every job of slurm/'s scripts needs in the tests: this venv, tiny CPU runs."""
+    env = {
+        "VENV": sys.prefix,
+        "DATASET": "digits",
+        "PARTITION": "iid",
+        "NORMS": "gn",
+        "MODEL": "mlp",
+        "STEPS": "3",
+        "EPOCHS": "1",
+        "CPU_BIND": "",
+    }
+    env.update(extra)
+    return env

@@ -240,22 +240,8 @@ def test_cli_success_and_clear_error(tmp_path):
     # synthetic keeps the subprocess light (no scikit-learn import)
     cmd = [
         sys.executable,
-        "-m",
-        "data_prep.partition",
-        "--dataset",
-        "synthetic",
-        "--num-samples",
-        "300",
-        "--num-test",
-        "30",
-        "--shape",
-        "6",
-        "--num-classes",
-        "10",
-        "--ranks",
-        "3",
-        "--seed",
-        "1",
+        *"-m data_prep.partition --dataset synthetic --num-samples 300".split(),
+        *"--num-test 30 --shape 6 --num-classes 10 --ranks 3 --seed 1".split(),
     ]
     ok = subprocess.run(
         cmd + ["--scheme", "shards:4", "--out", str(tmp_path / "p")],

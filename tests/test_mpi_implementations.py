@@ -38,21 +38,12 @@ def _train(out: Path, data: Path, mpi: str) -> dict[str, torch.Tensor]:
         launcher = [str(Path(sys.executable).parent / "mpiexec")]
         env = {k: v for k, v in mpi_env().items() if k not in ("MPI4PY_LIBMPI", "DISDL_LAUNCHER")}
     cmd = launcher + [
-        "-n",
-        "2",
+        *"-n 2".split(),
         sys.executable,
-        "-m",
-        "disdl_mpi.run",
-        "--data-dir",
+        *"-m disdl_mpi.run --data-dir".split(),
         str(data),
-        "--norm",
-        "bn,syncbn,bn-carry",
-        "--steps",
-        "12",
-        "--save-model",
-        "--progress",
-        "none",
-        "--out",
+        *"--norm bn,syncbn,bn-carry --steps 12 --save-model --progress".split(),
+        *"none --out".split(),
         str(out),
     ]
     proc = subprocess.run(

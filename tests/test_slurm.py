@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 
 from tests.mpi_helpers import ROOT
-from tests.slurm_cluster import SlurmCluster
+from tests.slurm_cluster import SlurmCluster, script_env
 
 # the venv running pytest (sys.prefix, not the resolved interpreter symlink); jobs activate it
 VENV = Path(sys.prefix)
@@ -40,22 +40,6 @@ JOB_TIMEOUT = 300
 SMALL_ALLOC = ["--nodes=1", "--ntasks-per-node=2", "--cpus-per-task=1", "--gpus-per-node=0", "-t", "10"]
 
 
-def _job_env(**extra: str) -> dict:
-    """Settings every job here needs: the test venv, tiny CPU runs."""
-    env = {
-        "VENV": str(VENV),
-        "DATASET": "digits",
-        "PARTITION": "iid",
-        "NORMS": "gn",
-        "MODEL": "mlp",
-        "STEPS": "3",
-        "EPOCHS": "1",
-        "CPU_BIND": "",
-    }
-    env.update(extra)
-    return env
-
-
 def _summary_runs(out_dir: Path) -> list[dict]:
     summary = out_dir / "summary.json"
     assert summary.is_file(), f"no {summary}; folder holds {sorted(p.name for p in out_dir.glob('*'))}"
@@ -69,7 +53,7 @@ def test_train_sbatch_two_ranks_cpu(slurm_cluster: SlurmCluster, tmp_path: Path,
     job = slurm_cluster.sbatch(
         SLURM_DIR / "train.sbatch",
         SMALL_ALLOC,
-        env=_job_env(LAUNCHER=launcher),
+        env=script_env(LAUNCHER=launcher),
         cwd=tmp_path,
         timeout=JOB_TIMEOUT,
     )
@@ -108,7 +92,7 @@ def test_scaling_sbatch_sweep_point_and_report(slurm_cluster: SlurmCluster, tmp_
     # onto nodes is covered by the launch.sh test
     # LAUNCHER=mpirun: the sweeps cover the Hydra path (train covers both launchers); srun's
     # pmi2 launches of the MPICH wheel are occasionally flaky on a loaded node (see README)
-    env = _job_env(STEPS="2", NORMS="gn", RANKS="2", LAUNCHER="mpirun")
+    env = script_env(STEPS="2", NORMS="gn", RANKS="2", LAUNCHER="mpirun")
     job = slurm_cluster.sbatch(
         SLURM_DIR / "scaling.sbatch", SMALL_ALLOC, env=env, cwd=tmp_path, timeout=JOB_TIMEOUT
     )
@@ -124,7 +108,7 @@ def test_scaling_sbatch_sweep_point_and_report(slurm_cluster: SlurmCluster, tmp_
 @pytest.mark.timeout(JOB_TIMEOUT + 60)
 def test_accuracy_sbatch_quick_study(slurm_cluster: SlurmCluster, tmp_path: Path) -> None:
     """accuracy.sbatch: a one-point study (2 ranks, gn, iid, 1 seed, --quick) and its report."""
-    env = _job_env(NORMS="gn", SKEWS="iid", SEEDS="1", QUICK="1", EPOCHS="1", LAUNCHER="mpirun")
+    env = script_env(NORMS="gn", SKEWS="iid", SEEDS="1", QUICK="1", EPOCHS="1", LAUNCHER="mpirun")
     job = slurm_cluster.sbatch(
         SLURM_DIR / "accuracy.sbatch", SMALL_ALLOC, env=env, cwd=tmp_path, timeout=JOB_TIMEOUT
     )
@@ -180,7 +164,7 @@ def test_train_sbatch_bad_venv_fails_fast_with_a_clear_error(
     job = slurm_cluster.sbatch(
         SLURM_DIR / "train.sbatch",
         SMALL_ALLOC,
-        env=_job_env(VENV=str(tmp_path / "no-such-venv")),
+        env=script_env(VENV=str(tmp_path / "no-such-venv")),
         cwd=tmp_path,
         timeout=60,
     )
@@ -196,7 +180,7 @@ def test_train_sbatch_usr1_checkpoints_requeues_and_resumes(
     checkpoint and stop, the job requeues itself (same id, same results folder) and the second
     start resumes from that checkpoint and finishes."""
     steps = 40
-    env = _job_env(STEPS=str(steps), CHECKPOINT_EVERY="1")
+    env = script_env(STEPS=str(steps), CHECKPOINT_EVERY="1")
     # signal once training runs (a committed checkpoint exists), as SLURM would near --time
     job, out_dir = slurm_cluster.preempt_after_first_checkpoint(
         SLURM_DIR / "train.sbatch", SMALL_ALLOC, env=env, cwd=tmp_path, timeout=JOB_TIMEOUT

@@ -10,7 +10,6 @@ import json
 import os
 import signal
 import subprocess
-import sys
 import time
 from pathlib import Path
 
@@ -20,14 +19,13 @@ import torch
 from tests.conftest import in_ci
 from tests.emulated_cluster import cluster_cli, require_root
 from tests.mpi_helpers import ROOT, alive
-from tests.slurm_cluster import SlurmCluster
+from tests.slurm_cluster import SlurmCluster, script_env
 from tests.slurm_daemons import SlurmUnavailable, ensure_installed
 
 pytestmark = [pytest.mark.multinode, pytest.mark.slurm, pytest.mark.mpi]
 
 NAME = "dsl"
 NODES = [f"{NAME}-n0", f"{NAME}-n1"]
-VENV = Path(sys.prefix)
 SLURM_DIR = ROOT / "slurm"
 JOB_TIMEOUT = 300
 TWO_NODES = ["--nodes=2", "--ntasks-per-node=1", "--cpus-per-task=1", "--gpus-per-node=0", "-t", "10"]
@@ -57,21 +55,6 @@ def slurm2():
     _cluster("down")
 
 
-def _env(**extra: str) -> dict:
-    env = {
-        "VENV": str(VENV),
-        "DATASET": "digits",
-        "PARTITION": "iid",
-        "NORMS": "gn",
-        "MODEL": "mlp",
-        "STEPS": "3",
-        "EPOCHS": "1",
-        "CPU_BIND": "",
-    }
-    env.update(extra)
-    return env
-
-
 def _summary(out_dir: Path) -> dict:
     path = out_dir / "summary.json"
     assert path.is_file(), f"no {path}; folder holds {sorted(p.name for p in out_dir.glob('*'))}"
@@ -97,7 +80,11 @@ def test_train_runs_one_rank_on_each_of_two_nodes(
     slurm2: SlurmCluster, tmp_path: Path, launcher: str
 ) -> None:
     job = slurm2.sbatch(
-        SLURM_DIR / "train.sbatch", TWO_NODES, env=_env(LAUNCHER=launcher), cwd=tmp_path, timeout=JOB_TIMEOUT
+        SLURM_DIR / "train.sbatch",
+        TWO_NODES,
+        env=script_env(LAUNCHER=launcher),
+        cwd=tmp_path,
+        timeout=JOB_TIMEOUT,
     )
     assert job.returncode == 0 and job.state in ("COMPLETED", ""), job.describe()
     summary = _summary(tmp_path / "results" / str(job.job_id))
@@ -113,7 +100,7 @@ def test_train_runs_one_rank_on_each_of_two_nodes(
 def test_usr1_preempts_requeues_and_resumes_bitwise_across_nodes(
     slurm2: SlurmCluster, tmp_path: Path
 ) -> None:
-    env = _env(STEPS="40", CHECKPOINT_EVERY="1", EXTRA_ARGS="--save-model")
+    env = script_env(STEPS="40", CHECKPOINT_EVERY="1", EXTRA_ARGS="--save-model")
     ref = slurm2.sbatch(SLURM_DIR / "train.sbatch", TWO_NODES, env=env, cwd=tmp_path, timeout=JOB_TIMEOUT)
     assert ref.returncode == 0, ref.describe()
     job, out_dir = slurm2.preempt_after_first_checkpoint(
@@ -132,7 +119,10 @@ def test_usr1_preempts_requeues_and_resumes_bitwise_across_nodes(
 @pytest.mark.timeout(JOB_TIMEOUT + 60)
 def test_a_rank_killed_on_the_second_node_ends_the_whole_job(slurm2: SlurmCluster, tmp_path: Path) -> None:
     pending = slurm2.submit(
-        SLURM_DIR / "train.sbatch", TWO_NODES, env=_env(STEPS="100000", CHECKPOINT_EVERY=""), cwd=tmp_path
+        SLURM_DIR / "train.sbatch",
+        TWO_NODES,
+        env=script_env(STEPS="100000", CHECKPOINT_EVERY=""),
+        cwd=tmp_path,
     )
     deadline, victims = time.monotonic() + 120, []
     while not victims and time.monotonic() < deadline:
@@ -153,7 +143,7 @@ def test_a_rank_killed_on_the_second_node_ends_the_whole_job(slurm2: SlurmCluste
 
 @pytest.mark.timeout(JOB_TIMEOUT + 60)
 def test_scaling_over_one_and_two_nodes(slurm2: SlurmCluster, tmp_path: Path) -> None:
-    env = _env(STEPS="2", RANKS="1 2", LAUNCHER="mpirun")
+    env = script_env(STEPS="2", RANKS="1 2", LAUNCHER="mpirun")
     job = slurm2.sbatch(SLURM_DIR / "scaling.sbatch", TWO_NODES, env=env, cwd=tmp_path, timeout=JOB_TIMEOUT)
     assert job.returncode == 0, job.describe()
     out_dir = tmp_path / "results" / str(job.job_id)
@@ -167,7 +157,7 @@ def test_scaling_over_one_and_two_nodes(slurm2: SlurmCluster, tmp_path: Path) ->
 
 @pytest.mark.timeout(JOB_TIMEOUT + 60)
 def test_accuracy_quick_grid_across_two_nodes(slurm2: SlurmCluster, tmp_path: Path) -> None:
-    env = _env(NORMS="gn", PARTITIONS="iid", SEEDS="1", QUICK="1", EPOCHS="1", LAUNCHER="mpirun")
+    env = script_env(NORMS="gn", PARTITIONS="iid", SEEDS="1", QUICK="1", EPOCHS="1", LAUNCHER="mpirun")
     job = slurm2.sbatch(SLURM_DIR / "accuracy.sbatch", TWO_NODES, env=env, cwd=tmp_path, timeout=JOB_TIMEOUT)
     assert job.returncode == 0, job.describe()
     summaries = [

@@ -107,7 +107,7 @@ def test_rerun_skips_done_points(quick_study, tmp_path, capsys):
     shutil.copytree(src, out)
     before = (out / "accuracy.csv").read_text()
     rc, stdout, stderr = study_here(
-        capsys, out, "--quick", "--norm", "bn,gn", "--partition", "iid", "dirichlet:0.1", "--seeds", "1"
+        capsys, out, *"--quick --norm bn,gn --partition iid dirichlet:0.1 --seeds 1".split()
     )
     assert rc == 0, stderr
     assert "4 already done, 0 job(s) to run" in stdout
@@ -117,17 +117,8 @@ def test_rerun_skips_done_points(quick_study, tmp_path, capsys):
     rc, stdout, _ = study_here(
         capsys,
         out,
-        "--quick",
-        "--norm",
-        "bn,gn",
-        "--partition",
-        "iid",
-        "dirichlet:0.1",
-        "--seeds",
-        "1",
-        "--epochs",
-        "3",
-        "--dry-run",
+        *"--quick --norm bn,gn --partition iid dirichlet:0.1 --seeds 1".split(),
+        *"--epochs 3 --dry-run".split(),
     )
     assert "0 already done, 2 job(s) to run" in stdout
 
@@ -148,7 +139,7 @@ def test_interrupted_job_resumes_its_missing_scheme_with_identical_result(quick_
     # ... and the study's store holds no point for the scheme the killed job never finished.
     (out / "points" / "gn@dirichlet-0.1-s0.json").unlink()
     rc, stdout, stderr = study_here(
-        capsys, out, "--quick", "--norm", "bn,gn", "--partition", "iid", "dirichlet:0.1", "--seeds", "1"
+        capsys, out, *"--quick --norm bn,gn --partition iid dirichlet:0.1 --seeds 1".split()
     )
     assert rc == 0, stdout[-2000:] + stderr[-2000:]
     assert "3 already done, 1 job(s) to run" in stdout
@@ -199,16 +190,7 @@ def test_failed_and_hung_jobs_are_reported_not_waited_for(tmp_path, capsys):
     # A launcher that exits 1 and one that hangs (killed by --timeout): the study goes on,
     # reports each job with its log, and exits non-zero.
     rc, _, err = study_here(
-        capsys,
-        tmp_path / "f",
-        "--norm",
-        "gn",
-        "--partition",
-        "iid",
-        "--seeds",
-        "1",
-        "--launcher",
-        "false {n}",
+        capsys, tmp_path / "f", *"--norm gn --partition iid --seeds 1 --launcher".split(), "false {n}"
     )
     assert rc == 1 and "exit code 1" in err
     assert (tmp_path / "f" / "runs" / "iid-s0" / "a0" / "log.txt").exists()
@@ -216,16 +198,9 @@ def test_failed_and_hung_jobs_are_reported_not_waited_for(tmp_path, capsys):
     rc, _, err = study_here(
         capsys,
         tmp_path / "h",
-        "--norm",
-        "gn",
-        "--partition",
-        "iid",
-        "--seeds",
-        "1",
-        "--launcher",
+        *"--norm gn --partition iid --seeds 1 --launcher".split(),
         "bash -c 'sleep 60' {n}",
-        "--timeout",
-        "2",
+        *"--timeout 2".split(),
     )
     assert rc == 1 and "timed out after 2 s" in err
     assert time.monotonic() - start < 30

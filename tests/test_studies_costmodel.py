@@ -151,13 +151,7 @@ def test_cli_writes_outputs(tmp_path):
                 str(scaling),
                 "--out",
                 str(out),
-                "--alpha-us",
-                "1",
-                "--bandwidth-gbps",
-                "200",
-                "--ranks",
-                "16",
-                "1024",
+                *"--alpha-us 1 --bandwidth-gbps 200 --ranks 16 1024".split(),
             ]
         )
         == 0

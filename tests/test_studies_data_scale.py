@@ -12,22 +12,12 @@ def test_the_sweep_measures_every_size_and_mode_and_cleans_up(tmp_path):
     assert (
         main(
             [
-                "--shape",
-                "3,8,8",
-                "--per-rank",
-                "40,90",
-                "--modes",
-                "device,stream",
-                "--steps",
-                "2",
-                "--test",
-                "20",
-                "--work",
+                *"--shape 3,8,8 --per-rank 40,90 --modes device,stream --steps 2".split(),
+                *"--test 20 --work".split(),
                 str(tmp_path / "w"),
                 "--json",
                 str(out),
-                "--timeout",
-                "180",
+                *"--timeout 180".split(),
             ]
         )
         == 0
@@ -63,21 +53,10 @@ def test_a_mode_named_twice_gets_a_column_per_run():
 
 def test_keep_reuses_the_partition_an_earlier_sweep_left_and_warmup_is_untimed(tmp_path):
     args = [
-        "--shape",
-        "3,8,8",
-        "--per-rank",
-        "30",
-        "--modes",
-        "stream",
-        "--steps",
-        "1",
-        "--test",
-        "10",
+        *"--shape 3,8,8 --per-rank 30 --modes stream --steps 1 --test 10".split(),
         "--work",
         str(tmp_path / "w"),
-        "--keep",
-        "--timeout",
-        "180",
+        *"--keep --timeout 180".split(),
     ]
     out = tmp_path / "rows.json"
     assert main(args + ["--warmup-run", "--json", str(out)]) == 0

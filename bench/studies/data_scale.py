@@ -66,23 +66,13 @@ def run_mode(
     """One run of the trainer in ``mode``; its start-up, memory and throughput."""
     shutil.rmtree(out, ignore_errors=True)
     args = [
-        "-m",
-        "disdl_mpi.run",
-        "--data-dir",
+        *"-m disdl_mpi.run --data-dir".split(),
         str(data),
-        "--model",
-        "cnn",
-        "--norm",
-        "bn",
-        "--steps",
+        *"--model cnn --norm bn --steps".split(),
         str(steps),
-        "--eval-every",
-        "0",
-        "--data-residency",
+        *"--eval-every 0 --data-residency".split(),
         mode,
-        "--progress",
-        "none",
-        "--out",
+        *"--progress none --out".split(),
         str(out),
     ]
     ready: list[float] = []

@@ -120,9 +120,7 @@ def job_points(args: argparse.Namespace) -> list[Point]:
     for n in sorted(set(args.ranks)):
         gbs = args.global_batch_size if args.mode == "strong" else per_rank_batch(args) * n
         run = [
-            "-m",
-            "disdl_mpi.run",
-            "--norm",
+            *"-m disdl_mpi.run --norm".split(),
             args.norm,
             "--model",
             args.model,
@@ -132,11 +130,7 @@ def job_points(args: argparse.Namespace) -> list[Point]:
             str(gbs),
             "--seed",
             str(args.seed),
-            "--eval-every",
-            "0",
-            "--progress",
-            "lines",
-            "--out",
+            *"--eval-every 0 --progress lines --out".split(),
             str(args.out / "runs" / f"n{n}"),
         ]
         run += ["--epochs", str(args.epochs)] if args.epochs else ["--steps", str(args.steps)]

@@ -34,6 +34,13 @@ from disdl_mpi.norms.scheme import CommTimer, NormScheme
 CONVENTIONS = ("local_mean", "global")
 
 
+def check_convention(convention: str) -> str:
+    """``convention`` if it is one of CONVENTIONS, else the ValueError that names them."""
+    if convention not in CONVENTIONS:
+        raise ValueError(f"syncbn: grad_convention must be one of {CONVENTIONS}, got {convention!r}")
+    return convention
+
+
 def _allreduce_host(buf: np.ndarray, comm: Any, timer: Optional[CommTimer]) -> None:
     """In-place sum of a small float64 host buffer over ``comm`` (timed into ``timer``)."""
     if comm.Get_size() == 1:
@@ -198,11 +205,9 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         affine: bool = True,
     ):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=True)
-        if convention not in CONVENTIONS:
-            raise ValueError(f"syncbn: grad_convention must be one of {CONVENTIONS}, got {convention!r}")
         self.comm = comm
         self.timer = timer
-        self.convention = convention
+        self.convention = check_convention(convention)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2 or x.dim() > 5:
@@ -249,10 +254,8 @@ class SyncBN(NormScheme):
     collective_forward = True
 
     def __init__(self, comm: Any = None, *, grad_convention: str = "local_mean") -> None:
-        if grad_convention not in CONVENTIONS:
-            raise ValueError(f"syncbn: grad_convention must be one of {CONVENTIONS}, got {grad_convention!r}")
+        self.grad_convention = check_convention(grad_convention)  # before a communicator is made
         super().__init__(comm)
-        self.grad_convention = grad_convention
 
     def make_layer(self, num_features: int) -> nn.Module:
         return SyncBatchNorm(num_features, self.comm, self.timer, convention=self.grad_convention)
