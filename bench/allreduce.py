@@ -23,6 +23,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
+from typing import Callable
 
 import numpy as np
 import torch
@@ -196,78 +197,83 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
     fp16_wire = args.compress == "fp16"
     rows: list[dict] = []
     if rank == 0:
-        print(
-            f"# disdl-mpi allreduce: {n} ranks, {mpi_library()}, torch {torch.__version__}, "
-            f"iters {args.iters} x {args.block} call(s), warmup {args.warmup}, "
-            f"bucket_mb {args.bucket_mb}, "
-            f"{'out-of-place' if args.out_of_place else 'in place'}, device {args.device}"
-            + (", disdl with fp16 on the wire" if fp16_wire else "")
-        )
-        print(f"# {os.environ.get('DISDL_ALLREDUCE_SELECTION', 'MPI default algorithms')}")
-        if skipped:
-            print(skipped)
-        print(
-            f"# {'backend':>7} {'bytes':>11} {'dtype':>8} {'time_us':>10} {'algbw':>8} "
-            f"{'busbw':>8} {'min_us':>9} {'p50_us':>9} {'p95_us':>9} {'p99_us':>9} "
-            f"{'max_us':>9} {'cv':>6} {'#wrong':>7}"
-        )
+        _print_header(args, n, skipped)
     for nbytes in sizes(args.min_bytes, args.max_bytes, args.factor, elem):
-        count = nbytes // elem
         for backend in backends:  # interleaved: every backend at this size, side by side
-            op = Op(
-                backend,
-                comm,
-                count,
-                np_dtype,
-                t_dtype,
-                device if backend in ("disdl", "nccl") else torch.device("cpu"),
-                args,
-            )
-            t = time_variants(
-                comm, {backend: op.run}, iters=args.block, rounds=args.iters, warmup=args.warmup, sync=sync
-            )
-            wrong, rel = op.check() if args.check else (None, None)
-            op.close()
-            calls = sorted(t.wall[backend])
-            sec = float(np.mean(calls))
-            algbw = nbytes / sec / 1e9
-            row = {
-                "backend": backend,
-                "bytes": nbytes,
-                "count": count,
-                "dtype": args.dtype,
-                "device": "cpu" if backend in ("mpi", "gloo") else args.device,
-                "ranks": n,
-                "block": args.block,
-                "time_us": sec * 1e6,
-                "algbw_gbps": algbw,
-                "busbw_gbps": algbw * 2 * (n - 1) / n,
-                "min_us": calls[0] * 1e6,
-                "p50_us": t.percentile(backend, 50) * 1e6,
-                "p95_us": t.percentile(backend, 95) * 1e6,
-                "p99_us": t.percentile(backend, 99) * 1e6,
-                "max_us": calls[-1] * 1e6,
-                "cv": float(np.std(calls) / sec) if sec > 0 else 0.0,
-                "in_place": not args.out_of_place or backend != "mpi",
-                "selection": os.environ.get("DISDL_ALLREDUCE_SELECTION", "MPI default"),
-            }
-            lossy = fp16_wire and backend == "disdl"
-            if args.check:
-                row["wrong"] = None if lossy else wrong
-                row["max_rel_error"] = rel
-            if op.red is not None:
-                row["path"] = op.red.path
+            where = device if backend in ("disdl", "nccl") else torch.device("cpu")
+            op = Op(backend, comm, nbytes // elem, np_dtype, t_dtype, where, args)
+            row = _measure(op, args, nbytes, nbytes // elem, n, sync)
             rows.append(row)
             if rank == 0:
-                check = "-" if not args.check else f"{rel:.1e}" if lossy else str(wrong)
+                lossy = fp16_wire and backend == "disdl"
+                check = (
+                    "-" if not args.check else f"{row['max_rel_error']:.1e}" if lossy else str(row["wrong"])
+                )
                 print(
                     f"  {backend:>7} {nbytes:>11d} {args.dtype:>8} {row['time_us']:>10.1f} "
-                    f"{algbw:>8.3f} {row['busbw_gbps']:>8.3f} {row['min_us']:>9.1f} "
+                    f"{row['algbw_gbps']:>8.3f} {row['busbw_gbps']:>8.3f} {row['min_us']:>9.1f} "
                     f"{row['p50_us']:>9.1f} {row['p95_us']:>9.1f} {row['p99_us']:>9.1f} "
                     f"{row['max_us']:>9.1f} {row['cv']:>6.2f} {check:>7}",
                     flush=True,
                 )
     return rows
+
+
+def _print_header(args: argparse.Namespace, n: int, skipped: str) -> None:
+    print(
+        f"# disdl-mpi allreduce: {n} ranks, {mpi_library()}, torch {torch.__version__}, "
+        f"iters {args.iters} x {args.block} call(s), warmup {args.warmup}, "
+        f"bucket_mb {args.bucket_mb}, "
+        f"{'out-of-place' if args.out_of_place else 'in place'}, device {args.device}"
+        + (", disdl with fp16 on the wire" if args.compress == "fp16" else "")
+    )
+    print(f"# {os.environ.get('DISDL_ALLREDUCE_SELECTION', 'MPI default algorithms')}")
+    if skipped:
+        print(skipped)
+    print(
+        f"# {'backend':>7} {'bytes':>11} {'dtype':>8} {'time_us':>10} {'algbw':>8} "
+        f"{'busbw':>8} {'min_us':>9} {'p50_us':>9} {'p95_us':>9} {'p99_us':>9} "
+        f"{'max_us':>9} {'cv':>6} {'#wrong':>7}"
+    )
+
+
+def _measure(op: Op, args: argparse.Namespace, nbytes: int, count: int, n: int, sync: Callable) -> dict:
+    """Time ``op`` (collective), check its result when asked, and return its table row."""
+    backend = op.backend
+    t = time_variants(
+        op.comm, {backend: op.run}, iters=args.block, rounds=args.iters, warmup=args.warmup, sync=sync
+    )
+    wrong, rel = op.check() if args.check else (None, None)
+    op.close()
+    calls = sorted(t.wall[backend])
+    sec = float(np.mean(calls))
+    algbw = nbytes / sec / 1e9
+    row = {
+        "backend": backend,
+        "bytes": nbytes,
+        "count": count,
+        "dtype": args.dtype,
+        "device": "cpu" if backend in ("mpi", "gloo") else args.device,
+        "ranks": n,
+        "block": args.block,
+        "time_us": sec * 1e6,
+        "algbw_gbps": algbw,
+        "busbw_gbps": algbw * 2 * (n - 1) / n,
+        "min_us": calls[0] * 1e6,
+        "p50_us": t.percentile(backend, 50) * 1e6,
+        "p95_us": t.percentile(backend, 95) * 1e6,
+        "p99_us": t.percentile(backend, 99) * 1e6,
+        "max_us": calls[-1] * 1e6,
+        "cv": float(np.std(calls) / sec) if sec > 0 else 0.0,
+        "in_place": not args.out_of_place or backend != "mpi",
+        "selection": os.environ.get("DISDL_ALLREDUCE_SELECTION", "MPI default"),
+    }
+    if args.check:
+        row["wrong"] = None if args.compress == "fp16" and backend == "disdl" else wrong
+        row["max_rel_error"] = rel
+    if op.red is not None:
+        row["path"] = op.red.path
+    return row
 
 
 def health(rows: list[dict], min_busbw: float) -> list[str]:

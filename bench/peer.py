@@ -168,6 +168,20 @@ def make_step(
     return step, stats
 
 
+def _step_percentiles(comm: MPI.Comm, step_s: list[float]) -> tuple[float, float]:
+    """p50 and p95 of the steps, each step timed on its slowest rank (all ran the same steps)."""
+    per_step = np.array(step_s, dtype=np.float64)
+    comm.Allreduce(MPI.IN_PLACE, per_step, op=MPI.MAX)
+    return float(np.percentile(per_step, 50)), float(np.percentile(per_step, 95))
+
+
+def _check_in_sync(comm: MPI.Comm, variant: str, model: torch.nn.Module) -> None:
+    """A synchronized variant must keep identical weights on every rank."""
+    sums = comm.allgather(float(sum(p.detach().double().sum() for p in model.parameters())))
+    if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
+        raise RuntimeError(f"{variant}: ranks' weights diverged ({sums}): synchronization is broken")
+
+
 def run(args, comm: MPI.Comm) -> dict:
     rank, size = comm.Get_rank(), comm.Get_size()
     torch.set_num_threads(max(1, args.threads))
@@ -205,17 +219,9 @@ def run(args, comm: MPI.Comm) -> dict:
     timings = time_variants(comm, calls, iters=per_round, rounds=max(1, args.rounds), sync=sync)
     n_steps = per_round * max(1, args.rounds)
     step_s = {v: timings.mean(v) for v in VARIANTS}
-    # Per-step percentiles: each step's slowest rank (every rank ran the same steps).
-    pct = {}
-    for v in VARIANTS:
-        per_step = np.array(comm_stats[v]["step_s"], dtype=np.float64)
-        comm.Allreduce(MPI.IN_PLACE, per_step, op=MPI.MAX)
-        pct[v] = (float(np.percentile(per_step, 50)), float(np.percentile(per_step, 95)))
-    # The synchronized variants must keep identical weights on every rank.
+    pct = {v: _step_percentiles(comm, comm_stats[v]["step_s"]) for v in VARIANTS}
     for v in ("ddp", "disdl"):
-        sums = comm.allgather(float(sum(p.detach().double().sum() for p in models[v].parameters())))
-        if max(sums) - min(sums) > 1e-6 * max(1.0, abs(sums[0])):
-            raise RuntimeError(f"{v}: ranks' weights diverged ({sums}): synchronization is broken")
+        _check_in_sync(comm, v, models[v])
     share = {v: max(0.0, step_s[v] - step_s["local"]) / step_s[v] for v in ("ddp", "disdl")}
     return {
         "ddp_step_s": step_s["ddp"],

@@ -14,6 +14,7 @@ import shutil
 import sys
 import tempfile
 from pathlib import Path
+from typing import Optional
 
 import numpy as np
 
@@ -91,30 +92,9 @@ def build_partitions(
         }
     )
 
-    old = _existing_files(out)
-    if old:
-        manifest = _read_manifest(out)
-        if (
-            manifest is not None
-            and manifest.get("request") == request
-            and all((out / e["file"]).is_file() for e in manifest.get("ranks", []))
-            and (out / TEST_FILE).is_file()
-        ):
-            return manifest
-        if not force:
-            what = (
-                (
-                    f"a different partition ({manifest.get('dataset')}, "
-                    f"{manifest.get('scheme')}, {manifest.get('world_size')} ranks, seed "
-                    f"{manifest.get('seed')})"
-                )
-                if manifest
-                else "partition files without a valid manifest"
-            )
-            raise DataPrepError(
-                f"--out {out} already holds {what}; refusing to overwrite it (use --force, or another --out)"
-            )
-
+    existing = _same_partition_or_refuse(out, request, force)
+    if existing is not None:
+        return existing
     parts = assign(src.y_train, src.num_classes, ranks, sch, seed, min_per_rank)
     doms = domains(sch.domain, ranks, value_max(src)) if sch.kind == "feature" else None
     out.mkdir(parents=True, exist_ok=True)
@@ -146,22 +126,52 @@ def build_partitions(
         if doms is not None:
             manifest["domains"] = [d.as_dict() for d in doms]
             manifest["domain_tests"] = domain_tests
-        # Commit: drop the old manifest first so no manifest ever describes a mix of old and
-        # new files, move the new files in, remove stale rank files, write the manifest last.
-        (out / MANIFEST).unlink(missing_ok=True)
-        for e in entries:
-            os.replace(tmp / e["file"], out / e["file"])
-        os.replace(tmp / TEST_FILE, out / TEST_FILE)
-        for e in domain_tests:
-            os.replace(tmp / e["file"], out / e["file"])
-        keep = {e["file"] for e in entries} | {e["file"] for e in domain_tests}
-        for p in [*out.glob("rank_*.h5"), *out.glob("test_rank_*.h5")]:
-            if p.name not in keep:
-                p.unlink()
-        write_json(out / MANIFEST, manifest, fsync=True)
+        _commit(out, tmp, [e["file"] for e in entries], [e["file"] for e in domain_tests], manifest)
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
     return jsonable(manifest)
+
+
+def _same_partition_or_refuse(out: Path, request: dict, force: bool) -> Optional[dict]:
+    """The manifest of an identical partition already in ``out`` (reuse it), None when there is
+    none or ``force``; a DataPrepError for another partition's files."""
+    if not _existing_files(out):
+        return None
+    manifest = _read_manifest(out)
+    if (
+        manifest is not None
+        and manifest.get("request") == request
+        and all((out / e["file"]).is_file() for e in manifest.get("ranks", []))
+        and (out / TEST_FILE).is_file()
+    ):
+        return manifest
+    if force:
+        return None
+    what = (
+        (
+            f"a different partition ({manifest.get('dataset')}, "
+            f"{manifest.get('scheme')}, {manifest.get('world_size')} ranks, seed "
+            f"{manifest.get('seed')})"
+        )
+        if manifest
+        else "partition files without a valid manifest"
+    )
+    raise DataPrepError(
+        f"--out {out} already holds {what}; refusing to overwrite it (use --force, or another --out)"
+    )
+
+
+def _commit(out: Path, tmp: Path, rank_files: list[str], domain_files: list[str], manifest: dict) -> None:
+    """Drop the old manifest first so no manifest ever describes a mix of old and new files,
+    move the new files in from ``tmp``, remove stale rank files, write the manifest last."""
+    (out / MANIFEST).unlink(missing_ok=True)
+    for name in [*rank_files, TEST_FILE, *domain_files]:
+        os.replace(tmp / name, out / name)
+    keep = set(rank_files) | set(domain_files)
+    for p in [*out.glob("rank_*.h5"), *out.glob("test_rank_*.h5")]:
+        if p.name not in keep:
+            p.unlink()
+    write_json(out / MANIFEST, manifest, fsync=True)
 
 
 def _shape(text: str) -> tuple[int, ...]:

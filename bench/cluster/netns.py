@@ -185,24 +185,10 @@ def up(name: str, nodes: int, link: str) -> ClusterState:
         _run("ip", "-n", sw, "link", "set", "br0", "up")
         for n in state.nodes:
             _run("ip", "netns", "add", n.name)
+            # the names have no spaces: each command reads as typed
             _run(
-                "ip",
-                "link",
-                "add",
-                "eth0",
-                "netns",
-                n.name,
-                "mtu",
-                str(MTU),
-                "type",
-                "veth",
-                "peer",
-                "name",
-                f"p{n.index}",
-                "netns",
-                sw,
-                "mtu",
-                str(MTU),
+                *f"ip link add eth0 netns {n.name} mtu {MTU} "
+                f"type veth peer name p{n.index} netns {sw} mtu {MTU}".split()
             )
             _run("ip", "-n", n.name, "addr", "add", f"{n.address}/24", "dev", "eth0")
             _run("ip", "-n", n.name, "link", "set", "lo", "up")
@@ -212,21 +198,8 @@ def up(name: str, nodes: int, link: str) -> ClusterState:
             bits = rate_bits(link)
             if bits is not None:
                 _run(
-                    "tc",
-                    "-n",
-                    n.name,
-                    "qdisc",
-                    "add",
-                    "dev",
-                    "eth0",
-                    "root",
-                    "tbf",
-                    "rate",
-                    f"{int(bits)}bit",
-                    "burst",
-                    str(BURST_BYTES),
-                    "latency",
-                    f"{LATENCY_MS}ms",
+                    *f"tc -n {n.name} qdisc add dev eth0 root tbf rate {int(bits)}bit burst {BURST_BYTES} "
+                    f"latency {LATENCY_MS}ms".split()
                 )
         cases = "\n".join(
             f"  {n.address}|{n.name}) ns={n.name}; node={n.name}; cpus={','.join(map(str, n.cpus))};;"

@@ -16,7 +16,6 @@ def per_step(phases: dict, steps: int) -> dict:
 
 
 def markdown(res: dict, link: str) -> str:
-    gbit = (rate_bits(link) or 0) / 1e9
     lines = [
         f"# Network study: emulated nodes at {link} per node",
         "",
@@ -24,8 +23,44 @@ def markdown(res: dict, link: str) -> str:
         + ", ".join(f"{n} nodes {v:.2f} Gbit/s" for n, v in res["ceilings"].items()),
         "",
     ]
+    lines += _link_lines(res["links"], (rate_bits(link) or 0) / 1e9)
+    lines += _validation_lines(res["validation"])
+    for model, rows in res["scaling"].items():
+        lines += [f"## Weak scaling, {model}", "", _table(SCALING_COLUMNS, rows), ""]
+    if res.get("fp16"):
+        lines += _fp16_lines(res["fp16"])
+    return "\n".join(lines) + "\n"
+
+
+# (header, key, format string or function of the value) of the weak-scaling table's columns
+SCALING_COLUMNS = (
+    ("ranks (nodes)", "ranks", "{}"),
+    ("scheme", "norm", "{}"),
+    ("step ms", "step_ms", "{:.1f}"),
+    ("predicted ms", "predicted_ms", "{:.1f}"),
+    ("comm %", "comm_fraction", lambda v: f"{100 * v:.0f}"),
+    ("allreduce predicted ms", "predicted_allreduce_ms", "{:.1f}"),
+    ("in flight ms", "inflight_ms", "{:.1f}"),
+    ("exposed ms", "exposed_ms", "{:.1f}"),
+    ("backward ms", "backward_ms", "{:.1f}"),
+    ("norm coll. ms", "norm_ms", "{:.1f}"),
+    ("overlap limit ms", "limit_ms", "{:.1f}"),
+)
+
+
+def _table(columns: tuple, rows: list[dict]) -> str:
+    def cell(fmt, value) -> str:
+        return fmt(value) if callable(fmt) else fmt.format(value)
+
+    return markdown_table(
+        [c[0] for c in columns], [[cell(fmt, r[key]) for _, key, fmt in columns] for r in rows]
+    )
+
+
+def _link_lines(links: dict, gbit: float) -> list[str]:
+    """Our allreducer's busbw against raw MPI's and the link, per node count and algorithm set."""
     rows = []
-    for n, parts in res["links"].items():
+    for n, parts in links.items():
         for kind in ("default", "selected"):
             by = {(r["backend"], r["bytes"]): r for r in parts[kind]}
             for b in sorted({r["bytes"] for r in parts[kind]}):
@@ -33,121 +68,62 @@ def markdown(res: dict, link: str) -> str:
                 if not mpi or not ours:
                     continue
                 rows.append(
-                    [
-                        n,
-                        kind,
-                        b,
-                        f"{mpi['busbw_gbps'] * 8:.3f}",
-                        f"{ours['busbw_gbps'] * 8:.3f}",
-                        f"{ours['busbw_gbps'] * 8 / gbit:.2f}" if gbit else "-",
-                        f"{ours['busbw_gbps'] / mpi['busbw_gbps']:.2f}",
-                    ]
+                    [n, kind, b, f"{mpi['busbw_gbps'] * 8:.3f}", f"{ours['busbw_gbps'] * 8:.3f}"]
+                    + [f"{ours['busbw_gbps'] * 8 / gbit:.2f}" if gbit else "-"]
+                    + [f"{ours['busbw_gbps'] / mpi['busbw_gbps']:.2f}"]
                 )
-    lines += [
-        markdown_table(
-            [
-                "nodes",
-                "algorithms",
-                "bytes",
-                "raw MPI busbw (Gbit/s)",
-                "ours busbw (Gbit/s)",
-                "ours / link",
-                "ours / raw",
-            ],
-            rows,
-        ),
-        "",
-    ]
-    burst = res["links"]["2"]["burst"]
+    header = ["nodes", "algorithms", "bytes", "raw MPI busbw (Gbit/s)", "ours busbw (Gbit/s)"]
+    lines = [markdown_table(header + ["ours / link", "ours / raw"], rows), ""]
+    burst = links["2"]["burst"]
     if burst:
         lines += [
             "Burst check (2 nodes, tbf bucket 64 KiB): "
             + ", ".join(f"{r['bytes'] // 1024} KiB at {r['busbw_gbps'] * 8:.3f} Gbit/s" for r in burst),
             "",
         ]
-    v = res["validation"]
-    lines += [
+    return lines
+
+
+def _validation_lines(v: dict) -> list[str]:
+    """The 2-node fit and its predictions against the measured times at every node count."""
+    columns = (
+        ("nodes", "nodes", "{}"),
+        ("bytes", "bytes", "{}"),
+        ("algorithm", "algorithm", "{}"),
+        ("measured (us)", "measured_us", "{:.0f}"),
+        ("predicted (us)", "predicted_us", "{:.0f}"),
+        ("error", "error", lambda v: f"{100 * v:+.0f} %"),
+    )
+    return [
         f"Cost model fitted on 2 nodes (messages >= {v.get('fit_from_bytes', 0) // 1024} KiB): "
         f"alpha {v['alpha_us']:.1f} us, beta "
         f"{v['beta_ns_per_byte']:.2f} ns/B ({v['bandwidth_gbps']:.2f} Gbit/s).",
         "",
-        markdown_table(
-            ["nodes", "bytes", "algorithm", "measured (us)", "predicted (us)", "error"],
-            [
-                [
-                    r["nodes"],
-                    r["bytes"],
-                    r["algorithm"],
-                    f"{r['measured_us']:.0f}",
-                    f"{r['predicted_us']:.0f}",
-                    f"{100 * r['error']:+.0f} %",
-                ]
-                for r in v["rows"]
-            ],
-        ),
+        _table(columns, v["rows"]),
         "",
     ]
-    for model, rows_ in res["scaling"].items():
-        lines += [
-            f"## Weak scaling, {model}",
-            "",
-            markdown_table(
-                [
-                    "ranks (nodes)",
-                    "scheme",
-                    "step ms",
-                    "predicted ms",
-                    "comm %",
-                    "allreduce predicted ms",
-                    "in flight ms",
-                    "exposed ms",
-                    "backward ms",
-                    "norm coll. ms",
-                    "overlap limit ms",
-                ],
-                [
-                    [
-                        r["ranks"],
-                        r["norm"],
-                        f"{r['step_ms']:.1f}",
-                        f"{r['predicted_ms']:.1f}",
-                        f"{100 * r['comm_fraction']:.0f}",
-                        f"{r['predicted_allreduce_ms']:.1f}",
-                        f"{r['inflight_ms']:.1f}",
-                        f"{r['exposed_ms']:.1f}",
-                        f"{r['backward_ms']:.1f}",
-                        f"{r['norm_ms']:.1f}",
-                        f"{r['limit_ms']:.1f}",
-                    ]
-                    for r in rows_
-                ],
-            ),
-            "",
+
+
+def _fp16_lines(f16: dict) -> list[str]:
+    cut = 1 - f16["fp16"]["allreduce"] / f16["none"]["allreduce"] if f16["none"]["allreduce"] else 0
+    rows = [
+        [
+            k,
+            f"{v['step']:.1f}",
+            f"{v['allreduce_total']:.1f}",
+            f"{v['allreduce']:.1f}",
+            f"{v['backward']:.1f}",
         ]
-    f16 = res.get("fp16")
-    if f16:
-        cut = 1 - f16["fp16"]["allreduce"] / f16["none"]["allreduce"] if f16["none"]["allreduce"] else 0
-        lines += [
-            "## fp16 wire format, widecnn on 2 nodes",
-            "",
-            markdown_table(
-                ["wire", "step ms", "in flight ms", "exposed ms", "backward ms"],
-                [
-                    [
-                        k,
-                        f"{v['step']:.1f}",
-                        f"{v['allreduce_total']:.1f}",
-                        f"{v['allreduce']:.1f}",
-                        f"{v['backward']:.1f}",
-                    ]
-                    for k, v in f16.items()
-                ],
-            ),
-            "",
-            f"fp16 cuts the exposed allreduce by {100 * cut:.0f} %.",
-            "",
-        ]
-    return "\n".join(lines) + "\n"
+        for k, v in f16.items()
+    ]
+    return [
+        "## fp16 wire format, widecnn on 2 nodes",
+        "",
+        markdown_table(["wire", "step ms", "in flight ms", "exposed ms", "backward ms"], rows),
+        "",
+        f"fp16 cuts the exposed allreduce by {100 * cut:.0f} %.",
+        "",
+    ]
 
 
 def scaling_rows(rows: list[dict], validation: dict) -> list[dict]:

@@ -216,6 +216,23 @@ def run_costmodel(out: Path) -> Optional[Path]:
     return out / "costmodel"
 
 
+def write_outputs(out: Path, args: argparse.Namespace, results: list[dict], argv: list[str]) -> None:
+    """scaling.csv, .md, .json (with the command that made it), scaling.png and breakdown.png."""
+    rows = table(results, args.mode, args.cores)
+    machine = results[-1].get("machine", {})
+    write_text(out / "scaling.csv", csv_text(rows))
+    write_text(out / "scaling.md", markdown(rows, machine, args, args.cores))
+    command = [sys.executable, "-m", "bench.studies.scaling", *argv]
+    write_json(
+        out / "scaling.json",
+        {"mode": args.mode, "cores": args.cores, "machine": machine, "rows": rows, "command": command},
+    )
+    from bench.studies.plots import plot_breakdown, plot_scaling
+
+    plot_scaling(rows, out / "scaling.png", cores=args.cores)
+    plot_breakdown(rows, out / "breakdown.png", cores=args.cores)
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if any(n < 1 for n in args.ranks):
@@ -261,29 +278,7 @@ def main(argv: Optional[list[str]] = None) -> int:
     if not results:
         print(f"error: no rank count finished; see {out / 'logs'}", file=sys.stderr)
         return 1
-    rows = table(results, args.mode, args.cores)
-    machine = results[-1].get("machine", {})
-    write_text(out / "scaling.csv", csv_text(rows))
-    write_text(out / "scaling.md", markdown(rows, machine, args, args.cores))
-    write_json(
-        out / "scaling.json",
-        {
-            "mode": args.mode,
-            "cores": args.cores,
-            "machine": machine,
-            "rows": rows,
-            "command": [
-                sys.executable,
-                "-m",
-                "bench.studies.scaling",
-                *(argv if argv is not None else sys.argv[1:]),
-            ],
-        },
-    )
-    from bench.studies.plots import plot_breakdown, plot_scaling
-
-    plot_scaling(rows, out / "scaling.png", cores=args.cores)
-    plot_breakdown(rows, out / "breakdown.png", cores=args.cores)
+    write_outputs(out, args, results, argv if argv is not None else sys.argv[1:])
     if args.with_allreduce:
         from bench.studies.costmodel_inputs import CostModelError
 

@@ -83,6 +83,20 @@ def reference_grads(model: Net, x, y, parts, step: int):
     return grads, mags
 
 
+def compare_grads(model: nn.Module, ref: dict, mags: dict, tol: float, where: str, skip_norm: bool) -> None:
+    """Every averaged gradient equals the reference within ``tol`` of its scale."""
+    for n, p in model.named_parameters():
+        if n == "frozen":
+            assert p.grad is None, "frozen parameter got a gradient"
+            continue
+        if skip_norm and n.startswith("norm."):
+            continue  # local parameter: not averaged, checked by the caller
+        assert p.grad is not None, f"{n}: no gradient written back"
+        err = float((p.grad - ref[n]).abs().max())
+        scale = max(float(ref[n].abs().max()), mags[n]) or 1.0
+        assert err <= tol * scale + 1e-7, f"{where} {n}: max err {err:.3g} (scale {scale:.3g})"
+
+
 def check(scenario: str, comm: MPI.Comm) -> None:
     rank, size = comm.Get_rank(), comm.Get_size()
     opts = {
@@ -120,18 +134,7 @@ def check(scenario: str, comm: MPI.Comm) -> None:
         assert stats["total_s"] >= 0 and 0 <= stats["exposed_s"], stats
         assert len(reducer.events) == len(reducer.buckets), reducer.events
         ref, mags = reference_grads(ref_model, x, y, parts, step)
-        for n, p in model.named_parameters():
-            if n == "frozen":
-                assert p.grad is None, "frozen parameter got a gradient"
-                continue
-            if scenario == "skip" and n.startswith("norm."):
-                continue  # local parameter: not averaged, checked below
-            assert p.grad is not None, f"{n}: no gradient written back"
-            err = float((p.grad - ref[n]).abs().max())
-            scale = max(float(ref[n].abs().max()), mags[n]) or 1.0
-            assert err <= tol * scale + 1e-7, (
-                f"[{scenario}] rank {rank} step {step} {n}: max err {err:.3g} (scale {scale:.3g})"
-            )
+        compare_grads(model, ref, mags, tol, f"[{scenario}] rank {rank} step {step}", scenario == "skip")
         assert float(model.never_used.grad.abs().max()) == 0.0
         if scenario == "skip":
             # Make the reference's norm grads those of this rank's local mean loss.
