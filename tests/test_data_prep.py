@@ -20,21 +20,7 @@ from data_prep.partition import build_partitions
 from data_prep.partition_spec import parse_partition
 from data_prep.sources import open_source
 from tests.mpi_helpers import ROOT, mpi_env
-
-
-def read_ranks(out) -> list[tuple[np.ndarray, np.ndarray, dict]]:
-    manifest = json.loads((out / "partition.json").read_text())
-    parts = []
-    for e in manifest["ranks"]:
-        with h5py.File(out / e["file"], "r") as f:
-            parts.append((f["x"][...], f["y"][...], dict(f.attrs)))
-    return parts
-
-
-def sorted_rows(x: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Samples as sortable rows (label, pixels): equal outputs mean equal multisets."""
-    rows = np.concatenate([y[:, None].astype(np.float64), x.reshape(len(x), -1).astype(np.float64)], axis=1)
-    return rows[np.lexsort(rows.T[::-1])]
+from tests.partition_helpers import read_ranks, same_multiset
 
 
 @pytest.fixture(scope="module")
@@ -63,7 +49,7 @@ def test_scheme_covers_training_set_exactly_once(tmp_path, digits, scheme, ranks
     # The union of the partitions is the training set as a multiset: nothing lost, nothing
     # duplicated (the sizes add up, so a duplicate would have to displace a sample).
     assert len(y) == digits.n_train == m["train_size"]
-    assert np.array_equal(sorted_rows(x, y), sorted_rows(digits.x_train, digits.y_train))
+    assert same_multiset(x, y, digits.x_train, digits.y_train)
     for r, (_xr, yr, attrs) in enumerate(parts):
         entry = m["ranks"][r]
         assert attrs["rank"] == r and attrs["world_size"] == ranks
@@ -171,7 +157,7 @@ def test_synthetic_streams_deterministically(tmp_path, monkeypatch):
     x = np.concatenate([p[0] for p in parts])
     y = np.concatenate([p[1] for p in parts])
     full = np.concatenate([c for _, c in src.train_chunks()])
-    assert np.array_equal(sorted_rows(x, y), sorted_rows(full, src.y_train))
+    assert same_multiset(x, y, full, src.y_train)
     assert m["x_dtype"] == "uint8" and m["sample_shape"] == [2, 3, 3] and len(y) == 40000
     # Class-conditional: class means are far apart relative to their spread.
     means = np.stack([full[src.y_train == c].reshape(-1, 18).mean(0) for c in range(5)])

@@ -7,13 +7,13 @@ import os
 import pickle
 import tarfile
 
-import h5py
 import numpy as np
 import pytest
 
 from data_prep.errors import DataPrepError
 from data_prep.partition import build_partitions
 from data_prep.sources import open_source
+from tests.partition_helpers import read_all, same_multiset
 
 
 def idx_bytes(arr: np.ndarray) -> bytes:
@@ -37,22 +37,6 @@ def write_idx_set(folder, rng, n_train=60, n_test=20, gz=True) -> dict:
         else:
             (folder / name).write_bytes(raw)
     return data
-
-
-def read_all(out):
-    xs, ys = [], []
-    for p in sorted(out.glob("rank_*.h5")):
-        with h5py.File(p, "r") as f:
-            xs.append(f["x"][...])
-            ys.append(f["y"][...])
-    with h5py.File(out / "test.h5", "r") as f:
-        test = (f["x"][...], f["y"][...])
-    return np.concatenate(xs), np.concatenate(ys), test
-
-
-def same_multiset(x, y, x_ref, y_ref) -> bool:
-    key = lambda xx, yy: sorted(zip(yy.tolist(), (r.tobytes() for r in xx)))  # noqa: E731
-    return key(x, y) == key(x_ref, y_ref)
 
 
 @pytest.mark.parametrize("gz", [True, False])
