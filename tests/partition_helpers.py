@@ -8,6 +8,8 @@ from pathlib import Path
 import h5py
 import numpy as np
 
+from disdl_mpi.data.layout import ContentHash
+
 
 def read_ranks(out: Path) -> list[tuple[np.ndarray, np.ndarray, dict]]:
     """Every rank file's (x, y, attributes), in the manifest's rank order."""
@@ -40,3 +42,10 @@ def same_multiset(x: np.ndarray, y: np.ndarray, x_ref: np.ndarray, y_ref: np.nda
         and x.shape[1:] == x_ref.shape[1:]
         and np.array_equal(sorted_rows(x, y), sorted_rows(x_ref, y_ref))
     )
+
+
+def content_sha256(x: np.ndarray, y: np.ndarray) -> str:
+    """The sha256 the manifest records for a rank's arrays (data.layout.ContentHash)."""
+    h = ContentHash()
+    h.add_x(x)
+    return h.finish(y)

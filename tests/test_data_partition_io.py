@@ -14,8 +14,8 @@ import numpy as np
 import pytest
 
 from data_prep.partition import build_partitions
-from disdl_mpi.data.layout import content_sha256
 from tests.mpi_helpers import run_mpi
+from tests.partition_helpers import content_sha256
 
 pytestmark = pytest.mark.mpi
 

@@ -9,9 +9,10 @@ import pytest
 import torch
 from mpi4py import MPI
 
-from disdl_mpi.observe.timeline import TraceRecorder, validate_trace
+from disdl_mpi.observe.timeline import TraceRecorder
 from disdl_mpi.observe.timing import DISJOINT, PhaseTimer, derive_imbalance, detail_requested
 from tests.mpi_helpers import run_mpi
+from tests.output_checks import validate_trace
 
 
 def test_phases_add_up_to_step_wall_in_process():

@@ -10,7 +10,7 @@ import pytest
 
 from bench.studies import costmodel as cm
 from bench.studies import costmodel_inputs as cmi
-from bench.studies.plots import is_png
+from tests.output_checks import is_png
 
 
 def synthetic(

@@ -12,7 +12,8 @@ import pytest
 
 from bench.studies import report, scaling_report
 from bench.studies.costmodel import predict
-from bench.studies.plots import PNG_SIGNATURE, is_png, new_figure, plot_breakdown, plot_scaling, save_png
+from bench.studies.plots import new_figure, plot_breakdown, plot_scaling, save_png
+from tests.output_checks import PNG_SIGNATURE, is_png
 
 MACHINE = {
     "cpu": "x86_64",

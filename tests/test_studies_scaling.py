@@ -9,8 +9,8 @@ import sys
 
 import pytest
 
-from bench.studies.plots import is_png
 from tests.mpi_helpers import ROOT, mpi_env
+from tests.output_checks import is_png
 
 pytestmark = pytest.mark.mpi
 

@@ -13,8 +13,6 @@ import matplotlib.pyplot as plt  # noqa: E402
 from disdl_mpi.files import atomic_path  # noqa: E402
 from disdl_mpi.observe.timing import BREAKDOWN  # noqa: E402
 
-PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
-
 # Stable colours per phase, so every breakdown plot reads the same way.
 PHASE_COLORS = {
     "data": "#8c8c8c",
@@ -41,11 +39,6 @@ def save_png(fig: Any, path: str | Path, *, dpi: int = 110) -> Path:
         fig.savefig(tmp, format="png", dpi=dpi, bbox_inches="tight")
     plt.close(fig)
     return path
-
-
-def is_png(path: str | Path) -> bool:
-    with open(path, "rb") as fh:
-        return fh.read(8) == PNG_SIGNATURE
 
 
 def oversubscription_note(ranks: list[int], cores: int) -> str | None:

@@ -34,10 +34,3 @@ def wire_dtype(grad_dtype: torch.dtype, compress: str) -> torch.dtype:
     if grad_dtype in MPI_FLOAT_DTYPES:
         return grad_dtype
     return torch.float32  # bfloat16 (and any exotic float) travels as float32
-
-
-def roundtrip_relative_error(t: torch.Tensor, compress: str) -> float:
-    """max |cast(t) - t| / max |t|: the error one trip through the wire format adds."""
-    back = t.to(wire_dtype(t.dtype, compress)).to(t.dtype)
-    scale = float(t.abs().max()) or 1.0
-    return float((back - t).abs().max()) / scale

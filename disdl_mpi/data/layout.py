@@ -67,10 +67,6 @@ class ContentHash:
         return self._h.hexdigest()
 
 
-def content_sha256(x: np.ndarray, y: np.ndarray) -> str:
-    h = ContentHash()
-    h.add_x(x)
-    return h.finish(y)
 
 
 def spec_tag(spec: str) -> str:

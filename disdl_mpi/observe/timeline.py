@@ -113,24 +113,3 @@ class TraceRecorder:
         other = dict(metadata or {})
         other["dropped_events"] = dropped
         write_json(path, {"traceEvents": events, "displayTimeUnit": "ms", "otherData": other})
-
-
-def validate_trace(obj: Any) -> list[str]:
-    """Problems that would stop chrome://tracing or Perfetto from loading ``obj`` (empty = ok)."""
-    problems = []
-    if not isinstance(obj, dict) or not isinstance(obj.get("traceEvents"), list):
-        return ["top level must be an object with a 'traceEvents' list"]
-    for i, ev in enumerate(obj["traceEvents"]):
-        if not isinstance(ev, dict):
-            problems.append(f"event {i}: not an object")
-            continue
-        for key in ("name", "ph", "pid", "tid"):
-            if key not in ev:
-                problems.append(f"event {i}: missing {key!r}")
-        if ev.get("ph") == "X":
-            for key in ("ts", "dur"):
-                if not isinstance(ev.get(key), (int, float)):
-                    problems.append(f"event {i}: 'X' event needs numeric {key!r}")
-            if isinstance(ev.get("dur"), (int, float)) and ev["dur"] < 0:
-                problems.append(f"event {i}: negative duration")
-    return problems

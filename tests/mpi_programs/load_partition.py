@@ -3,8 +3,8 @@
 import sys
 
 from disdl_mpi.comm.world import install_abort_handler, world
-from disdl_mpi.data.layout import content_sha256
 from disdl_mpi.data.partition_io import load_partition
+from tests.partition_helpers import content_sha256
 
 comm = world()
 install_abort_handler(comm)
