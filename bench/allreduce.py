@@ -44,7 +44,7 @@ from bench.harness import (
 from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.comm.world import install_abort_handler, mpi_library, rank_info
 from disdl_mpi.device import select_device
-from disdl_mpi.options import add_json
+from disdl_mpi.options import add_json, program_parser
 
 BACKENDS = ("mpi", "disdl", "gloo", "nccl")
 DTYPES = {
@@ -55,11 +55,7 @@ DTYPES = {
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.allreduce",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = program_parser("python -m bench.allreduce", __doc__)
     add_size_range(p, "1K", "16M")
     p.add_argument(
         "--backends",

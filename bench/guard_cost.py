@@ -8,7 +8,6 @@ NaN/Inf gradient probe. Medians of 5 interleaved rounds, max over ranks.
 
 from __future__ import annotations
 
-import argparse
 import copy
 import json
 import sys
@@ -22,16 +21,12 @@ from bench.harness import time_variants, write_rows
 from disdl_mpi.comm.collective_check import CheckedComm, CollectiveChecker
 from disdl_mpi.models import build_model
 from disdl_mpi.norms import get_scheme
-from disdl_mpi.options import add_json
+from disdl_mpi.options import add_json, program_parser
 from disdl_mpi.reliability.guards import GradFiniteProbe, StepGuard
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.guard_cost",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = program_parser("python -m bench.guard_cost", __doc__)
     p.add_argument("reps", nargs="?", type=int, default=2000, help="calls per timed block")
     add_json(p)
     args = p.parse_args(argv)

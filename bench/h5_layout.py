@@ -11,7 +11,6 @@ measures HDF5's work per read, not the disk. The result chose data_prep.writer's
 
 from __future__ import annotations
 
-import argparse
 import tempfile
 import time
 from pathlib import Path
@@ -20,7 +19,7 @@ import h5py
 import numpy as np
 
 from bench.harness import write_rows
-from disdl_mpi.options import add_json
+from disdl_mpi.options import add_json, program_parser
 
 LAYOUTS = ("contiguous", "chunks-1MiB", "chunk-per-row")
 
@@ -54,11 +53,7 @@ def measure(shape: tuple[int, ...], rows: int, batch: int, reads: int, seed: int
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.h5_layout",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = program_parser("python -m bench.h5_layout", __doc__)
     p.add_argument("--shape", default="3,32,32", help="sample shape, e.g. 3,224,224")
     p.add_argument("--rows", type=int, default=50000)
     p.add_argument("--batch", type=int, default=16, help="random rows per read (one step)")

@@ -32,7 +32,7 @@ from torch import nn
 from bench.harness import add_block, add_size_range, main_rows, sizes, time_variants
 from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.comm.world import mpi_library
-from disdl_mpi.options import add_json
+from disdl_mpi.options import add_json, program_parser
 
 VARIANTS = (
     "numpy Allreduce",
@@ -44,11 +44,7 @@ VARIANTS = (
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.mpi_buffers",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = program_parser("python -m bench.mpi_buffers", __doc__)
     add_size_range(p, "256K", "16M")
     p.add_argument("--iters", "-n", type=int, default=30)
     p.add_argument("--warmup", "-w", type=int, default=5)

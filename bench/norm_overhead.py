@@ -11,8 +11,6 @@ seconds syncbn spent in its own collectives. Only rank 0 prints; ``--json`` writ
 
 from __future__ import annotations
 
-import argparse
-
 import torch
 from mpi4py import MPI
 
@@ -22,7 +20,7 @@ from disdl_mpi.comm.world import rank_info
 from disdl_mpi.device import select_device
 from disdl_mpi.models import build_model
 from disdl_mpi.norms import SCHEMES, get_scheme
-from disdl_mpi.options import add_json
+from disdl_mpi.options import add_json, program_parser
 from disdl_mpi.step import sync_step
 
 CPU = torch.device("cpu")
@@ -84,11 +82,7 @@ def measure(
 
 
 def main(argv: list[str] | None = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.norm_overhead",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = program_parser("python -m bench.norm_overhead", __doc__)
     p.add_argument("--models", default="cnn,resnet20", help="comma list: cnn, resnet20, mlp")
     p.add_argument("--steps", type=int, default=40, help="timed steps per scheme")
     p.add_argument("--warmup", type=int, default=5)

@@ -31,15 +31,11 @@ from torch import nn
 from bench.harness import add_size_range, main_rows, sizes, time_variants
 from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.comm.world import mpi_library
-from disdl_mpi.options import add_json
+from disdl_mpi.options import add_json, program_parser
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.overlap",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = program_parser("python -m bench.overlap", __doc__)
     add_size_range(p, "64K", "16M")
     p.add_argument(
         "--slices", type=int, default=8, help="pieces of compute, each followed by one bucket (default 8)"

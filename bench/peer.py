@@ -34,16 +34,14 @@ from disdl_mpi.comm.world import install_abort_handler, mpi_library, rank_info
 from disdl_mpi.device import select_device
 from disdl_mpi.models import build_model
 from disdl_mpi.norms import get_scheme
-from disdl_mpi.options import add_json
+from disdl_mpi.options import add_json, program_parser
 from disdl_mpi.step import sync_step
 
 VARIANTS = ("local", "ddp", "disdl")
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.peer", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
-    )
+    p = program_parser("python -m bench.peer", __doc__)
     p.add_argument("--model", default="cnn", help="cnn, mlp, resnet20 (disdl_mpi.models)")
     p.add_argument("--norm", default="bn", help="a norm without communication: bn, gn, ln, in")
     p.add_argument(

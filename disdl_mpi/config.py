@@ -9,7 +9,7 @@ import io
 import time
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Optional
+from typing import Any, Optional
 
 from disdl_mpi.data.layout import partition_dir
 from disdl_mpi.models import MODELS as MODEL_NAMES
@@ -97,6 +97,13 @@ class RunConfig:
         return dataclasses.asdict(self)
 
 
+def option(group: argparse._ActionsContainer, flag: str, **kwargs: Any) -> None:
+    """One option of the run: its ``dest`` is the RunConfig field it fills (from the flag unless
+    given), its default that field's default -- written once, in the dataclass."""
+    dest = kwargs.setdefault("dest", flag[2:].replace("-", "_"))
+    group.add_argument(flag, default=getattr(RunConfig, dest), **kwargs)
+
+
 def build_parser() -> argparse.ArgumentParser:
     """The CLI; every option maps one-to-one to a RunConfig field."""
     d = RunConfig()
@@ -111,174 +118,130 @@ def build_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("data")
     add_dataset(g, default=d.dataset, when="source to partition when --data-dir is missing")
     add_partition(g, d.partition, when="used when the partition must be built")
-    g.add_argument(
+    option(
+        g,
         "--data-dir",
-        default=d.data_dir,
         help="folder of per-rank partitions (rank_00000.h5 ...); built by rank 0 if "
         "missing (default: data/<dataset>-<partition>-n<N>-s<seed>)",
     )
-    g.add_argument(
-        "--source-dir", default=d.source_dir, help="where the raw files of mnist/cifar/npz sources are"
-    )
-    g.add_argument(
+    option(g, "--source-dir", help="where the raw files of mnist/cifar/npz sources are")
+    option(
+        g,
         "--min-per-rank",
         type=int,
-        default=d.min_per_rank,
         help="minimum training samples per rank when building a partition (0 allows empty ranks)",
     )
     g = p.add_argument_group("model and normalization")
     add_norm(g, d.norm)
-    g.add_argument("--model", default=d.model, help="cnn, resnet20, mlp, or auto")
-    g.add_argument(
-        "--gn-groups",
-        type=positive_int,
-        default=d.gn_groups,
-        help="groups for GroupNorm (capped by the channel count)",
-    )
-    g.add_argument(
+    option(g, "--model", help="cnn, resnet20, mlp, or auto")
+    option(g, "--gn-groups", type=positive_int, help="groups for GroupNorm (capped by the channel count)")
+    option(
+        g,
         "--fix-at",
         type=int,
-        default=d.fix_at,
         help="bn-fix: optimizer step at which the BN statistics are recalibrated "
         "over all ranks and frozen (default: half of the training steps)",
     )
     g = p.add_argument_group("optimisation")
-    g.add_argument("--epochs", type=int, default=d.epochs)
-    g.add_argument(
-        "--steps", type=int, default=d.steps, help="stop after this many optimizer steps (overrides --epochs)"
-    )
-    g.add_argument(
-        "--global-batch-size",
-        type=int,
-        default=d.global_batch_size,
-        help="samples per step summed over all ranks",
-    )
-    g.add_argument(
+    option(g, "--epochs", type=int)
+    option(g, "--steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")
+    option(g, "--global-batch-size", type=int, help="samples per step summed over all ranks")
+    option(
+        g,
         "--batching",
         choices=["proportional", "equal"],
-        default=d.batching,
         help="proportional: the global batch is split in proportion to partition "
         "sizes, so all ranks finish an epoch together; equal: every rank takes "
         "B/N per step and a rank that runs out joins with empty batches",
     )
-    g.add_argument("--lr", type=float, default=d.lr)
-    g.add_argument(
+    option(g, "--lr", type=float)
+    option(
+        g,
         "--lr-schedule",
         choices=SCHEDULES,
-        default=d.lr_schedule,
         help="constant, cosine (to 0 over the run) or step (x0.1 at 50 and 75 %%)",
     )
-    g.add_argument(
-        "--warmup-epochs",
-        type=float,
-        default=d.warmup_epochs,
-        help="linear learning-rate warm-up over this many epochs",
-    )
-    g.add_argument(
+    option(g, "--warmup-epochs", type=float, help="linear learning-rate warm-up over this many epochs")
+    option(
+        g,
         "--target-accuracy",
         type=float,
-        default=d.target_accuracy,
         help="record the first epoch and training time at which the test accuracy reaches this (0..1)",
     )
-    g.add_argument("--momentum", type=float, default=d.momentum)
-    g.add_argument("--weight-decay", type=float, default=d.weight_decay)
-    g.add_argument("--seed", type=int, default=d.seed)
+    option(g, "--momentum", type=float)
+    option(g, "--weight-decay", type=float)
+    option(g, "--seed", type=int)
     g = p.add_argument_group("communication")
-    g.add_argument(
-        "--bucket-mb",
-        type=float,
-        default=d.bucket_mb,
-        help="gradient fusion bucket size in MiB; 0 = one buffer per tensor",
-    )
-    g.add_argument(
+    option(g, "--bucket-mb", type=float, help="gradient fusion bucket size in MiB; 0 = one buffer per tensor")
+    option(
+        g,
         "--overlap",
         dest="overlap",
         action="store_true",
-        default=d.overlap,
         help="start bucket allreduces from the gradient hooks during backward",
     )
-    g.add_argument("--no-overlap", dest="overlap", action="store_false")
-    g.add_argument(
-        "--compress", choices=["none", "fp16"], default=d.compress, help="wire format of gradients"
-    )
-    g.add_argument(
+    option(g, "--no-overlap", dest="overlap", action="store_false")
+    option(g, "--compress", choices=["none", "fp16"], help="wire format of gradients")
+    option(
+        g,
         "--cuda-aware",
         choices=["auto", "yes", "no"],
-        default=d.cuda_aware,
         help="pass GPU buffers to MPI directly (auto: detect)",
     )
-    g.add_argument("--device", default=d.device, help="auto, cpu or cuda")
-    g.add_argument(
-        "--threads",
-        type=int,
-        default=d.threads,
-        help="torch threads per rank (default: cores on the node / local ranks)",
-    )
+    option(g, "--device", help="auto, cpu or cuda")
+    option(g, "--threads", type=int, help="torch threads per rank (default: cores on the node / local ranks)")
     g = p.add_argument_group("output")
-    g.add_argument("--out", default=d.out, help="results folder (default: results/run-<timestamp>)")
-    g.add_argument(
-        "--save-model", action="store_true", default=d.save_model, help="write OUT/<norm>/model.pt"
-    )
-    g.add_argument(
-        "--timeline",
-        default=d.timeline,
-        help="write a Chrome trace (chrome://tracing, Perfetto) to this file",
-    )
-    g.add_argument(
-        "--eval-every",
-        type=int,
-        default=d.eval_every,
-        help="evaluate on the test set every N epochs (and always at the end)",
+    option(g, "--out", help="results folder (default: results/run-<timestamp>)")
+    option(g, "--save-model", action="store_true", help="write OUT/<norm>/model.pt")
+    option(g, "--timeline", help="write a Chrome trace (chrome://tracing, Perfetto) to this file")
+    option(
+        g, "--eval-every", type=int, help="evaluate on the test set every N epochs (and always at the end)"
     )
     add_progress(g, d.progress)
     g = p.add_argument_group("reliability")
-    g.add_argument(
+    option(
+        g,
         "--check-collectives",
         action="store_true",
-        default=d.check_collectives,
         help="debug: all ranks compare each collective's signature before it runs",
     )
-    g.add_argument(
-        "--checkpoint-every",
-        default=d.checkpoint_every,
-        help="checkpoint every N steps, or every Ne epochs (e.g. 50 or 2e)",
-    )
-    g.add_argument("--resume", default=d.resume, help="auto, or a checkpoint path")
-    g.add_argument(
+    option(g, "--checkpoint-every", help="checkpoint every N steps, or every Ne epochs (e.g. 50 or 2e)")
+    option(g, "--resume", help="auto, or a checkpoint path")
+    option(
+        g,
         "--on-nan",
         choices=["stop", "skip"],
-        default=d.on_nan,
         help="what to do when the loss or a gradient is NaN/Inf on any rank",
     )
-    g.add_argument(
+    option(
+        g,
         "--stall-timeout",
         type=float,
-        default=d.stall_timeout,
         metavar="SECONDS",
         help="when a rank has been stuck this long (e.g. in a collective), name the "
         "ranks that have not arrived and where the others wait, then end the "
         "job with exit code 5",
     )
-    g.add_argument(
+    option(
+        g,
         "--profile-steps",
-        default=d.profile_steps,
         metavar="A:B",
         help="record steps A to B (from 1) of each scheme with torch.profiler on "
         "every rank, our phases as named ranges; one trace per rank next to "
         "--timeline, else in OUT/profile/",
     )
-    g.add_argument(
+    option(
+        g,
         "--memory-budget",
-        default=d.memory_budget,
         metavar="SIZE",
         help="most memory a rank may use for its resident data (e.g. 2G); a "
         "partition over it is refused before loading (default: 70%% of the "
         "node's, or the GPU's, available memory over the ranks sharing it)",
     )
-    g.add_argument(
+    option(
+        g,
         "--data-residency",
         choices=["auto", "device", "host", "stream"],
-        default=d.data_residency,
         help="training inputs resident on the device, in host memory, or streamed "
         "from the rank's file by a prefetching thread; auto: device when the "
         "partition fits --memory-budget, else stream (same model either way)",

@@ -10,11 +10,12 @@ installation can run the toolkit, 1 when it cannot.
 
 from __future__ import annotations
 
-import argparse
 import os
 import platform
 import sys
 from typing import Any, Optional
+
+from disdl_mpi.options import program_parser
 
 
 def facts(comm) -> dict[str, Any]:
@@ -126,11 +127,7 @@ def verdict(f: dict[str, Any], test: Optional[str], tested: bool) -> tuple[bool,
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m disdl_mpi.doctor",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = program_parser("python -m disdl_mpi.doctor", __doc__)
     p.add_argument("--json", dest="json_path", metavar="FILE", help="also write the facts here")
     args = p.parse_args(argv)
     from disdl_mpi.comm.world import install_abort_handler, rank_info, world

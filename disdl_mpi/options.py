@@ -37,6 +37,13 @@ PARTITION_HELP = (
 )
 
 
+def program_parser(prog: str, doc: Optional[str]) -> argparse.ArgumentParser:
+    """The parser of a program whose module docstring (``doc``, with its examples) is its help."""
+    return argparse.ArgumentParser(
+        prog=prog, description=doc, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
+
+
 class DefaultsHelpFormatter(argparse.ArgumentDefaultsHelpFormatter):
     """Adds "(default: X)" to an option's help, unless the help names its own default or the
     option has none worth printing (None, False)."""

@@ -23,29 +23,27 @@ def test_doctor_under_mpiexec_runs_the_self_test(tmp_path):
     assert proc.stdout.count("YES:") == 1  # only rank 0 prints
 
 
-def test_doctor_alone_says_how_to_run_the_self_test():
-    proc = subprocess.run(
+def _doctor_alone(**env: str) -> subprocess.CompletedProcess:
+    """The doctor as a plain process (no launcher), with ``env`` added to the MPI environment."""
+    return subprocess.run(
         [sys.executable, "-m", "disdl_mpi.doctor"],
         capture_output=True,
         text=True,
         timeout=120,
         cwd=ROOT,
-        env=mpi_env(),
+        env={**mpi_env(), **env},
     )
+
+
+def test_doctor_alone_says_how_to_run_the_self_test():
+    proc = _doctor_alone()
     assert proc.returncode == 0, proc.stderr
     assert "run under mpiexec -n 2 for the allreduce self-test" in proc.stdout
 
 
 def test_doctor_flags_an_mpiexec_of_another_mpi():
     # What a mismatched launcher leaves behind: it announced 2 ranks, MPI sees a world of 1.
-    proc = subprocess.run(
-        [sys.executable, "-m", "disdl_mpi.doctor"],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        cwd=ROOT,
-        env={**mpi_env(), "OMPI_COMM_WORLD_SIZE": "2"},
-    )
+    proc = _doctor_alone(OMPI_COMM_WORLD_SIZE="2")
     assert proc.returncode == 1, proc.stdout
     assert (
         proc.stdout.strip()

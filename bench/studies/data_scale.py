@@ -32,7 +32,7 @@ from bench.studies.engine import add_launch_options, launcher_command, run_job
 from data_prep.ensure import ensure_partition
 from disdl_mpi.data.residency import MODES
 from disdl_mpi.files import write_json
-from disdl_mpi.options import add_json
+from disdl_mpi.options import add_json, program_parser
 
 GIB = 1 << 30
 READY = "data residency:"
@@ -169,11 +169,7 @@ def markdown(rows: list[dict[str, Any]], modes: list[str]) -> str:
 
 
 def build_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.studies.data_scale",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = program_parser("python -m bench.studies.data_scale", __doc__)
     p.add_argument("--shape", default="3,224,224", help="sample shape, e.g. 3,224,224")
     p.add_argument(
         "--per-rank",

@@ -21,7 +21,6 @@ cores, and the report says so.
 
 from __future__ import annotations
 
-import argparse
 import json
 import shlex
 import subprocess
@@ -34,6 +33,7 @@ from bench.studies.costmodel import fit, predict
 from bench.studies.costmodel_inputs import Sample
 from bench.studies.network_report import algorithm, markdown, per_step, scaling_rows
 from disdl_mpi.files import write_json, write_text
+from disdl_mpi.options import program_parser
 
 NAME = "netstudy"
 PY = sys.executable
@@ -255,11 +255,7 @@ def fp16(out: Path, link: str, steps: int) -> dict:
 
 
 def main(argv: Optional[list[str]] = None) -> int:
-    p = argparse.ArgumentParser(
-        prog="python -m bench.studies.network",
-        description=__doc__,
-        formatter_class=argparse.RawDescriptionHelpFormatter,
-    )
+    p = program_parser("python -m bench.studies.network", __doc__)
     p.add_argument("--out", type=Path, required=True)
     p.add_argument("--link", default="1gbit")
     p.add_argument("--steps", type=int, default=10, help="steps per scheme in the sweeps")
