@@ -229,26 +229,18 @@ def test_cli_success_and_clear_error(tmp_path):
         *"-m data_prep.partition --dataset synthetic --num-samples 300".split(),
         *"--num-test 30 --shape 6 --num-classes 10 --ranks 3 --seed 1".split(),
     ]
-    ok = subprocess.run(
-        cmd + ["--scheme", "shards:4", "--out", str(tmp_path / "p")],
-        capture_output=True,
-        text=True,
-        env=mpi_env(),
-        cwd=ROOT,
-        timeout=60,
-    )
+
+    def partition(*extra: str) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            cmd + list(extra), capture_output=True, text=True, env=mpi_env(), cwd=ROOT, timeout=60
+        )
+
+    ok = partition("--scheme", "shards:4", "--out", str(tmp_path / "p"))
     assert ok.returncode == 0, ok.stderr
     assert "300 training samples over 3 ranks" in ok.stdout
     m = json.loads((tmp_path / "p" / "partition.json").read_text())
     assert all(np.count_nonzero(e["class_counts"]) == 4 for e in m["ranks"])
-    bad = subprocess.run(
-        cmd + ["--scheme", "shards:3", "--out", str(tmp_path / "q")],
-        capture_output=True,
-        text=True,
-        env=mpi_env(),
-        cwd=ROOT,
-        timeout=60,
-    )
+    bad = partition("--scheme", "shards:3", "--out", str(tmp_path / "q"))
     assert bad.returncode == 2 and "error: partition shards:3 with 3 ranks" in bad.stderr
     assert "Traceback" not in bad.stderr and not (tmp_path / "q").exists()
 

@@ -40,16 +40,15 @@ def test_launcher_template(monkeypatch):
 def test_resume_runs_only_missing_points(tmp_path):
     store = PointStore(tmp_path / "points")
     points = [writer_point(f"p{i}", tmp_path, value=i) for i in (1, 2, 3)]
+
+    def sweep(todo: int, stream: io.StringIO, say) -> list[dict]:
+        progress = Progress(todo, stream=stream, tty=False)
+        return run_sweep(
+            points, store, collect(tmp_path), launcher=PLAIN, timeout=60, progress=progress, say=say
+        )
+
     out = io.StringIO()
-    res = run_sweep(
-        points,
-        store,
-        collect(tmp_path),
-        launcher=PLAIN,
-        timeout=60,
-        progress=Progress(3, stream=out, tty=False),
-        say=out.write,
-    )
+    res = sweep(3, out, out.write)
     assert [r["v"] for r in res] == [1, 2, 3] and [r["n"] for r in res] == [1, 2, 3]
     assert "3/3 p3: ok" in out.getvalue()
     # Drop one result and change another point's settings: exactly those two rerun.
@@ -58,15 +57,7 @@ def test_resume_runs_only_missing_points(tmp_path):
     mtime_p1 = store.path("p1").stat().st_mtime_ns
     log = io.StringIO()
     said = []
-    res = run_sweep(
-        points,
-        store,
-        collect(tmp_path),
-        launcher=PLAIN,
-        timeout=60,
-        progress=Progress(2, stream=log, tty=False),
-        say=said.append,
-    )
+    res = sweep(2, log, said.append)
     assert said == ["resuming: 1 of 3 point(s) already done, 2 to run"]
     assert "start p2" in log.getvalue() and "start p3" in log.getvalue()
     assert "start p1" not in log.getvalue()
