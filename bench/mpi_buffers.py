@@ -22,6 +22,7 @@ what a few-µs difference needs. Buffers hold zeros, so repeated sums stay finit
 from __future__ import annotations
 
 import argparse
+import sys
 from typing import Callable
 
 import numpy as np
@@ -109,4 +110,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

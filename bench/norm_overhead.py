@@ -11,6 +11,8 @@ seconds syncbn spent in its own collectives. Only rank 0 prints; ``--json`` writ
 
 from __future__ import annotations
 
+import sys
+
 import torch
 from mpi4py import MPI
 
@@ -139,4 +141,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

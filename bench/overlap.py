@@ -21,6 +21,7 @@ is why where the tests fall matters.
 from __future__ import annotations
 
 import argparse
+import sys
 import time
 
 import numpy as np
@@ -169,4 +170,4 @@ def main(argv: list[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    raise SystemExit(main())
+    sys.exit(main())

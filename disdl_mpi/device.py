@@ -8,7 +8,8 @@ import random
 import numpy as np
 import torch
 
-from disdl_mpi.comm.world import RankInfo, UserError
+from disdl_mpi.comm.world import RankInfo
+from disdl_mpi.errors import UserError
 
 
 def select_device(requested: str, info: RankInfo) -> torch.device:

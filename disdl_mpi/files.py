@@ -86,9 +86,3 @@ def markdown_table(
     lines = ["| " + " | ".join(str(h) for h in header) + " |", "|" + "|".join(marks[a] for a in align) + "|"]
     lines += ["| " + " | ".join(str(c) for c in row) + " |" for row in rows]
     return "\n".join(lines)
-
-
-def comm_share(compute_s: float, comm_s: float) -> float:
-    """Communication's share of the step: comm / (compute + comm), 0 when both are 0."""
-    total = compute_s + comm_s
-    return comm_s / total if total > 0 else 0.0

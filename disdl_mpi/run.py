@@ -22,12 +22,13 @@ from mpi4py import MPI
 
 from data_prep.ensure import ensure_partition, explicit_mismatch
 from disdl_mpi.comm.collective_check import CheckedComm, CollectiveChecker
-from disdl_mpi.comm.world import RankInfo, UserError, agree_or_raise, install_abort_handler, rank_info, world
+from disdl_mpi.comm.world import RankInfo, agree_or_raise, install_abort_handler, rank_info, world
 from disdl_mpi.config import config_errors, parse_config
 from disdl_mpi.data.budget import agreed_budget
 from disdl_mpi.data.local_data import LocalData
 from disdl_mpi.data.partition_io import load_partition
 from disdl_mpi.device import seed_everything, select_device, set_threads
+from disdl_mpi.errors import UserError
 from disdl_mpi.files import jsonable
 from disdl_mpi.job_setup import Job, announce, build_context, rank_data
 from disdl_mpi.machine import peak_rss_bytes

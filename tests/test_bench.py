@@ -138,11 +138,10 @@ def test_bench_allreduce_statistics_and_correctness_check(tmp_path):
     bad = run_mpi(
         2,
         [
-            *"-m bench.allreduce --min-bytes 4K --max-bytes 4K --backends".split(),
-            *"mpi,disdl --iters 2 --warmup 0 --json".split(),
+            *"-m tests.mpi_programs.corrupt_allreduce --min-bytes 4K --max-bytes 4K".split(),
+            *"--backends mpi,disdl --iters 2 --warmup 0 --json".split(),
             str(out),
         ],
-        env={"DISDL_ALLREDUCE_CORRUPT": "1"},
         timeout=180,
     )
     assert bad.returncode == 1

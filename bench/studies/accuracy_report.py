@@ -14,7 +14,8 @@ from typing import Iterable, Optional, Sequence
 
 import numpy as np
 
-from disdl_mpi.files import comm_share, markdown_table, write_text
+from disdl_mpi.files import markdown_table, write_text
+from disdl_mpi.observe.timing import comm_share
 
 CSV_COLUMNS = (
     "norm",

@@ -24,8 +24,8 @@ from typing import Any, Optional
 
 from bench.studies.report_html import markdown_to_html
 from bench.studies.report_machine import machine_rows
-from disdl_mpi.files import comm_share, markdown_table, write_text
-from disdl_mpi.observe.timing import DISJOINT
+from disdl_mpi.files import markdown_table, write_text
+from disdl_mpi.observe.timing import DISJOINT, comm_share
 
 # Folders of results trees that hold inputs or bulk data, never results to report.
 SKIP_DIRS = {"data", "points", "logs", "runs", "__pycache__", ".git"}

@@ -8,8 +8,8 @@ import io
 import time
 from typing import Any
 
-from disdl_mpi.files import comm_share, markdown_table
-from disdl_mpi.observe.timing import REPORTED
+from disdl_mpi.files import markdown_table
+from disdl_mpi.observe.timing import REPORTED, comm_share
 
 COLUMNS = (
     (

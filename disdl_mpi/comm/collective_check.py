@@ -20,7 +20,7 @@ from typing import Any
 import numpy as np
 from mpi4py import MPI
 
-from disdl_mpi.comm.world import UserError
+from disdl_mpi.errors import UserError
 
 _HERE = {str(Path(__file__).resolve()), str((Path(__file__).parent / "mpi_ops.py").resolve())}
 _OP_NAMES = ("SUM", "MAX", "MIN", "PROD", "BOR", "BAND", "LOR", "LAND", "MAXLOC", "MINLOC")

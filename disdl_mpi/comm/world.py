@@ -11,6 +11,8 @@ from dataclasses import dataclass
 
 from mpi4py import MPI
 
+from disdl_mpi.errors import UserError
+
 
 @dataclass(frozen=True)
 class RankInfo:
@@ -71,7 +73,7 @@ def install_abort_handler(comm: MPI.Comm) -> None:
     def hook(exc_type, exc, tb):
         if issubclass(exc_type, KeyboardInterrupt):
             msg = f"[rank {rank}] interrupted\n"
-        elif getattr(exc, "disdl_user_error", False):
+        elif isinstance(exc, UserError):
             # Errors that every rank detects alike are printed once, by rank 0.
             msg = f"error: {exc}\n" if rank == 0 else ""
         else:
@@ -85,7 +87,7 @@ def install_abort_handler(comm: MPI.Comm) -> None:
         code = getattr(exc, "exit_code", 1)
         if comm.Get_size() == 1:
             os._exit(code)
-        if getattr(exc, "disdl_user_error", False) and getattr(exc, "collective", False):
+        if isinstance(exc, UserError) and exc.collective:
             # Every rank raised the same error: leave together, no Abort noise from the launcher.
             try:
                 comm.Barrier()
@@ -115,21 +117,6 @@ def abort_job(comm: MPI.Comm, code: int) -> None:
             pass
     time.sleep(ABORT_OUTPUT_GRACE_S)
     comm.Abort(code)
-
-
-class UserError(RuntimeError):
-    """A problem with the user's input or configuration, reported without a traceback.
-
-    ``collective=True`` means every rank raises it at the same point (after an agreement), so
-    the job can exit cleanly; otherwise the raising rank aborts the job.
-    """
-
-    disdl_user_error = True
-
-    def __init__(self, message: str, *, collective: bool = False, exit_code: int = 2):
-        super().__init__(message)
-        self.collective = collective
-        self.exit_code = exit_code
 
 
 def agree_or_raise(comm: MPI.Comm, error: str | None, *, exc_type=UserError) -> None:

@@ -23,7 +23,7 @@ from disdl_mpi.data.standardize import ChannelSums
 from disdl_mpi.data.layout import (MANIFEST, TEST_FILE, ContentHash, domain_test_file,
                                    rank_file, shard_bounds)
 
-from disdl_mpi.comm.world import UserError
+from disdl_mpi.errors import UserError
 
 X_DTYPES = ("uint8", "float32")
 # (file, field, problem): one finding on one rank; identical findings on several ranks merge.

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from disdl_mpi.norms.local_layers import LocalBatchNorm, _reduce_dims
+from disdl_mpi.norms.local_layers import LocalBatchNorm, reduce_dims
 from disdl_mpi.norms.scheme import NormScheme
 
 
@@ -59,7 +59,7 @@ class BatchRenorm(LocalBatchNorm):
         self._check_input_dim(x)
         if not self.training or x.numel() // max(x.shape[1], 1) <= 1:
             return super().forward(x)  # eval: running stats; empty / single value: see base
-        dims = _reduce_dims(x)
+        dims = reduce_dims(x)
         shape = [1, -1] + [1] * (x.dim() - 2)
         n = x.numel() // x.shape[1]
         mean = x.mean(dims)

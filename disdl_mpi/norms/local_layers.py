@@ -7,7 +7,7 @@ import torch.nn.functional as F
 from torch import nn
 
 
-def _reduce_dims(x: torch.Tensor) -> list[int]:
+def reduce_dims(x: torch.Tensor) -> list[int]:
     """Every dimension except the channel one (dim 1)."""
     return [0] + list(range(2, x.dim()))
 
@@ -88,9 +88,7 @@ def renormalize(
     the caller already has them.
     """
     var_b, mean_b = (
-        batch_stats
-        if batch_stats is not None
-        else torch.var_mean(x.detach(), _reduce_dims(x), unbiased=False)
+        batch_stats if batch_stats is not None else torch.var_mean(x.detach(), reduce_dims(x), unbiased=False)
     )
     std = (var + eps).sqrt()
     r = ((var_b + eps).sqrt() / std).detach()

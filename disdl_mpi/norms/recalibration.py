@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from disdl_mpi.comm.mpi_ops import allreduce_
-from disdl_mpi.norms.local_layers import LocalBatchNorm, _reduce_dims
+from disdl_mpi.norms.local_layers import LocalBatchNorm, reduce_dims
 from disdl_mpi.norms.scheme import CommTimer, NormScheme
 
 
@@ -43,7 +43,7 @@ class _Moments:
         if m == 0:
             return
         xd = x.detach().to(torch.float64)
-        dims = _reduce_dims(xd)
+        dims = reduce_dims(xd)
         mean_b = xd.mean(dims)
         m2_b = ((xd - mean_b.view([1, -1] + [1] * (xd.dim() - 2))) ** 2).sum(dims)
         n = self.n + m

@@ -7,7 +7,8 @@ import io
 from pathlib import Path
 from typing import Any
 
-from disdl_mpi.files import comm_share, markdown_table, write_json, write_text
+from disdl_mpi.files import markdown_table, write_json, write_text
+from disdl_mpi.observe.timing import comm_share
 
 # Columns of the table printed at the end of a run and written to summary.md/.csv.
 TABLE_COLUMNS = ("scheme", "test_acc", "samples/s", "compute_s", "comm_s", "comm_%")

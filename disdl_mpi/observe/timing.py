@@ -235,3 +235,9 @@ def phase_summary(comm: MPI.Comm, values: dict[str, float]) -> dict[str, dict[st
     return {
         k: {"min": float(lo[i]), "mean": float(total[i] / n), "max": float(hi[i])} for i, k in enumerate(keys)
     }
+
+
+def comm_share(compute_s: float, comm_s: float) -> float:
+    """Communication's share of the step: comm / (compute + comm), 0 when both are 0."""
+    total = compute_s + comm_s
+    return comm_s / total if total > 0 else 0.0

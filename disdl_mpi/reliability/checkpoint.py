@@ -42,7 +42,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from disdl_mpi.comm.world import UserError
+from disdl_mpi.errors import UserError
 from disdl_mpi.files import write_bytes, write_json
 from disdl_mpi.norms import norm_layers
 

@@ -24,7 +24,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
-from disdl_mpi.comm.world import UserError
+from disdl_mpi.errors import UserError
 
 WATCHED = (signal.SIGTERM, signal.SIGUSR1)
 
