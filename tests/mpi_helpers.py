@@ -8,6 +8,7 @@ import signal
 import subprocess
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.studies.engine import ROOT, job_env, launcher_command
 
@@ -25,6 +26,11 @@ def mpi_env(extra: dict | None = None) -> dict:
     env = job_env(extra)
     env.setdefault("OMP_NUM_THREADS", "1")
     return env
+
+
+def run_bench(program: str, args: str, out: Path, *, n: int = 2, timeout: float = 180, **kw: Any):
+    """``mpiexec -n N python -m PROGRAM ARGS --json OUT``: a benchmark run, ARGS as typed."""
+    return run_mpi(n, ["-m", program, *args.split(), "--json", str(out)], timeout=timeout, **kw)
 
 
 def run_mpi(

@@ -22,6 +22,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from tests.slurm_daemons import (
     SlurmUnavailable,
@@ -186,18 +187,9 @@ class SlurmCluster:
             )
         return PendingJob(self, proc, int(match.group(1)), Path(out_pattern.replace("%j", match.group(1))))
 
-    def sbatch(
-        self,
-        script: Path | str,
-        sbatch_args: list[str] | None = None,
-        script_args: list[str] | None = None,
-        *,
-        env: dict | None = None,
-        cwd: Path | str | None = None,
-        timeout: float = 180,
-    ) -> SlurmJob:
-        """Submit ``script`` with ``sbatch --wait`` under a hard timeout; return job + output."""
-        return self.submit(script, sbatch_args, script_args, env=env, cwd=cwd).wait(timeout)
+    def sbatch(self, script: Path | str, *args: Any, timeout: float = 180, **kwargs: Any) -> SlurmJob:
+        """:meth:`submit` (same arguments), then wait under a hard timeout; return job + output."""
+        return self.submit(script, *args, **kwargs).wait(timeout)
 
     def preempt_after_first_checkpoint(
         self, script: Path | str, sbatch_args: list[str], *, env: dict, cwd: Path, timeout: float

@@ -7,7 +7,7 @@ import argparse
 import pytest
 
 from bench.harness import parse_bytes, read_rows, sizes
-from tests.mpi_helpers import run_mpi
+from tests.mpi_helpers import run_bench, run_mpi
 
 ROW_KEYS = {"backend", "bytes", "count", "dtype", "ranks", "time_us", "algbw_gbps", "busbw_gbps"}
 
@@ -23,15 +23,7 @@ def test_size_parsing_and_ladder():
 @pytest.mark.mpi
 def test_bench_allreduce_two_ranks_writes_rows(tmp_path):
     out = tmp_path / "ar.json"
-    proc = run_mpi(
-        2,
-        [
-            *"-m bench.allreduce --min-bytes 1K --max-bytes 64K --factor 8".split(),
-            *"--iters 3 --warmup 1 --json".split(),
-            str(out),
-        ],
-        timeout=180,
-    )
+    proc = run_bench("bench.allreduce", "--min-bytes 1K --max-bytes 64K --factor 8 --iters 3 --warmup 1", out)
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     rows = read_rows(out)
     assert [(r["backend"], r["bytes"]) for r in rows] == [
@@ -65,14 +57,10 @@ def test_bench_allreduce_rejects_bad_arguments():
 @pytest.mark.mpi
 def test_bench_peer_two_ranks_writes_json(tmp_path):
     out = tmp_path / "peer.json"
-    proc = run_mpi(
-        2,
-        [
-            *"-m bench.peer --model mlp --dataset synthetic --sample-shape 16".split(),
-            *"--steps 4 --rounds 2 --warmup 1 --batch-size 8 --json".split(),
-            str(out),
-        ],
-        timeout=180,
+    proc = run_bench(
+        "bench.peer",
+        "--model mlp --dataset synthetic --sample-shape 16 --steps 4 --rounds 2 --warmup 1 --batch-size 8",
+        out,
     )
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
     (res,) = read_rows(out)
@@ -100,15 +88,13 @@ def test_bench_peer_two_ranks_writes_json(tmp_path):
 
 def test_bench_peer_compares_fp16_with_ddps_fp16_hook(tmp_path):
     out = tmp_path / "peer.json"
-    run_mpi(
-        2,
-        [
-            *"-m bench.peer --model mlp --dataset synthetic --sample-shape 16".split(),
-            *"--steps 4 --rounds 2 --warmup 1 --batch-size 8 --compress fp16".split(),
-            "--json",
-            str(out),
-        ],
-        timeout=180,
+    run_bench(
+        "bench.peer",
+        (
+            "--model mlp --dataset synthetic --sample-shape 16 --steps 4 "
+            "--rounds 2 --warmup 1 --batch-size 8 --compress fp16"
+        ),
+        out,
         check=True,
     )
     (res,) = read_rows(out)
@@ -119,14 +105,10 @@ def test_bench_peer_compares_fp16_with_ddps_fp16_hook(tmp_path):
 @pytest.mark.mpi
 def test_bench_allreduce_statistics_and_correctness_check(tmp_path):
     out = tmp_path / "ar.json"
-    proc = run_mpi(
-        2,
-        [
-            *"-m bench.allreduce --min-bytes 4K --max-bytes 4K --backends".split(),
-            *"mpi,disdl --iters 6 --warmup 1 --block 3 --out-of-place --json".split(),
-            str(out),
-        ],
-        timeout=180,
+    proc = run_bench(
+        "bench.allreduce",
+        "--min-bytes 4K --max-bytes 4K --backends mpi,disdl --iters 6 --warmup 1 --block 3 --out-of-place",
+        out,
     )
     assert proc.returncode == 0, proc.stderr[-2000:]
     for r in read_rows(out):
@@ -135,27 +117,17 @@ def test_bench_allreduce_statistics_and_correctness_check(tmp_path):
         assert r["wrong"] == 0 and r["max_rel_error"] == 0.0
         assert r["in_place"] == (r["backend"] != "mpi") and r["block"] == 3
     # a deliberately corrupted reduction is caught: #wrong > 0 and a non-zero exit
-    bad = run_mpi(
-        2,
-        [
-            *"-m tests.mpi_programs.corrupt_allreduce --min-bytes 4K --max-bytes 4K".split(),
-            *"--backends mpi,disdl --iters 2 --warmup 0 --json".split(),
-            str(out),
-        ],
-        timeout=180,
+    bad = run_bench(
+        "tests.mpi_programs.corrupt_allreduce",
+        "--min-bytes 4K --max-bytes 4K --backends mpi,disdl --iters 2 --warmup 0",
+        out,
     )
     assert bad.returncode == 1
     assert all(r["wrong"] == 1 for r in read_rows(out))
     assert "mpi at 4096 bytes: 1 wrong element(s)" in bad.stderr
     # fp16 on the wire reports the relative error instead of a count
-    fp16 = run_mpi(
-        2,
-        [
-            *"-m bench.allreduce --min-bytes 4K --max-bytes 4K --backends".split(),
-            *"disdl --compress fp16 --iters 2 --json".split(),
-            str(out),
-        ],
-        timeout=180,
+    fp16 = run_bench(
+        "bench.allreduce", "--min-bytes 4K --max-bytes 4K --backends disdl --compress fp16 --iters 2", out
     )
     assert fp16.returncode == 0, fp16.stderr[-2000:]
     (row,) = read_rows(out)

@@ -5,20 +5,14 @@ from __future__ import annotations
 import pytest
 
 from bench.harness import read_rows
-from tests.mpi_helpers import run_mpi
+from tests.mpi_helpers import run_bench
 
 
 @pytest.mark.mpi
 def test_two_ranks_time_every_buffer_at_every_size(tmp_path):
     out = tmp_path / "buffers.json"
-    proc = run_mpi(
-        2,
-        [
-            *"-m bench.mpi_buffers -b 64K -e 256K -f 4 --iters 3 --warmup 1".split(),
-            *"--block 2 --json".split(),
-            str(out),
-        ],
-        timeout=120,
+    proc = run_bench(
+        "bench.mpi_buffers", "-b 64K -e 256K -f 4 --iters 3 --warmup 1 --block 2", out, timeout=120
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
     rows = read_rows(out)

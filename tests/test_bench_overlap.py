@@ -5,7 +5,7 @@ from __future__ import annotations
 import json
 
 from bench.overlap import overlap_pct
-from tests.mpi_helpers import run_mpi
+from tests.mpi_helpers import run_bench
 
 
 def test_overlap_formula_is_osus_and_clipped():
@@ -19,12 +19,7 @@ def test_overlap_formula_is_osus_and_clipped():
 
 def test_two_ranks_measure_both_engines_at_every_size(tmp_path):
     out = tmp_path / "overlap.json"
-    proc = run_mpi(
-        2,
-        ["-m", "bench.overlap", "-b", "64K", "-e", "256K", "-n", "3", "--slices", "4", "--json", str(out)],
-        timeout=180,
-        check=True,
-    )
+    proc = run_bench("bench.overlap", "-b 64K -e 256K -n 3 --slices 4", out, check=True)
     rows = json.loads(out.read_text())["rows"]
     assert [(r["engine"], r["bytes"]) for r in rows] == [
         ("disdl", 65536),
