@@ -18,6 +18,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from mpi4py import MPI
 
+from disdl_mpi.comm.rendezvous import reachable_address
 from disdl_mpi.options import positive_int
 from disdl_mpi.units import parse_size
 
@@ -32,9 +33,9 @@ def free_port() -> int:
 def init_torch_distributed(comm: MPI.Comm, backend: str = "gloo", timeout_s: float = 120.0) -> None:
     """Start a torch.distributed group matching ``comm``'s ranks.
 
-    Rank 0 picks a free port and broadcasts it (with its address) over MPI, so no fixed port can
-    collide with another job. One node: 127.0.0.1; several nodes: rank 0's hostname, unless the
-    user set MASTER_ADDR.
+    Rank 0 picks a free port and broadcasts it over MPI, so no fixed port can collide with
+    another job; the address is one every rank reached (``disdl_mpi.comm.rendezvous``: 127.0.0.1
+    on one node, else rank 0's interface addresses or hostname, or MASTER_ADDR).
     """
     import datetime
 
@@ -43,12 +44,8 @@ def init_torch_distributed(comm: MPI.Comm, backend: str = "gloo", timeout_s: flo
     local = comm.Split_type(MPI.COMM_TYPE_SHARED)
     one_node = local.Get_size() == comm.Get_size()
     local.Free()
-    if comm.Get_rank() == 0:
-        addr = os.environ.get("MASTER_ADDR") or ("127.0.0.1" if one_node else socket.gethostname())
-        info = (addr, free_port())
-    else:
-        info = None
-    addr, port = comm.bcast(info, root=0)
+    addr = reachable_address(comm, one_node=one_node)
+    port = comm.bcast(free_port() if comm.Get_rank() == 0 else None, root=0)
     dist.init_process_group(
         backend,
         init_method=f"tcp://{addr}:{port}",

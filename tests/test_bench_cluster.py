@@ -97,6 +97,21 @@ def test_a_two_rank_job_crosses_the_shaped_link_over_tcp(two_nodes, tmp_path):
     assert f"HOSTS {NAME}-n0 {NAME}-n1" in hosts.stdout, hosts.stdout + hosts.stderr
 
 
+def test_the_readme_allreduce_command_runs_gloo_across_the_nodes(two_nodes, tmp_path):
+    """README's ``python -m bench.cluster exec -n 2 -- python -m bench.allreduce --min-bytes 4M
+    --max-bytes 16M --json F`` as written: the gloo column's rendezvous must find an address the
+    other node reaches (rank 0's hostname does not resolve inside the emulated nodes)."""
+    out = tmp_path / "ar.json"
+    argv = f"-m bench.allreduce --min-bytes 4M --max-bytes 16M --json {out}".split()
+    proc = cluster("exec", "-n", "2", "--", sys.executable, *argv, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = read_rows(out)
+    assert sorted({r["backend"] for r in rows}) == ["disdl", "gloo", "mpi"]
+    assert all(r["wrong"] == 0 for r in rows), rows
+    for r in (r for r in rows if r["backend"] == "gloo"):
+        assert r["busbw_gbps"] * 8 < RATE_GBIT * 1.1, r  # it crossed the shaped link
+
+
 def test_the_sweep_runs_a_point_through_the_cluster_launcher(two_nodes, tmp_path):
     proc = subprocess.run(
         [
