@@ -143,3 +143,21 @@ def test_bench_allreduce_min_busbw_is_a_health_check(tmp_path):
     assert run_mpi(2, [*args, "--min-busbw", "0.000001"], timeout=120).returncode == 0
     low = run_mpi(2, [*args, "--min-busbw", "100000"], timeout=120)
     assert low.returncode == 1 and "--min-busbw: disdl at 4096 bytes" in low.stderr
+
+
+@pytest.mark.mpi
+def test_norm_overhead_times_every_scheme_against_bn(tmp_path):
+    out = tmp_path / "norms.json"
+    proc = run_bench(
+        "bench.norm_overhead", "--models mlp --norm syncbn,bn-fix,bn-carry,fedbn --steps 3 --warmup 1", out
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["scheme"]: r for r in read_rows(out)}
+    assert list(rows) == ["bn", "syncbn", "bn-fix (before T*)", "bn-fix (after T*)", "bn-carry", "fedbn"]
+    assert rows["bn"]["x_bn"] == 1.0 and rows["bn"]["own_comm_ms_per_step"] == 0.0
+    assert rows["syncbn"]["own_comm_ms_per_step"] > 0  # its per-layer collectives, timed
+    for label in ("bn-fix (after T*)", "bn-carry", "fedbn"):  # no collective of their own per step
+        assert rows[label]["own_comm_ms_per_step"] == 0.0
+    for r in rows.values():
+        assert r["step_ms"] > 0 and r["x_bn"] == pytest.approx(r["step_ms"] / rows["bn"]["step_ms"])
+    assert proc.stdout.count("own comm ms") == 1  # only rank 0 prints
