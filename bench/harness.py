@@ -18,7 +18,7 @@ from typing import Any, Callable, Optional
 import numpy as np
 from mpi4py import MPI
 
-from disdl_mpi.comm.rendezvous import reachable_address
+from disdl_mpi.comm.rendezvous import interface_towards, reachable_address
 from disdl_mpi.options import positive_int
 from disdl_mpi.units import parse_size
 
@@ -45,6 +45,11 @@ def init_torch_distributed(comm: MPI.Comm, backend: str = "gloo", timeout_s: flo
     one_node = local.Get_size() == comm.Get_size()
     local.Free()
     addr = reachable_address(comm, one_node=one_node)
+    if not one_node:  # the ranks' direct connections, not only the store, must leave by it
+        ifname = interface_towards(addr)
+        if ifname is not None:
+            for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
+                os.environ.setdefault(var, ifname)
     port = comm.bcast(free_port() if comm.Get_rank() == 0 else None, root=0)
     dist.init_process_group(
         backend,

@@ -25,8 +25,8 @@ OVERRIDE = "MASTER_ADDR"
 _SIOCGIFADDR = 0x8915  # Linux: an interface's IPv4 address
 
 
-def interface_addresses() -> list[str]:
-    """This host's IPv4 addresses on interfaces other than loopback (in interface order)."""
+def _interfaces() -> list[tuple[str, str]]:
+    """(interface name, IPv4 address) of every interface that has one, loopback included."""
     found = []
     with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
         for _, name in socket.if_nameindex():
@@ -34,10 +34,33 @@ def interface_addresses() -> list[str]:
                 raw = fcntl.ioctl(s.fileno(), _SIOCGIFADDR, struct.pack("256s", name[:15].encode()))
             except OSError:  # no IPv4 address on this interface
                 continue
-            addr = socket.inet_ntoa(raw[20:24])
-            if not addr.startswith("127.") and addr not in found:
-                found.append(addr)
+            found.append((name, socket.inet_ntoa(raw[20:24])))
     return found
+
+
+def interface_addresses() -> list[str]:
+    """This host's IPv4 addresses on interfaces other than loopback (in interface order)."""
+    found: list[str] = []
+    for _, addr in _interfaces():
+        if not addr.startswith("127.") and addr not in found:
+            found.append(addr)
+    return found
+
+
+def interface_towards(addr: str) -> str | None:
+    """The name of this host's interface that traffic to ``addr`` leaves by (None if unknown).
+
+    gloo and NCCL advertise their own address for the ranks' direct connections by resolving
+    the hostname, which inside the emulated nodes gives loopback: the group's ranks then dial
+    127.0.0.1. ``GLOO_SOCKET_IFNAME``/``NCCL_SOCKET_IFNAME`` set to this interface avoid that.
+    """
+    try:
+        with socket.socket(socket.AF_INET, socket.SOCK_DGRAM) as s:
+            s.connect((addr, 9))  # a UDP connect sends nothing: it only picks the route
+            local = s.getsockname()[0]
+    except OSError:
+        return None
+    return next((name for name, a in _interfaces() if a == local), None)
 
 
 def _reaches(addr: str, port: int, timeout_s: float) -> bool:
