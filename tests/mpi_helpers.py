@@ -33,6 +33,12 @@ def run_bench(program: str, args: str, out: Path, *, n: int = 2, timeout: float 
     return run_mpi(n, ["-m", program, *args.split(), "--json", str(out)], timeout=timeout, **kw)
 
 
+def run_job(data: Path, options: str, out: Path, *, n: int = 2, timeout: float = 120, **kw: Any):
+    """``mpiexec -n N python -m disdl_mpi.run --data-dir DATA OPTIONS --out OUT``, OPTIONS as typed."""
+    args = ["-m", "disdl_mpi.run", "--data-dir", str(data), *options.split(), "--out", str(out)]
+    return run_mpi(n, args, timeout=timeout, **kw)
+
+
 def run_mpi(
     n: int,
     args: list[str],

@@ -24,6 +24,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from tests.mpi_helpers import ROOT
 from tests.slurm_daemons import (
     SlurmUnavailable,
     _alive,
@@ -190,6 +191,12 @@ class SlurmCluster:
     def sbatch(self, script: Path | str, *args: Any, timeout: float = 180, **kwargs: Any) -> SlurmJob:
         """:meth:`submit` (same arguments), then wait under a hard timeout; return job + output."""
         return self.submit(script, *args, **kwargs).wait(timeout)
+
+    def run_batch(
+        self, script: str, alloc: list[str], *, cwd: Path, timeout: float = 300, **env: str
+    ) -> SlurmJob:
+        """slurm/SCRIPT submitted with ALLOC and ``script_env(**env)``; waits under TIMEOUT."""
+        return self.sbatch(ROOT / "slurm" / script, alloc, env=script_env(**env), cwd=cwd, timeout=timeout)
 
     def preempt_after_first_checkpoint(
         self, script: Path | str, sbatch_args: list[str], *, env: dict, cwd: Path, timeout: float

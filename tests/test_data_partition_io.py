@@ -26,18 +26,8 @@ FAST_S = 25  # generous for a shared, loaded 2-core machine; a hang hits run_mpi
 def base(tmp_path_factory):
     root = tmp_path_factory.mktemp("parts")
     build_partitions("digits", 2, "dirichlet:0.5", 0, root / "u8")
-    build_partitions(
-        "synthetic",
-        2,
-        "iid",
-        0,
-        root / "f32",
-        num_samples=64,
-        num_test=16,
-        shape=(5,),
-        num_classes=3,
-        dtype="float32",
-    )
+    floats = dict(num_samples=64, num_test=16, shape=(5,), num_classes=3, dtype="float32")
+    build_partitions("synthetic", 2, "iid", 0, root / "f32", **floats)
     return root
 
 

@@ -164,18 +164,8 @@ def test_synthetic_streams_deterministically(tmp_path, monkeypatch):
     assert np.abs(means[0] - means[1]).mean() > 10
     b = build_partitions("synthetic", 5, "dirichlet:0.5", 4, tmp_path / "b", **kw)
     assert [e["sha256"] for e in m["ranks"]] == [e["sha256"] for e in b["ranks"]]
-    f = build_partitions(
-        "synthetic",
-        2,
-        "iid",
-        4,
-        tmp_path / "f",
-        num_samples=50,
-        num_test=10,
-        shape=(7,),
-        num_classes=3,
-        dtype="float32",
-    )
+    floats = dict(num_samples=50, num_test=10, shape=(7,), num_classes=3, dtype="float32")
+    f = build_partitions("synthetic", 2, "iid", 4, tmp_path / "f", **floats)
     assert f["x_dtype"] == "float32" and f["sample_shape"] == [7]
     with h5py.File(tmp_path / "f" / "rank_00000.h5", "r") as h:
         assert h["x"].dtype == np.float32 and 0 <= h["x"][...].min() and h["x"][...].max() <= 1

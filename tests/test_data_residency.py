@@ -17,7 +17,7 @@ from disdl_mpi.data.budget import over_budget, resident_bytes
 from disdl_mpi.data.local_data import TrainRows
 from disdl_mpi.data.standardize import channel_sums, standardize
 from disdl_mpi.units import parse_size
-from tests.mpi_helpers import run_mpi
+from tests.mpi_helpers import run_job, run_mpi
 
 
 def _standardized_copy(x: np.ndarray) -> torch.Tensor:
@@ -166,17 +166,7 @@ def test_streamed_batches_equal_resident_ones_read_ahead_or_not(tmp_path):
 
 
 def test_a_budget_that_holds_trains_as_before(digits_partition, tmp_path):
-    proc = run_mpi(
-        2,
-        [
-            *"-m disdl_mpi.run --data-dir".split(),
-            str(digits_partition(2)),
-            *"--norm gn --steps 2 --memory-budget 1G --out".split(),
-            str(tmp_path / "o"),
-        ],
-        timeout=120,
-        check=True,
-    )
+    proc = run_job(digits_partition(2), "--norm gn --steps 2 --memory-budget 1G", tmp_path / "o", check=True)
     assert proc.returncode == 0
 
 

@@ -9,7 +9,7 @@ from collections import Counter
 import pytest
 
 from disdl_mpi.observe.profiler import parse_profile_steps
-from tests.mpi_helpers import run_mpi
+from tests.mpi_helpers import run_job, run_mpi
 
 
 def _phase_counts(path) -> Counter:
@@ -49,14 +49,10 @@ def test_traces_next_to_the_timeline_hold_the_window_of_each_scheme(digits_parti
 
 
 def test_a_window_past_the_last_step_is_written_when_the_scheme_ends(digits_partition, tmp_path):
-    proc = run_mpi(
-        2,
-        [
-            *"-m disdl_mpi.run --data-dir".split(),
-            str(digits_partition(2)),
-            *"--norm gn --steps 3 --eval-every 0 --profile-steps 3:9 --out".split(),
-            str(tmp_path / "o"),
-        ],
+    proc = run_job(
+        digits_partition(2),
+        "--norm gn --steps 3 --eval-every 0 --profile-steps 3:9",
+        tmp_path / "o",
         timeout=180,
         check=True,
     )

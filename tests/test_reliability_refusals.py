@@ -13,22 +13,13 @@ import time
 
 import pytest
 
-from tests.mpi_helpers import Job, alive, run_mpi
+from tests.mpi_helpers import Job, alive, run_job, run_mpi
 
 pytestmark = [pytest.mark.mpi, pytest.mark.faults]
 
 
 def test_bad_configuration_is_refused_before_training(parts, tmp_path):
-    proc = run_mpi(
-        2,
-        [
-            *"-m disdl_mpi.run --data-dir".split(),
-            str(parts["n2"]),
-            *"--model nope --global-batch-size 1 --checkpoint-every 0 --out".split(),
-            str(tmp_path / "o"),
-        ],
-        timeout=120,
-    )
+    proc = run_job(parts["n2"], "--model nope --global-batch-size 1 --checkpoint-every 0", tmp_path / "o")
     assert proc.returncode == 2
     for msg in (
         "unknown model 'nope'",
@@ -45,16 +36,7 @@ def test_bad_configuration_is_refused_before_training(parts, tmp_path):
     )
     assert proc.returncode == 2 and proc.stderr.count("results folder is not writable") == 1
 
-    proc = run_mpi(
-        2,
-        [
-            *"-m disdl_mpi.run --data-dir".split(),
-            str(parts["n2"]),
-            *"--dataset mnist --out".split(),
-            str(tmp_path / "o2"),
-        ],
-        timeout=120,
-    )
+    proc = run_job(parts["n2"], "--dataset mnist", tmp_path / "o2")
     assert proc.returncode == 2
     assert proc.stderr.count("field 'dataset' is 'digits'") == 1 and "epoch" not in proc.stdout
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from disdl_mpi.comm.world import mpi_library
-from tests.mpi_helpers import run_mpi
+from tests.mpi_helpers import run_job, run_mpi
 
 pytestmark = pytest.mark.mpi
 
@@ -59,17 +59,7 @@ def test_run_writes_sane_summary(ranks, digits_partitions, tmp_path):
 def test_run_builds_missing_partition(tmp_path):
     """Rank 0 builds the default partition while the others wait."""
     data = tmp_path / "built"
-    proc = run_mpi(
-        2,
-        [
-            *"-m disdl_mpi.run --data-dir".split(),
-            str(data),
-            *"--norm gn --steps 3 --out".split(),
-            str(tmp_path / "o"),
-        ],
-        timeout=120,
-        check=True,
-    )
+    proc = run_job(data, "--norm gn --steps 3", tmp_path / "o", check=True)
     manifest = json.loads((data / "partition.json").read_text())
     assert manifest["world_size"] == 2 and manifest["scheme"].startswith("dirichlet")
     assert sorted(p.name for p in data.glob("rank_*.h5")) == ["rank_00000.h5", "rank_00001.h5"]
@@ -195,17 +185,7 @@ def test_lr_schedule_and_time_to_accuracy_are_recorded(digits_partitions, tmp_pa
 def test_feature_shift_records_each_ranks_own_domain_accuracy(digits_partition, tmp_path):
     data = digits_partition(2, "feature:mixed")
     out = tmp_path / "o"
-    run_mpi(
-        2,
-        [
-            *"-m disdl_mpi.run --data-dir".split(),
-            str(data),
-            *"--norm bn,fedbn --epochs 2 --out".split(),
-            str(out),
-        ],
-        timeout=180,
-        check=True,
-    )
+    run_job(data, "--norm bn,fedbn --epochs 2", out, timeout=180, check=True)
     for rec in json.loads((out / "summary.json").read_text())["runs"]:
         dom = rec["domain_accuracy"]
         assert len(dom) == 2 and all(0.0 <= a <= 1.0 for a in dom), rec

@@ -50,12 +50,8 @@ def _summary_runs(out_dir: Path) -> list[dict]:
 @pytest.mark.parametrize("launcher", ["srun", "mpirun"])
 def test_train_sbatch_two_ranks_cpu(slurm_cluster: SlurmCluster, tmp_path: Path, launcher: str) -> None:
     """train.sbatch, header overridden to 1 node x 2 tasks without GPUs: a real 2-rank run."""
-    job = slurm_cluster.sbatch(
-        SLURM_DIR / "train.sbatch",
-        SMALL_ALLOC,
-        env=script_env(LAUNCHER=launcher),
-        cwd=tmp_path,
-        timeout=JOB_TIMEOUT,
+    job = slurm_cluster.run_batch(
+        "train.sbatch", SMALL_ALLOC, cwd=tmp_path, timeout=JOB_TIMEOUT, LAUNCHER=launcher
     )
     assert job.returncode == 0 and job.state in ("COMPLETED", ""), job.describe()
     out_dir = tmp_path / "results" / str(job.job_id)

@@ -79,13 +79,7 @@ def _ranks_in(ns: str, marker: bytes = b"disdl_mpi.run") -> list[int]:
 def test_train_runs_one_rank_on_each_of_two_nodes(
     slurm2: SlurmCluster, tmp_path: Path, launcher: str
 ) -> None:
-    job = slurm2.sbatch(
-        SLURM_DIR / "train.sbatch",
-        TWO_NODES,
-        env=script_env(LAUNCHER=launcher),
-        cwd=tmp_path,
-        timeout=JOB_TIMEOUT,
-    )
+    job = slurm2.run_batch("train.sbatch", TWO_NODES, cwd=tmp_path, LAUNCHER=launcher)
     assert job.returncode == 0 and job.state in ("COMPLETED", ""), job.describe()
     summary = _summary(tmp_path / "results" / str(job.job_id))
     machine = summary["machine"]

@@ -25,13 +25,9 @@ def build_parser() -> argparse.ArgumentParser:
         if verb == "up":
             s.add_argument("--nodes", type=int, required=True)
             s.add_argument(
-                "--link", default="1gbit", help="each node's egress rate: 1gbit, 2500mbit, 10gbit, or none"
+                "--link", default="1gbit", help="each node's egress rate: 1gbit, 2500mbit, ..., none"
             )
-            s.add_argument(
-                "--slurm",
-                action="store_true",
-                help="also start a SLURM: slurmctld in node 0, slurmd in every node",
-            )
+            s.add_argument("--slurm", action="store_true", help="also start a SLURM (slurmctld in node 0)")
         if verb == "slurm":
             s.add_argument(
                 "cmd",

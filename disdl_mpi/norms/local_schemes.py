@@ -12,13 +12,11 @@ from disdl_mpi.norms.scheme import NormScheme
 
 class LocalBN(NormScheme):
     name = "bn"
+    layer_type = LocalBatchNorm
     summary = (
         "local BatchNorm (Ioffe & Szegedy 2015) over each rank's own batch: the baseline; its "
         "statistics follow the rank's skewed label mix"
     )
-
-    def make_layer(self, num_features: int) -> nn.Module:
-        return LocalBatchNorm(num_features)
 
 
 class GroupNormScheme(NormScheme):
@@ -51,13 +49,11 @@ class LayerNormScheme(NormScheme):
 
 class InstanceNormScheme(NormScheme):
     name = "in"
+    layer_type = InstanceNormAny
     summary = (
         "InstanceNorm with affine (Ulyanov et al. 2016): per-sample, per-channel statistics; on "
         "flat features it falls back to per-sample LayerNorm"
     )
-
-    def make_layer(self, num_features: int) -> nn.Module:
-        return InstanceNormAny(num_features)
 
 
 class FedBatchNorm(LocalBatchNorm):
@@ -66,6 +62,7 @@ class FedBatchNorm(LocalBatchNorm):
 
 class FedBN(NormScheme):
     name = "fedbn"
+    layer_type = FedBatchNorm
     summary = (
         "FedBN (Li et al. ICLR 2021): BN statistics and affine parameters stay local to each "
         "rank; targets feature shift across ranks, not label skew; every rank evaluates with "
@@ -73,9 +70,6 @@ class FedBN(NormScheme):
     )
     local_params = True
     per_rank_eval = True
-
-    def make_layer(self, num_features: int) -> nn.Module:
-        return FedBatchNorm(num_features)
 
 
 class NoNorm(NormScheme):

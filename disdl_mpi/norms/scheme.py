@@ -67,6 +67,8 @@ class NormScheme:
     collective_forward: ClassVar[bool] = False
     local_params: ClassVar[bool] = False
     per_rank_eval: ClassVar[bool] = False
+    # the layer, where it is built as ``layer_type(num_features)``; others override make_layer
+    layer_type: ClassVar[type[nn.Module] | None] = None
 
     def __init__(self, comm: Any = None) -> None:
         self.timer = CommTimer()
@@ -92,8 +94,10 @@ class NormScheme:
 
     # ---- layers -------------------------------------------------------------------------
     def make_layer(self, num_features: int) -> nn.Module:
-        """A fresh norm layer for ``num_features`` channels (subclasses override this)."""
-        raise NotImplementedError(f"norm '{self.name}' defines no layer")
+        """A fresh norm layer for ``num_features`` channels: ``layer_type``'s, or an override's."""
+        if self.layer_type is None:
+            raise NotImplementedError(f"norm '{self.name}' defines no layer")
+        return self.layer_type(num_features)
 
     def layer(self, num_features: int) -> nn.Module:
         """A fresh norm layer for ``num_features`` channels; works on (N,C,H,W) and (N,C)."""
