@@ -34,14 +34,13 @@ from bench.harness import (
     add_block,
     add_size_range,
     exit_cleanly,
-    init_torch_distributed,
-    nccl_usable,
     parse_list,
     sizes,
     time_variants,
     write_rows,
 )
 from disdl_mpi.comm.allreducer import GradientAllreducer
+from disdl_mpi.comm.torch_group import nccl_usable, start_process_group
 from disdl_mpi.comm.world import install_abort_handler, mpi_library, rank_info
 from disdl_mpi.device import select_device
 from disdl_mpi.options import add_json, program_parser
@@ -176,7 +175,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
     elem = np.dtype(np_dtype).itemsize
     torch_backend = next((b for b in backends if b in ("gloo", "nccl")), None)
     if torch_backend is not None:
-        init_torch_distributed(comm, torch_backend)
+        start_process_group(comm, torch_backend)
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)
     fp16_wire = args.compress == "fp16"
     rows: list[dict] = []

@@ -7,7 +7,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import sys
 import time
@@ -18,82 +17,19 @@ from typing import Any, Callable, Optional
 import numpy as np
 from mpi4py import MPI
 
-from disdl_mpi.comm.rendezvous import interface_towards, reachable_address
+from disdl_mpi.comm.torch_group import flush_and_stop
 from disdl_mpi.options import positive_int
 from disdl_mpi.units import parse_size
-
-
-def free_port() -> int:
-    """A TCP port that was free a moment ago on this host."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("", 0))
-        return s.getsockname()[1]
-
-
-def init_torch_distributed(comm: MPI.Comm, backend: str = "gloo", timeout_s: float = 120.0) -> None:
-    """Start a torch.distributed group matching ``comm``'s ranks.
-
-    Rank 0 picks a free port and broadcasts it over MPI, so no fixed port can collide with
-    another job; the address is one every rank reached (``disdl_mpi.comm.rendezvous``: 127.0.0.1
-    on one node, else rank 0's interface addresses or hostname, or MASTER_ADDR).
-    """
-    import datetime
-
-    import torch.distributed as dist
-
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    one_node = local.Get_size() == comm.Get_size()
-    local.Free()
-    addr = reachable_address(comm, one_node=one_node)
-    if not one_node:  # the ranks' direct connections, not only the store, must leave by it
-        ifname = interface_towards(addr)
-        if ifname is not None:
-            for var in ("GLOO_SOCKET_IFNAME", "NCCL_SOCKET_IFNAME"):
-                os.environ.setdefault(var, ifname)
-    port = comm.bcast(free_port() if comm.Get_rank() == 0 else None, root=0)
-    dist.init_process_group(
-        backend,
-        init_method=f"tcp://{addr}:{port}",
-        rank=comm.Get_rank(),
-        world_size=comm.Get_size(),
-        timeout=datetime.timedelta(seconds=timeout_s),
-    )
-
-
-def nccl_usable(comm: MPI.Comm) -> tuple[bool, str]:
-    """Whether NCCL can join these ranks, and why not.
-
-    NCCL wants one GPU per rank: ranks sharing a GPU end in "invalid usage" (seen on a
-    1-GPU machine with 2 ranks), so the benchmarks fall back or skip with this reason.
-    """
-    import torch
-    import torch.distributed as dist
-
-    if not (torch.cuda.is_available() and dist.is_available() and dist.is_nccl_available()):
-        return False, "torch has no CUDA NCCL here"
-    local = comm.Split_type(MPI.COMM_TYPE_SHARED)
-    ranks = local.Get_size()
-    local.Free()
-    gpus = torch.cuda.device_count()
-    if ranks > gpus:
-        return False, (f"{ranks} ranks share {gpus} GPU(s) on a node, and NCCL needs one GPU per rank")
-    return True, ""
 
 
 def exit_cleanly(comm: MPI.Comm, code: int = 0) -> None:
     """Leave without gloo's 'terminate called without an active exception' abort.
 
-    A barrier, then destroy_process_group, then ``os._exit`` (skipping the interpreter teardown
-    where gloo's threads abort); MPI is finalized by hand since atexit handlers will not run.
+    Stop the process group (a barrier, then destroy), then ``os._exit`` (skipping the
+    interpreter teardown where gloo's threads abort); MPI is finalized by hand since atexit
+    handlers will not run.
     """
-    import torch.distributed as dist
-
-    sys.stdout.flush()
-    sys.stderr.flush()
-    if dist.is_available() and dist.is_initialized():
-        dist.barrier()
-        dist.destroy_process_group()
-    comm.Barrier()
+    flush_and_stop(comm)
     sys.stdout.flush()
     MPI.Finalize()
     os._exit(code)

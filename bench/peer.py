@@ -28,8 +28,9 @@ import torch
 from mpi4py import MPI
 from torch import nn
 
-from bench.harness import exit_cleanly, init_torch_distributed, nccl_usable, time_variants, write_rows
+from bench.harness import exit_cleanly, time_variants, write_rows
 from disdl_mpi.comm.allreducer import DEFAULT_BUCKET_MB, GradientAllreducer
+from disdl_mpi.comm.torch_group import nccl_usable, start_process_group
 from disdl_mpi.comm.world import install_abort_handler, mpi_library, rank_info
 from disdl_mpi.device import select_device
 from disdl_mpi.models import build_model
@@ -190,7 +191,7 @@ def run(args, comm: MPI.Comm) -> dict:
         ddp_backend = "nccl" if usable else "gloo"
     if rank == 0 and device.type == "cuda" and ddp_backend == "gloo":
         print(f"# DDP on gloo, not NCCL: {why}", flush=True)
-    init_torch_distributed(comm, ddp_backend)
+    start_process_group(comm, ddp_backend)
     x, y, shape, classes = load_data(args, comm)
     if len(x) == 0:
         raise ValueError(f"rank {rank}: no training samples")

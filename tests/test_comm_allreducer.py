@@ -9,7 +9,8 @@ from mpi4py import MPI
 from torch import nn
 
 from disdl_mpi.comm import compression, cuda_aware
-from disdl_mpi.comm.allreducer import GradientAllreducer, _union_seconds
+from disdl_mpi.comm.allreducer import GradientAllreducer
+from disdl_mpi.units import union_seconds
 from tests.mpi_helpers import run_mpi
 from tests.output_checks import roundtrip_relative_error
 
@@ -129,10 +130,10 @@ def test_fp16_bucket_halves_the_wire_bytes_and_bf16_travels_as_fp32():
     red.close()
 
 
-def test_union_seconds():
-    assert _union_seconds([]) == 0
-    assert _union_seconds([(0, 1), (0.5, 2), (3, 4)]) == pytest.approx(3.0)
-    assert _union_seconds([(0, 4), (1, 2)]) == pytest.approx(4.0)
+def testunion_seconds():
+    assert union_seconds([]) == 0
+    assert union_seconds([(0, 1), (0.5, 2), (3, 4)]) == pytest.approx(3.0)
+    assert union_seconds([(0, 4), (1, 2)]) == pytest.approx(4.0)
 
 
 def test_cuda_aware_detection_and_overrides(monkeypatch):

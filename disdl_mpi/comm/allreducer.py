@@ -1,4 +1,4 @@
-"""Bucketed, overlapped, sample-weighted gradient allreduce over MPI.
+"""Bucketed, overlapped, sample-weighted gradient allreduce over MPI (or a torch.distributed group).
 
 Parameters are grouped into buckets in REVERSE registration order (roughly the order backward
 produces their gradients), each bucket one flat contiguous buffer. Every parameter's ``.grad``
@@ -27,9 +27,10 @@ from __future__ import annotations
 import math
 import time
 from dataclasses import dataclass, field
-from typing import Callable, NamedTuple, Optional, Protocol
+from typing import Any, Callable, NamedTuple, Optional, Protocol
 
 import torch
+import torch.distributed
 from mpi4py import MPI
 from torch import nn
 
@@ -37,6 +38,8 @@ from disdl_mpi.comm import compression, mpi_ops
 from disdl_mpi.comm.cuda_aware import CudaAwareness, check_choice
 from disdl_mpi.comm.cuda_aware import detect as detect_cuda_aware
 from disdl_mpi.comm.mpi_ops import mpi_buffer, sum_op
+from disdl_mpi.comm.torch_group import TorchWork
+from disdl_mpi.units import union_seconds
 
 DEFAULT_BUCKET_MB = 1.0
 
@@ -94,6 +97,8 @@ class GradientAllreducer:
 
     ``bucket_mb`` caps a bucket's gradient bytes (a tensor larger than the cap gets a bucket of
     its own); ``0`` gives one bucket per tensor. ``skip(name, p)`` keeps a parameter local.
+    ``torch_group``: a torch.distributed group (True: the default group) that carries the
+    buckets instead of MPI (``--comm gloo|nccl``), with the same buckets, order and overlap.
     """
 
     def __init__(
@@ -107,6 +112,7 @@ class GradientAllreducer:
         cuda_aware: str = "auto",
         skip: Callable[[str, nn.Parameter], bool] = lambda name, p: False,
         payload: Optional[Payload] = None,
+        torch_group: Any = None,
     ) -> None:
         if not (bucket_mb >= 0 and math.isfinite(bucket_mb)):
             raise ValueError(f"bucket_mb must be a finite number >= 0, got {bucket_mb}")
@@ -124,7 +130,14 @@ class GradientAllreducer:
         on_cuda = any(p.is_cuda for _, p in named)
         # The verdict and its reason (None on CPU, where MPI reads the tensors directly).
         self.cuda_awareness: Optional[CudaAwareness] = None
-        if on_cuda:
+        # torch.distributed carries the data (MPI keeps the control: the layout check below)
+        self.torch_group = torch_group
+        if torch_group is not None:
+            import torch.distributed as dist
+
+            check_choice(cuda_aware)
+            self.path = f"torch-{dist.get_backend(None if torch_group is True else torch_group)}"
+        elif on_cuda:
             self.cuda_awareness = detect_cuda_aware(cuda_aware)
             self.path = "cuda-aware" if self.cuda_awareness.aware else "host-staged"
         else:
@@ -132,7 +145,9 @@ class GradientAllreducer:
             self.path = "cpu-zero-copy"
         # Hooks of CUDA backward run on autograd's device threads: MPI calls from there need at
         # least MPI_THREAD_SERIALIZED (the main thread is blocked in backward meanwhile).
-        self._hook_launch = self.overlap and (not on_cuda or MPI.Query_thread() >= MPI.THREAD_SERIALIZED)
+        self._hook_launch = self.overlap and (
+            not on_cuda or torch_group is not None or MPI.Query_thread() >= MPI.THREAD_SERIALIZED
+        )
         self.buckets = self._build_buckets(named)
         self._slot: dict[int, tuple[_Bucket, int]] = {}
         for b in self.buckets:
@@ -198,7 +213,9 @@ class GradientAllreducer:
             dtype=dtype,
             grad_buf=grad_buf,
             wire=wire,
-            mpi_buf=mpi_buffer(wire, cuda_aware=self.path == "cuda-aware"),
+            mpi_buf=None
+            if self.torch_group is not None
+            else mpi_buffer(wire, cuda_aware=self.path == "cuda-aware"),
             op=sum_op(wdtype),
             wire_bytes=wire.numel() * wire.element_size(),
             staged=wire is not grad_buf,
@@ -208,6 +225,11 @@ class GradientAllreducer:
         b.payload = grad_buf[payload_at:] if extra else None
         b.ready = [False] * len(params)
         return b
+
+    def _mpi_view(self, wire: torch.Tensor) -> object:
+        return (
+            None if self.torch_group is not None else mpi_buffer(wire, cuda_aware=self.path == "cuda-aware")
+        )
 
     def _check_layout_agrees(self) -> None:
         """Every rank must build the same buckets, or the collectives would mismatch."""
@@ -299,6 +321,11 @@ class GradientAllreducer:
             self.payload.fill(b.payload)  # unweighted: summed as they are
         if b.staged:
             b.wire.copy_(b.grad_buf)  # cast (fp16/bf16) and/or device-to-host staging
+        if self.torch_group is not None:
+            # NCCL runs in stream order (no host wait); gloo copies or reads the host buffer
+            group = None if self.torch_group is True else self.torch_group
+            b.request = TorchWork(torch.distributed.all_reduce(b.wire, group=group, async_op=True))
+            return
         if b.on_cuda:
             # MPI reads the buffer outside CUDA's stream order: the writes must be finished.
             torch.cuda.current_stream(b.device).synchronize()
@@ -350,7 +377,7 @@ class GradientAllreducer:
         t_end = time.perf_counter()
         self._active = False
         return {
-            "total_s": _union_seconds([(b.t_start, b.t_end) for b in self.buckets]),
+            "total_s": union_seconds([(b.t_start, b.t_end) for b in self.buckets]),
             "exposed_s": t_end - t_fin,
             "buckets": len(self.buckets),
             "bytes": self._wire_bytes,
@@ -361,16 +388,3 @@ class GradientAllreducer:
         for h in self._handles:
             h.remove()
         self._handles = []
-
-
-def _union_seconds(intervals: list[tuple[float, float]]) -> float:
-    """Wall time covered by at least one interval (communication in flight)."""
-    if len(intervals) == 1:
-        return intervals[0][1] - intervals[0][0]
-    total, end = 0.0, -math.inf
-    for s, e in sorted(intervals):
-        if e <= end:
-            continue
-        total += e - max(s, end)
-        end = e
-    return total

@@ -7,7 +7,7 @@ from typing import Any
 import torch
 from torch import nn
 
-from disdl_mpi.norms.local_layers import LocalBatchNorm, reduce_dims
+from disdl_mpi.norms.local_layers import LocalBatchNorm, batch_stats_of, renormalize
 from disdl_mpi.norms.scheme import NormScheme
 
 
@@ -59,23 +59,24 @@ class BatchRenorm(LocalBatchNorm):
         self._check_input_dim(x)
         if not self.training or x.numel() // max(x.shape[1], 1) <= 1:
             return super().forward(x)  # eval: running stats; empty / single value: see base
-        dims = reduce_dims(x)
-        shape = [1, -1] + [1] * (x.dim() - 2)
         n = x.numel() // x.shape[1]
-        mean = x.mean(dims)
-        var = x.var(dims, unbiased=False)
-        std = torch.sqrt(var + self.eps)
+        var_b, mean_b = batch_stats_of(x)
+        # r and d from the running statistics before this batch updates them
+        y = renormalize(
+            x,
+            self.running_mean,
+            self.running_var,
+            self.weight,
+            self.bias,
+            self.eps,
+            batch_stats=(var_b, mean_b),
+            clip=(self.schedule.r_max, self.schedule.d_max),
+        )
         with torch.no_grad():
-            run_std = torch.sqrt(self.running_var + self.eps)
-            r = (std / run_std).clamp(1.0 / self.schedule.r_max, self.schedule.r_max)
-            d = ((mean - self.running_mean) / run_std).clamp(-self.schedule.d_max, self.schedule.d_max)
-            self.running_mean.add_(mean - self.running_mean, alpha=self.momentum)
-            self.running_var.add_(var * (n / (n - 1)) - self.running_var, alpha=self.momentum)
+            self.running_mean.add_(mean_b - self.running_mean, alpha=self.momentum)
+            self.running_var.add_(var_b * (n / (n - 1)) - self.running_var, alpha=self.momentum)
             self.num_batches_tracked.add_(1)
-        xhat = (x - mean.view(shape)) / std.view(shape) * r.view(shape) + d.view(shape)
-        if self.weight is not None:
-            xhat = xhat * self.weight.view(shape) + self.bias.view(shape)
-        return xhat
+        return y
 
     def extra_repr(self) -> str:
         return super().extra_repr() + (f", r_max={self.schedule.r_max:.3g}, d_max={self.schedule.d_max:.3g}")

@@ -32,7 +32,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disdl_mpi.norms.local_layers import LocalBatchNorm, reduce_dims, renormalize
+from disdl_mpi.norms.local_layers import LocalBatchNorm, batch_stats_of, renormalize
 from disdl_mpi.norms.scheme import NormScheme
 
 
@@ -62,7 +62,7 @@ class CarryBatchNorm(LocalBatchNorm):
         with torch.no_grad():
             # One pass for this batch's per-channel statistics: they give the payload (sums
             # about the previous global mean, in float64 per channel) and the renormalization.
-            var_b, mean_b = torch.var_mean(x.detach(), reduce_dims(x), unbiased=False)
+            var_b, mean_b = batch_stats_of(x)
             shift = self.global_mean if have else torch.zeros_like(self.global_mean)
             n = float(per_channel)
             dm = mean_b.double() - shift.double()

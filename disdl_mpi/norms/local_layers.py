@@ -68,6 +68,40 @@ def gn_groups_for(channels: int, requested: int) -> int:
     return g
 
 
+def batch_stats_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(biased variance, mean) per channel of this batch, one pass, no autograd history."""
+    return torch.var_mean(x.detach(), reduce_dims(x), unbiased=False)
+
+
+class _Renorm(torch.autograd.Function):
+    """y = xhat_B * (w r) + (w d + b), xhat_B the batch-normalized x, r and d constants.
+
+    Forward is one elementwise pass: torch's fused inference-form batch_norm with the batch's
+    statistics (the batch statistics come from the caller's single pass). Backward is torch's
+    fused training-form BN backward with weight w*r, so the cost is local BN's; the weight and
+    bias gradients follow from w' = w r, b' = w d + b by the chain rule.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean_b, var_b, r, d, eps):
+        w_r, shift = weight * r, weight * d + bias
+        y = F.batch_norm(x, mean_b, var_b, w_r, shift, training=False, eps=eps)
+        invstd_b = (var_b + eps).rsqrt()
+        ctx.save_for_backward(x, w_r, mean_b, invstd_b, r, d)
+        ctx.eps = eps
+        return y
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, w_r, mean_b, invstd_b, r, d = ctx.saved_tensors
+        need_x, need_w, need_b = ctx.needs_input_grad[:3]
+        grad_x, g_wr, g_shift = torch.ops.aten.native_batch_norm_backward(
+            dy.contiguous(), x, w_r, None, None, mean_b, invstd_b, True, ctx.eps, [need_x, True, True]
+        )
+        grad_w = torch.addcmul(g_wr * r, g_shift, d) if need_w else None
+        return grad_x, grad_w, g_shift if need_b else None, None, None, None, None, None
+
+
 def renormalize(
     x: torch.Tensor,
     mean: torch.Tensor,
@@ -76,23 +110,26 @@ def renormalize(
     bias: torch.Tensor | None,
     eps: float,
     batch_stats: tuple[torch.Tensor, torch.Tensor] | None = None,
+    clip: tuple[float, float] | None = None,
 ) -> torch.Tensor:
     """Normalize with given (e.g. global) statistics, with BN's gradient through the batch's.
 
-    The value is exactly ``(x - mean) / sqrt(var + eps) * weight + bias``; the gradient is that
-    of batch normalization with this batch's statistics, corrected by the constants
-    r = std_B / std and d = (mean_B - mean) / std (Batch Renormalization, Ioffe 2017, without
-    clipping). BN's gradient keeps the layers before it scale-invariant; a plain affine with
-    fixed statistics does not. One fused native batch_norm does it: with x_B the batch-normalized
-    input, w * (x_B r + d) + b = x_B (w r) + (w d + b). ``batch_stats`` = (var_B, mean_B) when
-    the caller already has them.
+    The value is ``(x - mean) / sqrt(var + eps) * weight + bias``; the gradient is that of
+    batch normalization with this batch's statistics, corrected by the constants
+    r = std_B / std and d = (mean_B - mean) / std (Batch Renormalization, Ioffe 2017). BN's
+    gradient keeps the layers before it scale-invariant; a plain affine with fixed statistics
+    does not. ``clip`` = (r_max, d_max) clips r and d as Batch Renorm does (then the value is
+    only close to the given statistics' normalization). ``batch_stats`` = (var_B, mean_B) when
+    the caller already has them. Costs local BN's two fused passes plus one statistics pass.
     """
-    var_b, mean_b = (
-        batch_stats if batch_stats is not None else torch.var_mean(x.detach(), reduce_dims(x), unbiased=False)
-    )
-    std = (var + eps).sqrt()
-    r = ((var_b + eps).sqrt() / std).detach()
-    d = ((mean_b - mean) / std).detach()
+    var_b, mean_b = batch_stats if batch_stats is not None else batch_stats_of(x)
+    with torch.no_grad():
+        std = (var + eps).sqrt()
+        r = (var_b + eps).sqrt().div_(std)
+        d = (mean_b - mean).div_(std)
+        if clip is not None:
+            r.clamp_(1.0 / clip[0], clip[0])
+            d.clamp_(-clip[1], clip[1])
     w = weight if weight is not None else torch.ones_like(r)
     b = bias if bias is not None else torch.zeros_like(r)
-    return F.batch_norm(x, None, None, w * r, w * d + b, True, 0.0, eps)
+    return _Renorm.apply(x, w, b, mean_b, var_b, r, d, eps)

@@ -128,6 +128,10 @@ class NormScheme:
         """Cumulative seconds this scheme spent in its own collectives."""
         return self.timer.seconds
 
+    def host_syncs(self) -> int:
+        """Host synchronizations its own collectives made so far (0 for most schemes)."""
+        return 0
+
     def close(self) -> None:
         """Free the communicator the scheme duplicated itself (when it was given none)."""
         if self.comm is not None and self._owns_comm:

@@ -5,7 +5,9 @@ Forward: one fused Allreduce of a float64 [count, sum, sumsq] buffer per layer. 
 every rank because every rank applies the same global update to it, and being close to the
 batch mean it keeps ``E[(x-K)^2] - E[x-K]^2`` free of the cancellation that plain sums of
 squares suffer when |mean| >> std. Each rank derives its shifted sums from its local mean and
-M2 (torch's Welford reduction), never from a raw float32 sum of squares.
+variance (two passes over x), never from a raw float32 sum of squares. All of it stays on the
+input's device; the collective is a :class:`~disdl_mpi.comm.stats_allreduce.StatsAllreduce`
+(MPI on CPU, host-staged or CUDA-aware MPI on a GPU, or torch.distributed with ``--comm``).
 Backward: one fused Allreduce of [sum dy, sum dy*xhat].
 
 Gradient convention. The input gradient of global BN mixes ``dy`` from every rank, so every
@@ -23,12 +25,12 @@ from __future__ import annotations
 
 from typing import Any, Optional
 
-import numpy as np
 import torch
 import torch.nn.functional as F
-from mpi4py import MPI
 from torch import nn
 
+from disdl_mpi.comm.stats_allreduce import StatsAllreduce
+from disdl_mpi.norms.local_layers import batch_stats_of
 from disdl_mpi.norms.scheme import CommTimer, NormScheme
 
 CONVENTIONS = ("local_mean", "global")
@@ -41,34 +43,6 @@ def check_convention(convention: str) -> str:
     return convention
 
 
-def _allreduce_host(buf: np.ndarray, comm: Any, timer: Optional[CommTimer]) -> None:
-    """In-place sum of a small float64 host buffer over ``comm`` (timed into ``timer``)."""
-    if comm.Get_size() == 1:
-        return
-    if timer is None:
-        comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-    else:
-        timer.timed(lambda: comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
-
-
-def _host64(t: torch.Tensor) -> np.ndarray:
-    """A per-channel vector as float64 numpy (numpy: these C-sized ops cost ~1 us, not ~10)."""
-    t = t.detach()
-    if t.device.type != "cpu":
-        t = t.cpu()
-    return t.numpy().astype(np.float64)
-
-
-def _to(a: np.ndarray, like: torch.Tensor) -> torch.Tensor:
-    t = torch.from_numpy(np.ascontiguousarray(a, dtype=_NP_DTYPE.get(like.dtype, np.float32)))
-    if t.dtype != like.dtype:  # float16/bfloat16 inputs
-        t = t.to(like.dtype)
-    return t.to(like.device, non_blocking=True) if like.device.type != "cpu" else t
-
-
-_NP_DTYPE = {torch.float32: np.float32, torch.float64: np.float64}
-
-
 def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.view([1, -1] + [1] * (ndim - 2))
 
@@ -76,69 +50,63 @@ def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
 class _SyncBNFunction(torch.autograd.Function):
     """Training-mode global batch norm; running stats are updated in place in forward.
 
-    The per-element work is done by torch's native (fused) batch-norm kernels, called with the
-    GLOBAL statistics as if they were running statistics; only the per-channel reductions and
-    their allreduces are ours, and the C-sized arithmetic runs in float64 numpy on the host
-    (a GPU input pays one small device-to-host copy per collective, which the allreduce
-    needs anyway). That keeps the cost close to local BN.
+    Everything stays on x's device: the per-channel arithmetic in float64 tensors there, the
+    per-element work in torch's fused batch-norm kernels called with the GLOBAL statistics as
+    if they were running statistics. The only host contact is the collective's own
+    (:class:`~disdl_mpi.comm.stats_allreduce.StatsAllreduce`: one packed vector per layer per
+    pass, 0-2 host synchronizations by path).
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, comm, timer, convention):
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, reduce, convention):
         c = x.shape[1]
         n_local = x.numel() // c if c else 0
-        shift = _host64(running_mean)
-        buf = np.zeros(2 * c + 1, dtype=np.float64)
-        buf[0] = n_local
+        shift = running_mean.detach().double()
+        buf = torch.zeros(2 * c + 1, dtype=torch.float64, device=x.device)
         if n_local:
-            # Local mean and biased variance from torch's native (fused, Welford-type) kernel
-            # (eps=0, so var = invstd^-2), re-expressed as sums of (x - K):
-            # S1 = n (m - K), S2 = n (var + (m - K)^2): exact algebra, no raw sum of x^2.
-            _, mean_l, invstd_l = torch.ops.aten.native_batch_norm(
-                x.detach(), None, None, None, None, True, 0.0, 0.0
-            )
-            inv = _host64(invstd_l)
-            # The kernel reports invstd 0 (not inf) for a zero variance (a constant channel,
-            # or a single value per channel on this rank).
-            with np.errstate(divide="ignore"):
-                var_l = np.where(inv > 0, 1.0 / np.square(inv), 0.0)
-            dm = _host64(mean_l) - shift
-            buf[1 : c + 1] = dm * n_local
-            buf[c + 1 :] = (var_l + dm * dm) * n_local
+            # This rank's mean and biased variance (two passes over x: exact where the folded
+            # sum of squares would cancel), re-expressed as sums of (x - K), K the running mean:
+            # S1 = n (m - K), S2 = n (var + (m - K)^2). K is the same on every rank.
+            var_l, mean_l = batch_stats_of(x)
+            dm = mean_l.double() - shift
+            buf[0] = n_local
+            torch.mul(dm, n_local, out=buf[1 : c + 1])
+            torch.mul(var_l.double().addcmul_(dm, dm), n_local, out=buf[c + 1 :])
         # An empty rank still joins the collective, with zeros.
-        _allreduce_host(buf, comm, timer)
-        n = float(buf[0])
-        if n <= 1:
+        host = reduce(buf)
+        if host is not None and host[0] <= 1:
             # Every rank sees the same global count, so every rank raises here together.
             raise ValueError(
                 f"syncbn: expected more than 1 value per channel over all ranks "
-                f"in training, got {int(n)} (input shape {tuple(x.shape)})"
+                f"in training, got {int(host[0])} (input shape {tuple(x.shape)})"
             )
+        # Device paths do not read the count on the host: a global batch of one value per
+        # channel gives variance 0 there instead of the error.
+        n = buf[:1].clamp_min(1.0)
         d_mean = buf[1 : c + 1] / n
-        var = np.maximum(buf[c + 1 :] / n - d_mean * d_mean, 0.0)
+        var = (buf[c + 1 :] / n).sub_(d_mean * d_mean).clamp_min_(0.0)
         mean = shift + d_mean
-        new_mean = (1 - momentum) * shift + momentum * mean
-        new_var = (1 - momentum) * _host64(running_var) + momentum * var * (n / (n - 1))
         with torch.no_grad():
-            running_mean.copy_(_to(new_mean, running_mean))
-            running_var.copy_(_to(new_var, running_var))
-        mean_x, var_x = _to(mean, x), _to(var, x)
+            running_mean.lerp_(mean.to(running_mean.dtype), momentum)
+            unbiased = var * (n / (n - 1).clamp_min(1.0))
+            running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
+        mean_x, var_x = mean.to(x.dtype), var.to(x.dtype)
         # Native fused kernel in inference form: (x - mean) / sqrt(var + eps) * w + b.
         y = F.batch_norm(x, mean_x, var_x, weight, bias, training=False, eps=eps)
-        ctx.save_for_backward(x, weight, mean_x, var_x)
-        ctx.stats = (mean, var)
-        ctx.comm, ctx.timer, ctx.n, ctx.n_local = comm, timer, n, n_local
+        ctx.save_for_backward(x, weight, mean_x, var_x, n, var)
+        ctx.reduce, ctx.n_local = reduce, n_local
         ctx.eps, ctx.convention = eps, convention
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, weight, mean_x, var_x = ctx.saved_tensors
+        x, weight, mean_x, var_x, n, var = ctx.saved_tensors
         c = x.shape[1]
-        n, n_local = ctx.n, ctx.n_local
+        n_local = ctx.n_local
         dy = dy.contiguous()
         gw = gb = None
+        buf = torch.zeros(2 * c, dtype=torch.float64, device=x.device)
         if n_local:
             # Native kernel in inference form gives this rank's sum(dy * xhat) and sum(dy)
             # with xhat computed from the global statistics.
@@ -149,38 +117,37 @@ class _SyncBNFunction(torch.autograd.Function):
             _, gw, gb = torch.ops.aten.native_batch_norm_backward(
                 dy, x, weight, mean_x, var_x, empty, empty, False, ctx.eps, [False, True, True]
             )
-            buf = np.concatenate([_host64(gb), _host64(gw)])
-        else:
-            buf = np.zeros(2 * c, dtype=np.float64)
-        # Scale this rank's dy into common (global-mean) units before mixing ranks.
-        scale = n_local / n if ctx.convention == "local_mean" else 1.0
-        buf *= scale
-        _allreduce_host(buf, ctx.comm, ctx.timer)
+            buf[:c] = gb
+            buf[c:] = gw
+            # Scale this rank's dy into common (global-mean) units before mixing ranks.
+            if ctx.convention == "local_mean":
+                buf.mul_(n_local / n)
+        ctx.reduce(buf)
         grad_x = None
         if ctx.needs_input_grad[0]:
             if n_local:
-                mean, var = ctx.stats
-                back = 1.0 / (scale * n)  # global means, back in this rank's units
+                # global means, back in this rank's units: 1 / (scale n)
+                back = 1.0 / n_local if ctx.convention == "local_mean" else 1.0 / n
                 mean_dy, mean_dy_xhat = buf[:c] * back, buf[c:] * back
-                invstd = 1.0 / np.sqrt(var + ctx.eps)
-                w = invstd if weight is None else invstd * _host64(weight)
+                invstd = (var + ctx.eps).rsqrt_()
+                w = invstd if weight is None else invstd * weight.double()
                 # grad_x = w*invstd*(dy - mean_dy - xhat*mean_dy_xhat)
                 #        = a*dy + b*(x - mean) + k. Centering x explicitly first matters: the
                 # folded form b*x + (k - b*mean) cancels catastrophically in float32 when
                 # |mean| >> std (measured: 1e-3 relative gradient errors on a real model).
-                b = -w * invstd * mean_dy_xhat
-                k = -w * mean_dy
+                b = (-w * invstd * mean_dy_xhat).to(x.dtype)
+                k = (-w * mean_dy).to(x.dtype)
                 nd = dy.dim()
                 centered = x - _channel_view(mean_x, nd)
-                grad_x = torch.addcmul(_channel_view(_to(k, x), nd), centered, _channel_view(_to(b, x), nd))
-                grad_x.addcmul_(dy, _channel_view(_to(w, dy), dy.dim()))
+                grad_x = torch.addcmul(_channel_view(k, nd), centered, _channel_view(b, nd))
+                grad_x.addcmul_(dy, _channel_view(w.to(dy.dtype), nd))
             else:
                 grad_x = torch.zeros_like(dy)
         if gw is None and (ctx.has_weight or ctx.has_bias):
             gw = gb = torch.zeros(c, dtype=dy.dtype, device=dy.device)
         grad_w = gw if ctx.has_weight else None
         grad_b = gb if ctx.has_bias else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -199,6 +166,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         comm: Any,
         timer: Optional[CommTimer] = None,
         *,
+        reduce: Optional[StatsAllreduce] = None,
         eps: float = 1e-5,
         momentum: Optional[float] = 0.1,
         convention: str = "local_mean",
@@ -207,6 +175,8 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         super().__init__(num_features, eps=eps, momentum=momentum, affine=affine, track_running_stats=True)
         self.comm = comm
         self.timer = timer
+        # the per-layer collective; the scheme shares one among its layers (and counts there)
+        self.reduce = reduce if reduce is not None else StatsAllreduce(comm, timer)
         self.convention = check_convention(convention)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
@@ -232,8 +202,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             self.running_var,
             self.eps,
             factor,
-            self.comm,
-            self.timer,
+            self.reduce,
             self.convention,
         )
 
@@ -253,9 +222,30 @@ class SyncBN(NormScheme):
     communicates = True
     collective_forward = True
 
-    def __init__(self, comm: Any = None, *, grad_convention: str = "local_mean") -> None:
+    def __init__(
+        self,
+        comm: Any = None,
+        *,
+        grad_convention: str = "local_mean",
+        stats_path: str = "auto",
+        cuda_aware: bool | str = "auto",
+    ) -> None:
         self.grad_convention = check_convention(grad_convention)  # before a communicator is made
         super().__init__(comm)
+        # one collective for all layers: it counts the scheme's host synchronizations
+        self.reduce = StatsAllreduce(self.comm, self.timer, path=stats_path, cuda_aware=cuda_aware)
+
+    @classmethod
+    def options(cls, cfg: Any) -> dict[str, Any]:
+        return {
+            "stats_path": "torch" if cfg.comm in ("gloo", "nccl") else "auto",
+            "cuda_aware": cfg.cuda_aware,
+        }
+
+    def host_syncs(self) -> int:
+        return self.reduce.host_syncs
 
     def make_layer(self, num_features: int) -> nn.Module:
-        return SyncBatchNorm(num_features, self.comm, self.timer, convention=self.grad_convention)
+        return SyncBatchNorm(
+            num_features, self.comm, self.timer, reduce=self.reduce, convention=self.grad_convention
+        )
