@@ -11,6 +11,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
+from disdl_mpi.comm.torch_group import COMM_PATHS
 from disdl_mpi.data.layout import partition_dir
 from disdl_mpi.models import MODELS as MODEL_NAMES
 from disdl_mpi.norms import resolve_schemes, scheme_config_errors
@@ -56,6 +57,7 @@ class RunConfig:
     weight_decay: float = 5e-4
     seed: int = 0
     # communication
+    comm: str = "auto"  # the data path: mpi, gloo or nccl (auto: mpi on CPU, the doctor's on GPU)
     bucket_mb: float = 1.0
     overlap: bool = True
     compress: str = "none"
@@ -172,6 +174,13 @@ def build_parser() -> argparse.ArgumentParser:
     option(g, "--weight-decay", type=float)
     option(g, "--seed", type=int)
     g = p.add_argument_group("communication")
+    option(
+        g,
+        "--comm",
+        choices=["auto", *COMM_PATHS],
+        help="the data path of gradients and syncbn's statistics: MPI, or a torch.distributed group "
+        "started from MPI (auto: mpi on CPU; on GPU nccl where NCCL admits the ranks, else mpi)",
+    )
     option(g, "--bucket-mb", type=float, help="gradient fusion bucket size in MiB; 0 = one buffer per tensor")
     option(
         g,
@@ -276,6 +285,8 @@ def config_errors(cfg: RunConfig, world_size: int) -> list[str]:
         errors.append(f"--warmup-epochs must be >= 0, got {cfg.warmup_epochs}")
     if cfg.target_accuracy is not None and not 0 < cfg.target_accuracy <= 1:
         errors.append(f"--target-accuracy must be in (0, 1], got {cfg.target_accuracy}")
+    if cfg.comm == "nccl" and cfg.device == "cpu":
+        errors.append("--comm nccl needs --device cuda (or auto on a GPU node); on CPU use mpi or gloo")
     if cfg.fix_at is not None and cfg.fix_at < 0:
         errors.append(f"--fix-at must be >= 0, got {cfg.fix_at}")
     errors += scheme_config_errors(schemes, cfg)

@@ -12,6 +12,7 @@ the import contract in pyproject.toml allows exactly that import and no other.
 from __future__ import annotations
 
 import atexit
+import dataclasses
 import sys
 import time
 from pathlib import Path
@@ -22,6 +23,7 @@ from mpi4py import MPI
 
 from data_prep.ensure import ensure_partition, explicit_mismatch
 from disdl_mpi.comm.collective_check import CheckedComm, CollectiveChecker
+from disdl_mpi.comm.torch_group import resolve_comm, start_process_group, stop_process_group
 from disdl_mpi.comm.world import RankInfo, agree_or_raise, install_abort_handler, rank_info, world
 from disdl_mpi.config import config_errors, parse_config
 from disdl_mpi.data.budget import agreed_budget
@@ -57,6 +59,7 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
     ctx, progress, loaded = build_context(job, info, device, data, facts, local, hooks)
     records = train_schemes(job, ctx, progress, facts, loaded)
     finish(job, ctx, records, facts.machine, data)
+    stop_process_group()
     return 0
 
 
@@ -108,6 +111,12 @@ def set_up_rank(job: Job) -> tuple[RankInfo, torch.device, int]:
     device = select_device(job.cfg.device, info)
     threads = set_threads(job.cfg.threads, info)
     seed_everything(job.cfg.seed)
+    # the data path: MPI, or a torch.distributed group bootstrapped from it (--comm)
+    path, why = resolve_comm(job.cfg.comm, device, job.comm)
+    job.cfg = dataclasses.replace(job.cfg, comm=path)
+    if path != "mpi":
+        start_process_group(job.comm, path)
+    job.log(f"data path: {path} ({why})")
     return info, device, threads
 
 

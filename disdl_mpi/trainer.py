@@ -65,6 +65,7 @@ class SchemeTraining:
             cuda_aware=cfg.cuda_aware,
             skip=lambda name, p: id(p) in self.local_ids,
             payload=self.scheme.payload(self.model),
+            torch_group=True if cfg.comm in ("gloo", "nccl") else None,
         )
         self.plan = BatchPlan(data.sizes, comm.Get_rank(), cfg.global_batch_size, cfg.batching)
         self.epochs, self.max_steps = total_steps(cfg, self.plan)

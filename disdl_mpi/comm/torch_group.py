@@ -93,6 +93,31 @@ def nccl_usable(comm: MPI.Comm, environ: dict | None = None) -> tuple[bool, str]
     return nccl_admits(ranks, gpus, nccl_version(), env.get(MULTI_RANK_VAR) == "1")
 
 
+def resolve_comm(choice: str, device: torch.device, comm: MPI.Comm) -> tuple[str, str]:
+    """Collective: the data path for ``--comm CHOICE`` on ``device``, and why.
+
+    auto is mpi on CPU; on a GPU nccl where NCCL admits these ranks (the doctor's verdict),
+    else mpi (host-staged or CUDA-aware). nccl that NCCL refuses raises UserError on every rank.
+    """
+    from disdl_mpi.errors import UserError
+
+    if choice in ("mpi", "gloo"):
+        return choice, "as asked"
+    if device.type != "cuda":
+        if choice == "nccl":
+            raise UserError("--comm nccl needs a CUDA device; on CPU use mpi or gloo", collective=True)
+        return "mpi", "CPU: MPI reads the tensors in place"
+    usable, why = nccl_usable(comm)
+    usable = bool(comm.allreduce(int(usable), op=MPI.MIN))
+    if choice == "nccl" and not usable:
+        raise UserError(
+            f"--comm nccl: NCCL cannot join these ranks: {why or 'not on every rank'}", collective=True
+        )
+    if usable:
+        return "nccl", why or "NCCL admits one rank per GPU"
+    return "mpi", f"NCCL not usable ({why or 'not on every rank'})"
+
+
 def nccl_admits(ranks: int, gpus: int, version: tuple[int, ...] | None, multi_rank: bool) -> tuple[bool, str]:
     """The rule of :func:`nccl_usable`, apart from the machine (tested on its own)."""
     if ranks <= gpus:
