@@ -9,8 +9,10 @@ the scheme's ``before_step`` hook, forward, local-mean cross-entropy, backward w
 gradient allreducer (weighted, overlapped, with the scheme's payload), optimizer step,
 ``after_step``. bn-fix is timed twice: before its freeze at T* (local BN) and after it (the
 recalibrated statistics frozen). Reports per scheme the median step (wall and this thread's CPU
-time, the slowest rank), its ratio to bn, and the seconds per step the scheme spent in its own
-collectives. Only rank 0 prints; ``--json`` writes the rows.
+time, the slowest rank), its ratio to bn, the seconds per step the scheme spent in its own
+collectives and the host synchronizations they made (counted in the code, syncbn's). ``--comm
+gloo|nccl`` carries gradients and syncbn's statistics through torch.distributed. Only rank 0
+prints; ``--json`` writes the rows.
 """
 
 from __future__ import annotations
@@ -22,9 +24,11 @@ from typing import Callable
 import torch
 from mpi4py import MPI
 
-from bench.harness import time_variants, write_rows
+from bench.harness import exit_cleanly, time_variants, write_rows
 from disdl_mpi.comm.allreducer import GradientAllreducer
+from disdl_mpi.comm.torch_group import COMM_PATHS, start_process_group
 from disdl_mpi.comm.world import rank_info
+from disdl_mpi.config import RunConfig
 from disdl_mpi.device import select_device
 from disdl_mpi.models import build_model
 from disdl_mpi.norms import SCHEMES, NormScheme, get_scheme, norm_state_ids, resolve_schemes
@@ -61,15 +65,25 @@ def variants_of(names: list[str]) -> list[tuple[str, str, dict]]:
     return out
 
 
-def build_variant(comm, name: str, opts: dict, model_name: str, x, y, n_global: int, device) -> Variant:
-    """The scheme's model and allreducer, set up as the trainer does; bn-fix frozen at T* = 0."""
-    scheme = get_scheme(name, comm=comm.Dup() if SCHEMES[name].communicates else None, **opts)
+def build_variant(
+    comm, name: str, opts: dict, model_name: str, x, y, n_global: int, device, cfg: RunConfig
+) -> Variant:
+    """The scheme's model and allreducer, set up as the trainer does (its options from ``cfg``,
+    the run configuration of ``--comm``); bn-fix frozen at T* = 0."""
+    cls = SCHEMES[name]
+    scheme = get_scheme(name, comm=comm.Dup() if cls.communicates else None, **{**cls.options(cfg), **opts})
     torch.manual_seed(0)
     model = build_model(model_name, SHAPES[model_name], 10, scheme.layer).to(device)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     local = norm_state_ids(model) if scheme.local_params else set()  # fedbn: never averaged
-    reducer = GradientAllreducer(model, comm, payload=scheme.payload(model), skip=lambda _, p: id(p) in local)
+    reducer = GradientAllreducer(
+        model,
+        comm,
+        payload=scheme.payload(model),
+        skip=lambda _, p: id(p) in local,
+        torch_group=True if cfg.comm != "mpi" else None,
+    )
     scheme.before_step(model, x, len(x), 0, NEVER)  # bn-fix with fix_at=0 freezes here, once
     count = [1]
 
@@ -83,27 +97,37 @@ def build_variant(comm, name: str, opts: dict, model_name: str, x, y, n_global: 
 
 
 def measure(
-    comm, model_name: str, names: list[str], steps: int, local_batch: int, warmup: int, device=CPU
+    comm,
+    model_name: str,
+    names: list[str],
+    steps: int,
+    local_batch: int,
+    warmup: int,
+    device=CPU,
+    cfg: RunConfig | None = None,
 ) -> list[dict]:
     """One row per variant: median step times (max over ranks), ratio to bn, own collectives."""
+    cfg = cfg or RunConfig(comm="mpi")
     world = comm.Get_size()
     g = torch.Generator().manual_seed(100 + comm.Get_rank())
     x = torch.randn(local_batch, *SHAPES[model_name], generator=g).to(device)
     y = torch.randint(0, 10, (local_batch,), generator=g).to(device)
     built = {
-        label: build_variant(comm, name, opts, model_name, x, y, local_batch * world, device)
+        label: build_variant(comm, name, opts, model_name, x, y, local_batch * world, device, cfg)
         for label, name, opts in variants_of(names)
     }
     for v in built.values():
         for _ in range(warmup):
             v.step()
     comm0 = {label: v.scheme.comm_seconds() for label, v in built.items()}
+    syncs0 = {label: v.scheme.host_syncs() for label, v in built.items()}
     sync = (lambda: torch.cuda.synchronize(device)) if device.type == "cuda" else (lambda: None)
     t = time_variants(comm, {label: v.step for label, v in built.items()}, iters=1, rounds=steps, sync=sync)
     rows = []
     bn_wall, bn_cpu = t.median("bn"), t.median("bn", "cpu")
     for label, v in built.items():
         own = comm.allreduce(v.scheme.comm_seconds() - comm0[label], op=MPI.MAX)
+        syncs = comm.allreduce(v.scheme.host_syncs() - syncs0[label], op=MPI.MAX)
         wall, cpu = t.median(label), t.median(label, "cpu")
         rows.append({
             "model": model_name, "scheme": label, "ranks": world, "device": str(device),
@@ -111,6 +135,7 @@ def measure(
             "step_ms": 1e3 * wall, "cpu_ms": 1e3 * cpu,
             "x_bn": wall / bn_wall, "cpu_x_bn": cpu / bn_cpu,
             "own_comm_ms_per_step": 1e3 * own / steps,
+            "host_syncs_per_step": syncs / steps, "comm": cfg.comm, "path": v.reducer.path,
             "step_ms_p10_p90": [1e3 * t.percentile(label, 10), 1e3 * t.percentile(label, 90)],
         })  # fmt: skip
         v.reducer.close()
@@ -124,16 +149,17 @@ def print_table(rows: list[dict]) -> None:
     print(
         "median per step, each step's slowest rank; wall = elapsed, cpu = this thread's CPU "
         "time (robust to a busy machine; MPICH's polling waits count as CPU); own comm = the "
-        "scheme's own collectives"
+        "scheme's own collectives; syncs = its host synchronizations per step (counted)"
     )
     print(
         f"{'model':>9} {'scheme':>19} {'ranks':>5} {'wall ms':>8} {'x bn':>6} {'cpu ms':>8} "
-        f"{'x bn':>6} {'own comm ms':>11}"
+        f"{'x bn':>6} {'own comm ms':>11} {'syncs':>6} {'path':>14}"
     )
     for r in rows:
         print(
             f"{r['model']:>9} {r['scheme']:>19} {r['ranks']:>5} {r['step_ms']:8.2f} {r['x_bn']:6.2f} "
-            f"{r['cpu_ms']:8.2f} {r['cpu_x_bn']:6.2f} {r['own_comm_ms_per_step']:11.3f}"
+            f"{r['cpu_ms']:8.2f} {r['cpu_x_bn']:6.2f} {r['own_comm_ms_per_step']:11.3f} "
+            f"{r['host_syncs_per_step']:6.1f} {r['path']:>14}"
         )
 
 
@@ -148,6 +174,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--device", choices=["cpu", "cuda"], default="cpu", help="cuda: each rank on its node-local GPU"
     )
+    p.add_argument("--comm", choices=COMM_PATHS, default="mpi", help="the data path (as the job's --comm)")
+    p.add_argument("--cuda-aware", choices=["auto", "yes", "no"], default="auto", help="MPI on a GPU")
     add_json(p)
     args = p.parse_args(argv)
     torch.set_num_threads(args.threads)
@@ -161,11 +189,14 @@ def main(argv: list[str] | None = None) -> int:
         names = resolve_schemes(args.norm)
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
+    cfg = RunConfig(comm=args.comm, cuda_aware=args.cuda_aware)
+    if args.comm != "mpi":
+        start_process_group(comm, args.comm)
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
         if name not in SHAPES:
             raise SystemExit(f"error: unknown model '{name}'; choose from {', '.join(SHAPES)}")
-        rows += measure(comm, name, names, args.steps, args.local_batch, args.warmup, device)
+        rows += measure(comm, name, names, args.steps, args.local_batch, args.warmup, device, cfg)
     if comm.Get_rank() == 0:
         print_table(rows)
         if args.json_path:
@@ -177,6 +208,8 @@ def main(argv: list[str] | None = None) -> int:
                 mpi=MPI.Get_library_version().splitlines()[0],
                 torch=torch.__version__,
             )
+    if args.comm != "mpi":
+        exit_cleanly(comm, 0)
     return 0
 
 

@@ -161,3 +161,17 @@ def test_norm_overhead_times_every_scheme_against_bn(tmp_path):
     for r in rows.values():
         assert r["step_ms"] > 0 and r["x_bn"] == pytest.approx(r["step_ms"] / rows["bn"]["step_ms"])
     assert proc.stdout.count("own comm ms") == 1  # only rank 0 prints
+    # the CPU path makes no host synchronization; mlp has 2 BN layers, 2 passes each
+    assert all(r["host_syncs_per_step"] == 0 and r["path"] == "cpu-zero-copy" for r in rows.values())
+
+
+@pytest.mark.mpi
+def test_norm_overhead_through_gloo_counts_syncbn_collectives_on_the_torch_path(tmp_path):
+    out = tmp_path / "norms.json"
+    proc = run_bench(
+        "bench.norm_overhead", "--models mlp --norm syncbn --steps 3 --warmup 1 --comm gloo", out
+    )
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    rows = {r["scheme"]: r for r in read_rows(out)}
+    assert {r["path"] for r in rows.values()} == {"torch-gloo"} and rows["syncbn"]["comm"] == "gloo"
+    assert rows["syncbn"]["own_comm_ms_per_step"] > 0 and rows["syncbn"]["host_syncs_per_step"] == 0
