@@ -75,6 +75,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_block(p)
     p.add_argument("--bucket-mb", type=float, default=1.0, help="allreducer bucket cap (disdl)")
     p.add_argument("--compress", choices=["none", "fp16"], default="none", help="disdl's wire format")
+    p.add_argument("--cuda-aware", choices=["auto", "yes", "no"], default="auto", help="disdl on GPU buffers")
     p.add_argument("--out-of-place", action="store_true", help="raw MPI: separate send and receive buffers")
     p.add_argument(
         "--no-check", dest="check", action="store_false", help="skip checking every reduced buffer"
@@ -116,7 +117,12 @@ class Op:
             model = nn.Module()
             model.weight = nn.Parameter(torch.zeros(count, dtype=t_dtype, device=device))
             self.red = GradientAllreducer(
-                model, comm, bucket_mb=args.bucket_mb, overlap=True, compress=args.compress
+                model,
+                comm,
+                bucket_mb=args.bucket_mb,
+                overlap=True,
+                compress=args.compress,
+                cuda_aware=args.cuda_aware,
             )
             self.param = model.weight
             self._fill = lambda: self.param.grad.copy_(torch.from_numpy(pattern))

@@ -26,7 +26,8 @@ def facts(comm) -> dict[str, Any]:
     from mpi4py import MPI
 
     from disdl_mpi import __version__
-    from disdl_mpi.comm.cuda_aware import detect
+    from disdl_mpi.comm.cuda_aware import detect, explain, mpi_family
+    from disdl_mpi.comm.torch_group import nccl_version
     from disdl_mpi.comm.world import mpi_library
 
     levels = {
@@ -41,11 +42,13 @@ def facts(comm) -> dict[str, Any]:
         "disdl_mpi": __version__,
         "python": platform.python_version(),
         "mpi_library": mpi_library(),
+        "mpi_family": mpi_family(mpi_library()),
         "mpi_version": "%d.%d" % MPI.Get_version(),
         "mpi4py": mpi4py.__version__,
         "thread_level": levels.get(MPI.Query_thread(), "?"),
         "cuda_aware": aware.aware,
         "cuda_aware_reason": aware.reason,
+        "cuda_aware_verdict": explain(aware, mpi_library()),
         "torch": torch.__version__,
         "torch_cuda": torch.version.cuda,
         "cuda_available": cuda,
@@ -54,6 +57,7 @@ def facts(comm) -> dict[str, Any]:
         if cuda
         else [],
         "nccl": bool(cuda and torch.distributed.is_available() and torch.distributed.is_nccl_available()),
+        "nccl_version": ".".join(map(str, nccl_version() or ())) or None,
         "h5py": h5py.__version__,
         "hdf5": h5py.version.hdf5_version,
         "world_size": comm.Get_size(),
@@ -102,6 +106,16 @@ def self_test(comm, device: str) -> Optional[str]:
     return "; ".join(problems) if problems else None
 
 
+def comm_auto(comm, gpus: int) -> tuple[str, str]:
+    """Collective: the data path ``--comm auto`` takes here (nccl where NCCL admits these
+    ranks on their GPUs, else mpi), and why."""
+    import torch
+
+    from disdl_mpi.comm.torch_group import resolve_comm
+
+    return resolve_comm("auto", torch.device("cuda" if gpus else "cpu"), comm)
+
+
 def verdict(f: dict[str, Any], test: Optional[str], tested: bool) -> tuple[bool, str]:
     launched = f.get("launcher_size")
     if launched and launched > f["world_size"]:
@@ -116,6 +130,7 @@ def verdict(f: dict[str, Any], test: Optional[str], tested: bool) -> tuple[bool,
         return False, f"NO: the allreduce self-test failed ({test})"
     if f["cuda_available"]:
         path = "CUDA, CUDA-aware MPI" if f["cuda_aware"] else "CUDA, host-staged allreduce"
+        path += f"; --comm auto: {f['comm_auto']} ({f['comm_auto_reason']})"
     else:
         path = "CPU"
     scope = (
@@ -148,6 +163,7 @@ def main(argv: Optional[list[str]] = None) -> int:
             import torch
 
             torch.cuda.set_device(device)
+    f["comm_auto"], f["comm_auto_reason"] = comm_auto(comm, f["gpus"])
     ok, line = verdict(f, test, tested)
     f["self_test"] = "passed" if tested and not test else (test or "not run (1 rank)")
     f["verdict"] = line

@@ -6,6 +6,9 @@ import json
 import subprocess
 import sys
 
+import pytest
+
+from disdl_mpi.comm.cuda_aware import CudaAwareness, env_signal, explain, mpi_family
 from tests.mpi_helpers import ROOT, mpi_env, run_mpi
 
 
@@ -50,3 +53,25 @@ def test_doctor_flags_an_mpiexec_of_another_mpi():
         .splitlines()[-1]
         .startswith("NO: the launcher started 2 ranks but MPI sees a world of 1")
     )
+
+
+@pytest.mark.parametrize(
+    "library, family, advice",
+    [
+        ("Intel(R) MPI Library 2021.16 for Linux* OS", "intel", "I_MPI_OFFLOAD=1"),
+        ("Open MPI v5.0.11, package: Open MPI", "openmpi", "--with-cuda"),
+        ("MPICH Version: 5.0.2", "mpich", "MPIR_CVAR_ENABLE_GPU=1"),
+        ("MVAPICH2 Version 2.3.7", "mvapich", "MV2_USE_CUDA=1"),
+        ("Some MPI 1.0", "other", "site MPI"),
+    ],
+)
+def test_the_verdict_names_the_mpi_family_and_what_would_make_it_cuda_aware(library, family, advice):
+    assert mpi_family(library) == family
+    no = explain(CudaAwareness(False, "MPIX_Query_cuda_support()=0"), library)
+    assert no.startswith("not CUDA-aware (MPIX_Query_cuda_support()=0)") and advice in no
+    yes = explain(CudaAwareness(True, "environment I_MPI_OFFLOAD=1"), library)
+    assert yes.startswith("CUDA-aware (environment I_MPI_OFFLOAD=1)")
+
+
+def test_intel_mpis_offload_variable_is_a_cuda_aware_signal():
+    assert env_signal({"I_MPI_OFFLOAD": "1"}) == "I_MPI_OFFLOAD"

