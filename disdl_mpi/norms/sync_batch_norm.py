@@ -47,6 +47,74 @@ def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
     return t.view([1, -1] + [1] * (ndim - 2))
 
 
+def _stat_dtype(x: torch.Tensor) -> torch.dtype:
+    """The dtype of the statistics handed to the kernels: float32 for half inputs, as torch's."""
+    return x.dtype if x.dtype in (torch.float32, torch.float64) else torch.float32
+
+
+# The per-element passes, each in two forms: torch's fused CUDA kernels of its own SyncBatchNorm
+# (batch_norm_stats: Welford; batch_norm_backward_reduce / _elemt), which exist for CUDA only,
+# and the generic form on any device (two passes for the moments; the native BN backward in
+# inference form; the centred input gradient). Their numerics are the same (a CUDA test
+# compares them); ``fused`` picks the CUDA kernels for CUDA inputs.
+
+
+def _local_moments(x: torch.Tensor, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """(biased variance, mean) of this rank's batch per channel."""
+    if fused:
+        mean, invstd = torch.batch_norm_stats(x, 0.0)  # eps 0: invstd = var^-1/2 (inf at 0)
+        return invstd.pow(-2), mean
+    return batch_stats_of(x)
+
+
+def _grad_sums(dy, x, weight, mean_x, var_x, eps: float, fused: bool) -> tuple[torch.Tensor, torch.Tensor]:
+    """This rank's sum(dy) and sum(dy * xhat) per channel, xhat from the global statistics."""
+    if fused:
+        invstd = (var_x + eps).rsqrt()
+        sum_dy, sum_dy_xmu, _, _ = torch.batch_norm_backward_reduce(
+            dy, x, mean_x, invstd, weight, True, False, False
+        )
+        return sum_dy, sum_dy_xmu * invstd
+    # save_mean/save_invstd: empty, not None. The CUDA kernel asserts they are defined and
+    # falls back to the running (here: global) statistics when they are empty; the CPU kernel
+    # gives the same bits either way (found on the first GPU run).
+    empty = x.new_empty(0)
+    _, gw, gb = torch.ops.aten.native_batch_norm_backward(
+        dy, x, weight, mean_x, var_x, empty, empty, False, eps, [False, True, True]
+    )
+    return gb, gw
+
+
+def _grad_input(
+    dy, x, weight, mean_x, var, eps: float, sums: torch.Tensor, count, fused: bool
+) -> torch.Tensor:
+    """w*invstd*(dy - mean_dy - xhat*mean_dy_xhat), the means = ``sums`` / ``count`` (the
+    reduced [sum dy, sum dy*xhat] in this rank's units, and the count that makes them means)."""
+    c = x.shape[1]
+    if fused:
+        invstd = (var + eps).rsqrt().to(mean_x.dtype)
+        w = weight.to(mean_x.dtype) if weight is not None else None
+        sum_dy, sum_dy_xmu = sums[:c].to(mean_x.dtype), (sums[c:] / (var + eps).rsqrt()).to(mean_x.dtype)
+        counts = (
+            count.to(torch.int32)
+            if torch.is_tensor(count)
+            else torch.full((1,), count, dtype=torch.int32, device=x.device)
+        )
+        return torch.batch_norm_backward_elemt(dy, x, mean_x, invstd, w, sum_dy, sum_dy_xmu, counts)
+    mean_dy, mean_dy_xhat = sums[:c] / count, sums[c:] / count
+    invstd = (var + eps).rsqrt_()
+    w = invstd if weight is None else invstd * weight.double()
+    # = a*dy + b*(x - mean) + k. Centering x explicitly first matters: the folded form
+    # b*x + (k - b*mean) cancels catastrophically in float32 when |mean| >> std (measured:
+    # 1e-3 relative gradient errors on a real model).
+    b = (-w * invstd * mean_dy_xhat).to(x.dtype)
+    k = (-w * mean_dy).to(x.dtype)
+    nd = dy.dim()
+    centered = x - _channel_view(mean_x.to(x.dtype), nd)
+    grad_x = torch.addcmul(_channel_view(k, nd), centered, _channel_view(b, nd))
+    return grad_x.addcmul_(dy, _channel_view(w.to(dy.dtype), nd))
+
+
 class _SyncBNFunction(torch.autograd.Function):
     """Training-mode global batch norm; running stats are updated in place in forward.
 
@@ -58,16 +126,17 @@ class _SyncBNFunction(torch.autograd.Function):
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, reduce, convention):
+    def forward(ctx, x, weight, bias, running_mean, running_var, eps, momentum, reduce, convention, fused):
         c = x.shape[1]
         n_local = x.numel() // c if c else 0
+        fused = bool(fused and x.is_cuda)
         shift = running_mean.detach().double()
         buf = torch.zeros(2 * c + 1, dtype=torch.float64, device=x.device)
         if n_local:
-            # This rank's mean and biased variance (two passes over x: exact where the folded
-            # sum of squares would cancel), re-expressed as sums of (x - K), K the running mean:
+            # This rank's mean and biased variance (exact where a folded sum of squares would
+            # cancel), re-expressed as sums of (x - K), K the running mean:
             # S1 = n (m - K), S2 = n (var + (m - K)^2). K is the same on every rank.
-            var_l, mean_l = batch_stats_of(x)
+            var_l, mean_l = _local_moments(x, fused)
             dm = mean_l.double() - shift
             buf[0] = n_local
             torch.mul(dm, n_local, out=buf[1 : c + 1])
@@ -90,11 +159,11 @@ class _SyncBNFunction(torch.autograd.Function):
             running_mean.lerp_(mean.to(running_mean.dtype), momentum)
             unbiased = var * (n / (n - 1).clamp_min(1.0))
             running_var.mul_(1 - momentum).add_(unbiased.to(running_var.dtype), alpha=momentum)
-        mean_x, var_x = mean.to(x.dtype), var.to(x.dtype)
+        mean_x, var_x = mean.to(_stat_dtype(x)), var.to(_stat_dtype(x))
         # Native fused kernel in inference form: (x - mean) / sqrt(var + eps) * w + b.
         y = F.batch_norm(x, mean_x, var_x, weight, bias, training=False, eps=eps)
         ctx.save_for_backward(x, weight, mean_x, var_x, n, var)
-        ctx.reduce, ctx.n_local = reduce, n_local
+        ctx.reduce, ctx.n_local, ctx.fused = reduce, n_local, fused
         ctx.eps, ctx.convention = eps, convention
         ctx.has_weight, ctx.has_bias = weight is not None, bias is not None
         return y
@@ -102,21 +171,12 @@ class _SyncBNFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, dy):
         x, weight, mean_x, var_x, n, var = ctx.saved_tensors
-        c = x.shape[1]
-        n_local = ctx.n_local
+        c, n_local = x.shape[1], ctx.n_local
         dy = dy.contiguous()
         gw = gb = None
         buf = torch.zeros(2 * c, dtype=torch.float64, device=x.device)
         if n_local:
-            # Native kernel in inference form gives this rank's sum(dy * xhat) and sum(dy)
-            # with xhat computed from the global statistics.
-            # save_mean/save_invstd: empty, not None. The CUDA kernel asserts they are defined
-            # and falls back to the running (here: global) statistics when they are empty; the
-            # CPU kernel gives the same bits either way (found on the first GPU run).
-            empty = x.new_empty(0)
-            _, gw, gb = torch.ops.aten.native_batch_norm_backward(
-                dy, x, weight, mean_x, var_x, empty, empty, False, ctx.eps, [False, True, True]
-            )
+            gb, gw = _grad_sums(dy, x, weight, mean_x, var_x, ctx.eps, ctx.fused)
             buf[:c] = gb
             buf[c:] = gw
             # Scale this rank's dy into common (global-mean) units before mixing ranks.
@@ -126,28 +186,16 @@ class _SyncBNFunction(torch.autograd.Function):
         grad_x = None
         if ctx.needs_input_grad[0]:
             if n_local:
-                # global means, back in this rank's units: 1 / (scale n)
-                back = 1.0 / n_local if ctx.convention == "local_mean" else 1.0 / n
-                mean_dy, mean_dy_xhat = buf[:c] * back, buf[c:] * back
-                invstd = (var + ctx.eps).rsqrt_()
-                w = invstd if weight is None else invstd * weight.double()
-                # grad_x = w*invstd*(dy - mean_dy - xhat*mean_dy_xhat)
-                #        = a*dy + b*(x - mean) + k. Centering x explicitly first matters: the
-                # folded form b*x + (k - b*mean) cancels catastrophically in float32 when
-                # |mean| >> std (measured: 1e-3 relative gradient errors on a real model).
-                b = (-w * invstd * mean_dy_xhat).to(x.dtype)
-                k = (-w * mean_dy).to(x.dtype)
-                nd = dy.dim()
-                centered = x - _channel_view(mean_x, nd)
-                grad_x = torch.addcmul(_channel_view(k, nd), centered, _channel_view(b, nd))
-                grad_x.addcmul_(dy, _channel_view(w.to(dy.dtype), nd))
+                # the global means, in this rank's units: sums / (scale n)
+                count = n_local if ctx.convention == "local_mean" else n
+                grad_x = _grad_input(dy, x, weight, mean_x, var, ctx.eps, buf, count, ctx.fused)
             else:
                 grad_x = torch.zeros_like(dy)
         if gw is None and (ctx.has_weight or ctx.has_bias):
             gw = gb = torch.zeros(c, dtype=dy.dtype, device=dy.device)
-        grad_w = gw if ctx.has_weight else None
-        grad_b = gb if ctx.has_bias else None
-        return grad_x, grad_w, grad_b, None, None, None, None, None, None
+        grad_w = gw.to(weight.dtype) if ctx.has_weight else None  # the parameters' dtype
+        grad_b = gb.to(weight.dtype if weight is not None else dy.dtype) if ctx.has_bias else None
+        return grad_x, grad_w, grad_b, None, None, None, None, None, None, None
 
 
 class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
@@ -178,6 +226,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
         # the per-layer collective; the scheme shares one among its layers (and counts there)
         self.reduce = reduce if reduce is not None else StatsAllreduce(comm, timer)
         self.convention = check_convention(convention)
+        self.fused_cuda = True  # CUDA inputs: torch's fused SyncBN kernels (False: the generic form)
 
     def _check_input_dim(self, x: torch.Tensor) -> None:
         if x.dim() < 2 or x.dim() > 5:
@@ -204,6 +253,7 @@ class SyncBatchNorm(nn.modules.batchnorm._BatchNorm):
             factor,
             self.reduce,
             self.convention,
+            self.fused_cuda,
         )
 
     def extra_repr(self) -> str:
