@@ -32,29 +32,33 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disdl_mpi.norms.local_layers import LocalBatchNorm, batch_stats_of, renormalize
+from disdl_mpi.norms.local_layers import FlaggedBatchNorm, batch_stats_of, renormalize
 from disdl_mpi.norms.scheme import NormScheme
 
 
-class CarryBatchNorm(LocalBatchNorm):
-    """BN normalizing with the previous step's global statistics (see the module docstring)."""
+class CarryBatchNorm(FlaggedBatchNorm):
+    """BN normalizing with the previous step's global statistics (see the module docstring).
+
+    No forward or update reads a value back to the host (on a GPU, no synchronization).
+    """
+
+    flag_name = "have_global"
 
     def __init__(self, num_features: int, **kwargs) -> None:
         super().__init__(num_features, **kwargs)
         self.register_buffer("global_mean", torch.zeros(num_features))
         self.register_buffer("global_var", torch.ones(num_features))
-        self.register_buffer("have_global", torch.zeros((), dtype=torch.bool))
         self._sums: Optional[torch.Tensor] = None  # [n, S(C), Q(C)] of this step's batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         self._check_input_dim(x)
         if not self.training:
-            if bool(self.have_global):  # what the model was last trained with
+            if self.flag:  # what the model was last trained with
                 return F.batch_norm(
                     x, self.global_mean, self.global_var, self.weight, self.bias, False, 0.0, self.eps
                 )
             return super().forward(x)
-        have = bool(self.have_global)
+        have = self.flag
         per_channel = x.numel() // max(1, x.shape[1])
         if per_channel == 0:  # an empty batch contributes nothing to the sums
             self._sums = None
@@ -97,25 +101,23 @@ class CarryBatchNorm(LocalBatchNorm):
 
     @torch.no_grad()
     def set_global(self, sums: torch.Tensor) -> None:
-        """The sums over all ranks: the global statistics for the next step, running stats."""
+        """The sums over all ranks: the global statistics for the next step, running stats.
+
+        Nothing is read back to the host. Every training step has data on some rank (the batch
+        plan gives each step at least one sample per rank), so n >= 1; the clamp only keeps a
+        step without any data from dividing by zero.
+        """
         c = self.num_features
-        n = float(sums[0])
-        if n < 1:
-            return  # no data anywhere this step: keep what we have
-        shift = (
-            self.global_mean.double()
-            if bool(self.have_global)
-            else torch.zeros(c, dtype=torch.float64, device=sums.device)
-        )
+        n = sums[:1].double().clamp_min(1.0)
         d = sums[1 : 1 + c].double() / n
-        mean = shift + d
-        var = (sums[1 + c :].double() / n - d * d).clamp_min(0.0)
+        mean = (self.global_mean.double() + d) if self.flag else d
+        var = (sums[1 + c :].double() / n).sub_(d * d).clamp_min_(0.0)
         self.global_mean.copy_(mean)
         self.global_var.copy_(var)
-        self.have_global.fill_(True)
+        self.set_flag(True)
         m = self.momentum if self.momentum is not None else 0.1
-        self.running_mean.mul_(1 - m).add_(mean.to(self.running_mean.dtype), alpha=m)
-        unbiased = var * (n / (n - 1)) if n > 1 else var
+        self.running_mean.lerp_(mean.to(self.running_mean.dtype), m)
+        unbiased = var * (n / (n - 1).clamp_min(1.0))
         self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
         self.num_batches_tracked += 1
 

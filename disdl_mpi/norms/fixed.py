@@ -17,23 +17,21 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disdl_mpi.norms.local_layers import LocalBatchNorm, renormalize
+from disdl_mpi.norms.local_layers import FlaggedBatchNorm, renormalize
 from disdl_mpi.norms.recalibration import recalibrate_batchnorm
 from disdl_mpi.norms.scheme import CommTimer, NormScheme
 
 
-class FixBatchNorm(LocalBatchNorm):
+class FixBatchNorm(FlaggedBatchNorm):
     """Local BN until ``fixed``; then normalization with the (frozen) running statistics.
 
     ``fixed`` is a buffer, so a checkpoint taken after T* resumes frozen.
     """
 
-    def __init__(self, num_features: int, **kwargs: Any) -> None:
-        super().__init__(num_features, **kwargs)
-        self.register_buffer("fixed", torch.zeros((), dtype=torch.bool))
+    flag_name = "fixed"
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
-        if not bool(self.fixed):
+        if not self.flag:
             return super().forward(x)
         self._check_input_dim(x)
         per_channel = x.numel() // max(1, x.shape[1])
@@ -61,11 +59,11 @@ class FixSchedule:
     def __call__(self, model: nn.Module, x_train: Any, batch_size: int, step: int, total_steps: int) -> None:
         """Collective at T*: recalibrate over all ranks, then freeze; a no-op otherwise."""
         layers = [m for m in model.modules() if isinstance(m, FixBatchNorm)]
-        if step != self.step_of(total_steps) or not layers or bool(layers[0].fixed):
+        if step != self.step_of(total_steps) or not layers or layers[0].flag:
             return
         recalibrate_batchnorm(model, x_train, batch_size, self.comm, self.timer)
         for m in layers:
-            m.fixed.fill_(True)
+            m.set_flag(True)
 
 
 class BNFix(NormScheme):

@@ -40,6 +40,27 @@ class LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
         return super().forward(x)
 
 
+class FlaggedBatchNorm(LocalBatchNorm):
+    """Local BN with one boolean state ``flag_name`` read in every forward: a buffer (so
+    checkpoints keep it) mirrored by a Python bool (so reading it is no device synchronization
+    on a GPU). Set it with :meth:`set_flag`; loading a state dict refreshes the mirror."""
+
+    flag_name = "flag"
+
+    def __init__(self, num_features: int, **kwargs) -> None:
+        super().__init__(num_features, **kwargs)
+        self.register_buffer(self.flag_name, torch.zeros((), dtype=torch.bool))
+        self.flag = False
+
+    def set_flag(self, value: bool = True) -> None:
+        getattr(self, self.flag_name).fill_(value)
+        self.flag = bool(value)
+
+    def _load_from_state_dict(self, state_dict, prefix, *args, **kwargs) -> None:
+        super()._load_from_state_dict(state_dict, prefix, *args, **kwargs)
+        self.flag = bool(getattr(self, self.flag_name))  # once per load, not per step
+
+
 class InstanceNormAny(nn.GroupNorm):
     """Instance norm with a per-channel affine transform (one group per channel).
 
