@@ -90,8 +90,20 @@ def gn_groups_for(channels: int, requested: int) -> int:
 
 
 def batch_stats_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """(biased variance, mean) per channel of this batch, one pass, no autograd history."""
-    return torch.var_mean(x.detach(), reduce_dims(x), unbiased=False)
+    """(biased variance, mean) per channel of this batch, no autograd history.
+
+    Two passes: the mean, then the mean square of the centred values (exact where a folded
+    sum of squares would cancel). On the CPU this is 2-7x faster than torch's Welford pass
+    (``var_mean`` or the one inside training-mode ``batch_norm``) at the models' shapes
+    (64 x 16..64 channels x 4..32 squared, one thread): 40 against 137 us at 16x8x8, 280
+    against 1,960 at 16x32x32 (bench note in docs/BENCHMARKS.md).
+    """
+    dims = reduce_dims(x)
+    x = x.detach()
+    n = max(1, x.numel() // max(1, x.shape[1]))
+    mean = x.sum(dims).div_(n)
+    centred = x - mean.view([1, -1] + [1] * (x.dim() - 2))
+    return centred.square_().sum(dims).div_(n), mean
 
 
 class _Renorm(torch.autograd.Function):
