@@ -66,11 +66,15 @@ class CarryBatchNorm(FlaggedBatchNorm):
         with torch.no_grad():
             # One pass for this batch's per-channel statistics: they give the payload (sums
             # about the previous global mean, in float64 per channel) and the renormalization.
+            # (global_mean is still zeros before the first global statistics arrive)
             var_b, mean_b = batch_stats_of(x)
-            shift = self.global_mean if have else torch.zeros_like(self.global_mean)
             n = float(per_channel)
-            dm = mean_b.double() - shift.double()
-            self._sums = torch.cat([dm.new_tensor([n]), n * dm, n * (var_b.double() + dm * dm)])
+            sums = torch.empty(self.payload_size, dtype=torch.float64, device=x.device)
+            sums[0] = n
+            dm = torch.sub(mean_b, self.global_mean, out=sums[1 : self.num_features + 1])
+            torch.addcmul(var_b, dm, dm, out=sums[self.num_features + 1 :])
+            self._sums = sums.mul_(n)
+            sums[0] = n
         if not have or per_channel <= 1:
             return super().forward(x)  # step 0 (or a 1-value batch): the local batch
         # Values normalized with the previous step's global statistics; BN's gradient through
@@ -110,7 +114,7 @@ class CarryBatchNorm(FlaggedBatchNorm):
         c = self.num_features
         n = sums[:1].double().clamp_min(1.0)
         d = sums[1 : 1 + c].double() / n
-        mean = (self.global_mean.double() + d) if self.flag else d
+        mean = self.global_mean.double() + d  # zeros before the first update
         var = (sums[1 + c :].double() / n).sub_(d * d).clamp_min_(0.0)
         self.global_mean.copy_(mean)
         self.global_var.copy_(var)

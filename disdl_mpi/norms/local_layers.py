@@ -107,32 +107,55 @@ def batch_stats_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 
 
 class _Renorm(torch.autograd.Function):
-    """y = xhat_B * (w r) + (w d + b), xhat_B the batch-normalized x, r and d constants.
+    """The value of BN with given statistics, the gradient of BN with the batch's.
 
-    Forward is one elementwise pass: torch's fused inference-form batch_norm with the batch's
-    statistics (the batch statistics come from the caller's single pass). Backward is torch's
-    fused training-form BN backward with weight w*r, so the cost is local BN's; the weight and
-    bias gradients follow from w' = w r, b' = w d + b by the chain rule.
+    y = xhat_B * (w r) + (w d + b), xhat_B the batch-normalized x, r = std_B / std and
+    d = (mean_B - mean) / std constants (clipped to ``clip`` = (r_max, d_max) for Batch Renorm).
+    Unclipped that is the inference-form BN with the given statistics, one fused pass; clipped,
+    the inference form with the batch's statistics and weight w r. Backward is torch's fused
+    training-form BN backward with weight w r, so the cost is local BN's; the weight and bias
+    gradients follow from w' = w r, b' = w d + b by the chain rule. r and d are formed where
+    they are needed (backward, unclipped): a handful of per-channel ops, not a dozen.
     """
 
     @staticmethod
-    def forward(ctx, x, weight, bias, mean_b, var_b, r, d, eps):
-        w_r, shift = weight * r, weight * d + bias
-        y = F.batch_norm(x, mean_b, var_b, w_r, shift, training=False, eps=eps)
-        invstd_b = (var_b + eps).rsqrt()
-        ctx.save_for_backward(x, w_r, mean_b, invstd_b, r, d)
+    def forward(ctx, x, weight, bias, mean, var, mean_b, var_b, eps, clip):
+        # mean and var may be buffers updated in place before backward runs (brn's running
+        # statistics; bn-carry's global ones, when the last bucket completes inside backward):
+        # what backward needs of them is computed or copied now.
+        inv = (var + eps).rsqrt()
+        if clip is None:
+            y = F.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)
+            ctx.clipped = False
+            given = mean.clone()
+        else:
+            r = (var_b + eps).sqrt_().mul_(inv).clamp_(1.0 / clip[0], clip[0])
+            d = (mean_b - mean).mul_(inv).clamp_(-clip[1], clip[1])
+            y = F.batch_norm(
+                x, mean_b, var_b, weight * r, torch.addcmul(bias, weight, d), training=False, eps=eps
+            )
+            ctx.clipped = True
+            inv, given = r, d
+        ctx.save_for_backward(x, weight, inv, given, mean_b, var_b)
         ctx.eps = eps
         return y
 
     @staticmethod
     def backward(ctx, dy):
-        x, w_r, mean_b, invstd_b, r, d = ctx.saved_tensors
+        x, weight, inv, given, mean_b, var_b = ctx.saved_tensors
+        eps = ctx.eps
+        invstd_b = (var_b + eps).rsqrt()
+        if ctx.clipped:
+            r, d = inv, given
+        else:  # inv = 1 / std, given = the given mean
+            r = inv / invstd_b  # std_B / std
+            d = (mean_b - given).mul_(inv)
         need_x, need_w, need_b = ctx.needs_input_grad[:3]
         grad_x, g_wr, g_shift = torch.ops.aten.native_batch_norm_backward(
-            dy.contiguous(), x, w_r, None, None, mean_b, invstd_b, True, ctx.eps, [need_x, True, True]
+            dy.contiguous(), x, weight * r, None, None, mean_b, invstd_b, True, eps, [need_x, True, True]
         )
-        grad_w = torch.addcmul(g_wr * r, g_shift, d) if need_w else None
-        return grad_x, grad_w, g_shift if need_b else None, None, None, None, None, None
+        grad_w = torch.addcmul(g_wr.mul_(r), g_shift, d) if need_w else None
+        return grad_x, grad_w, g_shift if need_b else None, None, None, None, None, None, None
 
 
 def renormalize(
@@ -156,13 +179,7 @@ def renormalize(
     the caller already has them. Costs local BN's two fused passes plus one statistics pass.
     """
     var_b, mean_b = batch_stats if batch_stats is not None else batch_stats_of(x)
-    with torch.no_grad():
-        std = (var + eps).sqrt()
-        r = (var_b + eps).sqrt().div_(std)
-        d = (mean_b - mean).div_(std)
-        if clip is not None:
-            r.clamp_(1.0 / clip[0], clip[0])
-            d.clamp_(-clip[1], clip[1])
-    w = weight if weight is not None else torch.ones_like(r)
-    b = bias if bias is not None else torch.zeros_like(r)
-    return _Renorm.apply(x, w, b, mean_b, var_b, r, d, eps)
+    c = x.shape[1]
+    w = weight if weight is not None else torch.ones(c, dtype=mean_b.dtype, device=x.device)
+    b = bias if bias is not None else torch.zeros(c, dtype=mean_b.dtype, device=x.device)
+    return _Renorm.apply(x, w, b, mean.detach(), var.detach(), mean_b, var_b, eps, clip)
