@@ -44,6 +44,8 @@ class RunConfig:
     model: str = "auto"
     gn_groups: int = 8
     fix_at: Optional[int] = None  # bn-fix: the step T* where statistics freeze
+    carry_grad: str = "local"  # bn-carry's gradient path: local, exact or none
+    carry_eval: str = "last"  # bn-carry's evaluation statistics: last (global) or running
     # optimisation
     epochs: int = 12
     steps: Optional[int] = None
@@ -144,6 +146,14 @@ def build_parser() -> argparse.ArgumentParser:
         help="bn-fix: optimizer step at which the BN statistics are recalibrated "
         "over all ranks and frozen (default: half of the training steps)",
     )
+    option(
+        g,
+        "--carry-grad",
+        choices=["local", "exact", "none"],
+        help="bn-carry's gradient: through this rank's batch statistics (local), through its "
+        "current moments pooled with the other ranks' previous ones (exact), or none",
+    )
+    option(g, "--carry-eval", choices=["last", "running"], help="bn-carry's evaluation statistics")
     g = p.add_argument_group("optimisation")
     option(g, "--epochs", type=int)
     option(g, "--steps", type=int, help="stop after this many optimizer steps (overrides --epochs)")

@@ -44,16 +44,20 @@ class CarryBatchNorm(FlaggedBatchNorm):
 
     flag_name = "have_global"
 
-    def __init__(self, num_features: int, **kwargs) -> None:
+    def __init__(self, num_features: int, *, grad: str = "local", eval_stats: str = "last", **kwargs) -> None:
         super().__init__(num_features, **kwargs)
+        self.grad, self.eval_stats = check_variant(grad, eval_stats)
         self.register_buffer("global_mean", torch.zeros(num_features))
         self.register_buffer("global_var", torch.ones(num_features))
+        # the other ranks' moments of the previous step (grad="exact"): count, mean, variance
+        self.register_buffer("others", torch.zeros(1 + 2 * num_features, dtype=torch.float64))
+        self._own_last: Optional[torch.Tensor] = None  # the sums this rank sent last
         self._sums: Optional[torch.Tensor] = None  # [n, S(C), Q(C)] of this step's batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
         self._check_input_dim(x)
         if not self.training:
-            if self.flag:  # what the model was last trained with
+            if self.flag and self.eval_stats == "last":  # what the model was last trained with
                 return F.batch_norm(
                     x, self.global_mean, self.global_var, self.weight, self.bias, False, 0.0, self.eps
                 )
@@ -77,6 +81,12 @@ class CarryBatchNorm(FlaggedBatchNorm):
             sums[0] = n
         if not have or per_channel <= 1:
             return super().forward(x)  # step 0 (or a 1-value batch): the local batch
+        if self.grad == "none":  # the statistics are constants of the step: an affine map
+            return F.batch_norm(
+                x, self.global_mean, self.global_var, self.weight, self.bias, False, 0.0, self.eps
+            )
+        if self.grad == "exact":
+            return self._exact(x)
         # Values normalized with the previous step's global statistics; BN's gradient through
         # this batch's statistics (see local_layers.renormalize).
         return renormalize(
@@ -88,6 +98,23 @@ class CarryBatchNorm(FlaggedBatchNorm):
             self.eps,
             batch_stats=(var_b, mean_b),
         )
+
+    def _exact(self, x: torch.Tensor) -> torch.Tensor:
+        """Normalize with the moments of this rank's current batch pooled with the other
+        ranks' previous-step batches, autograd through this rank's part (grad="exact")."""
+        c, dims = self.num_features, [0] + list(range(2, x.dim()))
+        view = [1, -1] + [1] * (x.dim() - 2)
+        n_o, mean_o, var_o = self.others[:1], self.others[1 : c + 1], self.others[c + 1 :]
+        n_r = float(x.numel() // c)
+        total = n_o + n_r
+        xs = x - mean_o.to(x.dtype).view(view)  # shifted by the others' mean: their sum is 0
+        s1, s2 = xs.sum(dims), (xs * xs).sum(dims)
+        m = s1 / total.to(x.dtype)
+        var = (s2 + (n_o * var_o).to(x.dtype)) / total.to(x.dtype) - m * m
+        y = (xs - m.view(view)) * (var.clamp_min(0.0) + self.eps).rsqrt().view(view)
+        if self.weight is not None:
+            y = y * self.weight.view(view) + self.bias.view(view)
+        return y
 
     @property
     def payload_size(self) -> int:
@@ -101,6 +128,7 @@ class CarryBatchNorm(FlaggedBatchNorm):
             else torch.zeros(self.payload_size, dtype=torch.float64, device=self.global_mean.device)
         )
         self._sums = None
+        self._own_last = sums
         return sums
 
     @torch.no_grad()
@@ -112,6 +140,8 @@ class CarryBatchNorm(FlaggedBatchNorm):
         step without any data from dividing by zero.
         """
         c = self.num_features
+        if self.grad == "exact":
+            self._keep_others(sums)
         n = sums[:1].double().clamp_min(1.0)
         d = sums[1 : 1 + c].double() / n
         mean = self.global_mean.double() + d  # zeros before the first update
@@ -124,6 +154,32 @@ class CarryBatchNorm(FlaggedBatchNorm):
         unbiased = var * (n / (n - 1).clamp_min(1.0))
         self.running_var.mul_(1 - m).add_(unbiased.to(self.running_var.dtype), alpha=m)
         self.num_batches_tracked += 1
+
+    def _keep_others(self, summed: torch.Tensor) -> None:
+        """The other ranks' count, mean and variance of this step: the sums over all ranks
+        minus this rank's own (both about the same shift, the global mean before the update)."""
+        c = self.num_features
+        own = self._own_last if self._own_last is not None else torch.zeros_like(summed)
+        rest = summed.double() - own.double()
+        n_o = rest[:1].clamp_min(0.0)
+        safe = n_o.clamp_min(1.0)
+        d = rest[1 : c + 1] / safe
+        self.others[:1] = n_o
+        self.others[1 : c + 1] = self.global_mean.double() + d
+        self.others[c + 1 :] = (rest[c + 1 :] / safe - d * d).clamp_min(0.0)
+
+
+GRADS = ("local", "exact", "none")
+EVALS = ("last", "running")
+
+
+def check_variant(grad: str, eval_stats: str) -> tuple[str, str]:
+    """(grad, eval_stats) when both are known variants, else the ValueError naming them."""
+    if grad not in GRADS:
+        raise ValueError(f"bn-carry: carry_grad must be one of {GRADS}, got {grad!r}")
+    if eval_stats not in EVALS:
+        raise ValueError(f"bn-carry: carry_eval must be one of {EVALS}, got {eval_stats!r}")
+    return grad, eval_stats
 
 
 class StatsPayload:
@@ -168,8 +224,16 @@ class BNCarry(NormScheme):
             ]
         return []
 
+    def __init__(self, comm: Any = None, *, carry_grad: str = "local", carry_eval: str = "last") -> None:
+        self.carry_grad, self.carry_eval = check_variant(carry_grad, carry_eval)
+        super().__init__(comm)
+
+    @classmethod
+    def options(cls, cfg: Any) -> dict[str, Any]:
+        return {"carry_grad": cfg.carry_grad, "carry_eval": cfg.carry_eval}
+
     def make_layer(self, num_features: int) -> nn.Module:
-        return CarryBatchNorm(num_features)
+        return CarryBatchNorm(num_features, grad=self.carry_grad, eval_stats=self.carry_eval)
 
     def payload(self, model: nn.Module) -> StatsPayload:
         return StatsPayload(model)
