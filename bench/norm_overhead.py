@@ -73,7 +73,7 @@ def build_variant(
     cls = SCHEMES[name]
     scheme = get_scheme(name, comm=comm.Dup() if cls.communicates else None, **{**cls.options(cfg), **opts})
     torch.manual_seed(0)
-    model = build_model(model_name, SHAPES[model_name], 10, scheme.layer).to(device)
+    model = scheme.adapt_model(build_model(model_name, SHAPES[model_name], 10, scheme.layer)).to(device)
     model.train()
     opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9)
     local = norm_state_ids(model) if scheme.local_params else set()  # fedbn: never averaged

@@ -48,9 +48,8 @@ class SchemeTraining:
         self.ctx, self.cfg, self.comm, self.data, self.name = ctx, cfg, comm, data, norm_name
         self.scheme = build_for_run(norm_name, cfg, ctx.norm_comm)
         seed_everything(cfg.seed)  # the same initial weights for every scheme
-        self.model = build_model(ctx.model_name, data.sample_shape, data.num_classes, self.scheme.layer).to(
-            ctx.device
-        )
+        model = build_model(ctx.model_name, data.sample_shape, data.num_classes, self.scheme.layer)
+        self.model = self.scheme.adapt_model(model).to(ctx.device)
         self.local_ids = norm_state_ids(self.model) if self.scheme.local_params else set()
         broadcast_module_(self.model, comm, exclude=self.local_ids)
         self.optimizer = torch.optim.SGD(

@@ -9,7 +9,20 @@ from torch import nn
 from disdl_mpi.norms import SCHEMES, available_schemes, get_scheme, is_norm_layer
 from disdl_mpi.norms.local_layers import gn_groups_for
 
-FULL_ORDER = ["bn", "syncbn", "gn", "ln", "in", "brn", "fedbn", "bn-recal", "bn-fix", "bn-carry", "none"]
+FULL_ORDER = [
+    "bn",
+    "syncbn",
+    "gn",
+    "gn-ws",
+    "ln",
+    "in",
+    "brn",
+    "fedbn",
+    "bn-recal",
+    "bn-fix",
+    "bn-carry",
+    "none",
+]
 
 
 def test_order_is_the_registry_order():

@@ -25,6 +25,7 @@ from disdl_mpi.norms.local_schemes import (
 from disdl_mpi.norms.recalibration import BNRecal
 from disdl_mpi.norms.scheme import NormScheme
 from disdl_mpi.norms.sync_batch_norm import SyncBN
+from disdl_mpi.norms.weight_standardization import GroupNormWS
 
 # The registry; its order is the order of ``--norm all``. Adding a scheme is one line here.
 SCHEMES: dict[str, type[NormScheme]] = {
@@ -33,6 +34,7 @@ SCHEMES: dict[str, type[NormScheme]] = {
         LocalBN,
         SyncBN,
         GroupNormScheme,
+        GroupNormWS,
         LayerNormScheme,
         InstanceNormScheme,
         BRN,

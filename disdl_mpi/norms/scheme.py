@@ -119,6 +119,11 @@ class NormScheme:
     def recalibrate(self, model: nn.Module, x_train: Any, batch_size: int) -> None:
         """Before every evaluation; collective where the scheme communicates."""
 
+    def adapt_model(self, model: nn.Module) -> nn.Module:
+        """Changes the scheme makes to a freshly built model beyond its norm layers (gn-ws:
+        weight-standardized convolutions); the same model, changed in place."""
+        return model
+
     def payload(self, model: nn.Module) -> Optional[Payload]:
         """Floats that ride in the last gradient bucket (summed unweighted), or None."""
         return None
