@@ -58,7 +58,7 @@ def variants_of(names: list[str]) -> list[tuple[str, str, dict]]:
         if name == "bn-fix":
             out += [
                 ("bn-fix (before T*)", name, {"fix_at": NEVER}),
-                ("bn-fix (after T*)", name, {"fix_at": 0}),
+                ("bn-fix (after T*)", name, {"fix_at": 0, "fix_ramp": 0}),
             ]
         else:
             out.append((name, name, {}))

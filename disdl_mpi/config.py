@@ -44,6 +44,7 @@ class RunConfig:
     model: str = "auto"
     gn_groups: int = 8
     fix_at: Optional[int] = None  # bn-fix: the step T* where statistics freeze
+    fix_ramp: Optional[int] = None  # bn-fix: steps over which the switch is ramped in (None: auto)
     carry_grad: str = "local"  # bn-carry's gradient path: local, exact or none
     carry_eval: str = "last"  # bn-carry's evaluation statistics: last (global) or running
     # optimisation
@@ -145,6 +146,13 @@ def build_parser() -> argparse.ArgumentParser:
         type=int,
         help="bn-fix: optimizer step at which the BN statistics are recalibrated "
         "over all ranks and frozen (default: half of the training steps)",
+    )
+    option(
+        g,
+        "--fix-ramp",
+        type=int,
+        help="bn-fix: steps after T* over which normalization moves from the batch's statistics to "
+        "the frozen ones (Batch Renorm's clipping, relaxed); 0: at once (default: a fifth of the steps left)",
     )
     option(
         g,
@@ -297,6 +305,8 @@ def config_errors(cfg: RunConfig, world_size: int) -> list[str]:
         errors.append(f"--target-accuracy must be in (0, 1], got {cfg.target_accuracy}")
     if cfg.comm == "nccl" and cfg.device == "cpu":
         errors.append("--comm nccl needs --device cuda (or auto on a GPU node); on CPU use mpi or gloo")
+    if cfg.fix_ramp is not None and cfg.fix_ramp < 0:
+        errors.append(f"--fix-ramp must be >= 0, got {cfg.fix_ramp}")
     if cfg.fix_at is not None and cfg.fix_at < 0:
         errors.append(f"--fix-at must be >= 0, got {cfg.fix_at}")
     errors += scheme_config_errors(schemes, cfg)

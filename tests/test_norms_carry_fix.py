@@ -79,7 +79,7 @@ def test_a_rank_without_a_forward_contributes_zeros():
 
 def test_fix_freezes_at_half_with_the_global_statistics():
     torch.manual_seed(1)
-    scheme = get_scheme("bn-fix", comm=MPI.COMM_WORLD.Dup())
+    scheme = get_scheme("bn-fix", comm=MPI.COMM_WORLD.Dup(), fix_ramp=0)  # at once, as FixBN
     model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), scheme.layer(4))
     data = torch.randn(40, 1, 6, 6)
     layer = model[1]
@@ -116,3 +116,42 @@ def test_learning_rate_schedules():
     assert lr_factor("cosine", 60, 110, warmup=10) == pytest.approx(0.5 * (1 + math.cos(math.pi / 2)))
     with pytest.raises(ValueError, match="--lr-schedule"):
         lr_factor("linear", 0, 10)
+
+
+def test_fix_ramps_from_the_batch_statistics_to_the_frozen_ones():
+    """Over --fix-ramp steps after T* the value moves from local BN's to the frozen one."""
+    torch.manual_seed(2)
+    scheme = get_scheme("bn-fix", comm=MPI.COMM_WORLD.Dup(), fix_at=4, fix_ramp=4)
+    model = torch.nn.Sequential(torch.nn.Conv2d(1, 4, 3), scheme.layer(4))
+    data = torch.randn(40, 1, 6, 6)
+    x = torch.randn(8, 1, 6, 6) * 8 + 5  # a batch whose statistics are far from the frozen ones
+
+    def gap(step: int) -> tuple[float, float]:
+        """|train - local BN| and |train - frozen| at ``step``."""
+        scheme.before_step(model, data, 16, step, 100)
+        model.train()
+        with torch.no_grad():
+            h = model[0](x)
+            y = model[1](h)
+            local = torch.nn.functional.batch_norm(
+                h, None, None, model[1].weight, model[1].bias, True, 0.0, 1e-5
+            )
+            frozen = torch.nn.functional.batch_norm(
+                h,
+                model[1].running_mean,
+                model[1].running_var,
+                model[1].weight,
+                model[1].bias,
+                False,
+                0.0,
+                1e-5,
+            )
+        return float((y - local).abs().max()), float((y - frozen).abs().max())
+
+    at_start = gap(4)  # T*: r_max 1, d_max 0 -> exactly the batch's normalization
+    assert at_start[0] < 1e-5 and at_start[1] > 1e-2
+    middle = gap(6)
+    assert middle[0] > 1e-4 and middle[1] > 1e-4  # in between
+    after = gap(8)  # the ramp is over: the frozen statistics, unclipped
+    assert after[1] < 1e-5 and after[0] > 1e-2
+    assert scheme.schedule.clip_at(6, 100) == (3.0, 2.5) and scheme.schedule.clip_at(8, 100) is None
