@@ -324,7 +324,9 @@ class GradientAllreducer:
         if self.torch_group is not None:
             # NCCL runs in stream order (no host wait); gloo copies or reads the host buffer
             group = None if self.torch_group is True else self.torch_group
-            b.request = TorchWork(torch.distributed.all_reduce(b.wire, group=group, async_op=True))
+            b.request = TorchWork(
+                lambda: torch.distributed.all_reduce(b.wire, group=group, async_op=True), timed=b.on_cuda
+            )
             return
         if b.on_cuda:
             # MPI reads the buffer outside CUDA's stream order: the writes must be finished.
@@ -339,6 +341,8 @@ class GradientAllreducer:
             b.request = MPI.REQUEST_NULL
 
     def _complete(self, b: _Bucket) -> None:
+        if isinstance(b.request, TorchWork):
+            b.request.Wait()  # a seen completion too: the stream's order and the end event
         b.t_end = time.perf_counter()
         if b.staged:
             b.grad_buf.copy_(b.wire)  # back to the gradient dtype / device
@@ -374,10 +378,15 @@ class GradientAllreducer:
             self._oldest += 1
         if self.buckets and self.buckets[0].on_cuda:
             torch.cuda.current_stream(self.buckets[0].device).synchronize()
+            if self.torch_group is not None:  # NCCL: the CUDA events' durations, not host clocks
+                self.events = [
+                    e._replace(t_end=e.t_start + self.buckets[e.bucket].request.seconds())
+                    for e in self.events
+                ]
         t_end = time.perf_counter()
         self._active = False
         return {
-            "total_s": union_seconds([(b.t_start, b.t_end) for b in self.buckets]),
+            "total_s": union_seconds([(e.t_start, e.t_end) for e in self.events]),
             "exposed_s": t_end - t_fin,
             "buckets": len(self.buckets),
             "bytes": self._wire_bytes,

@@ -132,18 +132,36 @@ def nccl_admits(ranks: int, gpus: int, version: tuple[int, ...] | None, multi_ra
 
 
 class TorchWork:
-    """A torch.distributed work handle with the two methods of an MPI request used here."""
+    """A torch.distributed work handle with the two methods of an MPI request used here.
 
-    __slots__ = ("work",)
+    On CUDA (``timed``) a pair of CUDA events brackets it on the current stream: the start
+    recorded before the collective is enqueued, the end after :meth:`Wait` made the stream wait
+    for it; :meth:`seconds` is their distance once the stream has passed the end (NCCL's
+    completion is in stream order, so host clocks would time the enqueueing only).
+    """
 
-    def __init__(self, work: Any) -> None:
-        self.work = work
+    __slots__ = ("work", "events")
+
+    def __init__(self, launch: Any, timed: bool = False) -> None:
+        self.events = None
+        if timed:
+            self.events = (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+            self.events[0].record()
+        self.work = launch()
 
     def Test(self) -> bool:  # noqa: N802 - MPI's spelling, so the step loop takes either
         return self.work.is_completed()
 
     def Wait(self) -> None:  # noqa: N802
-        self.work.wait()
+        self.work.wait()  # NCCL: the current stream waits; gloo: the host waits
+        if self.events is not None:
+            self.events[1].record()
+
+    def seconds(self) -> float | None:
+        """GPU seconds from enqueueing to completion (after a synchronize), else None."""
+        if self.events is None:
+            return None
+        return self.events[0].elapsed_time(self.events[1]) / 1e3
 
 
 def flush_and_stop(comm: MPI.Comm) -> None:
