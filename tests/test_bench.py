@@ -146,13 +146,16 @@ def test_bench_allreduce_min_busbw_is_a_health_check(tmp_path):
 
 
 @pytest.mark.mpi
-def test_norm_overhead_times_every_scheme_against_bn(tmp_path):
+def _norm_overhead(tmp_path, options: str):
+    """bench.norm_overhead on the MLP, 3 steps: the run and its rows by scheme."""
     out = tmp_path / "norms.json"
-    proc = run_bench(
-        "bench.norm_overhead", "--models mlp --norm syncbn,bn-fix,bn-carry,fedbn --steps 3 --warmup 1", out
-    )
+    proc = run_bench("bench.norm_overhead", f"--models mlp --steps 3 --warmup 1 {options}", out)
     assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r["scheme"]: r for r in read_rows(out)}
+    return proc, {r["scheme"]: r for r in read_rows(out)}
+
+
+def test_norm_overhead_times_every_scheme_against_bn(tmp_path):
+    proc, rows = _norm_overhead(tmp_path, "--norm syncbn,bn-fix,bn-carry,fedbn")
     assert list(rows) == ["bn", "syncbn", "bn-fix (before T*)", "bn-fix (after T*)", "bn-carry", "fedbn"]
     assert rows["bn"]["x_bn"] == 1.0 and rows["bn"]["own_comm_ms_per_step"] == 0.0
     assert rows["syncbn"]["own_comm_ms_per_step"] > 0  # its per-layer collectives, timed
@@ -167,11 +170,6 @@ def test_norm_overhead_times_every_scheme_against_bn(tmp_path):
 
 @pytest.mark.mpi
 def test_norm_overhead_through_gloo_counts_syncbn_collectives_on_the_torch_path(tmp_path):
-    out = tmp_path / "norms.json"
-    proc = run_bench(
-        "bench.norm_overhead", "--models mlp --norm syncbn --steps 3 --warmup 1 --comm gloo", out
-    )
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    rows = {r["scheme"]: r for r in read_rows(out)}
+    _, rows = _norm_overhead(tmp_path, "--norm syncbn --comm gloo")
     assert {r["path"] for r in rows.values()} == {"torch-gloo"} and rows["syncbn"]["comm"] == "gloo"
     assert rows["syncbn"]["own_comm_ms_per_step"] > 0 and rows["syncbn"]["host_syncs_per_step"] == 0
