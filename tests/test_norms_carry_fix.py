@@ -152,6 +152,9 @@ def test_fix_ramps_from_the_batch_statistics_to_the_frozen_ones():
     assert at_start[0] < 1e-5 and at_start[1] > 1e-2
     middle = gap(6)
     assert middle[0] > 1e-4 and middle[1] > 1e-4  # in between
-    after = gap(8)  # the ramp is over: the frozen statistics, unclipped
-    assert after[1] < 1e-5 and after[0] > 1e-2
-    assert scheme.schedule.clip_at(6, 100) == (3.0, 2.5) and scheme.schedule.clip_at(8, 100) is None
+    after = gap(8)  # the ramp is over: clipped at RAMP_END, still short of the frozen value here
+    assert after[1] > 1e-4 and after[1] < middle[1] and after[0] > 1e-2
+    assert scheme.schedule.clip_at(6, 100) == (3.0, 2.5) and scheme.schedule.clip_at(50, 100) == (5.0, 5.0)
+    assert scheme.schedule.clip_at(3, 100) is None  # before T*: local BN
+    x = torch.randn(8, 1, 6, 6)  # a batch like the data: inside the clip, the frozen value
+    assert gap(9)[1] < 1e-5
