@@ -152,7 +152,8 @@ def build_parser() -> argparse.ArgumentParser:
         "--fix-ramp",
         type=int,
         help="bn-fix: steps after T* over which normalization moves from the batch's statistics to "
-        "the frozen ones (Batch Renorm's clipping, relaxed); 0: at once (default: a fifth of the steps left)",
+        "the frozen ones (Batch Renorm's clipping relaxed to r_max 5, d_max 5, where it stays); "
+        "0: frozen at once and unclipped, as FixBN (default: a fifth of the steps left)",
     )
     option(
         g,
