@@ -131,12 +131,11 @@ class GradientAllreducer:
         # The verdict and its reason (None on CPU, where MPI reads the tensors directly).
         self.cuda_awareness: Optional[CudaAwareness] = None
         # torch.distributed carries the data (MPI keeps the control: the layout check below)
-        self.torch_group = torch_group
-        if torch_group is not None:
-            import torch.distributed as dist
-
+        self.torch_data = torch_group is not None
+        self.group = None if torch_group is None or torch_group is True else torch_group
+        if self.torch_data:
             check_choice(cuda_aware)
-            self.path = f"torch-{dist.get_backend(None if torch_group is True else torch_group)}"
+            self.path = f"torch-{torch.distributed.get_backend(self.group)}"
         elif on_cuda:
             self.cuda_awareness = detect_cuda_aware(cuda_aware)
             self.path = "cuda-aware" if self.cuda_awareness.aware else "host-staged"
@@ -213,9 +212,7 @@ class GradientAllreducer:
             dtype=dtype,
             grad_buf=grad_buf,
             wire=wire,
-            mpi_buf=None
-            if self.torch_group is not None
-            else mpi_buffer(wire, cuda_aware=self.path == "cuda-aware"),
+            mpi_buf=None if self.torch_data else mpi_buffer(wire, cuda_aware=self.path == "cuda-aware"),
             op=sum_op(wdtype),
             wire_bytes=wire.numel() * wire.element_size(),
             staged=wire is not grad_buf,
@@ -225,11 +222,6 @@ class GradientAllreducer:
         b.payload = grad_buf[payload_at:] if extra else None
         b.ready = [False] * len(params)
         return b
-
-    def _mpi_view(self, wire: torch.Tensor) -> object:
-        return (
-            None if self.torch_group is not None else mpi_buffer(wire, cuda_aware=self.path == "cuda-aware")
-        )
 
     def _check_layout_agrees(self) -> None:
         """Every rank must build the same buckets, or the collectives would mismatch."""
@@ -321,11 +313,10 @@ class GradientAllreducer:
             self.payload.fill(b.payload)  # unweighted: summed as they are
         if b.staged:
             b.wire.copy_(b.grad_buf)  # cast (fp16/bf16) and/or device-to-host staging
-        if self.torch_group is not None:
+        if self.torch_data:
             # NCCL runs in stream order (no host wait); gloo copies or reads the host buffer
-            group = None if self.torch_group is True else self.torch_group
             b.request = TorchWork(
-                lambda: torch.distributed.all_reduce(b.wire, group=group, async_op=True), timed=b.on_cuda
+                lambda: torch.distributed.all_reduce(b.wire, group=self.group, async_op=True), timed=b.on_cuda
             )
             return
         if b.on_cuda:
@@ -378,7 +369,7 @@ class GradientAllreducer:
             self._oldest += 1
         if self.buckets and self.buckets[0].on_cuda:
             torch.cuda.current_stream(self.buckets[0].device).synchronize()
-            if self.torch_group is not None:  # NCCL: the CUDA events' durations, not host clocks
+            if self.torch_data:  # NCCL: the CUDA events' durations, not host clocks
                 self.events = [
                     e._replace(t_end=e.t_start + self.buckets[e.bucket].request.seconds())
                     for e in self.events
