@@ -32,7 +32,13 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from disdl_mpi.norms.local_layers import FlaggedBatchNorm, batch_stats_of, renormalize
+from disdl_mpi.norms.local_layers import (
+    FlaggedBatchNorm,
+    batch_stats_of,
+    channel_view,
+    reduce_dims,
+    renormalize,
+)
 from disdl_mpi.norms.scheme import NormScheme
 
 
@@ -74,7 +80,6 @@ class CarryBatchNorm(FlaggedBatchNorm):
             var_b, mean_b = batch_stats_of(x)
             n = float(per_channel)
             sums = torch.empty(self.payload_size, dtype=torch.float64, device=x.device)
-            sums[0] = n
             dm = torch.sub(mean_b, self.global_mean, out=sums[1 : self.num_features + 1])
             torch.addcmul(var_b, dm, dm, out=sums[self.num_features + 1 :])
             self._sums = sums.mul_(n)
@@ -102,18 +107,16 @@ class CarryBatchNorm(FlaggedBatchNorm):
     def _exact(self, x: torch.Tensor) -> torch.Tensor:
         """Normalize with the moments of this rank's current batch pooled with the other
         ranks' previous-step batches, autograd through this rank's part (grad="exact")."""
-        c, dims = self.num_features, [0] + list(range(2, x.dim()))
-        view = [1, -1] + [1] * (x.dim() - 2)
+        c, dims, nd = self.num_features, reduce_dims(x), x.dim()
         n_o, mean_o, var_o = self.others[:1], self.others[1 : c + 1], self.others[c + 1 :]
-        n_r = float(x.numel() // c)
-        total = n_o + n_r
-        xs = x - mean_o.to(x.dtype).view(view)  # shifted by the others' mean: their sum is 0
+        total = (n_o + float(x.numel() // c)).to(x.dtype)
+        xs = x - channel_view(mean_o.to(x.dtype), nd)  # shifted by the others' mean: their sum is 0
         s1, s2 = xs.sum(dims), (xs * xs).sum(dims)
-        m = s1 / total.to(x.dtype)
-        var = (s2 + (n_o * var_o).to(x.dtype)) / total.to(x.dtype) - m * m
-        y = (xs - m.view(view)) * (var.clamp_min(0.0) + self.eps).rsqrt().view(view)
+        m = s1 / total
+        var = (s2 + (n_o * var_o).to(x.dtype)) / total - m * m
+        y = (xs - channel_view(m, nd)) * channel_view((var.clamp_min(0.0) + self.eps).rsqrt(), nd)
         if self.weight is not None:
-            y = y * self.weight.view(view) + self.bias.view(view)
+            y = y * channel_view(self.weight, nd) + channel_view(self.bias, nd)
         return y
 
     @property

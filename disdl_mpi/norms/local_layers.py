@@ -12,6 +12,11 @@ def reduce_dims(x: torch.Tensor) -> list[int]:
     return [0] + list(range(2, x.dim()))
 
 
+def channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
+    """A per-channel vector shaped to broadcast over an (N, C, ...) tensor of ``ndim`` dims."""
+    return t.view([1, -1] + [1] * (ndim - 2))
+
+
 class LocalBatchNorm(nn.modules.batchnorm._BatchNorm):
     """BatchNorm over the rank's own batch, for (N,C), (N,C,L) and (N,C,H,W) inputs.
 
@@ -102,7 +107,7 @@ def batch_stats_of(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     x = x.detach()
     n = max(1, x.numel() // max(1, x.shape[1]))
     mean = x.sum(dims).div_(n)
-    centred = x - mean.view([1, -1] + [1] * (x.dim() - 2))
+    centred = x - channel_view(mean, x.dim())
     return centred.square_().sum(dims).div_(n), mean
 
 

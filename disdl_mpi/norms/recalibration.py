@@ -21,7 +21,7 @@ import torch
 from torch import nn
 
 from disdl_mpi.comm.mpi_ops import allreduce_
-from disdl_mpi.norms.local_layers import LocalBatchNorm, reduce_dims
+from disdl_mpi.norms.local_layers import LocalBatchNorm, batch_stats_of
 from disdl_mpi.norms.scheme import CommTimer, NormScheme
 
 
@@ -42,10 +42,8 @@ class _Moments:
         m = x.numel() // c if c else 0
         if m == 0:
             return
-        xd = x.detach().to(torch.float64)
-        dims = reduce_dims(xd)
-        mean_b = xd.mean(dims)
-        m2_b = ((xd - mean_b.view([1, -1] + [1] * (xd.dim() - 2))) ** 2).sum(dims)
+        var_b, mean_b = batch_stats_of(x.to(torch.float64))  # the two passes of local_layers
+        m2_b = var_b * m
         n = self.n + m
         delta = mean_b - self.mean
         self.mean += delta * (m / n)
