@@ -40,7 +40,7 @@ from bench.harness import (
     write_rows,
 )
 from disdl_mpi.comm.allreducer import GradientAllreducer
-from disdl_mpi.comm.torch_group import nccl_usable, start_process_group
+from disdl_mpi.comm.torch_group import nccl_usable, over_torch, start_process_group
 from disdl_mpi.comm.world import install_abort_handler, mpi_library, rank_info
 from disdl_mpi.device import select_device
 from disdl_mpi.options import add_json, program_parser
@@ -179,7 +179,7 @@ def run(args: argparse.Namespace, comm: MPI.Comm) -> list[dict]:
             skipped = f"# nccl: skipped ({why})"
     np_dtype, t_dtype = DTYPES[args.dtype]
     elem = np.dtype(np_dtype).itemsize
-    torch_backend = next((b for b in backends if b in ("gloo", "nccl")), None)
+    torch_backend = next((b for b in backends if over_torch(b)), None)
     if torch_backend is not None:
         start_process_group(comm, torch_backend)
     sync = (lambda: torch.cuda.synchronize(device)) if cuda else (lambda: None)

@@ -26,7 +26,7 @@ from mpi4py import MPI
 
 from bench.harness import exit_cleanly, time_variants, write_rows
 from disdl_mpi.comm.allreducer import GradientAllreducer
-from disdl_mpi.comm.torch_group import COMM_PATHS, start_process_group
+from disdl_mpi.comm.torch_group import COMM_PATHS, over_torch, start_process_group
 from disdl_mpi.comm.world import rank_info
 from disdl_mpi.config import RunConfig
 from disdl_mpi.device import select_device
@@ -82,7 +82,7 @@ def build_variant(
         comm,
         payload=scheme.payload(model),
         skip=lambda _, p: id(p) in local,
-        torch_group=True if cfg.comm != "mpi" else None,
+        torch_group=True if over_torch(cfg.comm) else None,
     )
     scheme.before_step(model, x, len(x), 0, NEVER)  # bn-fix with fix_at=0 freezes here, once
     count = [1]
@@ -190,7 +190,7 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as exc:
         raise SystemExit(f"error: {exc}") from None
     cfg = RunConfig(comm=args.comm, cuda_aware=args.cuda_aware)
-    if args.comm != "mpi":
+    if over_torch(args.comm):
         start_process_group(comm, args.comm)
     rows = []
     for name in [m.strip() for m in args.models.split(",") if m.strip()]:
@@ -208,7 +208,7 @@ def main(argv: list[str] | None = None) -> int:
                 mpi=MPI.Get_library_version().splitlines()[0],
                 torch=torch.__version__,
             )
-    if args.comm != "mpi":
+    if over_torch(args.comm):
         exit_cleanly(comm, 0)
     return 0
 

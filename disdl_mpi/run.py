@@ -23,7 +23,7 @@ from mpi4py import MPI
 
 from data_prep.ensure import ensure_partition, explicit_mismatch
 from disdl_mpi.comm.collective_check import CheckedComm, CollectiveChecker
-from disdl_mpi.comm.torch_group import resolve_comm, start_process_group, stop_process_group
+from disdl_mpi.comm.torch_group import over_torch, resolve_comm, start_process_group, stop_process_group
 from disdl_mpi.comm.world import RankInfo, agree_or_raise, install_abort_handler, rank_info, world
 from disdl_mpi.config import config_errors, parse_config
 from disdl_mpi.data.budget import agreed_budget
@@ -114,7 +114,7 @@ def set_up_rank(job: Job) -> tuple[RankInfo, torch.device, int]:
     # the data path: MPI, or a torch.distributed group bootstrapped from it (--comm)
     path, why = resolve_comm(job.cfg.comm, device, job.comm)
     job.cfg = dataclasses.replace(job.cfg, comm=path)
-    if path != "mpi":
+    if over_torch(path):
         start_process_group(job.comm, path)
     job.log(f"data path: {path} ({why})")
     return info, device, threads

@@ -19,6 +19,7 @@ from mpi4py import MPI
 from disdl_mpi.batching import BatchPlan
 from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.comm.model_sync import broadcast_module_
+from disdl_mpi.comm.torch_group import over_torch
 from disdl_mpi.config import RunConfig
 from disdl_mpi.device import seed_everything
 from disdl_mpi.evaluate import count_correct, evaluate_per_rank
@@ -64,7 +65,7 @@ class SchemeTraining:
             cuda_aware=cfg.cuda_aware,
             skip=lambda name, p: id(p) in self.local_ids,
             payload=self.scheme.payload(self.model),
-            torch_group=True if cfg.comm in ("gloo", "nccl") else None,
+            torch_group=True if over_torch(cfg.comm) else None,
         )
         self.plan = BatchPlan(data.sizes, comm.Get_rank(), cfg.global_batch_size, cfg.batching)
         self.epochs, self.max_steps = total_steps(cfg, self.plan)

@@ -21,6 +21,11 @@ MULTI_RANK_VAR = "NCCL_MULTI_RANK_GPU_ENABLE"
 MULTI_RANK_NCCL = (2, 30)
 
 
+def over_torch(path: str) -> bool:
+    """Whether the data path ``path`` (--comm, resolved) is a torch.distributed group."""
+    return path in ("gloo", "nccl")
+
+
 def free_port() -> int:
     """A TCP port that was free a moment ago on this host."""
     with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:

@@ -30,7 +30,8 @@ import torch.nn.functional as F
 from torch import nn
 
 from disdl_mpi.comm.stats_allreduce import StatsAllreduce
-from disdl_mpi.norms.local_layers import batch_stats_of
+from disdl_mpi.comm.torch_group import over_torch
+from disdl_mpi.norms.local_layers import batch_stats_of, channel_view
 from disdl_mpi.norms.scheme import CommTimer, NormScheme
 
 CONVENTIONS = ("local_mean", "global")
@@ -41,10 +42,6 @@ def check_convention(convention: str) -> str:
     if convention not in CONVENTIONS:
         raise ValueError(f"syncbn: grad_convention must be one of {CONVENTIONS}, got {convention!r}")
     return convention
-
-
-def _channel_view(t: torch.Tensor, ndim: int) -> torch.Tensor:
-    return t.view([1, -1] + [1] * (ndim - 2))
 
 
 def _stat_dtype(x: torch.Tensor) -> torch.dtype:
@@ -111,10 +108,10 @@ def _grad_input(
     # explicitly first matters: the folded form b*x + (k - b*mean) cancels catastrophically in
     # float32 when |mean| >> std (measured: 1e-3 relative gradient errors on a real model).
     # In place on the centred copy: torch's broadcasting addcmul is 10x slower on the CPU.
-    grad_x = x - _channel_view(mean_x.to(x.dtype), nd)
-    grad_x.mul_(_channel_view((-w * invstd * mean_dy_xhat).to(x.dtype), nd))
-    grad_x.add_(_channel_view((-w * mean_dy).to(x.dtype), nd))
-    return grad_x.addcmul_(dy, _channel_view(w.to(dy.dtype), nd))
+    grad_x = x - channel_view(mean_x.to(x.dtype), nd)
+    grad_x.mul_(channel_view((-w * invstd * mean_dy_xhat).to(x.dtype), nd))
+    grad_x.add_(channel_view((-w * mean_dy).to(x.dtype), nd))
+    return grad_x.addcmul_(dy, channel_view(w.to(dy.dtype), nd))
 
 
 class _SyncBNFunction(torch.autograd.Function):
@@ -293,10 +290,7 @@ class SyncBN(NormScheme):
 
     @classmethod
     def options(cls, cfg: Any) -> dict[str, Any]:
-        return {
-            "stats_path": "torch" if cfg.comm in ("gloo", "nccl") else "auto",
-            "cuda_aware": cfg.cuda_aware,
-        }
+        return {"stats_path": "torch" if over_torch(cfg.comm) else "auto", "cuda_aware": cfg.cuda_aware}
 
     def host_syncs(self) -> int:
         return self.reduce.host_syncs
