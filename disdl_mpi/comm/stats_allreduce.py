@@ -102,18 +102,16 @@ class StatsAllreduce:
         return buf
 
     def _mpi(self, buf: Any) -> None:
-        if self.comm.Get_size() == 1:
-            return
-        if self.timer is None:
-            self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
-        else:
-            self.timer.timed(lambda: self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
+        if self.comm.Get_size() > 1:
+            self._timed(lambda: self.comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM))
 
     def _torch(self, t: torch.Tensor) -> None:
         import torch.distributed as dist
 
+        self._timed(lambda: dist.all_reduce(t, group=self.group))
+
+    def _timed(self, collective: Any) -> None:
         if self.timer is None:
-            dist.all_reduce(t, group=self.group)
+            collective()
         else:
-            self.timer.timed(lambda: dist.all_reduce(t, group=self.group))
-        return None
+            self.timer.timed(collective)
