@@ -3,7 +3,10 @@
 Prints rank 0's row as JSON (and writes it to ``--json FILE``): the per-step agreement (one
 Allreduce of 3 int64) next to a bare Barrier, a 4 KiB Allreduce raw vs through
 --check-collectives' CheckedComm, and one CNN forward+backward with and without the local
-NaN/Inf gradient probe. Medians of 5 interleaved rounds, max over ranks.
+NaN/Inf gradient probe, and a training-like step (forward, backward, a 4 KiB Allreduce, the
+watchdog's phase marks) with the stall watchdog off, on as by default (a heartbeat every 2 s)
+and with a 50 ms heartbeat. Medians of 5 interleaved rounds (the watchdog rows: of alternating
+blocks, since a thread is on or off for a whole block), max over ranks.
 """
 
 from __future__ import annotations
@@ -23,6 +26,7 @@ from disdl_mpi.models import build_model
 from disdl_mpi.norms import get_scheme
 from disdl_mpi.options import add_json, program_parser
 from disdl_mpi.reliability.guards import GradFiniteProbe, StepGuard
+from disdl_mpi.reliability.watchdog import StallPolicy, StallWatchdog
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -61,9 +65,11 @@ def main(argv: list[str] | None = None) -> int:
         probe.take()
 
     comp = time_variants(comm, {"fwd_bwd": fwd_bwd, "fwd_bwd_probe": fwd_bwd_probe}, iters=200, rounds=5)
+    watched = watchdog_cost(comm, fwd_bwd, buf, steps=max(50, args.reps // 10))
     if comm.Get_rank() == 0:
         out = {k: round(coll.median(k) * 1e6, 1) for k in coll.wall}
         out |= {k: round(comp.median(k) * 1e6, 1) for k in comp.wall}
+        out |= {k: round(v * 1e6, 1) for k, v in watched.items()}
         row = out | {
             "unit": "us per call (median of 5)",
             "ranks": comm.Get_size(),
@@ -73,6 +79,36 @@ def main(argv: list[str] | None = None) -> int:
         if args.json_path:
             write_rows(args.json_path, "bench.guard_cost", [row])
     return 0
+
+
+def watchdog_cost(comm: MPI.Comm, fwd_bwd, buf: np.ndarray, *, steps: int) -> dict[str, float]:
+    """Seconds per training-like step with the watchdog off, at its default heartbeat, and at
+    a 50 ms one: alternating blocks of ``steps`` steps, 5 of each, the median per variant."""
+    policies = {
+        "step_no_watchdog": None,
+        "step_watchdog_default": StallPolicy.default(),
+        "step_watchdog_50ms": StallPolicy.fixed(0.4),  # interval = 0.4 / 8
+    }
+    seen: dict[str, list[float]] = {k: [] for k in policies}
+    for r in range(5):
+        for name in list(policies) if r % 2 == 0 else list(policies)[::-1]:
+            dog = StallWatchdog(comm, policies[name]) if policies[name] else None
+            mark = dog.enter if dog else (lambda step, phase: None)
+
+            def step(n: int = 0, mark=mark) -> None:
+                mark(n, "forward")
+                fwd_bwd()
+                mark(n, "allreduce")
+                comm.Allreduce(MPI.IN_PLACE, buf, op=MPI.SUM)
+                mark(n, "optimizer")
+
+            t = time_variants(comm, {name: step}, iters=steps, warmup=2)
+            if dog:
+                dog.enter(-1, "done")  # never stalls: the blocks end together
+                comm.Barrier()
+                dog.close()
+            seen[name].append(t.median(name))
+    return {k: float(np.median(v)) for k, v in seen.items()}
 
 
 if __name__ == "__main__":

@@ -45,7 +45,7 @@ class RunConfig:
     gn_groups: int = 8
     fix_at: Optional[int] = None  # bn-fix: the step T* where statistics freeze
     fix_ramp: Optional[int] = None  # bn-fix: steps over which the switch is ramped in (None: auto)
-    carry_grad: str = "local"  # bn-carry's gradient path: local, exact or none
+    carry_grad: str = "local"  # bn-carry's gradient path: local, exact, none or carried
     carry_eval: str = "last"  # bn-carry's evaluation statistics: last (global) or running
     # optimisation
     epochs: int = 12
@@ -158,9 +158,10 @@ def build_parser() -> argparse.ArgumentParser:
     option(
         g,
         "--carry-grad",
-        choices=["local", "exact", "none"],
+        choices=["local", "exact", "none", "carried"],
         help="bn-carry's gradient: through this rank's batch statistics (local), through its "
-        "current moments pooled with the other ranks' previous ones (exact), or none",
+        "current moments pooled with the other ranks' previous ones (exact), none, or BN's "
+        "backward with the previous step's global means of dy and dy*xhat (carried)",
     )
     option(g, "--carry-eval", choices=["last", "running"], help="bn-carry's evaluation statistics")
     g = p.add_argument_group("optimisation")
@@ -248,7 +249,8 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="SECONDS",
         help="when a rank has been stuck this long (e.g. in a collective), name the "
         "ranks that have not arrived and where the others wait, then end the "
-        "job with exit code 5",
+        "job with exit code 5; 0 turns the watchdog off (default: on, reporting after 60 s, "
+        "ending when a rank is silent for 120 s or nothing moves for 600 s)",
     )
     option(
         g,
@@ -311,8 +313,8 @@ def config_errors(cfg: RunConfig, world_size: int) -> list[str]:
     if cfg.fix_at is not None and cfg.fix_at < 0:
         errors.append(f"--fix-at must be >= 0, got {cfg.fix_at}")
     errors += scheme_config_errors(schemes, cfg)
-    if cfg.stall_timeout is not None and not cfg.stall_timeout > 0:
-        errors.append(f"--stall-timeout must be positive, got {cfg.stall_timeout}")
+    if cfg.stall_timeout is not None and not cfg.stall_timeout >= 0:
+        errors.append(f"--stall-timeout must be >= 0 (0 = off), got {cfg.stall_timeout}")
     if cfg.profile_steps is not None:
         try:
             parse_profile_steps(cfg.profile_steps)

@@ -25,7 +25,7 @@ from disdl_mpi.observe.timeline import TraceRecorder
 from disdl_mpi.observe.timing import detail_requested
 from disdl_mpi.reliability.checkpoint import Checkpointer, Loaded, parse_every
 from disdl_mpi.reliability.guards import SignalWatch, StepGuard
-from disdl_mpi.reliability.watchdog import StallWatchdog
+from disdl_mpi.reliability.watchdog import make_watchdog
 from disdl_mpi.scheme_output import RunFacts
 from disdl_mpi.train_context import RankData, TrainContext, TrainHooks
 
@@ -182,7 +182,7 @@ def build_context(
         guard=StepGuard(comm, job.watch),
         checkpointer=ckpt,
         checkpoint_every=parse_every(cfg.checkpoint_every),
-        watchdog=(StallWatchdog(comm, cfg.stall_timeout) if cfg.stall_timeout else None),
+        watchdog=make_watchdog(comm, cfg.stall_timeout, job.log),
         profiler=(
             StepProfiler(
                 parse_profile_steps(cfg.profile_steps),

@@ -20,6 +20,7 @@ from disdl_mpi.batching import BatchPlan
 from disdl_mpi.comm.allreducer import GradientAllreducer
 from disdl_mpi.comm.model_sync import broadcast_module_
 from disdl_mpi.comm.torch_group import over_torch
+from disdl_mpi.comm.world import where
 from disdl_mpi.config import RunConfig
 from disdl_mpi.device import seed_everything
 from disdl_mpi.evaluate import count_correct, evaluate_per_rank
@@ -175,10 +176,14 @@ class SchemeTraining:
         with self.timer.phase("guard"):
             return guard.decide(not res.loss_finite, self.probe.take())
 
+    def rank_name(self, rank: int) -> str:
+        hosts = self.ctx.info.hostnames
+        return where(rank, hosts[rank] if rank < len(hosts) else None)
+
     def skip_step(self, d: StepDecision, saved: Optional[list[torch.Tensor]]) -> None:
         """A non-finite step: stop every rank, or (``--on-nan skip``) undo it everywhere."""
         where = (
-            f"non-finite {d.nonfinite_kind} on rank {d.nonfinite_rank} at optimizer step "
+            f"non-finite {d.nonfinite_kind} on {self.rank_name(d.nonfinite_rank)} at optimizer step "
             f"{self.step_no + 1} (scheme {self.name}, epoch {self.epoch + 1})"
         )
         if saved is None:
@@ -196,13 +201,13 @@ class SchemeTraining:
         name = signal_name(d.signum)
         if self.ctx.checkpointer is None:
             raise Preempted(
-                f"{name} received on rank {d.signal_rank}: stopped at step "
+                f"{name} received on {self.rank_name(d.signal_rank)}: stopped at step "
                 f"{self.step_no} of scheme {self.name} (no checkpointer)",
                 d.signum,
             )
         path = self.checkpoint(self.epoch, self.batch, f"{name} at step {self.step_no}")
         raise Preempted(
-            f"{name} received on rank {d.signal_rank}: checkpoint of scheme "
+            f"{name} received on {self.rank_name(d.signal_rank)}: checkpoint of scheme "
             f"{self.name} at step {self.step_no} written to {path}; resume with "
             f"--resume auto (same --out)",
             d.signum,

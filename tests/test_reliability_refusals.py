@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import signal
 import subprocess
 import time
@@ -111,8 +112,9 @@ def test_a_stopped_rank_is_named_by_the_stall_watchdog(parts, tmp_path):
     rc, _, stderr, elapsed, pids = job.signal_at_step("gn", 3, [1], signal.SIGSTOP, 60)
     assert rc == 5, stderr
     assert elapsed < 30, f"took {elapsed:.0f} s"
-    assert "stall: no progress for 3 s" in stderr
-    assert "rank 1: has not arrived" in stderr and "rank 0: waiting" in stderr, stderr
+    assert "stall: rank 1 on " in stderr and "silent for over 3 s (--stall-timeout 3)" in stderr, stderr
+    assert "rank 1 on " in stderr and ": has not arrived" in stderr and "rank 0 on " in stderr, stderr
+    assert ": waiting" in stderr, stderr
     assert "step " in stderr and "phase " in stderr
     end = time.monotonic() + 10
     while any(alive(p) for p in pids) and time.monotonic() < end:
@@ -121,3 +123,28 @@ def test_a_stopped_rank_is_named_by_the_stall_watchdog(parts, tmp_path):
         if alive(p):
             os.kill(p, signal.SIGKILL)
     assert not [p for p in pids if alive(p)], "a rank survived the stalled job"
+
+
+@pytest.mark.parametrize("busy,ends", [(4.0, False), (12.0, True)])
+def test_a_slow_rank_that_still_talks_is_reported_not_lost(tmp_path, busy, ends):
+    """A rank in a long local phase keeps its heartbeat: reported after 1 s, never 'silent',
+    and the job ends only when the stuck limit (6 s here) passes."""
+    proc = run_mpi(2, ["-m", "tests.mpi_programs.watchdog_check", str(busy)], timeout=60)
+    text = proc.stdout + proc.stderr
+    assert (
+        "stall: no progress for 1 s; still waiting" in text or "stall: no progress for 2 s; still" in text
+    ), text
+    assert "silent for over" not in text, text
+    if ends:
+        assert proc.returncode == 5, text
+        assert re.search(r"stall: no progress for [67] s \(", text), text
+        assert "rank 1 on " in text and "waiting" in text and "phase eval" in text, text
+    else:
+        assert proc.returncode == 0 and "finished" in text, text
+
+
+def test_resume_of_a_missing_folder_says_it_is_missing(parts, tmp_path):
+    missing = tmp_path / "no-such-checkpoint"
+    proc = run_job(parts["n2"], f"--norm gn --steps 2 --resume {missing}", tmp_path / "out")
+    assert proc.returncode == 2, proc.stderr
+    assert f"{missing} does not exist" in proc.stderr and "corrupt" not in proc.stderr, proc.stderr

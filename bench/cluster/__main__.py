@@ -19,7 +19,7 @@ def build_parser() -> argparse.ArgumentParser:
         "network namespaces, shaped links, MPI over TCP.",
     )
     sub = p.add_subparsers(dest="verb", required=True)
-    for verb in ("up", "exec", "status", "down", "slurm"):
+    for verb in ("up", "exec", "status", "down", "slurm", "link"):
         s = sub.add_parser(verb)
         s.add_argument("--name", default=DEFAULT_NAME, help="cluster name (namespace prefix)")
         if verb == "up":
@@ -34,6 +34,11 @@ def build_parser() -> argparse.ArgumentParser:
                 nargs=argparse.REMAINDER,
                 help="-- a SLURM client command (sbatch, srun, sinfo, ...), run in "
                 "node 0 with SLURM_CONF set",
+            )
+        if verb == "link":
+            s.add_argument("--node", type=int, required=True, help="the node's index (0, 1, ...)")
+            s.add_argument(
+                "what", help="down, up, or a rate (4mbit, 1gbit, none): a fault on that node's link"
             )
         if verb == "exec":
             s.add_argument("-n", type=int, required=True, dest="ranks", help="MPI ranks")
@@ -110,6 +115,9 @@ def main(argv: list[str] | None = None) -> int:
             )
         if args.verb == "status":
             print(status_text(state))
+            return 0
+        if args.verb == "link":
+            print(netns.set_link(state, args.node, args.what))
             return 0
         cmd = args.cmd[1:] if args.cmd[:1] == ["--"] else args.cmd
         if not cmd:

@@ -216,6 +216,29 @@ def up(name: str, nodes: int, link: str) -> ClusterState:
     return state
 
 
+def set_link(state: ClusterState, index: int, what: str) -> str:
+    """A fault on node ``index``'s link: ``down`` (eth0 down, routes gone), ``up`` (back, at
+    the rate it had), or a rate (``4mbit``: its tbf re-rated; the cluster keeps its nominal
+    rate in state.json). Returns what was done."""
+    require_root()
+    if not 0 <= index < len(state.nodes):
+        raise ClusterError(f"--node {index}: cluster {state.name} has nodes 0..{len(state.nodes) - 1}")
+    n = state.nodes[index]
+    if what in ("down", "up"):
+        _run("ip", "-n", n.name, "link", "set", "eth0", what)
+        return f"{n.name}: eth0 {what}"
+    bits = rate_bits(what)
+    if bits is None:
+        _run(*f"tc -n {n.name} qdisc del dev eth0 root".split())
+        return f"{n.name}: eth0 unshaped"
+    verb = "change" if rate_bits(state.link) is not None else "add"
+    _run(
+        *f"tc -n {n.name} qdisc {verb} dev eth0 root tbf rate {int(bits)}bit burst {BURST_BYTES} "
+        f"latency {LATENCY_MS}ms".split()
+    )
+    return f"{n.name}: eth0 shaped to {what}"
+
+
 def pids(ns: str) -> list[int]:
     out = subprocess.run(["ip", "netns", "pids", ns], capture_output=True, text=True).stdout
     return [int(p) for p in out.split() if p.isdigit()]

@@ -53,6 +53,11 @@ def rank_info(comm: MPI.Comm) -> RankInfo:
     )
 
 
+def where(rank: int, hostname: str | None = None) -> str:
+    """ "rank R on NODE": how every report names a rank."""
+    return f"rank {rank} on {hostname or socket.gethostname()}"
+
+
 def mpi_library() -> str:
     """A one-line name of the MPI library in use (e.g. 'MPICH 5.0.2')."""
     try:
@@ -63,60 +68,77 @@ def mpi_library() -> str:
 
 
 def install_abort_handler(comm: MPI.Comm) -> None:
-    """Make an uncaught exception on any rank abort the whole job instead of hanging it.
+    """Make an uncaught exception on any rank end the whole job instead of hanging it.
 
     Under plain ``python`` the other ranks would sit in their next collective forever; this is
     the guarantee ``python -m mpi4py`` gives, provided here because users launch without it.
+    Every error exit of the library comes through here and ends in :func:`leave_job`.
     """
     rank = comm.Get_rank()
 
     def hook(exc_type, exc, tb):
         if issubclass(exc_type, KeyboardInterrupt):
-            msg = f"[rank {rank}] interrupted\n"
-        elif isinstance(exc, UserError):
+            msg = f"[{where(rank)}] interrupted\n"
+        elif isinstance(exc, UserError) and exc.collective:
             # Errors that every rank detects alike are printed once, by rank 0.
             msg = f"error: {exc}\n" if rank == 0 else ""
+        elif isinstance(exc, UserError):
+            msg = f"error on {where(rank)}: {exc}\n"
         else:
             msg = "".join(
-                f"[rank {rank}] {line}"
+                f"[{where(rank)}] {line}"
                 for line in "".join(traceback.format_exception(exc_type, exc, tb)).splitlines(True)
             )
         if msg:
             sys.stderr.write(msg)
-            sys.stderr.flush()
-        code = getattr(exc, "exit_code", 1)
-        if comm.Get_size() == 1:
-            os._exit(code)
-        if isinstance(exc, UserError) and exc.collective:
-            # Every rank raised the same error: leave together, no Abort noise from the launcher.
-            try:
-                comm.Barrier()
-                # Finalize so MPI removes its shared-memory segments: a requeued SLURM job
-                # restarts with the same job/step id and would attach to a leaked segment.
-                MPI.Finalize()
-            finally:
-                os._exit(code)
-        abort_job(comm, code)
+        together = isinstance(exc, UserError) and exc.collective
+        leave_job(comm, getattr(exc, "exit_code", 1), collective=together)
 
     sys.excepthook = hook
 
 
-# Seconds between a rank's last words and MPI_Abort. Hydra's proxy drops a rank's unread
-# stderr when the abort request reaches it first: without this pause a stall report (and even
-# MPICH's own "Abort(5)" line) went missing in about one run in three on this 2-core machine.
-ABORT_OUTPUT_GRACE_S = 0.5
+# Seconds between a rank's last words and the first rank's exit. Hydra ends every other rank
+# the moment one exits (even with code 0) and can drop a rank's stderr that its proxy has not
+# read yet: without this pause a stall report went missing in about one run in three, and a
+# validation error in about one in twenty, on this 2-core machine with other work beside it.
+ABORT_OUTPUT_GRACE_S = 1.0
 
 
-def abort_job(comm: MPI.Comm, code: int) -> None:
-    """End every rank with exit code ``code``, after giving the launcher time to forward what
-    this rank has written to stdout and stderr."""
+def _flush() -> None:
     for stream in (sys.stdout, sys.stderr):
         try:
             stream.flush()
         except (OSError, ValueError):
             pass
+
+
+def leave_job(comm: MPI.Comm, code: int, *, collective: bool) -> None:
+    """The one way a rank ends the job on an error: flush, give the launcher time to forward
+    what was written, then leave.
+
+    ``collective``: every rank raised the same error at the same point, so all leave together
+    with the same exit code (a barrier after the pause, then ``MPI_Finalize``); otherwise this
+    rank alone knows, and ``MPI_Abort`` ends the others.
+    """
+    _flush()
+    if comm.Get_size() == 1:
+        os._exit(code)
     time.sleep(ABORT_OUTPUT_GRACE_S)
-    comm.Abort(code)
+    if not collective:
+        comm.Abort(code)
+        os._exit(code)  # pragma: no cover - Abort does not return
+    try:
+        comm.Barrier()
+        # Finalize so MPI removes its shared-memory segments: a requeued SLURM job restarts
+        # with the same job/step id and would attach to a leaked segment.
+        MPI.Finalize()
+    finally:
+        os._exit(code)
+
+
+def abort_job(comm: MPI.Comm, code: int) -> None:
+    """End every rank with exit code ``code`` from this one (the stall watchdog's thread)."""
+    leave_job(comm, code, collective=False)
 
 
 def agree_or_raise(comm: MPI.Comm, error: str | None, *, exc_type=UserError) -> None:

@@ -42,6 +42,7 @@ import numpy as np
 import torch
 from mpi4py import MPI
 
+from disdl_mpi.comm.world import where
 from disdl_mpi.errors import UserError
 from disdl_mpi.files import write_bytes, write_json
 from disdl_mpi.norms import norm_layers
@@ -248,7 +249,7 @@ class Checkpointer:
             write_bytes(tmp / rank_part(rank), data, fsync=True)
             entry = {"sha256": _digest(data), "bytes": len(data)}
         except OSError as exc:
-            error = f"rank {rank}: cannot write {tmp / rank_part(rank)}: {exc}"
+            error = f"{where(rank)}: cannot write {tmp / rank_part(rank)}: {exc}"
         gathered = comm.gather((entry, error), root=0)
         final, error = None, None
         if rank == 0:
@@ -304,18 +305,18 @@ class Checkpointer:
             try:
                 data = f.read_bytes()
             except OSError as exc:
-                return f"{f}: rank {self.rank}: cannot be read ({exc})", None, None
+                return f"{f}: {where(self.rank)}: cannot be read ({exc})", None, None
             want = files.get(name, {}).get("sha256")
             if _digest(data) != want:
                 return (
-                    f"{f}: rank {self.rank}: sha256 differs from meta.json (truncated or modified)",
+                    f"{f}: {where(self.rank)}: sha256 differs from meta.json (truncated or modified)",
                     None,
                     None,
                 )
             try:
                 parts[name] = torch.load(io.BytesIO(data), map_location="cpu", weights_only=True)
             except Exception as exc:  # noqa: BLE001 - any unpickling failure is corruption
-                return f"{f}: rank {self.rank}: cannot be loaded ({exc})", None, None
+                return f"{f}: {where(self.rank)}: cannot be loaded ({exc})", None, None
         return None, None, Loaded(path, meta, parts["shared.pt"], parts[rank_part(self.rank)])
 
     def differences(self, meta: dict) -> list[str]:
@@ -356,6 +357,8 @@ class Checkpointer:
                 return None
         else:
             path = Path(spec)
+            if not comm.bcast(path.exists() if self.rank == 0 else None, root=0):
+                raise CheckpointError(f"--resume {spec}: {path} does not exist (no checkpoint there)")
             if path.is_dir() and not (path / "meta.json").exists() and path.name != "":
                 inner = comm.bcast(
                     Checkpointer(

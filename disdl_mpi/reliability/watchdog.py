@@ -1,30 +1,91 @@
-"""``--stall-timeout S``: name the ranks a stalled job waits for, then end it.
+"""The stall watchdog, on by default: name the ranks a stalled job waits for, then end it.
 
-A rank that stops (a hung node, a SIGSTOP, a deadlock in user code) leaves every other rank
-blocked in its next collective, forever. With a stall timeout each rank runs a watchdog thread
-that tells every other rank, on a private communicator, where its main thread is (step, phase,
-and the gradient bucket it waits on), a few times per timeout. When a rank has been in one
-phase longer than the timeout, the lowest rank still heard from reports: the ranks it has not
-heard from within the timeout (they have not arrived) and where each of the others waits; then
-it ends the job with ``MPI_Abort`` and the exit code :data:`EXIT_STALL`.
+A rank that stops (a node that lost its link, a SIGSTOP, a deadlock in user code) leaves every
+other rank blocked in its next collective, forever. Each rank runs a watchdog thread that
+tells every other rank, on a private communicator, where its main thread is (step, phase, the
+gradient bucket it waits on) every couple of seconds: a heartbeat that keeps coming however
+long the main thread computes. From what it hears, the lowest rank still heard from reports
+the ranks that have gone silent and where each of the others waits, and ends the job with
+``MPI_Abort`` and :data:`EXIT_STALL`.
+
+Two policies (:class:`StallPolicy`):
+
+- the default (no option): a first report after 60 s without progress, without ending
+  anything; the end when a rank has been silent for 120 s while the others wait (its process,
+  node or link is gone: a heartbeat thread does not fall silent on a slow step), or when no
+  rank has moved for max(600 s, 10x the longest phase any rank has completed), a deadlock
+  among ranks that still talk (NCCL's watchdog also waits 10 minutes);
+- ``--stall-timeout S``: report and end after S seconds, silent or not; ``0`` turns it off.
 
 It needs ``MPI_THREAD_MULTIPLE`` (mpi4py asks for it by default; MPICH and Open MPI give it): the
-watchdog's messages travel while the main thread sits in a collective.
+heartbeats travel while the main thread sits in a collective. Without it the default is
+dropped with a note and an explicit timeout is an error.
 """
 
 from __future__ import annotations
 
+import socket
 import sys
 import threading
 import time
+from dataclasses import dataclass
 from typing import Any, Callable, Optional
 
 from mpi4py import MPI
 
-from disdl_mpi.comm.world import abort_job
+from disdl_mpi.comm.world import abort_job, where
 
 EXIT_STALL = 5
 TAG = 0x57A1
+
+
+@dataclass(frozen=True)
+class StallPolicy:
+    """When to report a stall, and when to end the job (seconds)."""
+
+    report_after: float  # no progress this long: the first report (the job goes on)
+    lost_after: float  # a rank silent this long while this rank waits: end
+    stuck_after: float  # no progress this long, everyone still heard: end ...
+    stuck_multiple: float = 0.0  # ... or this many times the longest phase seen, if longer
+    explicit: bool = False  # --stall-timeout S
+
+    @classmethod
+    def default(cls) -> "StallPolicy":
+        return cls(report_after=60.0, lost_after=120.0, stuck_after=600.0, stuck_multiple=10.0)
+
+    @classmethod
+    def fixed(cls, seconds: float) -> "StallPolicy":
+        s = float(seconds)
+        return cls(report_after=s, lost_after=s, stuck_after=s, explicit=True)
+
+    @property
+    def interval(self) -> float:
+        """Seconds between heartbeats: several per threshold, at most 2 s."""
+        return max(0.05, min(2.0, self.report_after / 8))
+
+    def stuck_limit(self, longest_phase: float) -> float:
+        return max(self.stuck_after, self.stuck_multiple * longest_phase)
+
+    def describe(self) -> str:
+        if self.explicit:
+            return f"--stall-timeout {self.stuck_after:g}"
+        return (
+            f"the default: the job ends when a rank is silent for {self.lost_after:.0f} s or nothing "
+            f"moves for {self.stuck_after:.0f} s (--stall-timeout S to change, 0 to turn off)"
+        )
+
+
+def make_watchdog(comm: MPI.Comm, stall_timeout: Optional[float], log: Callable[[str], None]):
+    """The watchdog ``--stall-timeout`` asks for: None = the default policy, 0 = none."""
+    if stall_timeout == 0:
+        return None
+    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
+        if stall_timeout is not None:
+            raise RuntimeError("--stall-timeout needs MPI_THREAD_MULTIPLE")
+        log("note: no stall watchdog (this MPI gives no MPI_THREAD_MULTIPLE)")
+        return None
+    policy = StallPolicy.default() if stall_timeout is None else StallPolicy.fixed(stall_timeout)
+    return StallWatchdog(comm, policy)
 
 
 class StallWatchdog:
@@ -33,41 +94,57 @@ class StallWatchdog:
     def __init__(
         self,
         comm: MPI.Comm,
-        timeout: float,
+        policy: StallPolicy | float,
         *,
         detail: Callable[[], str] = lambda: "",
         abort: Optional[Callable[[int], None]] = None,
     ) -> None:
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
-            raise RuntimeError("--stall-timeout needs MPI_THREAD_MULTIPLE")
+            raise RuntimeError("the stall watchdog needs MPI_THREAD_MULTIPLE")
+        self.policy = policy if isinstance(policy, StallPolicy) else StallPolicy.fixed(policy)
         self.comm = comm.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.timeout = float(timeout)
-        self.interval = max(0.05, self.timeout / 8)
+        self.hosts = self.comm.allgather(socket.gethostname())
         self.detail = detail  # e.g. the bucket the allreducer waits on
         self.abort = abort or (lambda code: abort_job(MPI.COMM_WORLD, code))
         # Not watching until the first phase: start-up (model build, first collectives) may
-        # legitimately take longer than the timeout.
-        self.state = {"step": -1, "phase": "start", "since": None}
+        # legitimately take longer than any threshold.
+        self.state: dict[str, Any] = {"step": -1, "phase": "start", "since": None}
+        self.longest = 0.0  # this rank's longest completed phase (seconds)
+        self.started = time.monotonic()
         self.seen: dict[int, tuple[dict, float]] = {}  # rank -> (its state, when heard)
+        self.reported: Optional[float] = None  # the 'since' of the stall already reported
         self._stop = threading.Event()
         self._sends: list[Any] = []
         self._thread = threading.Thread(target=self._run, name="stall-watchdog", daemon=True)
         self._thread.start()
 
+    @property
+    def timeout(self) -> float:
+        return self.policy.stuck_after
+
     def enter(self, step: int, phase: str) -> None:
-        self.state = {"step": int(step), "phase": phase, "since": time.monotonic()}
+        now = time.monotonic()
+        since = self.state["since"]
+        if since is not None and now - since > self.longest:
+            self.longest = now - since
+        self.state = {"step": int(step), "phase": phase, "since": now}
 
     def close(self) -> None:
         self._stop.set()
-        self._thread.join(timeout=2 * self.interval + 1)
+        self._thread.join(timeout=2 * self.policy.interval + 1)
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
-        while not self._stop.wait(self.interval):
+        while not self._stop.wait(self.policy.interval):
             now = time.monotonic()
             since = self.state["since"]
-            mine = dict(self.state, waiting=0.0 if since is None else now - since, detail=self.detail())
+            mine = dict(
+                self.state,
+                waiting=0.0 if since is None else now - since,
+                detail=self.detail(),
+                longest=self.longest,
+            )
             self._sends = [r for r in self._sends if not r.Test()]
             for dest in range(self.size):
                 if dest != self.rank:
@@ -77,31 +154,59 @@ class StallWatchdog:
                 msg = self.comm.recv(source=MPI.ANY_SOURCE, tag=TAG, status=status)
                 self.seen[status.Get_source()] = (msg, time.monotonic())
             self.seen[self.rank] = (mine, now)
-            if since is not None and mine["waiting"] > self.timeout:
-                self._stalled(now)
+            if since is not None:
+                self._judge(now, mine["waiting"], since)
 
-    def _stalled(self, now: float) -> None:
-        alive = sorted(r for r, (_, t) in self.seen.items() if now - t <= self.timeout)
-        if alive and alive[0] != self.rank:
-            # the lowest live rank reports; give it time, then end the job ourselves
-            if now - (self.state["since"] or now) < 2 * self.timeout:
+    def _silence(self, now: float) -> dict[int, float]:
+        """Seconds since each other rank was last heard (since watching began, if never)."""
+        return {
+            r: now - (self.seen[r][1] if r in self.seen else self.started)
+            for r in range(self.size)
+            if r != self.rank
+        }
+
+    def _judge(self, now: float, waiting: float, since: float) -> None:
+        p = self.policy
+        if waiting <= p.report_after:
+            return
+        silence = self._silence(now)
+        lost = sorted(r for r, s in silence.items() if s > p.lost_after)
+        longest = max(st.get("longest", 0.0) for st, _ in self.seen.values())
+        limit = p.stuck_limit(longest)
+        ending = (lost and waiting > p.lost_after) or waiting > limit
+        alive = [r for r in range(self.size) if r == self.rank or silence[r] <= p.lost_after]
+        if alive[0] != self.rank:
+            # The lowest live rank reports; give it time, then end the job ourselves.
+            if not ending or waiting < 2 * (p.lost_after if lost else limit):
                 return
-        lines = [
-            f"stall: no progress for {self.timeout:.0f} s (--stall-timeout); ending the "
-            f"job (exit code {EXIT_STALL})"
-        ]
-        for r in range(self.size):
-            if r not in self.seen:
-                lines.append(f"  rank {r}: not heard from at all (has not arrived)")
-                continue
-            st, t = self.seen[r]
-            where = f"step {st['step']}, phase {st['phase']}" + (
-                f", {st['detail']}" if st.get("detail") else ""
+        if ending:
+            why = (
+                f"{', '.join(where(r, self.hosts[r]) for r in lost)} silent for over {p.lost_after:.0f} s"
+                if lost and waiting > p.lost_after
+                else f"no progress for {waiting:.0f} s"
             )
-            if now - t > self.timeout:
-                lines.append(f"  rank {r}: has not arrived: silent for {now - t:.0f} s, last seen at {where}")
-            else:
-                lines.append(f"  rank {r}: waiting {st['waiting']:.0f} s at {where}")
-        sys.stderr.write("\n".join(lines) + "\n")
+            head = f"stall: {why} ({p.describe()}); ending the job (exit code {EXIT_STALL})"
+        elif self.reported == since:
+            return
+        else:
+            head = f"stall: no progress for {waiting:.0f} s; still waiting ({p.describe()})"
+        self.reported = since
+        sys.stderr.write("\n".join([head, *self._where_each(now, silence)]) + "\n")
         sys.stderr.flush()
-        self.abort(EXIT_STALL)
+        if ending:
+            self.abort(EXIT_STALL)
+
+    def _where_each(self, now: float, silence: dict[int, float]) -> list[str]:
+        lines = []
+        for r in range(self.size):
+            name = where(r, self.hosts[r])
+            if r not in self.seen:
+                lines.append(f"  {name}: not heard from at all (has not arrived)")
+                continue
+            st, _ = self.seen[r]
+            at = f"step {st['step']}, phase {st['phase']}" + (f", {st['detail']}" if st.get("detail") else "")
+            if r != self.rank and silence[r] > self.policy.interval * 4 + 1:
+                lines.append(f"  {name}: has not arrived: silent for {silence[r]:.0f} s, last seen at {at}")
+            else:
+                lines.append(f"  {name}: waiting {st['waiting']:.0f} s at {at}")
+        return lines
