@@ -99,8 +99,14 @@ def test_evaluation_uses_the_chosen_statistics(eval_stats):
 @pytest.mark.parametrize(
     "variant, at_least",
     # no gradient through the statistics loses BN's scale invariance: on digits at lr 0.05 it
-    # does not learn in 2 epochs (12 %), so only that it runs to the end is asserted
-    [("--carry-grad exact", 0.3), ("--carry-grad none --carry-eval running", 0.0)],
+    # does not learn in 2 epochs (12 %), so only that it runs to the end is asserted; nor does
+    # the carried backward (22 %: a stale mean of dy leaves a component that moves the
+    # features' mean and scale every step; one rank, iid, 20 % against local's 81 %)
+    [
+        ("--carry-grad exact", 0.3),
+        ("--carry-grad carried", 0.0),
+        ("--carry-grad none --carry-eval running", 0.0),
+    ],
 )
 def test_each_variant_trains_end_to_end(variant, at_least, digits_partition, tmp_path):
     import json
@@ -113,3 +119,30 @@ def test_each_variant_trains_end_to_end(variant, at_least, digits_partition, tmp
     (rec,) = summary["runs"]
     assert rec["norm"] == "bn-carry" and at_least <= rec["test_accuracy"] <= 1.0, rec
     assert summary["config"]["carry_grad"] == variant.split()[1], summary["config"]
+
+
+def test_carried_is_syncbns_backward_when_the_carried_means_are_current():
+    """With the previous step's statistics and gradient means equal to the current ones (the
+    same batches twice, the weights unchanged), the carried backward is syncbn's: each rank's
+    dx in global units is the centralized BN's dx on its rows, and the rank-weighted sums of
+    dw and db are the centralized ones."""
+    layers = _ranks("carried")
+    a, b = _data(1, 6), _data(2, 10)
+    n = len(a) + len(b)
+    _step(layers, [a, b])  # step 0: local BN; the global statistics become the union's
+    union = torch.cat([a, b]).detach().requires_grad_()
+    ref = F.batch_norm(union, None, None, layers[0].weight, layers[0].bias, True, 0.0, layers[0].eps)
+    dy = torch.randn_like(ref)  # dL/dy of the global-batch mean loss
+    want_x, want_w, want_b = torch.autograd.grad(ref, (union, layers[0].weight, layers[0].bias), dy)
+    for m in layers:  # what the gradient allreduce of the (same) step would have summed
+        m.carry_grad_sums(want_b, want_w)
+    rows = [slice(0, len(a)), slice(len(a), n)]
+    sum_w = sum_b = 0
+    for m, x, r in zip(layers, (a, b), rows):
+        y = m(x)
+        scale = n / len(x)  # the rank's loss is its own batch's mean
+        gx, gw, gb = torch.autograd.grad(y, (x, m.weight, m.bias), dy[r] * scale)
+        torch.testing.assert_close(gx / scale, want_x[r], rtol=1e-10, atol=1e-10)
+        sum_w, sum_b = sum_w + gw / scale, sum_b + gb / scale
+    torch.testing.assert_close(sum_w, want_w, rtol=1e-10, atol=1e-10)
+    torch.testing.assert_close(sum_b, want_b, rtol=1e-10, atol=1e-10)

@@ -57,6 +57,9 @@ class CarryBatchNorm(FlaggedBatchNorm):
         self.register_buffer("global_var", torch.ones(num_features))
         # the other ranks' moments of the previous step (grad="exact"): count, mean, variance
         self.register_buffer("others", torch.zeros(1 + 2 * num_features, dtype=torch.float64))
+        # the previous step's global sums of dy and dy * xhat per channel (grad="carried"):
+        # the allreduced gradients of this layer's bias and weight
+        self.register_buffer("grad_sums", torch.zeros(2 * num_features, dtype=torch.float64))
         self._own_last: Optional[torch.Tensor] = None  # the sums this rank sent last
         self._sums: Optional[torch.Tensor] = None  # [n, S(C), Q(C)] of this step's batch
 
@@ -92,6 +95,14 @@ class CarryBatchNorm(FlaggedBatchNorm):
             )
         if self.grad == "exact":
             return self._exact(x)
+        if self.grad == "carried" and self.weight is not None:
+            # BN's backward with the previous step's global means of dy and dy * xhat, in this
+            # rank's units (its loss is its own batch's mean: see carry_grad_sums)
+            c = self.num_features
+            means = (self.grad_sums / n).to(x.dtype)
+            return _CarriedGrad.apply(
+                x, self.weight, self.bias, self.global_mean, self.global_var, means[:c], means[c:], self.eps
+            )
         # Values normalized with the previous step's global statistics; BN's gradient through
         # this batch's statistics (see local_layers.renormalize).
         return renormalize(
@@ -118,6 +129,21 @@ class CarryBatchNorm(FlaggedBatchNorm):
         if self.weight is not None:
             y = y * channel_view(self.weight, nd) + channel_view(self.bias, nd)
         return y
+
+    @torch.no_grad()
+    def carry_grad_sums(self, dy_sum: Optional[torch.Tensor], dyx_sum: Optional[torch.Tensor]) -> None:
+        """Keep the step's allreduced bias and weight gradients (grad="carried").
+
+        They are the global sums of dy and dy * xhat over every rank's batch, in the units of
+        the global-batch mean loss. A rank's own dy is in units of its batch's mean loss,
+        n_global / n_rank times larger, so the global mean of dy in this rank's units is the
+        global sum over this rank's own per-channel count: forward divides by it.
+        """
+        if self.grad != "carried" or dy_sum is None or dyx_sum is None:
+            return
+        c = self.num_features
+        self.grad_sums[:c].copy_(dy_sum)
+        self.grad_sums[c:].copy_(dyx_sum)
 
     @property
     def payload_size(self) -> int:
@@ -172,7 +198,32 @@ class CarryBatchNorm(FlaggedBatchNorm):
         self.others[c + 1 :] = (rest[c + 1 :] / safe - d * d).clamp_min(0.0)
 
 
-GRADS = ("local", "exact", "none")
+class _CarriedGrad(torch.autograd.Function):
+    """y = BN with given statistics; backward: BN's, with given means of dy and dy * xhat.
+
+    dx = w / std * (dy - mean(dy) - xhat * mean(dy * xhat)), the means over the global batch
+    of the previous step (syncbn's backward uses the current step's); dw, db as for BN.
+    """
+
+    @staticmethod
+    def forward(ctx, x, weight, bias, mean, var, dy_mean, dyx_mean, eps):
+        inv = (var + eps).rsqrt()
+        ctx.save_for_backward(x, weight, mean.clone(), inv, dy_mean, dyx_mean)
+        return F.batch_norm(x, mean, var, weight, bias, training=False, eps=eps)
+
+    @staticmethod
+    def backward(ctx, dy):
+        x, weight, mean, inv, dy_mean, dyx_mean = ctx.saved_tensors
+        nd, dims = x.dim(), reduce_dims(x)
+        xhat = (x - channel_view(mean, nd)) * channel_view(inv, nd)
+        grad_b = dy.sum(dims)
+        grad_w = (dy * xhat).sum(dims)
+        inner = dy - channel_view(dy_mean, nd) - xhat * channel_view(dyx_mean, nd)
+        grad_x = inner * channel_view(weight * inv, nd)
+        return grad_x, grad_w, grad_b, None, None, None, None, None
+
+
+GRADS = ("local", "exact", "none", "carried")
 EVALS = ("last", "running")
 
 
@@ -240,3 +291,10 @@ class BNCarry(NormScheme):
 
     def payload(self, model: nn.Module) -> StatsPayload:
         return StatsPayload(model)
+
+    def after_step(self, model: nn.Module, step: int) -> None:
+        if self.carry_grad != "carried":
+            return
+        for m in model.modules():
+            if isinstance(m, CarryBatchNorm) and m.weight is not None:
+                m.carry_grad_sums(m.bias.grad, m.weight.grad)
