@@ -148,3 +148,37 @@ def test_resume_of_a_missing_folder_says_it_is_missing(parts, tmp_path):
     proc = run_job(parts["n2"], f"--norm gn --steps 2 --resume {missing}", tmp_path / "out")
     assert proc.returncode == 2, proc.stderr
     assert f"{missing} does not exist" in proc.stderr and "corrupt" not in proc.stderr, proc.stderr
+
+
+def test_a_job_suspended_as_a_whole_and_resumed_is_not_a_stall(tmp_path):
+    """SIGSTOP of every rank for longer than every threshold (SLURM's scontrol suspend does
+    this), then SIGCONT: each watchdog sees the gap in its own ticks, and the job finishes."""
+    from tests.mpi_helpers import mpi_command, mpi_env
+
+    pid_dir = tmp_path / "pids"
+    proc = subprocess.Popen(
+        mpi_command(2, ["-m", "tests.mpi_programs.watchdog_suspend", "14"]),
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env=mpi_env({"FAULT_PIDS": str(pid_dir)}),
+        start_new_session=True,
+    )
+    try:
+        end = time.monotonic() + 60
+        while len(list(pid_dir.glob("rank*.pid"))) < 2 and time.monotonic() < end:
+            time.sleep(0.1)
+        time.sleep(2)
+        pids = [int(f.read_text()) for f in sorted(pid_dir.glob("rank*.pid"))]
+        for p in pids:
+            os.kill(p, signal.SIGSTOP)
+        time.sleep(12)  # past report (1 s), lost (2 s) and stuck (4 s) limits, and the 10 s gap
+        for p in pids:
+            os.kill(p, signal.SIGCONT)
+        out, err = proc.communicate(timeout=60)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.communicate()
+    assert proc.returncode == 0, err
+    assert "finished after" in out and "stall:" not in err, out + err

@@ -13,6 +13,7 @@ from torch import nn
 
 from disdl_mpi.norms.batch_renorm import BRN
 from disdl_mpi.norms.carried import BNCarry
+from disdl_mpi.norms.evonorm import EvoNormS0, EvoNormScheme
 from disdl_mpi.norms.fixed import BNFix
 from disdl_mpi.norms.local_schemes import (
     FedBN,
@@ -35,6 +36,7 @@ SCHEMES: dict[str, type[NormScheme]] = {
         SyncBN,
         GroupNormScheme,
         GroupNormWS,
+        EvoNormScheme,
         LayerNormScheme,
         InstanceNormScheme,
         BRN,
@@ -125,7 +127,7 @@ def scheme_config_errors(names: list[str], cfg: Any) -> list[str]:
 def is_norm_layer(module: nn.Module) -> bool:
     """True for any normalization layer (the modules whose state fedbn keeps local)."""
     return isinstance(
-        module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm)
+        module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, EvoNormS0)
     )
 
 

@@ -17,6 +17,9 @@ Two policies (:class:`StallPolicy`):
   among ranks that still talk (NCCL's watchdog also waits 10 minutes);
 - ``--stall-timeout S``: report and end after S seconds, silent or not; ``0`` turns it off.
 
+A job that is suspended as a whole (SIGSTOP of every rank, SLURM's ``scontrol suspend``) and
+resumed is not a stall: each watchdog sees the gap in its own ticks and counts from the resume.
+
 It needs ``MPI_THREAD_MULTIPLE`` (mpi4py asks for it by default; MPICH and Open MPI give it): the
 heartbeats travel while the main thread sits in a collective. Without it the default is
 dropped with a note and an explicit timeout is an error.
@@ -37,6 +40,8 @@ from disdl_mpi.comm.world import abort_job, where
 
 EXIT_STALL = 5
 TAG = 0x57A1
+# A gap this long in the watchdog thread's own ticks means this process was not running.
+SUSPENDED_S = 10.0
 
 
 @dataclass(frozen=True)
@@ -136,8 +141,12 @@ class StallWatchdog:
 
     # ------------------------------------------------------------------ the thread
     def _run(self) -> None:
+        last = time.monotonic()
         while not self._stop.wait(self.policy.interval):
             now = time.monotonic()
+            if now - last > max(SUSPENDED_S, 5 * self.policy.interval):
+                self._resumed(now)  # this process did not run: the whole job was suspended
+            last = now
             since = self.state["since"]
             mine = dict(
                 self.state,
@@ -156,6 +165,14 @@ class StallWatchdog:
             self.seen[self.rank] = (mine, now)
             if since is not None:
                 self._judge(now, mine["waiting"], since)
+
+    def _resumed(self, now: float) -> None:
+        """After a gap in this thread's own ticks (SIGSTOP of every rank, SLURM's ``scontrol
+        suspend``, a machine that slept) no one's silence or wait is evidence: count from now."""
+        self.seen = {r: (st, now) for r, (st, _) in self.seen.items()}
+        self.started = now
+        if self.state["since"] is not None:
+            self.state = dict(self.state, since=now)
 
     def _silence(self, now: float) -> dict[int, float]:
         """Seconds since each other rank was last heard (since watching began, if never)."""

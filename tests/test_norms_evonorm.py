@@ -1,0 +1,50 @@
+"""evonorm-s0 (issue 26, item 3): the layer against its formula, batch independence, training."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+import torch
+
+from disdl_mpi.models import build_model
+from disdl_mpi.norms import get_scheme
+from disdl_mpi.norms.evonorm import EvoNormS0
+from tests.mpi_helpers import run_job
+
+
+def test_the_layer_is_its_formula_with_per_sample_group_statistics():
+    torch.manual_seed(0)
+    layer = EvoNormS0(8, groups=2).double()
+    with torch.no_grad():
+        for p in (layer.v, layer.weight, layer.bias):
+            p.uniform_(-1.5, 1.5)
+    x = torch.randn(5, 8, 3, 3, dtype=torch.float64) * 3 + 1
+    want = torch.empty_like(x)
+    for i in range(5):
+        for g in range(2):
+            block = x[i, 4 * g : 4 * g + 4]
+            std = (block.var(unbiased=False) + layer.eps).sqrt()
+            v, w, b = (t[4 * g : 4 * g + 4].view(4, 1, 1) for t in (layer.v, layer.weight, layer.bias))
+            want[i, 4 * g : 4 * g + 4] = block * torch.sigmoid(v * block) / std * w + b
+    torch.testing.assert_close(layer(x), want, rtol=1e-12, atol=1e-12)
+    for i in range(5):  # a sample's output does not depend on the rest of its batch
+        torch.testing.assert_close(layer(x[i : i + 1]), want[i : i + 1], rtol=1e-12, atol=1e-12)
+
+
+def test_the_scheme_builds_every_model_and_refuses_bad_groups():
+    scheme = get_scheme("evonorm-s0")
+    for name, shape in (("cnn", (1, 8, 8)), ("resnet20", (3, 8, 8))):
+        model = build_model(name, shape, 10, scheme.layer)
+        assert any(isinstance(m, EvoNormS0) for m in model.modules())
+        model(torch.randn(2, *shape)).sum().backward()
+    with pytest.raises(ValueError, match="do not split"):
+        EvoNormS0(6, groups=4)
+
+
+@pytest.mark.mpi
+def test_evonorm_trains_end_to_end(digits_partition, tmp_path):
+    out = tmp_path / "o"
+    run_job(digits_partition(2), "--norm evonorm-s0 --epochs 3", out, timeout=180, check=True)
+    (rec,) = json.loads((out / "summary.json").read_text())["runs"]
+    assert rec["norm"] == "evonorm-s0" and rec["test_accuracy"] > 0.5, rec
