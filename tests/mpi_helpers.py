@@ -3,6 +3,7 @@ background jobs whose ranks a test can signal, kill and check for survivors."""
 
 from __future__ import annotations
 
+import json
 import os
 import signal
 import subprocess
@@ -37,6 +38,13 @@ def run_job(data: Path, options: str, out: Path, *, n: int = 2, timeout: float =
     """``mpiexec -n N python -m disdl_mpi.run --data-dir DATA OPTIONS --out OUT``, OPTIONS as typed."""
     args = ["-m", "disdl_mpi.run", "--data-dir", str(data), *options.split(), "--out", str(out)]
     return run_mpi(n, args, timeout=timeout, **kw)
+
+
+def trained_record(data: Path, options: str, out: Path, *, timeout: float = 180) -> dict:
+    """``run_job`` of one scheme that must succeed; its record in summary.json."""
+    run_job(data, options, out, timeout=timeout, check=True)
+    (rec,) = json.loads((out / "summary.json").read_text())["runs"]
+    return rec
 
 
 def run_mpi(

@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 
 from disdl_mpi.models import build_model
 from disdl_mpi.norms import get_scheme
 from disdl_mpi.norms.evonorm import EvoNormS0
-from tests.mpi_helpers import run_job
+from tests.mpi_helpers import trained_record
 
 
 def test_the_layer_is_its_formula_with_per_sample_group_statistics():
@@ -44,7 +42,5 @@ def test_the_scheme_builds_every_model_and_refuses_bad_groups():
 
 @pytest.mark.mpi
 def test_evonorm_trains_end_to_end(digits_partition, tmp_path):
-    out = tmp_path / "o"
-    run_job(digits_partition(2), "--norm evonorm-s0 --epochs 3", out, timeout=180, check=True)
-    (rec,) = json.loads((out / "summary.json").read_text())["runs"]
+    rec = trained_record(digits_partition(2), "--norm evonorm-s0 --epochs 3", tmp_path / "o")
     assert rec["norm"] == "evonorm-s0" and rec["test_accuracy"] > 0.5, rec

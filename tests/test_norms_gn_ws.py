@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from torch import nn
@@ -11,7 +9,7 @@ from torch import nn
 from disdl_mpi.models import build_model
 from disdl_mpi.norms import get_scheme
 from disdl_mpi.norms.weight_standardization import Standardized, standardize_convolutions
-from tests.mpi_helpers import run_job
+from tests.mpi_helpers import trained_record
 
 
 def _model(name: str = "cnn", shape=(1, 8, 8)) -> nn.Module:
@@ -56,7 +54,5 @@ def test_the_gradient_flows_through_the_standardization():
 
 @pytest.mark.mpi
 def test_gn_ws_trains_end_to_end(digits_partition, tmp_path):
-    out = tmp_path / "o"
-    run_job(digits_partition(2), "--norm gn-ws --epochs 3 --save-model", out, timeout=180, check=True)
-    (rec,) = json.loads((out / "summary.json").read_text())["runs"]
+    rec = trained_record(digits_partition(2), "--norm gn-ws --epochs 3 --save-model", tmp_path / "o")
     assert rec["norm"] == "gn-ws" and rec["test_accuracy"] > 0.5, rec
