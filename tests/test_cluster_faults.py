@@ -20,7 +20,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from bench.cluster.netns import pids
+from bench.cluster.netns import BURST_BYTES, pids
 from tests.emulated_cluster import cluster_cli, require_root
 from tests.mpi_helpers import FAULT_DRIVER, ROOT, mpi_env
 
@@ -108,10 +108,12 @@ def test_a_node_that_loses_its_link_is_named_and_its_checkpoint_resumes_bitwise(
     ref = ClusterJob(parts["n2"], tmp_path / "ref", TRAIN)
     rc, err = ref.wait(300)
     assert rc == 0, err[-3000:]
-    job = ClusterJob(parts["n2"], tmp_path / "run", TRAIN, env={"FAULT_STEP_SLEEP": "0.3"})
-    job.wait_for_step(15)
+    # 1 s a step: the fault lands long before the 40 steps could end
+    job = ClusterJob(parts["n2"], tmp_path / "run", TRAIN, env={"FAULT_STEP_SLEEP": "1"})
+    job.wait_for_step(12)
     down = time.monotonic()
     assert cluster("link", "--node", "1", "down").returncode == 0
+    assert job.proc.poll() is None, "the job ended before its link went down"
     try:
         rc, err = job.wait(LOST_AFTER_S + 90)
         elapsed = time.monotonic() - down
@@ -135,6 +137,7 @@ def test_a_stopped_node_is_named_and_its_ranks_end_when_it_resumes(two_nodes, pa
     by themselves once the node runs again (SIGCONT)."""
     job = ClusterJob(parts["n2"], tmp_path / "run", "--norm gn --epochs 400 --stall-timeout 10")
     job.wait_for_step(10)
+    time.sleep(3)  # a few heartbeats (every 1.25 s here) so rank 0 has heard from rank 1
     frozen = pids(NODE1)
     assert frozen
     for p in frozen:
@@ -158,12 +161,19 @@ def test_a_stopped_node_is_named_and_its_ranks_end_when_it_resumes(two_nodes, pa
 
 def test_a_link_throttled_to_a_crawl_keeps_training(two_nodes, parts, tmp_path):
     """Node 1's link re-rated to 4 Mbit/s from step 3: with default options the job keeps
-    making progress and finishes; its step time shows the crawl (at least 15 steps' gradients
-    crossed at 4 Mbit/s), so the bytes did take the throttled link."""
+    making progress and finishes; its step time shows the crawl (at least 15 steps' gradients,
+    beyond tbf's burst, crossed at 4 Mbit/s), so the bytes did take the throttled link."""
     rate = 4e6
-    job = ClusterJob(parts["n2"], tmp_path / "run", "--norm gn --steps 40 --global-batch-size 64")
+    # a pause of 0.2 s after each step (outside its timed phases) so the crawl starts early
+    job = ClusterJob(
+        parts["n2"],
+        tmp_path / "run",
+        "--norm gn --steps 40 --global-batch-size 64",
+        {"FAULT_STEP_SLEEP": "0.2"},
+    )
     job.wait_for_step(3)
     assert cluster("link", "--node", "1", "4mbit").returncode == 0
+    assert job.proc.poll() is None, "the job ended before its link was throttled"
     try:
         rc, err = job.wait(300)
     finally:
@@ -171,5 +181,8 @@ def test_a_link_throttled_to_a_crawl_keeps_training(two_nodes, parts, tmp_path):
     assert rc == 0, err[-3000:]
     (run,) = json.loads((tmp_path / "run" / "summary.json").read_text())["runs"]
     assert run["steps"] == 40
-    crawl_s = run["grad_bytes"] * 8 / rate  # one gradient across the slow link
+    # one gradient across the slow link: tbf lets a full bucket (BURST_BYTES) pass at once, and
+    # the 0.2 s pause refills it, so each step waits for the rest
+    crawl_s = (run["grad_bytes"] - BURST_BYTES) * 8 / rate
+    assert crawl_s > 0.05
     assert run["phases"]["step"] > crawl_s * 15, run["phases"]

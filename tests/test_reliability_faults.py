@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import math
+import re
 import shutil
 import signal
 import time
@@ -98,7 +99,8 @@ def test_corrupt_checkpoint_auto_falls_back_path_refuses(parts, reference, tmp_p
 
     bad = run_mpi(2, [*args, "--resume", str(ckpts[-1])], timeout=120)
     assert bad.returncode == 2
-    assert bad.stderr.count("is corrupt") == 1 and "rank_00001.pt: rank 1: sha256" in bad.stderr
+    assert bad.stderr.count("is corrupt") == 1 and "rank_00001.pt: rank 1 on " in bad.stderr
+    assert ": sha256 differs" in bad.stderr
     assert "Traceback" not in bad.stderr and "epoch" not in bad.stdout
 
     good = run_mpi(2, [*args, "--resume", "auto"], timeout=240, check=True)
@@ -166,7 +168,8 @@ def test_nan_loss_on_one_rank_stops_every_rank(parts, tmp_path):
     )
     assert proc.returncode == 3, proc.stderr
     # a NaN loss poisons that rank's gradient too; the rank and step are what matter
-    assert proc.stderr.count("non-finite loss and gradient on rank 1 at optimizer step 3") == 1
+    assert proc.stderr.count("non-finite loss and gradient on rank 1 on ") == 1, proc.stderr
+    assert " at optimizer step 3" in proc.stderr
     assert "--on-nan skip" in proc.stderr and "Traceback" not in proc.stderr
 
 
@@ -188,7 +191,8 @@ def test_nan_gradient_skip_mode_skips_that_step_everywhere(parts, tmp_path):
         check=True,
     )
     # the loss stayed finite: the rank is found from its local gradient, before the average
-    assert proc.stdout.count("non-finite gradient on rank 1 at optimizer step 2") == 1
+    assert proc.stdout.count("non-finite gradient on rank 1 on ") == 1, proc.stdout
+    assert " at optimizer step 2" in proc.stdout
     (rec,) = json.loads((out / "summary.json").read_text())["runs"]
     assert rec["skipped_steps"] == 1 and rec["steps"] == 5
     assert math.isfinite(rec["epochs_log"][-1]["train_loss"])
@@ -214,8 +218,8 @@ def test_check_collectives_names_both_sides_of_a_mismatch(parts, tmp_path):
     assert proc.returncode == 4, proc.stderr
     err = proc.stderr
     assert err.count("collective mismatch") == 1
-    assert "rank 0: Allreduce(SUM) (2,) int64 on world at evaluate.py" in err
-    assert "rank 1: Barrier on world at fault_driver.py" in err
+    assert re.search(r"rank 0 on [^:]+: Allreduce\(SUM\) \(2,\) int64 on world at evaluate\.py", err), err
+    assert re.search(r"rank 1 on [^:]+: Barrier on world at fault_driver\.py", err), err
 
 
 @pytest.mark.parametrize(

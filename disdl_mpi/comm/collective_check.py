@@ -13,6 +13,7 @@ side was about to call and where. Disabled (the default), nothing is wrapped and
 from __future__ import annotations
 
 import hashlib
+import socket
 import sys
 from pathlib import Path
 from typing import Any
@@ -86,12 +87,13 @@ class CollectiveChecker:
         if (self._all == self._mine[0]).all():
             return
         # Rare path: fetch the full descriptions so the message names both sides.
-        described = self._comm.allgather(f"{signature} at {_site()}")
-        groups: dict[str, list[int]] = {}
-        for r, text in enumerate(described):
-            groups.setdefault(text, []).append(r)
+        described = self._comm.allgather((f"{signature} at {_site()}", socket.gethostname()))
+        groups: dict[str, list[tuple[int, str]]] = {}
+        for r, (text, host) in enumerate(described):
+            groups.setdefault(text, []).append((r, host))
         lines = [
-            f"  rank{'s' if len(rs) > 1 else ''} {','.join(map(str, rs))}: {text}"
+            f"  rank{'s' if len(rs) > 1 else ''} {','.join(str(r) for r, _ in rs)} on "
+            f"{','.join(dict.fromkeys(h for _, h in rs))}: {text}"
             for text, rs in groups.items()
         ]
         raise CollectiveMismatch(
