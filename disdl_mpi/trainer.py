@@ -177,20 +177,19 @@ class SchemeTraining:
             return guard.decide(not res.loss_finite, self.probe.take())
 
     def rank_name(self, rank: int) -> str:
-        hosts = self.ctx.info.hostnames
-        return where(rank, hosts[rank] if rank < len(hosts) else None)
+        return where(rank, self.ctx.info.hostnames[rank])
 
     def skip_step(self, d: StepDecision, saved: Optional[list[torch.Tensor]]) -> None:
         """A non-finite step: stop every rank, or (``--on-nan skip``) undo it everywhere."""
-        where = (
+        what = (
             f"non-finite {d.nonfinite_kind} on {self.rank_name(d.nonfinite_rank)} at optimizer step "
             f"{self.step_no + 1} (scheme {self.name}, epoch {self.epoch + 1})"
         )
         if saved is None:
             raise NumericalError(
-                f"{where}: stopping (--on-nan stop); lower --lr, or use --on-nan skip to skip such steps"
+                f"{what}: stopping (--on-nan stop); lower --lr, or use --on-nan skip to skip such steps"
             )
-        self.ctx.log(f"  {where}: step skipped (--on-nan skip)")
+        self.ctx.log(f"  {what}: step skipped (--on-nan skip)")
         with torch.no_grad():
             for b, old in zip(self.model.buffers(), saved):
                 b.copy_(old)

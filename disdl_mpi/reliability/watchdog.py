@@ -32,7 +32,7 @@ import sys
 import threading
 import time
 from dataclasses import dataclass
-from typing import Any, Callable, Optional
+from typing import Any, Callable, Optional, Sequence
 
 from mpi4py import MPI
 
@@ -80,17 +80,21 @@ class StallPolicy:
         )
 
 
-def make_watchdog(comm: MPI.Comm, stall_timeout: Optional[float], log: Callable[[str], None]):
-    """The watchdog ``--stall-timeout`` asks for: None = the default policy, 0 = none."""
+def make_watchdog(
+    comm: MPI.Comm,
+    stall_timeout: Optional[float],
+    log: Callable[[str], None],
+    hosts: Optional[Sequence[str]] = None,
+):
+    """The watchdog ``--stall-timeout`` asks for: None = the default policy, 0 = none.
+    An explicit timeout without MPI_THREAD_MULTIPLE is the constructor's error."""
     if stall_timeout == 0:
         return None
-    if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
-        if stall_timeout is not None:
-            raise RuntimeError("--stall-timeout needs MPI_THREAD_MULTIPLE")
+    if stall_timeout is None and MPI.Query_thread() < MPI.THREAD_MULTIPLE:
         log("note: no stall watchdog (this MPI gives no MPI_THREAD_MULTIPLE)")
         return None
     policy = StallPolicy.default() if stall_timeout is None else StallPolicy.fixed(stall_timeout)
-    return StallWatchdog(comm, policy)
+    return StallWatchdog(comm, policy, hosts=hosts)
 
 
 class StallWatchdog:
@@ -103,13 +107,15 @@ class StallWatchdog:
         *,
         detail: Callable[[], str] = lambda: "",
         abort: Optional[Callable[[int], None]] = None,
+        hosts: Optional[Sequence[str]] = None,
     ) -> None:
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
-            raise RuntimeError("the stall watchdog needs MPI_THREAD_MULTIPLE")
+            raise RuntimeError("the stall watchdog (--stall-timeout) needs MPI_THREAD_MULTIPLE")
         self.policy = policy if isinstance(policy, StallPolicy) else StallPolicy.fixed(policy)
         self.comm = comm.Dup()
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
-        self.hosts = self.comm.allgather(socket.gethostname())
+        # every rank's node, in rank order (RankInfo.hostnames when the caller has them)
+        self.hosts = list(hosts) if hosts is not None else self.comm.allgather(socket.gethostname())
         self.detail = detail  # e.g. the bucket the allreducer waits on
         self.abort = abort or (lambda code: abort_job(MPI.COMM_WORLD, code))
         # Not watching until the first phase: start-up (model build, first collectives) may
@@ -123,10 +129,6 @@ class StallWatchdog:
         self._sends: list[Any] = []
         self._thread = threading.Thread(target=self._run, name="stall-watchdog", daemon=True)
         self._thread.start()
-
-    @property
-    def timeout(self) -> float:
-        return self.policy.stuck_after
 
     def enter(self, step: int, phase: str) -> None:
         now = time.monotonic()
