@@ -39,6 +39,7 @@ class RunConfig:
     data_dir: Optional[str] = None
     source_dir: Optional[str] = None
     min_per_rank: int = 1
+    virtual_ranks: int = 1  # isolated ranks per MPI process (disdl_mpi.virtual_ranks)
     # model and normalization
     norm: str = "all"
     model: str = "auto"
@@ -86,6 +87,10 @@ class RunConfig:
     def schemes(self) -> list[str]:
         """The schemes to train, in order (ValueError naming an unknown one)."""
         return resolve_schemes(self.norm)
+
+    def isolated_ranks(self, processes: int) -> int:
+        """The world of isolated ranks (partitions) that ``processes`` MPI processes train."""
+        return processes * self.virtual_ranks
 
     def resolved_data_dir(self, world_size: int) -> Path:
         """Where the partition lives; by default data_prep's one naming rule under data/."""
@@ -135,6 +140,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--min-per-rank",
         type=int,
         help="minimum training samples per rank when building a partition (0 allows empty ranks)",
+    )
+    option(
+        g,
+        "--virtual-ranks",
+        type=int,
+        help="isolated ranks per MPI process: P processes train a partition of P x K ranks, each "
+        "process its K rank files, with the same result as P x K MPI ranks (per-phase times are "
+        "per process)",
     )
     g = p.add_argument_group("model and normalization")
     add_norm(g, d.norm)
@@ -293,11 +306,16 @@ def config_errors(cfg: RunConfig, world_size: int) -> list[str]:
         errors.append(f"--lr must be positive, got {cfg.lr}")
     if cfg.momentum < 0 or cfg.weight_decay < 0:
         errors.append("--momentum and --weight-decay must not be negative")
-    if cfg.global_batch_size < world_size:
+    if cfg.virtual_ranks < 1:
+        errors.append(f"--virtual-ranks must be >= 1, got {cfg.virtual_ranks}")
+    ranks = world_size * max(1, cfg.virtual_ranks)
+    if cfg.global_batch_size < ranks:
         errors.append(
             f"--global-batch-size {cfg.global_batch_size} is smaller than the "
-            f"{world_size} ranks: every rank needs at least one sample per step"
+            f"{ranks} ranks: every rank needs at least one sample per step"
         )
+    if cfg.virtual_ranks > 1 and cfg.data_residency == "stream":
+        errors.append("--virtual-ranks > 1 cannot stream training data (--data-residency stream)")
     if cfg.steps is None and cfg.epochs <= 0:
         errors.append(f"--epochs must be positive, got {cfg.epochs}")
     if cfg.steps is not None and cfg.steps <= 0:

@@ -66,7 +66,7 @@ def rank_data(job: Job, local: LocalData, device: torch.device, info: RankInfo) 
 
     x_test, y_test = tests[0], labels(local.test.y)
     whole_test = job.whole_test  # loaded whole: cut out the shard this rank scores as well
-    lo, hi = shard_bounds(local.test.total, info.rank, info.world_size)
+    lo, hi = shard_bounds(local.test.total, info.rank, info.world_size)  # per process
     return RankData(
         x_train=x_train,
         y_train=labels(local.train.y),
@@ -96,8 +96,14 @@ def announce(
     cfg, log = job.cfg, job.log
     model_name = cfg.model if cfg.model != "auto" else ("cnn" if len(data.sample_shape) == 3 else "mlp")
     machine = machine_info(info, device, threads, detect_cuda_aware(cfg.cuda_aware).reason)
+    k = cfg.virtual_ranks
+    ranks = (
+        f"{info.world_size} ranks"
+        if k == 1
+        else (f"{info.world_size * k} isolated ranks as {info.world_size} process(es) x {k} virtual ranks")
+    )
     log(
-        f"disdl-mpi {__version__}: {info.world_size} ranks on {machine['nodes']} node(s), "
+        f"disdl-mpi {__version__}: {ranks} on {machine['nodes']} node(s), "
         f"{machine['mpi_library']}, torch {torch.__version__}, device {machine['device']}, "
         f"{threads} thread(s) per rank"
     )
@@ -106,7 +112,7 @@ def announce(
         placement.setdefault(host, []).append(r)
     log("ranks by node: " + "; ".join(f"{host}: {','.join(map(str, rs))}" for host, rs in placement.items()))
     log(
-        f"data {data_dir}: {sum(data.sizes)} training samples over {info.world_size} ranks "
+        f"data {data_dir}: {sum(data.sizes)} training samples over {len(data.sizes)} ranks "
         f"(min {min(data.sizes)}, max {max(data.sizes)}), {local.test.total} test samples, "
         f"model {model_name}, schemes: {', '.join(job.norms)}"
     )

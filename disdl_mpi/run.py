@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
     """The whole job on this rank; ``hooks`` are the training loop's seams (tests use them)."""
     job = start_job(argv)
     info, device, threads = set_up_rank(job)
-    data_dir = job.cfg.resolved_data_dir(info.world_size)
+    data_dir = job.cfg.resolved_data_dir(job.cfg.isolated_ranks(info.world_size))
     ensure_data(job, data_dir)
     local = load_local(job, data_dir, device, info)
     data = rank_data(job, local, device, info)
@@ -137,14 +137,14 @@ def ensure_data(job: Job, data_dir: Path) -> None:
             if missing:
                 print(
                     f"building partition {data_dir} ({cfg.dataset}, {cfg.partition}, "
-                    f"{comm.Get_size()} ranks, seed {cfg.seed})",
+                    f"{cfg.isolated_ranks(comm.Get_size())} ranks, seed {cfg.seed})",
                     flush=True,
                 )
             if missing or cfg.data_dir is None:
                 ensure_partition(
                     data_dir,
                     cfg.dataset,
-                    comm.Get_size(),
+                    cfg.isolated_ranks(comm.Get_size()),
                     cfg.partition,
                     cfg.seed,
                     source_dir=cfg.source_dir,
@@ -167,6 +167,7 @@ def load_local(job: Job, data_dir: Path, device: torch.device, info: RankInfo) -
         budget=agreed_budget(comm, device, info.hostnames, cfg.memory_budget),
         test_shard=not job.whole_test,
         residency=cfg.data_residency,
+        virtual_ranks=cfg.virtual_ranks,
     )
 
     def given(flag: str) -> bool:
@@ -222,7 +223,13 @@ def train_schemes(
                 f"{record['samples_per_s']:.0f} samples/s, {wall:.1f} s"
             )
         if cfg.save_model:
-            save_model(res.model, scheme_dir, rank, per_rank=res.per_rank_accuracy is not None)
+            save_model(
+                res.model,
+                scheme_dir,
+                rank,
+                per_rank=res.per_rank_accuracy is not None,
+                virtual_ranks=cfg.virtual_ranks,
+            )
         if rank == 0:  # written after every scheme, so an interrupted run keeps what finished
             write_summary(job.out, records, cfg.to_dict(), facts.machine)
         if ctx.checkpoint_every and index + 1 < len(job.norms):

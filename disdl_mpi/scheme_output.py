@@ -12,6 +12,7 @@ from disdl_mpi.config import RunConfig
 from disdl_mpi.files import atomic_path
 from disdl_mpi.observe.timing import timing_fields
 from disdl_mpi.train_context import SchemeResult
+from disdl_mpi.virtual_ranks import rank_state_dict
 
 
 @dataclass(frozen=True)
@@ -35,7 +36,10 @@ def scheme_record(
     """One scheme's entry of summary.json (docs/CONTRACTS.md)."""
     machine = facts.machine
     record = {
-        "world_size": facts.info.world_size,
+        # isolated ranks; processes x virtual_ranks of them (per-phase times are per process)
+        "world_size": cfg.isolated_ranks(facts.info.world_size),
+        "processes": facts.info.world_size,
+        "virtual_ranks": cfg.virtual_ranks,
         "norm": res.norm,
         "model": facts.model_name,
         "dataset": facts.dataset,
@@ -74,14 +78,24 @@ def scheme_record(
     return record
 
 
-def save_model(model: torch.nn.Module, scheme_dir: Path, rank: int, *, per_rank: bool) -> None:
-    """Rank 0's state_dict as model.pt; with rank-local state (fedbn) every rank's copy too."""
-    state = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+def save_model(
+    model: torch.nn.Module, scheme_dir: Path, rank: int, *, per_rank: bool, virtual_ranks: int = 1
+) -> None:
+    """Rank 0's state_dict as model.pt; with rank-local state (fedbn) every rank's copy too.
+
+    Under ``--virtual-ranks K`` process ``rank`` holds isolated ranks rank*K .. rank*K+K-1;
+    each one's state_dict is the plain model's (its own copies of the norm layers), as the
+    MPI rank would have saved it."""
     targets = []
-    if rank == 0:
-        targets.append(scheme_dir / "model.pt")
-    if per_rank:
-        targets.append(scheme_dir / f"model_rank{rank:05d}.pt")
-    for target in targets:
+    for k in range(virtual_ranks):
+        isolated = rank * virtual_ranks + k
+        names = (["model.pt"] if isolated == 0 else []) + (
+            [f"model_rank{isolated:05d}.pt"] if per_rank else []
+        )
+        if not names:
+            continue
+        state = {n: v.detach().cpu() for n, v in rank_state_dict(model, k).items()}
+        targets += [(scheme_dir / name, state) for name in names]
+    for target, state in targets:
         with atomic_path(target) as tmp:
             torch.save(state, tmp)

@@ -9,6 +9,7 @@ with its timing), ``decide`` (the guard's agreed NaN/signal decision), ``checkpo
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import Optional
 
@@ -33,6 +34,13 @@ from disdl_mpi.reliability.guards import GradFiniteProbe, NumericalError, Preemp
 from disdl_mpi.schedule import lr_factor
 from disdl_mpi.step import StepResult, sync_step
 from disdl_mpi.train_context import SchemeResult, TrainContext
+from disdl_mpi.virtual_ranks import (
+    Segments,
+    VirtualPlan,
+    copy_first_member,
+    evaluate_members,
+    virtual_layer_factory,
+)
 
 
 def total_steps(cfg: RunConfig, plan: BatchPlan) -> tuple[int, int]:
@@ -49,8 +57,17 @@ class SchemeTraining:
         cfg, comm, data = ctx.cfg, ctx.comm, ctx.data
         self.ctx, self.cfg, self.comm, self.data, self.name = ctx, cfg, comm, data, norm_name
         self.scheme = build_for_run(norm_name, cfg, ctx.norm_comm)
+        k = cfg.virtual_ranks
+        # K virtual ranks in this process: K copies of each norm layer where the scheme keeps
+        # per-rank layer state (disdl_mpi.virtual_ranks); one batch of K ranks' rows otherwise.
+        self.segments = Segments(k) if k > 1 and self.scheme.per_rank_layers else None
+        layer = self.scheme.layer
+        if self.segments is not None:
+            layer = virtual_layer_factory(
+                self.scheme.layer, k, self.segments, shared_affine=not self.scheme.local_params
+            )
         seed_everything(cfg.seed)  # the same initial weights for every scheme
-        model = build_model(ctx.model_name, data.sample_shape, data.num_classes, self.scheme.layer)
+        model = build_model(ctx.model_name, data.sample_shape, data.num_classes, layer)
         self.model = self.scheme.adapt_model(model).to(ctx.device)
         self.local_ids = norm_state_ids(self.model) if self.scheme.local_params else set()
         broadcast_module_(self.model, comm, exclude=self.local_ids)
@@ -68,7 +85,13 @@ class SchemeTraining:
             payload=self.scheme.payload(self.model),
             torch_group=True if over_torch(cfg.comm) else None,
         )
-        self.plan = BatchPlan(data.sizes, comm.Get_rank(), cfg.global_batch_size, cfg.batching)
+        self.plan: BatchPlan | VirtualPlan = (
+            VirtualPlan(data.sizes, comm.Get_rank(), k, cfg.global_batch_size, cfg.batching)
+            if k > 1
+            else BatchPlan(data.sizes, comm.Get_rank(), cfg.global_batch_size, cfg.batching)
+        )
+        if self.segments is not None:
+            self.segments.rows = self.plan.rows
         self.epochs, self.max_steps = total_steps(cfg, self.plan)
         self.warmup_steps = round(cfg.warmup_epochs * self.plan.steps_per_epoch)
         self.timer = PhaseTimer(
@@ -111,8 +134,11 @@ class SchemeTraining:
             self.timer.add(k, v)  # phase totals cover the whole scheme, before and after
 
     # ----------------------------------------------------------------- step
-    def step(self, idx: np.ndarray, n_global: int) -> tuple[StepResult, Optional[StepDecision]]:
-        """One optimizer step on this rank's batch ``idx``; returns it and the guard's verdict."""
+    def step(
+        self, idx: np.ndarray, n_global: int, shares: Optional[list[int]] = None
+    ) -> tuple[StepResult, Optional[StepDecision]]:
+        """One optimizer step on this rank's batch ``idx`` (virtual ranks: ``shares`` rows of
+        each, in order); returns it and the guard's verdict."""
         timer, ctx, cfg = self.timer, self.ctx, self.cfg
         self.scheme.before_step(
             self.model, self.data.x_train, cfg.global_batch_size, self.step_no, self.max_steps
@@ -140,19 +166,25 @@ class SchemeTraining:
                 return False
             return True
 
-        res = sync_step(
-            self.model,
-            self.optimizer,
-            self.reducer,
-            xb,
-            yb,
-            n_global,
-            loss_fn=ctx.hooks.loss_fn,
-            phase=timer.phase,
-            forward_when_empty=self.scheme.collective_forward,
-            before_sync=timer.wait_for_peers,
-            before_update=before_update,
+        split = (
+            self.segments.split(shares)
+            if self.segments is not None and shares is not None
+            else contextlib.nullcontext()
         )
+        with split:
+            res = sync_step(
+                self.model,
+                self.optimizer,
+                self.reducer,
+                xb,
+                yb,
+                n_global,
+                loss_fn=ctx.hooks.loss_fn,
+                phase=timer.phase,
+                forward_when_empty=self.scheme.collective_forward,
+                before_sync=timer.wait_for_peers,
+                before_update=before_update,
+            )
         timer.end_step()
         self.scheme.after_step(self.model, self.step_no)
         if res.loss_sum is not None and not (verdict[0] and verdict[0].nonfinite):
@@ -287,11 +319,15 @@ class SchemeTraining:
             data = self.data
             self.scheme.recalibrate(self.model, data.x_train, self.cfg.global_batch_size)
             if not self.scheme.per_rank_eval:
-                # Like DDP's broadcast_buffers: running statistics come from rank 0.
+                # Like DDP's broadcast_buffers: running statistics come from rank 0 (of
+                # virtual ranks: copy 0 of process 0).
+                copy_first_member(self.model)
                 broadcast_module_(self.model, self.comm, buffers_only=True, exclude=self.local_ids)
             if data.x_domain is not None:  # each rank's model on its own domain's split
                 own = count_correct(self.model, data.x_domain, data.y_domain)
                 self.domain_acc = [float(a) for a in self.comm.allgather(own / max(1, len(data.y_domain)))]
+            if self.scheme.per_rank_eval and self.segments is not None:
+                return evaluate_members(self.model, data.x_test_all, data.y_test_all, self.comm)
             if self.scheme.per_rank_eval:
                 return evaluate_per_rank(self.model, data.x_test_all, data.y_test_all, self.comm)
             return self.ctx.hooks.evaluate(self.model, data.x_test, data.y_test, self.comm), None
@@ -349,7 +385,8 @@ def train_scheme(ctx: TrainContext, norm_name: str) -> SchemeResult:
             n_global = t.plan.global_count(i)
             if n_global == 0:
                 continue  # every rank knows this step is empty everywhere
-            _, decision = t.step(batches[i], n_global)
+            shares = t.plan.shares(i) if isinstance(t.plan, VirtualPlan) else None
+            _, decision = t.step(batches[i], n_global, shares)
             t.batch = i + 1
             if decision is not None and decision.preempt:
                 t.preempt(decision)

@@ -243,20 +243,29 @@ def _cross_rank(data_dir: Path, headers: list) -> dict[int, Problem]:
 
 def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True,
                    budget: tuple[int, str] | None = None,
-                   test_shard: bool = False, residency: str = "device") -> LocalData:
-    """Load and validate this rank's partition; raise ``PartitionError`` on every rank if bad.
+                   test_shard: bool = False, residency: str = "device",
+                   virtual_ranks: int = 1) -> LocalData:
+    """Load and validate this process's partition files; raise ``PartitionError`` on every rank
+    if bad.
 
     ``verify_hash`` re-hashes the arrays against the manifest's sha256 (one pass, cheap next
     to reading them) to catch silent corruption that HDF5 itself cannot see. ``budget``
     (bytes per rank, how it was derived; the same on every rank) refuses, before any array
     is read, a partition some rank could not hold resident in a resident ``residency``
-    (``auto`` streams it instead; see data.residency). ``test_shard`` keeps only this rank's
-    shard of the test set (``layout.shard_bounds``), the rows it scores. In ``stream`` mode
-    the training x is checked (every row hashed, in bounded blocks) but not kept:
-    ``train.x`` is None and ``train.path`` the file to stream from.
+    (``auto`` streams it instead; see data.residency). ``test_shard`` keeps only this
+    process's shard of the test set (``layout.shard_bounds``), the rows it scores. In
+    ``stream`` mode the training x is checked (every row hashed, in bounded blocks) but not
+    kept: ``train.x`` is None and ``train.path`` the file to stream from.
+
+    ``virtual_ranks`` K > 1: the partition has P x K isolated ranks and process p reads the
+    files of ranks p*K .. p*K+K-1 (never another's), concatenated in rank order;
+    ``LocalData.sizes`` lists all P x K sizes (disdl_mpi.virtual_ranks).
     """
     data_dir = Path(data_dir)
-    rank, world_size = comm.Get_rank(), comm.Get_size()
+    process, processes = comm.Get_rank(), comm.Get_size()
+    k = int(virtual_ranks)
+    world_size = processes * k
+    own = list(range(process * k, process * k + k))
     manifest, digest, probs = _read_manifest(data_dir / MANIFEST, world_size)
     _agree(comm, data_dir, probs)
     m = manifest
@@ -264,40 +273,56 @@ def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True,
     mode = choose_residency(residency, refusal is None)
     if refusal and mode != "stream":
         raise PartitionError(refusal, collective=True)
-    entry = m["ranks"][rank]
-    header: list = []
+    if k > 1 and (mode == "stream" or m.get("domain_tests") is not None):
+        raise PartitionError(
+            f"{data_dir}: --virtual-ranks {k} cannot "
+            + ("stream training data (--data-residency stream, or a partition over the memory "
+               "budget)" if mode == "stream" else "score per-rank domain test splits (a feature: "
+               "partition)")
+            + "; run one MPI rank per isolated rank (--virtual-ranks 1)", collective=True)
     # The standardization sums ride on the checking pass: one read of the file, not two.
     sums = ChannelSums(tuple(m["sample_shape"]))
-    x, y, probs = _read_h5(data_dir / entry["file"], m, entry["size"], entry["sha256"],
-                           verify_hash, {"rank": rank, "world_size": world_size,
-                                         "num_classes": m["num_classes"]}, header,
-                           rows=(0, 0) if mode == "stream" else None, sums=sums)
+    xs, ys, headers, own_probs = [], [], [], []
+    for rank in own:
+        entry = m["ranks"][rank]
+        header: list = []
+        x, y, rprobs = _read_h5(data_dir / entry["file"], m, entry["size"], entry["sha256"],
+                                verify_hash, {"rank": rank, "world_size": world_size,
+                                              "num_classes": m["num_classes"]}, header,
+                                rows=(0, 0) if mode == "stream" else None, sums=sums)
+        xs.append(x)
+        ys.append(y)
+        headers.append(header[0] if header else None)
+        own_probs.append(rprobs)
     n_test = m["test"]["size"]
-    test_rows = shard_bounds(n_test, rank, world_size) if test_shard else (0, n_test)
+    test_rows = shard_bounds(n_test, process, processes) if test_shard else (0, n_test)
     xt, yt, tprobs = _read_h5(data_dir / TEST_FILE, m, n_test, m["test"]["sha256"],
                               verify_hash, {"num_classes": m["num_classes"]}, [],
                               rows=test_rows if test_shard else None)
     if yt is not None:
         yt = yt[test_rows[0]:test_rows[1]]
-    probs += tprobs
+    own_probs[0] += tprobs
     xd = yd = None
     if m.get("domain_tests") is not None:
-        e = m["domain_tests"][rank]
+        e = m["domain_tests"][own[0]]
         xd, yd, dprobs = _read_h5(data_dir / e["file"], m, e["size"], e["sha256"], verify_hash,
                                   {"num_classes": m["num_classes"]}, [])
-        probs += dprobs
+        own_probs[0] += dprobs
     # One allgather carries every rank's findings, its sample shape (the cross-rank check,
     # which does not trust the manifest) and its size.
-    mine = (header[0] if header else None, None if y is None else len(y))
-    if mode == "stream":
-        x = None  # read batch by batch during training
-    gathered = comm.allgather((probs, mine))
+    mine = [(p, (h, None if y is None else len(y))) for p, h, y in zip(own_probs, headers, ys)]
+    gathered = [item for part in comm.allgather(mine) for item in part]
     probs_all = [p for p, _ in gathered]
     for r, p in _cross_rank(data_dir, [h for _, (h, _) in gathered]).items():
         probs_all[r] = probs_all[r] + [p]
     _raise_if_any(data_dir, probs_all)
+    if mode == "stream":
+        x = None  # read batch by batch during training
+    else:
+        x = xs[0] if k == 1 else np.concatenate(xs)
+    y = ys[0] if k == 1 else np.concatenate(ys)
     return LocalData(
-        train=TrainRows(x, y, path=data_dir / entry["file"], residency=mode,
+        train=TrainRows(x, y, path=data_dir / m["ranks"][own[0]]["file"], residency=mode,
                         sums=sums.values(), budget_refusal=refusal),
         test=TestRows(xt, yt, rows=test_rows, total=n_test),
         num_classes=int(m["num_classes"]), sample_shape=tuple(m["sample_shape"]),

@@ -86,6 +86,7 @@ class BRN(NormScheme):
     """brn: BatchRenorm layers sharing one r/d warm-up schedule, advanced before every step."""
 
     name = "brn"
+    per_rank_layers = True
     summary = (
         "Batch Renormalization (Ioffe 2017): local batch statistics corrected towards the "
         "running ones (r/d clipping, warm-up r_max 1->3, d_max 0->5); for small or non-i.i.d. "

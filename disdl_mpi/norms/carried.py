@@ -40,6 +40,7 @@ from disdl_mpi.norms.local_layers import (
     renormalize,
 )
 from disdl_mpi.norms.scheme import NormScheme
+from disdl_mpi.virtual_ranks import groups_of
 
 
 class CarryBatchNorm(FlaggedBatchNorm):
@@ -61,6 +62,9 @@ class CarryBatchNorm(FlaggedBatchNorm):
         # the allreduced gradients of this layer's bias and weight
         self.register_buffer("grad_sums", torch.zeros(2 * num_features, dtype=torch.float64))
         self._own_last: Optional[torch.Tensor] = None  # the sums this rank sent last
+        # Per channel, the count of the batch whose mean is the loss: this layer's own batch,
+        # unless a VirtualNorm runs it on one virtual rank's rows of a larger batch.
+        self.loss_count: Optional[int] = None
         self._sums: Optional[torch.Tensor] = None  # [n, S(C), Q(C)] of this step's batch
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:  # noqa: D102
@@ -99,7 +103,7 @@ class CarryBatchNorm(FlaggedBatchNorm):
             # BN's backward with the previous step's global means of dy and dy * xhat, in this
             # rank's units (its loss is its own batch's mean: see carry_grad_sums)
             c = self.num_features
-            means = (self.grad_sums / n).to(x.dtype)
+            means = (self.grad_sums / float(self.loss_count or n)).to(x.dtype)
             return _CarriedGrad.apply(
                 x, self.weight, self.bias, self.global_mean, self.global_var, means[:c], means[c:], self.eps
             )
@@ -237,31 +241,42 @@ def check_variant(grad: str, eval_stats: str) -> tuple[str, str]:
 
 
 class StatsPayload:
-    """The model's CarryBatchNorm sums as one flat payload of the gradient allreduce."""
+    """The model's CarryBatchNorm sums as one flat payload of the gradient allreduce.
+
+    Per layer position: one layer, or the K copies of a VirtualNorm (K virtual ranks in this
+    process), whose sums are added before they are sent and which all receive the total.
+    """
 
     def __init__(self, model: nn.Module) -> None:
-        self.layers = [m for m in model.modules() if isinstance(m, CarryBatchNorm)]
-        self.numel = sum(m.payload_size for m in self.layers)
+        self.groups = groups_of(model, CarryBatchNorm)
+        self.numel = sum(g[0].payload_size for g in self.groups)
 
     def fill(self, out: torch.Tensor) -> None:
-        """This rank's contribution (unweighted sums), into ``out`` (numel floats)."""
+        """This process's contribution (unweighted sums), into ``out`` (numel floats)."""
         off = 0
-        for m in self.layers:
-            out[off : off + m.payload_size].copy_(m.take_sums())
-            off += m.payload_size
+        for group in self.groups:
+            size = group[0].payload_size
+            part = out[off : off + size]
+            part.copy_(group[0].take_sums())
+            for m in group[1:]:
+                part.add_(m.take_sums())
+            off += size
 
     def consume(self, summed: torch.Tensor) -> None:
         """The sums over all ranks, after the allreduce."""
         off = 0
-        for m in self.layers:
-            m.set_global(summed[off : off + m.payload_size])
-            off += m.payload_size
+        for group in self.groups:
+            size = group[0].payload_size
+            for m in group:
+                m.set_global(summed[off : off + size])
+            off += size
 
 
 class BNCarry(NormScheme):
     """bn-carry: CarryBatchNorm layers whose sums are the gradient allreduce's payload."""
 
     name = "bn-carry"
+    per_rank_layers = True
     summary = (
         "BN with global statistics carried in the gradient allreduce: each layer normalizes with "
         "the previous step's global batch statistics, whose sums ride in the last gradient "

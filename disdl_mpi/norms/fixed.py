@@ -119,6 +119,7 @@ class BNFix(NormScheme):
         "evaluation; no per-step collective"
     )
     communicates = True  # the one recalibration at T*
+    per_rank_layers = True
 
     def __init__(
         self, comm: Any = None, *, fix_at: Optional[int] = None, fix_ramp: Optional[int] = None

@@ -13,6 +13,7 @@ from disdl_mpi.norms.scheme import NormScheme
 class LocalBN(NormScheme):
     name = "bn"
     layer_type = LocalBatchNorm
+    per_rank_layers = True
     summary = (
         "local BatchNorm (Ioffe & Szegedy 2015) over each rank's own batch: the baseline; its "
         "statistics follow the rank's skewed label mix"
@@ -70,6 +71,7 @@ class FedBN(NormScheme):
     )
     local_params = True
     per_rank_eval = True
+    per_rank_layers = True
 
 
 class NoNorm(NormScheme):

@@ -14,6 +14,7 @@ are safe: every rank makes exactly the two allreduce calls.
 
 from __future__ import annotations
 
+import contextlib
 from typing import Any, Optional
 
 import numpy as np
@@ -23,6 +24,7 @@ from torch import nn
 from disdl_mpi.comm.mpi_ops import allreduce_
 from disdl_mpi.norms.local_layers import LocalBatchNorm, batch_stats_of
 from disdl_mpi.norms.scheme import CommTimer, NormScheme
+from disdl_mpi.virtual_ranks import groups_of, segments_of
 
 
 class RecalBatchNorm(LocalBatchNorm):
@@ -50,11 +52,22 @@ class _Moments:
         self.m2 += m2_b + delta * delta * (self.n * m / n)
         self.n = n
 
+    def merge(self, other: "_Moments") -> "_Moments":
+        """Add ``other``'s count, mean and M2 to these (Chan's pairwise combine)."""
+        if other.n == 0:
+            return self
+        n = self.n + other.n
+        delta = other.mean - self.mean
+        self.mean += delta * (other.n / n)
+        self.m2 += other.m2 + delta * delta * (self.n * other.n / n)
+        self.n = n
+        return self
+
 
 def _batchnorms(model: nn.Module) -> list[nn.modules.batchnorm._BatchNorm]:
     from disdl_mpi.norms.sync_batch_norm import SyncBatchNorm
 
-    layers = []
+    layers: list[nn.modules.batchnorm._BatchNorm] = []
     for name, m in model.named_modules():
         if isinstance(m, SyncBatchNorm):
             # Its forward runs collectives, and ranks here run different numbers of batches.
@@ -87,18 +100,24 @@ def recalibrate_batchnorm(
         device, dtype = torch.device("cpu"), torch.float32
     # A tensor, a numpy array, or StandardizedInputs (indexable, standardizes per batch).
     x = torch.as_tensor(x_train) if isinstance(x_train, np.ndarray) else x_train
-    moments = [_Moments(m.num_features, device) for m in layers]
+    moments = {id(m): _Moments(m.num_features, device) for m in layers}
     hooks = [
         m.register_forward_pre_hook(lambda mod, inp, acc=acc: acc.add(inp[0]))
-        for m, acc in zip(layers, moments)
+        for m, acc in ((m, moments[id(m)]) for m in layers)
     ]
+    # Virtual ranks (disdl_mpi.virtual_ranks): each rank's own rows through its own copies,
+    # in the batches an MPI rank would run; then a position's K copies pool their moments.
+    seg = segments_of(model)
+    parts = [(k, lo, hi) for k, (lo, hi) in enumerate(seg.rows)] if seg else [(0, 0, len(x))]
     modes = [(m, m.training) for m in model.modules()]
     saved = [m.num_batches_tracked.clone() for m in layers]
     try:
         model.train()  # normalize with batch statistics, as the layers saw data in training
         with torch.no_grad():
-            for i in range(0, len(x), batch_size):
-                model(x[i : i + batch_size].to(device=device, dtype=dtype))
+            for k, lo, hi in parts:
+                with seg.only(k) if seg else contextlib.nullcontext():
+                    for i in range(lo, hi, batch_size):
+                        model(x[i : min(hi, i + batch_size)].to(device=device, dtype=dtype))
     finally:
         for h in hooks:
             h.remove()
@@ -106,7 +125,12 @@ def recalibrate_batchnorm(
             m.training = mode
         for m, nbt in zip(layers, saved):
             m.num_batches_tracked.copy_(nbt)
-
+    kept = {id(m) for m in layers}
+    groups = [g for g in groups_of(model, nn.modules.batchnorm._BatchNorm) if id(g[0]) in kept]
+    pooled = [moments[id(g[0])] for g in groups]
+    for g, acc in zip(groups, pooled):
+        for m in g[1:]:
+            acc.merge(moments[id(m)])
     comm_s = 0.0
     if layers:
         timer = timer or CommTimer()
@@ -115,14 +139,14 @@ def recalibrate_batchnorm(
         first = torch.cat(
             [
                 torch.cat([torch.tensor([a.n], dtype=torch.float64, device=device), a.mean * a.n])
-                for a in moments
+                for a in pooled
             ]
         )
         timer.timed(lambda: allreduce_(first, comm))
         # Round 2: M2 about the global mean (Chan's merge, no raw sum of squares).
         second, globals_ = [], []
         off = 0
-        for a in moments:
+        for a in pooled:
             c = a.mean.numel()
             n = float(first[off].item())
             gmean = first[off + 1 : off + 1 + c] / max(n, 1.0)
@@ -134,15 +158,16 @@ def recalibrate_batchnorm(
         comm_s = timer.seconds - t0
         off = 0
         with torch.no_grad():
-            for m, (n, gmean) in zip(layers, globals_):
+            for g, (n, gmean) in zip(groups, globals_):
                 c = gmean.numel()
-                if n >= 1:  # with no data anywhere the old statistics stay
-                    m.running_mean.copy_(gmean.to(m.running_mean.dtype))
-                if n >= 2:  # unbiased, with the global count (as torch's running_var)
-                    m.running_var.copy_((m2[off : off + c] / (n - 1)).to(m.running_var.dtype))
+                for m in g:
+                    if n >= 1:  # with no data anywhere the old statistics stay
+                        m.running_mean.copy_(gmean.to(m.running_mean.dtype))
+                    if n >= 2:  # unbiased, with the global count (as torch's running_var)
+                        m.running_var.copy_((m2[off : off + c] / (n - 1)).to(m.running_var.dtype))
                 off += c
     samples = int(first[0].item()) if layers else 0
-    return {"layers": len(layers), "samples": samples, "comm_s": comm_s}
+    return {"layers": len(groups), "samples": samples, "comm_s": comm_s}
 
 
 class BNRecal(NormScheme):
@@ -155,6 +180,7 @@ class BNRecal(NormScheme):
         "evaluation"
     )
     communicates = True
+    per_rank_layers = True
 
     def make_layer(self, num_features: int) -> nn.Module:
         return RecalBatchNorm(num_features)

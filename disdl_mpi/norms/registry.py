@@ -27,6 +27,7 @@ from disdl_mpi.norms.recalibration import BNRecal
 from disdl_mpi.norms.scheme import NormScheme
 from disdl_mpi.norms.sync_batch_norm import SyncBN
 from disdl_mpi.norms.weight_standardization import GroupNormWS
+from disdl_mpi.virtual_ranks import VirtualNorm
 
 # The registry; its order is the order of ``--norm all``. Adding a scheme is one line here.
 SCHEMES: dict[str, type[NormScheme]] = {
@@ -125,9 +126,18 @@ def scheme_config_errors(names: list[str], cfg: Any) -> list[str]:
 
 
 def is_norm_layer(module: nn.Module) -> bool:
-    """True for any normalization layer (the modules whose state fedbn keeps local)."""
+    """True for any normalization layer (the modules whose state fedbn keeps local), and for
+    the K copies of one that virtual ranks keep (a VirtualNorm)."""
     return isinstance(
-        module, (nn.modules.batchnorm._NormBase, nn.GroupNorm, nn.LayerNorm, nn.LocalResponseNorm, EvoNormS0)
+        module,
+        (
+            nn.modules.batchnorm._NormBase,
+            nn.GroupNorm,
+            nn.LayerNorm,
+            nn.LocalResponseNorm,
+            EvoNormS0,
+            VirtualNorm,
+        ),
     )
 
 

@@ -48,7 +48,9 @@ class NormScheme:
       still run it;
     - ``local_params``: its norm layers' parameters and buffers stay rank-local (never
       broadcast nor allreduced);
-    - ``per_rank_eval``: every rank scores its own model on the whole test set.
+    - ``per_rank_eval``: every rank scores its own model on the whole test set;
+    - ``per_rank_layers``: its layers keep per-rank state or normalize with the rank's own
+      batch, so a process of K virtual ranks keeps K copies of each (disdl_mpi.virtual_ranks).
 
     Hooks, each a no-op by default: :meth:`options` and :meth:`config_errors` (what the scheme
     takes from, and refuses in, the run configuration), :meth:`make_layer`,
@@ -67,6 +69,7 @@ class NormScheme:
     collective_forward: ClassVar[bool] = False
     local_params: ClassVar[bool] = False
     per_rank_eval: ClassVar[bool] = False
+    per_rank_layers: ClassVar[bool] = False
     # the layer, where it is built as ``layer_type(num_features)``; others override make_layer
     layer_type: ClassVar[type[nn.Module] | None] = None
 
