@@ -267,6 +267,8 @@ def finish(job: Job, ctx: TrainContext, records: list[dict], machine: dict, data
     if ctx.watchdog is not None:
         ctx.watchdog.close()
     log("\n" + format_table(records))
+    if job.cfg.virtual_ranks > 1:
+        log(f"(per-phase times are per process, each carrying {job.cfg.virtual_ranks} virtual ranks)")
     report = data.close_stream()  # rank 0's view of how well the reads were hidden
     if report:
         log(f"stream: {report}")

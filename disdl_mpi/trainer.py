@@ -35,11 +35,11 @@ from disdl_mpi.schedule import lr_factor
 from disdl_mpi.step import StepResult, sync_step
 from disdl_mpi.train_context import SchemeResult, TrainContext
 from disdl_mpi.virtual_ranks import (
-    Segments,
     VirtualPlan,
+    batch_plan,
     copy_first_member,
     evaluate_members,
-    virtual_layer_factory,
+    scheme_layers,
 )
 
 
@@ -57,15 +57,8 @@ class SchemeTraining:
         cfg, comm, data = ctx.cfg, ctx.comm, ctx.data
         self.ctx, self.cfg, self.comm, self.data, self.name = ctx, cfg, comm, data, norm_name
         self.scheme = build_for_run(norm_name, cfg, ctx.norm_comm)
-        k = cfg.virtual_ranks
-        # K virtual ranks in this process: K copies of each norm layer where the scheme keeps
-        # per-rank layer state (disdl_mpi.virtual_ranks); one batch of K ranks' rows otherwise.
-        self.segments = Segments(k) if k > 1 and self.scheme.per_rank_layers else None
-        layer = self.scheme.layer
-        if self.segments is not None:
-            layer = virtual_layer_factory(
-                self.scheme.layer, k, self.segments, shared_affine=not self.scheme.local_params
-            )
+        # --virtual-ranks K: K copies of each norm layer where the scheme keeps per-rank state
+        layer, self.segments = scheme_layers(self.scheme, cfg.virtual_ranks)
         seed_everything(cfg.seed)  # the same initial weights for every scheme
         model = build_model(ctx.model_name, data.sample_shape, data.num_classes, layer)
         self.model = self.scheme.adapt_model(model).to(ctx.device)
@@ -85,13 +78,7 @@ class SchemeTraining:
             payload=self.scheme.payload(self.model),
             torch_group=True if over_torch(cfg.comm) else None,
         )
-        self.plan: BatchPlan | VirtualPlan = (
-            VirtualPlan(data.sizes, comm.Get_rank(), k, cfg.global_batch_size, cfg.batching)
-            if k > 1
-            else BatchPlan(data.sizes, comm.Get_rank(), cfg.global_batch_size, cfg.batching)
-        )
-        if self.segments is not None:
-            self.segments.rows = self.plan.rows
+        self.plan = batch_plan(data.sizes, comm.Get_rank(), cfg, self.segments)
         self.epochs, self.max_steps = total_steps(cfg, self.plan)
         self.warmup_steps = round(cfg.warmup_epochs * self.plan.steps_per_epoch)
         self.timer = PhaseTimer(

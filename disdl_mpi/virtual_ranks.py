@@ -164,6 +164,28 @@ def virtual_layer_factory(
     return layer
 
 
+def scheme_layers(scheme, k: int) -> tuple[Callable[[int], nn.Module], Optional[Segments]]:
+    """The layer factory a process of ``k`` virtual ranks builds ``scheme``'s model with, and
+    the Segments its layers share (None: the scheme's own layers serve K ranks as they are)."""
+    if k <= 1 or not scheme.per_rank_layers:
+        return scheme.layer, None
+    segments = Segments(k)
+    return virtual_layer_factory(scheme.layer, k, segments, shared_affine=not scheme.local_params), segments
+
+
+def batch_plan(
+    sizes: list[int], process: int, cfg, segments: Optional[Segments]
+) -> "BatchPlan | VirtualPlan":
+    """This process's BatchPlan, or the VirtualPlan of its ``cfg.virtual_ranks`` ranks (whose
+    rows ``segments`` is told)."""
+    if cfg.virtual_ranks <= 1:
+        return BatchPlan(sizes, process, cfg.global_batch_size, cfg.batching)
+    plan = VirtualPlan(sizes, process, cfg.virtual_ranks, cfg.global_batch_size, cfg.batching)
+    if segments is not None:
+        segments.rows = plan.rows
+    return plan
+
+
 class VirtualPlan:
     """The K virtual ranks' BatchPlans as one process's plan: concatenated index arrays into
     the process's training rows (the K partitions in rank order) and each rank's share."""

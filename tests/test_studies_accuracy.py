@@ -177,6 +177,8 @@ def test_dry_run_plans_quick_defaults(tmp_path, capsys):
         (["--launcher", "mpiexec -np 2"], "has no '{n}'"),
         (["--run-args", "--seed 3"], "must not set --seed"),
         (["--partition", "shards:2"], "shards:2"),  # 2 ranks x 2 classes cannot cover 10 classes
+        (["--virtual-ranks", "3"], "--virtual-ranks 3 must be >= 1 and divide --ranks 2"),
+        (["--run-args", "--virtual-ranks 2"], "must not set --virtual-ranks"),
     ],
 )
 def test_bad_input_fails_before_any_job(tmp_path, capsys, extra, message):
@@ -315,3 +317,33 @@ def test_time_to_accuracy_and_gap_heatmap(tmp_path):
         tmp_path / "none.png", [r for r in rows if r["norm"] == "gn"], ["gn"], ["iid", "shards:2"], "gap"
     )
     assert not (tmp_path / "none.png").exists()
+
+
+def test_a_study_of_four_isolated_ranks_on_two_processes(tmp_path, capsys):
+    """--virtual-ranks 2 with --ranks 4: jobs of 2 processes, each carrying 2 isolated ranks."""
+    out = tmp_path / "s"
+    rc, stdout, stderr = study_here(
+        capsys,
+        out,
+        "--ranks",
+        "4",
+        "--virtual-ranks",
+        "2",
+        "--norm",
+        "bn,syncbn",
+        "--partition",
+        "iid",
+        "--seeds",
+        "1",
+        "--epochs",
+        "1",
+    )
+    assert rc == 0, stderr
+    points = json.loads((out / "points.json").read_text())
+    assert points["header"]["processes"] == "2 x 2 virtual ranks"
+    assert "--virtual-ranks 2" in points["header"]["run_args"]
+    recs = [json.loads(p.read_text())["record"] for p in sorted((out / "points").glob("*.json"))]
+    assert {(r["world_size"], r["processes"], r["virtual_ranks"]) for r in recs} == {(4, 2, 2)}
+    log = next((out / "runs").glob("iid-s0/a*/log.txt")).read_text()
+    assert "-n 2 " in log and "4 isolated ranks as 2 process(es) x 2 virtual ranks" in log
+    assert "processes: 2 x 2 virtual ranks" in (out / "accuracy.md").read_text()

@@ -120,3 +120,12 @@ def test_partition_follows_the_seed_and_a_foreign_one_is_refused(tmp_path):
     assert "field 'seed' is 1, the request has 0" in proc.stderr
     assert str(d0 / "partition.json") in proc.stderr
     assert not (out / "runs").exists()
+
+
+def test_virtual_ranks_are_refused_before_any_job(tmp_path, capsys):
+    from bench.studies.scaling import main
+
+    assert main(["--ranks", "2", "--out", str(tmp_path / "s"), "--run-args", "--virtual-ranks 4"]) == 2
+    err = capsys.readouterr().err
+    assert "--virtual-ranks 4" in err and "per rank" in err
+    assert not (tmp_path / "s" / "runs").exists()

@@ -42,7 +42,15 @@ def build_parser() -> argparse.ArgumentParser:
         "accuracy.csv/.md/.png, curves.png and gap.png; a rerun resumes.",
         formatter_class=DefaultsHelpFormatter,
     )
-    p.add_argument("--ranks", type=int, default=8, help="MPI ranks (= private partitions)")
+    p.add_argument("--ranks", type=int, default=8, help="isolated ranks (= private partitions)")
+    p.add_argument(
+        "--virtual-ranks",
+        type=int,
+        default=1,
+        metavar="K",
+        help="isolated ranks per MPI process: each job runs --ranks/K processes with "
+        "disdl_mpi.run --virtual-ranks K (the same training as --ranks MPI ranks)",
+    )
     add_norm(p, default=["all"], nargs="+")
     add_partition(p, None, old="--skew", nargs="+")
     p.add_argument(
@@ -137,7 +145,7 @@ def run_jobs(study: Study, jobs: list[Job], progress: Progress) -> list[str]:
         progress.line(f"[job {number}/{len(jobs)}] {job.partition} seed {job.seed}: {','.join(job.norms)}")
         attempt = next_attempt(job.run_dir)
         try:
-            result = launch(job, attempt, args.ranks, study.launcher, args.timeout, on_epoch)
+            result = launch(job, attempt, study.processes, study.launcher, args.timeout, on_epoch)
         except SweepError as exc:
             raise StudyError(str(exc)) from None
         finally:

@@ -96,6 +96,10 @@ class Study:
     def __init__(self, args: argparse.Namespace, argv: list[str]) -> None:
         if args.ranks < 1:
             raise StudyError(f"--ranks must be at least 1, got {args.ranks}")
+        k = args.virtual_ranks
+        if k < 1 or args.ranks % k:
+            raise StudyError(f"--virtual-ranks {k} must be >= 1 and divide --ranks {args.ranks}")
+        self.processes = args.ranks // k  # MPI processes per job, each carrying k ranks
         self.args = args
         seeds_n = args.seeds if args.seeds is not None else (1 if args.quick else 3)
         self.epochs = (
@@ -114,15 +118,18 @@ class Study:
         self.seeds = list(range(args.first_seed, args.first_seed + seeds_n))
         self.launcher = args.launcher
         try:
-            launcher_command(self.launcher, args.ranks, [])  # validate the template now
+            launcher_command(self.launcher, self.processes, [])  # validate the template now
             run_args = shlex.split(args.run_args)
         except (SweepError, ValueError) as exc:
             raise StudyError(f"--run-args: {exc}" if isinstance(exc, ValueError) else str(exc)) from None
         owned = {"--data-dir", "--norm", "--seed", "--out", "--progress", "--epochs", "--model"}
+        owned.add("--virtual-ranks")
         clash = [a for a in run_args if a.split("=")[0] in owned]
         if clash:
             raise StudyError(f"--run-args must not set {', '.join(clash)}: the study sets them")
         self.run_args = ["--epochs", str(self.epochs), "--model", args.model, *run_args]
+        if k > 1:  # part of every point's fingerprint: float32 sums in another order
+            self.run_args += ["--virtual-ranks", str(k)]
         self.out = Path(args.out)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -134,6 +141,7 @@ class Study:
         self.tv_cache: dict[Path, float] = {}
         self.header = {
             "ranks": args.ranks,
+            "processes": f"{self.processes} x {k} virtual ranks" if k > 1 else self.processes,
             "dataset": args.dataset,
             "model": args.model,
             "command": "python -m bench.studies.accuracy " + shlex.join(argv),

@@ -233,6 +233,18 @@ def write_outputs(out: Path, args: argparse.Namespace, results: list[dict], argv
     plot_breakdown(rows, out / "breakdown.png", cores=args.cores)
 
 
+def _virtual_ranks(run_args: str) -> str | int:
+    """The --virtual-ranks value in ``run_args`` (1 when it is not set)."""
+    words = shlex.split(run_args)
+    for i, w in enumerate(words):
+        if w == "--virtual-ranks" and i + 1 < len(words):
+            return 1 if words[i + 1] == "1" else words[i + 1]
+        if w.startswith("--virtual-ranks="):
+            value = w.split("=", 1)[1]
+            return 1 if value == "1" else value
+    return 1
+
+
 def main(argv: Optional[list[str]] = None) -> int:
     args = build_parser().parse_args(argv)
     if any(n < 1 for n in args.ranks):
@@ -242,6 +254,16 @@ def main(argv: Optional[list[str]] = None) -> int:
         resolve_schemes(args.norm)
     except ValueError as exc:
         print(f"error: {exc}", file=sys.stderr)
+        return 2
+    virtual = _virtual_ranks(args.run_args)
+    if virtual != 1:
+        print(
+            f"error: --run-args sets --virtual-ranks {virtual}: the scaling study reports "
+            "communication against compute per rank, and a process carrying several virtual ranks "
+            "computes for all of them while it communicates once; run it with one MPI rank per "
+            "isolated rank (bench.studies.accuracy takes --virtual-ranks)",
+            file=sys.stderr,
+        )
         return 2
     out: Path = args.out
     out.mkdir(parents=True, exist_ok=True)

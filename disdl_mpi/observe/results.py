@@ -94,13 +94,26 @@ def write_summary(
 ) -> None:
     """summary.json (the record of the run), summary.md and summary.csv, each atomically."""
     write_json(out / "summary.json", {"runs": records, "config": config, "machine": machine})
+    k = int(config.get("virtual_ranks") or 1)
+    ranks = (
+        f"{machine.get('world_size')} ranks"
+        if k == 1
+        else f"{int(machine.get('world_size') or 0) * k} isolated ranks as {machine.get('world_size')} "
+        f"processes x {k} virtual ranks"
+    )
     md = [
-        f"# disdl-mpi run: {len(records)} scheme(s), {machine.get('world_size')} ranks",
+        f"# disdl-mpi run: {len(records)} scheme(s), {ranks}",
         "",
         markdown_table(TABLE_COLUMNS, table_rows(records), align="r") + "\n",
         "",
         "compute_s and comm_s are rank-mean seconds over the training steps; comm_s is the "
-        "exposed gradient allreduce plus the normalization layers' own collectives.",
+        "exposed gradient allreduce plus the normalization layers' own collectives."
+        + (
+            f" With {k} virtual ranks per process they are per PROCESS: its compute covers {k} "
+            "ranks' batches and it communicates once for them."
+            if k > 1
+            else ""
+        ),
         "",
     ]
     write_text(out / "summary.md", "\n".join(md))
