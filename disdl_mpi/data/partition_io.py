@@ -241,6 +241,24 @@ def _cross_rank(data_dir: Path, headers: list) -> dict[int, Problem]:
             for r, h in enumerate(headers) if h is not None and h != common}
 
 
+def _read_own(data_dir: Path, m: dict, own: list[int], verify: bool, mode: str,
+              sums: ChannelSums) -> tuple[list, list, list, list[list[Problem]]]:
+    """Read and check this process's rank files: (xs, ys, headers, problems), one per rank."""
+    xs, ys, headers, probs = [], [], [], []
+    for rank in own:
+        entry = m["ranks"][rank]
+        header: list = []
+        x, y, rprobs = _read_h5(data_dir / entry["file"], m, entry["size"], entry["sha256"],
+                                verify, {"rank": rank, "world_size": m["world_size"],
+                                         "num_classes": m["num_classes"]}, header,
+                                rows=(0, 0) if mode == "stream" else None, sums=sums)
+        xs.append(x)
+        ys.append(y)
+        headers.append(header[0] if header else None)
+        probs.append(rprobs)
+    return xs, ys, headers, probs
+
+
 def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True,
                    budget: tuple[int, str] | None = None,
                    test_shard: bool = False, residency: str = "device",
@@ -282,18 +300,7 @@ def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True,
             + "; run one MPI rank per isolated rank (--virtual-ranks 1)", collective=True)
     # The standardization sums ride on the checking pass: one read of the file, not two.
     sums = ChannelSums(tuple(m["sample_shape"]))
-    xs, ys, headers, own_probs = [], [], [], []
-    for rank in own:
-        entry = m["ranks"][rank]
-        header: list = []
-        x, y, rprobs = _read_h5(data_dir / entry["file"], m, entry["size"], entry["sha256"],
-                                verify_hash, {"rank": rank, "world_size": world_size,
-                                              "num_classes": m["num_classes"]}, header,
-                                rows=(0, 0) if mode == "stream" else None, sums=sums)
-        xs.append(x)
-        ys.append(y)
-        headers.append(header[0] if header else None)
-        own_probs.append(rprobs)
+    xs, ys, headers, own_probs = _read_own(data_dir, m, own, verify_hash, mode, sums)
     n_test = m["test"]["size"]
     test_rows = shard_bounds(n_test, process, processes) if test_shard else (0, n_test)
     xt, yt, tprobs = _read_h5(data_dir / TEST_FILE, m, n_test, m["test"]["sha256"],

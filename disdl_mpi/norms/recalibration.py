@@ -131,43 +131,45 @@ def recalibrate_batchnorm(
     for g, acc in zip(groups, pooled):
         for m in g[1:]:
             acc.merge(moments[id(m)])
-    comm_s = 0.0
-    if layers:
-        timer = timer or CommTimer()
-        t0 = timer.seconds
-        # Round 1: counts and count-weighted means -> global mean per channel.
-        first = torch.cat(
-            [
-                torch.cat([torch.tensor([a.n], dtype=torch.float64, device=device), a.mean * a.n])
-                for a in pooled
-            ]
-        )
-        timer.timed(lambda: allreduce_(first, comm))
-        # Round 2: M2 about the global mean (Chan's merge, no raw sum of squares).
-        second, globals_ = [], []
-        off = 0
-        for a in pooled:
-            c = a.mean.numel()
-            n = float(first[off].item())
-            gmean = first[off + 1 : off + 1 + c] / max(n, 1.0)
-            globals_.append((n, gmean))
-            second.append(a.m2 + a.n * (a.mean - gmean) ** 2)
-            off += 1 + c
-        m2 = torch.cat(second)
-        timer.timed(lambda: allreduce_(m2, comm))
-        comm_s = timer.seconds - t0
-        off = 0
-        with torch.no_grad():
-            for g, (n, gmean) in zip(groups, globals_):
-                c = gmean.numel()
-                for m in g:
-                    if n >= 1:  # with no data anywhere the old statistics stay
-                        m.running_mean.copy_(gmean.to(m.running_mean.dtype))
-                    if n >= 2:  # unbiased, with the global count (as torch's running_var)
-                        m.running_var.copy_((m2[off : off + c] / (n - 1)).to(m.running_var.dtype))
-                off += c
-    samples = int(first[0].item()) if layers else 0
-    return {"layers": len(groups), "samples": samples, "comm_s": comm_s}
+    if not groups:
+        return {"layers": 0, "samples": 0, "comm_s": 0.0}
+    timer = timer or CommTimer()
+    t0 = timer.seconds
+    samples = _merge_over_ranks(groups, pooled, comm, timer, device)
+    return {"layers": len(groups), "samples": samples, "comm_s": timer.seconds - t0}
+
+
+def _merge_over_ranks(groups: list, pooled: list[_Moments], comm: Any, timer: CommTimer, device) -> int:
+    """Collective: every group's copies get the moments over all ranks as running mean/var;
+    returns the global sample count."""
+    # Round 1: counts and count-weighted means -> global mean per channel.
+    first = torch.cat(
+        [torch.cat([torch.tensor([a.n], dtype=torch.float64, device=device), a.mean * a.n]) for a in pooled]
+    )
+    timer.timed(lambda: allreduce_(first, comm))
+    # Round 2: M2 about the global mean (Chan's merge, no raw sum of squares).
+    second, globals_ = [], []
+    off = 0
+    for a in pooled:
+        c = a.mean.numel()
+        n = float(first[off].item())
+        gmean = first[off + 1 : off + 1 + c] / max(n, 1.0)
+        globals_.append((n, gmean))
+        second.append(a.m2 + a.n * (a.mean - gmean) ** 2)
+        off += 1 + c
+    m2 = torch.cat(second)
+    timer.timed(lambda: allreduce_(m2, comm))
+    off = 0
+    with torch.no_grad():
+        for g, (n, gmean) in zip(groups, globals_):
+            c = gmean.numel()
+            for m in g:
+                if n >= 1:  # with no data anywhere the old statistics stay
+                    m.running_mean.copy_(gmean.to(m.running_mean.dtype))
+                if n >= 2:  # unbiased, with the global count (as torch's running_var)
+                    m.running_var.copy_((m2[off : off + c] / (n - 1)).to(m.running_var.dtype))
+            off += c
+    return int(first[0].item())
 
 
 class BNRecal(NormScheme):
