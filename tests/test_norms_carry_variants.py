@@ -146,3 +146,15 @@ def test_carried_is_syncbns_backward_when_the_carried_means_are_current():
         sum_w, sum_b = sum_w + gw / scale, sum_b + gb / scale
     torch.testing.assert_close(sum_w, want_w, rtol=1e-10, atol=1e-10)
     torch.testing.assert_close(sum_b, want_b, rtol=1e-10, atol=1e-10)
+
+
+def test_the_default_is_the_ablations_best():
+    """docs/RESULTS.md's 12-epoch ablation: local gradient with running-average evaluation."""
+    from disdl_mpi.config import RunConfig
+    from disdl_mpi.norms.carried import BNCarry
+
+    cfg = RunConfig()
+    assert (cfg.carry_grad, cfg.carry_eval) == ("local", "running")
+    scheme = BNCarry(None)
+    assert (scheme.carry_grad, scheme.carry_eval) == ("local", "running")
+    assert scheme.layer(3).eval_stats == "running"

@@ -341,9 +341,29 @@ def test_a_study_of_four_isolated_ranks_on_two_processes(tmp_path, capsys):
     assert rc == 0, stderr
     points = json.loads((out / "points.json").read_text())
     assert points["header"]["processes"] == "2 x 2 virtual ranks"
-    assert "--virtual-ranks 2" in points["header"]["run_args"]
+    assert "--virtual-ranks" not in points["header"]["run_args"]  # a layout, not a fingerprint
+    assert points["header"]["layouts"] == "2 points at 2 x 2 (processes x ranks each)"
+    assert {(p["processes"], p["virtual_ranks"]) for p in points["points"]} == {(2, 2)}
     recs = [json.loads(p.read_text())["record"] for p in sorted((out / "points").glob("*.json"))]
     assert {(r["world_size"], r["processes"], r["virtual_ranks"]) for r in recs} == {(4, 2, 2)}
     log = next((out / "runs").glob("iid-s0/a*/log.txt")).read_text()
     assert "-n 2 " in log and "4 isolated ranks as 2 process(es) x 2 virtual ranks" in log
     assert "processes: 2 x 2 virtual ranks" in (out / "accuracy.md").read_text()
+
+
+def test_points_are_shared_by_layouts_and_recovered_from_a_killed_driver(tmp_path, capsys):
+    """A point made by 2 MPI processes is reused by a study of 1 process x 2 virtual ranks (the
+    same training), and one whose driver died before storing it is recovered from its attempt."""
+    out = tmp_path / "s"
+    common = ["--ranks", "2", "--norm", "bn", "--partition", "iid", "--seeds", "1", "--epochs", "1"]
+    rc, _, stderr = study_here(capsys, out, *common)
+    assert rc == 0, stderr
+    (point,) = (out / "points").glob("*.json")
+    acc = json.loads(point.read_text())["record"]["test_accuracy"]
+    point.unlink()  # as if the driver had been killed before it stored the point
+    rc, stdout, stderr = study_here(capsys, out, *common, "--virtual-ranks", "2")
+    assert rc == 0, stderr
+    assert "1 already done, 0 job(s) to run" in stdout, stdout
+    assert json.loads(point.read_text())["record"]["test_accuracy"] == acc
+    assert len(list((out / "runs" / "iid-s0").glob("a*"))) == 1  # nothing retrained
+    assert "1 points at 2 x 1" in (out / "accuracy.md").read_text()

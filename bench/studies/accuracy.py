@@ -49,7 +49,8 @@ def build_parser() -> argparse.ArgumentParser:
         default=1,
         metavar="K",
         help="isolated ranks per MPI process: each job runs --ranks/K processes with "
-        "disdl_mpi.run --virtual-ranks K (the same training as --ranks MPI ranks)",
+        "disdl_mpi.run --virtual-ranks K (the same training as --ranks MPI ranks, so points "
+        "made at either layout are reused by the other; each row records its layout)",
     )
     add_norm(p, default=["all"], nargs="+")
     add_partition(p, None, old="--skew", nargs="+")

@@ -121,7 +121,9 @@ def markdown(rows: Sequence[dict], norms: Sequence[str], skews: Sequence[str], h
 
 def _header_lines(header: dict) -> list[str]:
     lines = [f"# Accuracy study: {header['ranks']} ranks, {header['dataset']}, model {header['model']}", ""]
-    for k in ("command", "date", "machine", "processes", "epochs", "seeds", "partition_seeds", "run_args"):
+    keys = ("command", "date", "machine", "processes", "layouts")
+    keys += ("epochs", "seeds", "partition_seeds", "run_args")
+    for k in keys:
         if header.get(k) not in (None, ""):
             lines.append(
                 f"- {k.replace('_', ' ')}: `{header[k]}`"

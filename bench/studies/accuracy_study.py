@@ -19,7 +19,7 @@ from bench.studies.engine import PointStore, SweepError, launcher_command
 from data_prep.errors import DataPrepError
 from data_prep.partition_spec import parse_partition
 from disdl_mpi.data.layout import partition_dir, spec_tag
-from disdl_mpi.files import write_json, write_text
+from disdl_mpi.files import jsonable, write_json, write_text
 from disdl_mpi.norms import resolve_schemes
 from disdl_mpi.options import spelling
 
@@ -87,6 +87,8 @@ def point_row(rec: dict, skew: str, seed: int, ranks: int, pseed: int, tv: float
         "curve": [float(e["test_accuracy"]) for e in rec.get("epochs_log", [])],
         "curve_wall_s": [float(e.get("wall_s", math.nan)) for e in rec.get("epochs_log", [])],
         "attempt": rec.get("attempt"),
+        "processes": int(rec.get("processes", ranks)),  # the layout it ran at (not a fingerprint)
+        "virtual_ranks": int(rec.get("virtual_ranks", 1)),
     }
 
 
@@ -127,9 +129,13 @@ class Study:
         clash = [a for a in run_args if a.split("=")[0] in owned]
         if clash:
             raise StudyError(f"--run-args must not set {', '.join(clash)}: the study sets them")
+        # What is computed (every point's fingerprint) against how it is laid out on processes:
+        # K virtual ranks per process train the same model as K MPI ranks (tests/
+        # test_virtual_ranks.py: to 1e-15 in float64; float32 sums differ in order only, as they
+        # do between MPI libraries), so points of either layout are reused by the other and each
+        # row records its layout.
         self.run_args = ["--epochs", str(self.epochs), "--model", args.model, *run_args]
-        if k > 1:  # part of every point's fingerprint: float32 sums in another order
-            self.run_args += ["--virtual-ranks", str(k)]
+        self.launch_args = self.run_args + (["--virtual-ranks", str(k)] if k > 1 else [])
         self.out = Path(args.out)
         try:
             self.out.mkdir(parents=True, exist_ok=True)
@@ -183,8 +189,9 @@ class Study:
                     ),
                     self.out / "runs" / f"{spec_tag(skew)}-s{seed}",
                     fingerprint,
-                    self.run_args,
+                    self.launch_args,
                 )
+                self.recover(job)
                 for norm in self.norms:
                     point = None if args.force else self.store.get(job.point_key(norm), fingerprint)
                     if point is not None:
@@ -194,6 +201,29 @@ class Study:
                 if job.norms and not args.report_only:
                     jobs.append(job)
         return jobs
+
+    def recover(self, job: Job) -> None:
+        """Store the schemes finished by earlier attempts of ``job`` that were never collected.
+
+        A driver killed with its job (a reboot, a lost session, SIGKILL) leaves the attempt's
+        summary.json with the schemes it finished; an attempt made with the same fingerprint
+        gives the same points, so they are stored instead of retrained.
+        """
+        if not job.run_dir.is_dir():
+            return
+        want = jsonable(job.fingerprint)
+        for attempt in sorted(job.run_dir.glob("a*")):
+            try:
+                asked = json.loads((attempt / "job.json").read_text())
+            except (OSError, ValueError):
+                continue
+            if jsonable(asked.get("fingerprint")) != want:
+                continue
+            pseed = job.fingerprint["partition_seed"]
+            for norm, rec in harvest(attempt).items():
+                key = job.point_key(norm)
+                if self.store.get(key, job.fingerprint) is None:
+                    self.store.put(key, job.fingerprint, {"record": rec, "partition_seed": pseed})
 
     def collect(self, job: Job, attempt: Path) -> None:
         """Store every scheme the attempt finished (also after a failed or killed job)."""
@@ -232,6 +262,13 @@ class Study:
                 f", {machine.get('device')}, {str(machine.get('mpi_library')).splitlines()[0][:60]}"
                 f", torch {machine.get('torch')}, {machine.get('threads_per_rank')} thread(s)/rank"
             )
+        layouts: dict[str, int] = {}
+        for r in ordered:
+            name = f"{r['processes']} x {r['virtual_ranks']}"
+            layouts[name] = layouts.get(name, 0) + 1
+        self.header["layouts"] = ", ".join(
+            f"{n} points at {k} (processes x ranks each)" for k, n in layouts.items()
+        )
         write_json(
             out / "points.json",
             {

@@ -51,7 +51,9 @@ class CarryBatchNorm(FlaggedBatchNorm):
 
     flag_name = "have_global"
 
-    def __init__(self, num_features: int, *, grad: str = "local", eval_stats: str = "last", **kwargs) -> None:
+    def __init__(
+        self, num_features: int, *, grad: str = "local", eval_stats: str = "running", **kwargs
+    ) -> None:
         super().__init__(num_features, **kwargs)
         self.grad, self.eval_stats = check_variant(grad, eval_stats)
         self.register_buffer("global_mean", torch.zeros(num_features))
@@ -293,7 +295,7 @@ class BNCarry(NormScheme):
             ]
         return []
 
-    def __init__(self, comm: Any = None, *, carry_grad: str = "local", carry_eval: str = "last") -> None:
+    def __init__(self, comm: Any = None, *, carry_grad: str = "local", carry_eval: str = "running") -> None:
         self.carry_grad, self.carry_eval = check_variant(carry_grad, carry_eval)
         super().__init__(comm)
 
