@@ -115,6 +115,7 @@ def test_a_partition_of_another_size_is_refused_by_name(skewed, tmp_path):
     proc = run_mpi(2, [*args, "--virtual-ranks", "3", "--out", str(tmp_path / "o")], timeout=120)
     assert proc.returncode == 2
     assert "partition.json" in proc.stderr and "8 ranks but the job has 6" in proc.stderr
+    assert "--virtual-ranks K with K dividing 8" in proc.stderr  # not "mpiexec -n 8" alone
     assert "Traceback" not in proc.stderr
     bad = run_mpi(2, [*args, "--virtual-ranks", "0", "--out", str(tmp_path / "p")], timeout=120)
     assert bad.returncode == 2 and "--virtual-ranks must be >= 1, got 0" in bad.stderr

@@ -50,3 +50,11 @@ def test_a_virtual_ranks_state_dict_is_the_plain_models():
     assert state.keys() == plain.state_dict().keys()
     assert torch.all(state["features.0.1.running_mean"] == 7.0)
     assert torch.all(rank_state_dict(model, 0)["features.0.1.running_mean"] == 0.0)
+
+
+def test_the_partition_size_refusal_says_how_to_launch():
+    from disdl_mpi.data.partition_io import _relaunch_hint
+
+    assert _relaunch_hint(8, 1) == "launch with mpiexec -n 8"
+    assert "mpiexec -n 2 ... --virtual-ranks 4 (= 8 isolated ranks)" in _relaunch_hint(8, 4)
+    assert "K dividing 8" in _relaunch_hint(8, 3)

@@ -63,7 +63,18 @@ def _agree(comm, data_dir: Path, problems: list[Problem]) -> None:
     _raise_if_any(data_dir, comm.allgather(problems))
 
 
-def _read_manifest(path: Path, world_size: int) -> tuple[dict | None, str, list[Problem]]:
+def _relaunch_hint(n: int, k: int) -> str:
+    """How to launch a job of ``n`` isolated ranks, with ``k`` per process where k divides n."""
+    if k > 1 and n % k == 0:
+        return f"launch with mpiexec -n {n // k} ... --virtual-ranks {k} (= {n} isolated ranks)"
+    if k > 1:
+        return f"launch {n} isolated ranks (--virtual-ranks K with K dividing {n}, mpiexec -n {n}/K)"
+    return f"launch with mpiexec -n {n}"
+
+
+def _read_manifest(
+    path: Path, world_size: int, virtual_ranks: int = 1
+) -> tuple[dict | None, str, list[Problem]]:
     f = str(path)
     try:
         raw = path.read_bytes()
@@ -96,8 +107,8 @@ def _read_manifest(path: Path, world_size: int) -> tuple[dict | None, str, list[
     if not is_int(n, 1):
         bad("world_size", f"must be a positive integer, got {n!r}")
     elif n != world_size:
-        bad("world_size", f"the partition has {n} ranks but the job has {world_size}; launch "
-                          f"with mpiexec -n {n} or build a partition for {world_size} ranks")
+        bad("world_size", f"the partition has {n} ranks but the job has {world_size}; "
+                          f"{_relaunch_hint(n, virtual_ranks)} or build a partition for {world_size} ranks")
     if not is_int(m["num_classes"], 1):
         bad("num_classes", f"must be a positive integer, got {m['num_classes']!r}")
     shape = m["sample_shape"]
@@ -284,7 +295,7 @@ def load_partition(comm, data_dir: str | Path, *, verify_hash: bool = True,
     k = int(virtual_ranks)
     world_size = processes * k
     own = list(range(process * k, process * k + k))
-    manifest, digest, probs = _read_manifest(data_dir / MANIFEST, world_size)
+    manifest, digest, probs = _read_manifest(data_dir / MANIFEST, world_size, k)
     _agree(comm, data_dir, probs)
     m = manifest
     refusal = over_budget(data_dir, m, *budget) if budget is not None else None
