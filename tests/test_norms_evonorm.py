@@ -30,6 +30,26 @@ def test_the_layer_is_its_formula_with_per_sample_group_statistics():
         torch.testing.assert_close(layer(x[i : i + 1]), want[i : i + 1], rtol=1e-12, atol=1e-12)
 
 
+def test_the_gradient_is_the_formulas():
+    """The fused expression's backward against autograd through the formula written out."""
+    torch.manual_seed(1)
+    layer = EvoNormS0(8, groups=4).double()
+    with torch.no_grad():
+        for p in (layer.v, layer.weight, layer.bias):
+            p.uniform_(-1.5, 1.5)
+    x = (torch.randn(3, 8, 4, 4, dtype=torch.float64) * 2 + 0.5).requires_grad_()
+    g = torch.randn_like(x)
+    params = (x, layer.v, layer.weight, layer.bias)
+    fused = torch.autograd.grad((layer(x) * g).sum(), params)
+    shape = (1, 8, 1, 1)
+    grouped = x.reshape(3, 4, -1)
+    std = (grouped.var(-1, unbiased=False, keepdim=True) + layer.eps).sqrt().expand_as(grouped)
+    plain = x * torch.sigmoid(layer.v.view(shape) * x) / std.reshape(x.shape)
+    plain = plain * layer.weight.view(shape) + layer.bias.view(shape)
+    for a, b in zip(fused, torch.autograd.grad((plain * g).sum(), params)):
+        torch.testing.assert_close(a, b, rtol=1e-10, atol=1e-12)
+
+
 def test_the_scheme_builds_every_model_and_refuses_bad_groups():
     scheme = get_scheme("evonorm-s0")
     for name, shape in (("cnn", (1, 8, 8)), ("resnet20", (3, 8, 8))):
