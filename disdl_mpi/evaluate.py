@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any
+import contextlib
+from typing import Any, ContextManager, Sequence
 
 import numpy as np
 import torch
@@ -52,9 +53,19 @@ def evaluate_sharded(
 
 
 def evaluate_per_rank(
-    model: torch.nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, comm: MPI.Comm
+    model: torch.nn.Module,
+    x_test: torch.Tensor,
+    y_test: torch.Tensor,
+    comm: MPI.Comm,
+    members: Sequence[ContextManager] = (),
 ) -> tuple[float, list[float]]:
-    """Each rank scores the whole test set with its own model; returns (mean, per-rank)."""
-    acc = count_correct(model, x_test, y_test) / max(1, x_test.shape[0])
-    per_rank = [float(a) for a in comm.allgather(acc)]
+    """Each isolated rank scores the whole test set with its own model; returns (mean, per-rank
+    in rank order). ``members``: one context per isolated rank this process holds, within which
+    ``model`` is that rank's (``Segments.members()`` under virtual ranks); none: the process is
+    one rank."""
+    mine = []
+    for view in members or [contextlib.nullcontext()]:
+        with view:
+            mine.append(count_correct(model, x_test, y_test) / max(1, x_test.shape[0]))
+    per_rank = [float(a) for part in comm.allgather(mine) for a in part]
     return float(np.mean(per_rank)), per_rank

@@ -188,7 +188,7 @@ def build_context(
         guard=StepGuard(comm, job.watch),
         checkpointer=ckpt,
         checkpoint_every=parse_every(cfg.checkpoint_every),
-        watchdog=make_watchdog(comm, cfg.stall_timeout, job.log, info.hostnames),
+        watchdog=make_watchdog(comm, cfg.stall_timeout, job.log, info.hostnames, cfg.virtual_ranks),
         profiler=(
             StepProfiler(
                 parse_profile_steps(cfg.profile_steps),

@@ -34,13 +34,7 @@ from disdl_mpi.reliability.guards import GradFiniteProbe, NumericalError, Preemp
 from disdl_mpi.schedule import lr_factor
 from disdl_mpi.step import StepResult, sync_step
 from disdl_mpi.train_context import SchemeResult, TrainContext
-from disdl_mpi.virtual_ranks import (
-    VirtualPlan,
-    batch_plan,
-    copy_first_member,
-    evaluate_members,
-    scheme_layers,
-)
+from disdl_mpi.virtual_ranks import VirtualPlan, batch_plan, copy_first_member, scheme_layers
 
 
 def total_steps(cfg: RunConfig, plan: BatchPlan) -> tuple[int, int]:
@@ -196,7 +190,7 @@ class SchemeTraining:
             return guard.decide(not res.loss_finite, self.probe.take())
 
     def rank_name(self, rank: int) -> str:
-        return where(rank, self.ctx.info.hostnames[rank])
+        return where(rank, self.ctx.info.hostnames[rank], self.cfg.virtual_ranks)
 
     def skip_step(self, d: StepDecision, saved: Optional[list[torch.Tensor]]) -> None:
         """A non-finite step: stop every rank, or (``--on-nan skip``) undo it everywhere."""
@@ -313,10 +307,9 @@ class SchemeTraining:
             if data.x_domain is not None:  # each rank's model on its own domain's split
                 own = count_correct(self.model, data.x_domain, data.y_domain)
                 self.domain_acc = [float(a) for a in self.comm.allgather(own / max(1, len(data.y_domain)))]
-            if self.scheme.per_rank_eval and self.segments is not None:
-                return evaluate_members(self.model, data.x_test_all, data.y_test_all, self.comm)
             if self.scheme.per_rank_eval:
-                return evaluate_per_rank(self.model, data.x_test_all, data.y_test_all, self.comm)
+                members = self.segments.members() if self.segments is not None else ()
+                return evaluate_per_rank(self.model, data.x_test_all, data.y_test_all, self.comm, members)
             return self.ctx.hooks.evaluate(self.model, data.x_test, data.y_test, self.comm), None
 
     def finish(self) -> SchemeResult:

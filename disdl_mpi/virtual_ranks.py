@@ -29,7 +29,7 @@ from __future__ import annotations
 
 import contextlib
 from dataclasses import dataclass, field
-from typing import Callable, Iterator, Optional
+from typing import Callable, ContextManager, Iterator, Optional
 
 import numpy as np
 import torch
@@ -62,6 +62,10 @@ class Segments:
             yield
         finally:
             self.sizes = None
+
+    def members(self) -> list[ContextManager[None]]:
+        """One ``only(k)`` per virtual rank, in rank order (per-rank scoring)."""
+        return [self.only(k) for k in range(self.k)]
 
     @contextlib.contextmanager
     def only(self, member: int) -> Iterator[None]:
@@ -213,22 +217,6 @@ class VirtualPlan:
     def shares(self, step: int) -> list[int]:
         """Each virtual rank's rows at ``step`` of the epoch last listed by epoch_indices."""
         return self._shares[step]
-
-
-def evaluate_members(
-    model: nn.Module, x_test: torch.Tensor, y_test: torch.Tensor, comm
-) -> tuple[float, list[float]]:
-    """Each virtual rank scores the whole test set with its own copies (fedbn); returns the
-    mean and every isolated rank's accuracy in rank order (as evaluate_per_rank over MPI)."""
-    from disdl_mpi.evaluate import count_correct
-
-    seg = segments_of(model)
-    mine = []
-    for k in range(seg.k if seg else 1):
-        with seg.only(k) if seg else contextlib.nullcontext():
-            mine.append(count_correct(model, x_test, y_test) / max(1, x_test.shape[0]))
-    per_rank = [float(a) for part in comm.allgather(mine) for a in part]
-    return float(np.mean(per_rank)), per_rank
 
 
 def rank_state_dict(model: nn.Module, k: int) -> dict[str, torch.Tensor]:

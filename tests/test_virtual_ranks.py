@@ -10,6 +10,7 @@ partition's models by up to 1e-3).
 from __future__ import annotations
 
 import json
+import re
 import shutil
 from pathlib import Path
 
@@ -17,7 +18,7 @@ import pytest
 import torch
 
 from disdl_mpi.norms import available_schemes
-from tests.mpi_helpers import run_mpi
+from tests.mpi_helpers import FAULT_DRIVER, run_mpi
 
 pytestmark = [pytest.mark.mpi]
 
@@ -119,3 +120,37 @@ def test_a_partition_of_another_size_is_refused_by_name(skewed, tmp_path):
     assert "Traceback" not in proc.stderr
     bad = run_mpi(2, [*args, "--virtual-ranks", "0", "--out", str(tmp_path / "p")], timeout=120)
     assert bad.returncode == 2 and "--virtual-ranks must be >= 1, got 0" in bad.stderr
+
+
+def test_check_collectives_changes_nothing_under_virtual_ranks(skewed, tmp_path):
+    """Every scheme with collectives of its own, 2 x 4, with and without the debug check: the
+    check passes (the K copies' pooled collectives agree across processes) and is inert."""
+    args = ["-m", "disdl_mpi.run", "--data-dir", str(skewed), "--virtual-ranks", "4"]
+    args += ["--norm", "syncbn,bn-carry,bn-recal,fedbn", "--steps", "6", "--save-model", "--progress", "none"]
+    run_mpi(2, [*args, "--out", str(tmp_path / "a")], timeout=300, check=True)
+    run_mpi(2, [*args, "--check-collectives", "--out", str(tmp_path / "b")], timeout=300, check=True)
+    for f in ("syncbn/model.pt", "bn-carry/model.pt", "bn-recal/model.pt", "fedbn/model_rank00006.pt"):
+        x, y = torch.load(tmp_path / "a" / f), torch.load(tmp_path / "b" / f)
+        assert x.keys() == y.keys()
+        for k in x:
+            assert x[k].numpy().tobytes() == y[k].numpy().tobytes(), f"{f}: {k}"
+    assert (
+        _runs(tmp_path / "a")["fedbn"]["per_rank_accuracy"]
+        == _runs(tmp_path / "b")["fedbn"]["per_rank_accuracy"]
+    )
+
+
+def test_a_non_finite_loss_names_the_isolated_ranks_of_its_process(skewed, tmp_path):
+    proc = run_mpi(
+        2,
+        ["-m", FAULT_DRIVER, "--data-dir", str(skewed), "--virtual-ranks", "4", "--norm", "gn"]
+        + ["--steps", "6", "--out", str(tmp_path / "o")],
+        env={"FAULT_NAN": "1:3:loss"},
+        timeout=120,
+    )
+    assert proc.returncode == 3, proc.stderr
+    assert re.search(
+        r"non-finite loss and gradient on rank 1 on \S+ \(isolated ranks 4-7\) at optimizer step 3",
+        proc.stderr,
+    ), proc.stderr
+    assert "Traceback" not in proc.stderr

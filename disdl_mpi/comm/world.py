@@ -53,9 +53,13 @@ def rank_info(comm: MPI.Comm) -> RankInfo:
     )
 
 
-def where(rank: int, hostname: str | None = None) -> str:
-    """ "rank R on NODE": how every report names a rank."""
-    return f"rank {rank} on {hostname or socket.gethostname()}"
+def where(rank: int, hostname: str | None = None, virtual_ranks: int = 1) -> str:
+    """ "rank R on NODE": how every report names a rank; a process of K > 1 virtual ranks
+    (``--virtual-ranks K``) adds the isolated ranks it holds, " (isolated ranks 4-7)"."""
+    name = f"rank {rank} on {hostname or socket.gethostname()}"
+    if virtual_ranks > 1:
+        name += f" (isolated ranks {rank * virtual_ranks}-{(rank + 1) * virtual_ranks - 1})"
+    return name
 
 
 def mpi_library() -> str:

@@ -85,6 +85,7 @@ def make_watchdog(
     stall_timeout: Optional[float],
     log: Callable[[str], None],
     hosts: Optional[Sequence[str]] = None,
+    virtual_ranks: int = 1,
 ):
     """The watchdog ``--stall-timeout`` asks for: None = the default policy, 0 = none.
     An explicit timeout without MPI_THREAD_MULTIPLE is the constructor's error."""
@@ -94,7 +95,7 @@ def make_watchdog(
         log("note: no stall watchdog (this MPI gives no MPI_THREAD_MULTIPLE)")
         return None
     policy = StallPolicy.default() if stall_timeout is None else StallPolicy.fixed(stall_timeout)
-    return StallWatchdog(comm, policy, hosts=hosts)
+    return StallWatchdog(comm, policy, hosts=hosts, virtual_ranks=virtual_ranks)
 
 
 class StallWatchdog:
@@ -108,6 +109,7 @@ class StallWatchdog:
         detail: Callable[[], str] = lambda: "",
         abort: Optional[Callable[[int], None]] = None,
         hosts: Optional[Sequence[str]] = None,
+        virtual_ranks: int = 1,
     ) -> None:
         if MPI.Query_thread() < MPI.THREAD_MULTIPLE:
             raise RuntimeError("the stall watchdog (--stall-timeout) needs MPI_THREAD_MULTIPLE")
@@ -116,6 +118,7 @@ class StallWatchdog:
         self.rank, self.size = self.comm.Get_rank(), self.comm.Get_size()
         # every rank's node, in rank order (RankInfo.hostnames when the caller has them)
         self.hosts = list(hosts) if hosts is not None else self.comm.allgather(socket.gethostname())
+        self.virtual_ranks = virtual_ranks  # reports name the isolated ranks a process holds
         self.detail = detail  # e.g. the bucket the allreducer waits on
         self.abort = abort or (lambda code: abort_job(MPI.COMM_WORLD, code))
         # Not watching until the first phase: start-up (model build, first collectives) may
@@ -199,8 +202,9 @@ class StallWatchdog:
             if not ending or waiting < 2 * (p.lost_after if lost else limit):
                 return
         if ending:
+            names = ", ".join(where(r, self.hosts[r], self.virtual_ranks) for r in lost)
             why = (
-                f"{', '.join(where(r, self.hosts[r]) for r in lost)} silent for over {p.lost_after:.0f} s"
+                f"{names} silent for over {p.lost_after:.0f} s"
                 if lost and waiting > p.lost_after
                 else f"no progress for {waiting:.0f} s"
             )
@@ -218,7 +222,7 @@ class StallWatchdog:
     def _where_each(self, now: float, silence: dict[int, float]) -> list[str]:
         lines = []
         for r in range(self.size):
-            name = where(r, self.hosts[r])
+            name = where(r, self.hosts[r], self.virtual_ranks)
             if r not in self.seen:
                 lines.append(f"  {name}: not heard from at all (has not arrived)")
                 continue
