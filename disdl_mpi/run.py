@@ -57,8 +57,14 @@ def main(argv: list[str] | None = None, hooks: Optional[TrainHooks] = None) -> i
     startup_s = job.comm.allreduce(time.perf_counter() - job.started, op=MPI.MAX)
     facts = announce(job, info, device, threads, data, local, data_dir, startup_s)
     ctx, progress, loaded = build_context(job, info, device, data, facts, local, hooks)
-    records = train_schemes(job, ctx, progress, facts, loaded)
-    finish(job, ctx, records, facts.machine, data)
+    try:
+        records = train_schemes(job, ctx, progress, facts, loaded)
+        finish(job, ctx, records, facts.machine, data)
+    finally:
+        # The heartbeat thread must be quiet before any exit reaches MPI_Finalize, an error's
+        # included: Open MPI aborts a process that sends after it (exit code 14).
+        if ctx.watchdog is not None:
+            ctx.watchdog.close()
     stop_process_group()
     return 0
 

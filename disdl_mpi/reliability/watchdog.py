@@ -141,6 +141,7 @@ class StallWatchdog:
         self.state = {"step": int(step), "phase": phase, "since": now}
 
     def close(self) -> None:
+        """Stop the heartbeats (before MPI_Finalize); a second call does nothing more."""
         self._stop.set()
         self._thread.join(timeout=2 * self.policy.interval + 1)
 
